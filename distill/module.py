@@ -1,0 +1,196 @@
+"""DistillationModule: a ViT student learning from labels and a frozen CNN teacher (DeiT).
+
+The teacher is held outside the module tree: it follows the module's device and dtype but is
+not a submodule, so it is never in `parameters()`, the optimiser, DDP's gradient or buffer
+sync, or a checkpoint's state dict. Checkpoints carry the student and teacher *configs* beside
+the weights, so the student can be rebuilt (export) and the teacher re-created.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.losses import DistillationLoss
+from teachers import Teacher
+
+__all__ = ["DistillationModule"]
+
+StudentFactory = Callable[[int, int], nn.Module]  # (num_classes, img_size) -> student
+
+
+class DistillationModule(pl.LightningModule):
+    """Student + frozen teacher + DistillationLoss + per-head metrics + AdamW/cosine.
+
+    Args:
+        student: builds the student from (num_classes, img_size), e.g. `students.Student`;
+            in YAML a class_path with init_args, the two values linked from the data.
+        teacher: the frozen teacher, or null for plain supervised training (how a teacher
+            for a new dataset is trained).
+        num_classes: classes of the dataset (linked from the data module).
+        class_names: names of the classes (linked from the data module; saved for export).
+        img_size: input resolution (linked from the data module).
+        input_mean: normalisation of the images (linked from the data module).
+        input_std: see input_mean.
+        distillation: none | soft | hard (the paper's best: hard).
+        alpha: weight of the distillation term (DeiT: 0.5).
+        tau: soft-distillation temperature (DeiT soft run: 3.0).
+        label_smoothing: smoothing of the label loss (DeiT: 0.1).
+        kl_normalization: batchmean or reference (the DeiT code's batch * classes).
+        optimizer: a timm optimiser name (DeiT: adamw).
+        lr: peak learning rate (DeiT: 5e-4 x global batch / 512).
+        weight_decay: weight decay, not applied to norms, biases, tokens and position embeddings.
+        opt_eps: optimiser epsilon (DeiT: 1e-8).
+        warmup_epochs: linear warmup length in epochs (fractions allowed).
+        warmup_lr: learning rate at the start of warmup.
+        min_lr: learning rate at the end of the cosine decay.
+    """
+
+    def __init__(
+        self,
+        student: StudentFactory,
+        teacher: Optional[Teacher] = None,
+        num_classes: int = 1000,
+        class_names: Optional[list[str]] = None,
+        img_size: int = 224,
+        input_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        input_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        distillation: Literal["none", "soft", "hard"] = "hard",
+        alpha: float = 0.5,
+        tau: float = 1.0,
+        label_smoothing: float = 0.1,
+        kl_normalization: Literal["batchmean", "reference"] = "batchmean",
+        optimizer: str = "adamw",
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        opt_eps: float = 1e-8,
+        warmup_epochs: float = 5.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
+        self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
+        _check_classes(self.student, teacher, num_classes, distillation)
+        if teacher is not None:
+            teacher.set_input_normalization(input_mean, input_std)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        top5 = min(5, self.hparams.num_classes)
+        metrics = {}
+        for head in ("cls", "dist", ""):  # class head, distillation head, their average
+            name = f"acc_{head}" if head else "acc"
+            metrics[name] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics[f"{name}_top5"] = MulticlassAccuracy(self.hparams.num_classes, top_k=top5, average="micro")
+        metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+        metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+        return MetricCollection(metrics, prefix=prefix)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
+        """Moves and casts the (unregistered) teacher with the module: .to(), .cuda(), .half()."""
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference logits (B, C): the average of both heads for a distilled student."""
+        cls_logits, dist_logits = self.student.forward_heads(x)
+        return (cls_logits + dist_logits) / 2
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch  # targets: (B,) labels, or (B, C) soft labels after mixup/cutmix
+        teacher_logits = self.teacher(images) if self.loss.distillation != "none" else None
+        cls_logits, dist_logits = self.student.forward_heads(images)
+        parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return parts["loss"]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val/")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test/")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)  # (B, C) class probabilities
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
+        images, targets = batch
+        cls_logits, dist_logits = self.student.forward_heads(images)
+        logits = (cls_logits + dist_logits) / 2
+        for name, head in (("acc_cls", cls_logits), ("acc_dist", dist_logits), ("acc", logits)):
+            metrics[name].update(head, targets)
+            metrics[f"{name}_top5"].update(head, targets)
+        if self.teacher is not None:
+            teacher_logits = self.teacher(images)
+            metrics["teacher_acc"].update(teacher_logits, targets)
+            metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
+        self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=False, sync_dist=True)
+        # only the metrics that were updated: the teacher's are absent without a teacher
+        for name, metric in metrics.items(keep_base=True):
+            if metric.update_count > 0:
+                self.log(f"{prefix}{name}", metric, prog_bar=name == "acc")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # timm's param groups: no weight decay on 1-d params (norms, biases) and no_weight_decay()
+        optimizer = create_optimizer_v2(
+            self.student, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
+        )
+        epochs = max(1, self.trainer.max_epochs or 1)
+        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Plain-data configs beside the weights: export rebuilds the student, a reader sees the teacher.
+
+        Not hyper-parameters: LightningCLI re-applies those as constructor arguments on
+        `validate --ckpt_path`, and these are not constructor arguments.
+        """
+        checkpoint["student_config"] = dict(getattr(self.student, "config", {}))
+        checkpoint["teacher_config"] = dict(self.teacher.config) if self.teacher is not None else None
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            params = sum(p.numel() for p in self.teacher.parameters()) / 1e6
+            rank_zero_info(
+                f"Teacher: {self.teacher.model_name} ({params:.1f}M params, frozen, eval mode, "
+                f"{self.teacher.num_classes} classes, not saved in checkpoints)"
+            )
+
+
+def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str) -> None:
+    """Class-count and teacher presence checks, before any training starts."""
+    if distillation != "none" and teacher is None:
+        raise ValueError(f"model.distillation is '{distillation}' but no model.teacher is set; set one or use 'none'")
+    student_classes = getattr(student, "num_classes", num_classes)
+    if student_classes != num_classes:
+        raise ValueError(f"student predicts {student_classes} classes but the dataset has {num_classes}")
+    if teacher is not None and teacher.num_classes != num_classes:
+        raise ValueError(
+            f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
+            f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
+        )

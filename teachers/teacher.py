@@ -1,0 +1,133 @@
+"""Frozen CNN teachers for DeiT distillation.
+
+The teacher is frozen three ways: no parameter requires a gradient, `train()` never takes it
+out of eval mode (so its BatchNorm statistics never move), and its forward runs under
+no-grad. It re-normalises its input when the student's data normalisation differs from the
+one it was trained with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+
+from students.vit import check_model_name
+from teachers.weights import extract_state_dict, read_weights_file
+
+__all__ = ["Teacher"]
+
+
+class Teacher(nn.Module):
+    """A frozen timm classifier that labels the student's images.
+
+    Args:
+        model_name: a timm architecture, optionally with a hub tag (`regnety_160.deit_in1k`),
+            or `local-dir:FOLDER` / `hf-hub:ID`.
+        weights: where the weights come from: `pretrained` (timm's weights for the tag or
+            folder in `model_name`; downloads unless cached), `none` (random: for tests only),
+            or a path: a .safetensors file, a PyTorch state dict, a `.ckpt` of this project's
+            teacher-training run, or a folder `timm.create_model('local-dir:...')` loads.
+        num_classes: classes the weights predict; None reads them from the weights.
+        mean: input normalisation the teacher was trained with; None takes it from a `.ckpt`
+            of this project, else from timm's pretrained config of `model_name`.
+        std: see `mean`.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "regnety_160.deit_in1k",
+        weights: str = "pretrained",
+        num_classes: Optional[int] = None,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+    ) -> None:
+        super().__init__()
+        self.config = dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std)
+        check_model_name(model_name, "teacher.model_name")
+        self.model, trained_norm = _build(model_name, weights, num_classes)
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        self.mean = tuple(mean or trained_norm.get("mean") or cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(std or trained_norm.get("std") or cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
+        self.model_name = model_name
+        self.num_classes: int = self.model.num_classes
+        self.requires_grad_(False)
+        # x_teacher = x * scale + shift maps the student's normalisation onto the teacher's
+        self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.renormalize = False
+        self.train(False)
+
+    def set_input_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Declare the normalisation of the images the teacher will be given (the student's)."""
+        self.renormalize = tuple(mean) != self.mean or tuple(std) != self.std
+        s_mean, s_std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        t_mean, t_std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
+        self.scale.copy_(s_std / t_std)
+        self.shift.copy_((s_mean - t_mean) / t_std)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Always eval: a trainer switching the whole system to train mode must not move BN statistics."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (B, C) for student-normalised images (B, 3, H, W)."""
+        if self.renormalize:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.model(x)
+
+
+def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[nn.Module, dict]:
+    """Create the timm model and load its weights; returns (model, normalisation found in a .ckpt)."""
+    if weights == "pretrained":
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            return timm.create_model(model_name, pretrained=True, **extra), {}
+        except (OSError, RuntimeError) as err:  # no network, no cached file, bad hub id
+            raise ValueError(
+                f"teacher: could not fetch pretrained weights for '{model_name}' ({str(err).splitlines()[0][:120]}); "
+                "set teacher.weights to a local .safetensors/.pth/.ckpt file or folder"
+            ) from err
+    if weights == "none":
+        return timm.create_model(model_name, num_classes=num_classes or 1000), {}
+    path = Path(weights)
+    if path.is_dir():
+        return timm.create_model(f"local-dir:{path}", pretrained=True, **({} if num_classes is None else {"num_classes": num_classes})), {}
+    state_dict, hparams = extract_state_dict(read_weights_file(path), path)
+    model = timm.create_model(model_name, num_classes=num_classes or 1000)
+    found = _classes_in(state_dict, model)
+    if num_classes is not None and found is not None and found != num_classes:
+        raise ValueError(f"teacher.num_classes is {num_classes} but '{path}' predicts {found} classes")
+    if found is not None and found != model.num_classes:
+        model.reset_classifier(found)
+    _load_exactly(model, state_dict, model_name, path)
+    hparams = hparams or {}
+    norm = {"mean": hparams.get("input_mean"), "std": hparams.get("input_std")}
+    return model, norm
+
+
+def _classes_in(state_dict: dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
+    """Number of classes of the classifier weights in `state_dict` (timm's `classifier` key)."""
+    classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    for name in names:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], model_name: str, path: Path) -> None:
+    """Strict load with a one-line error naming the first mismatched keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {names[:3]}" for label, names in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if names]
+        raise ValueError(f"teacher.weights: '{path}' does not fit '{model_name}': {'; '.join(parts)}")
+    model.load_state_dict(state_dict)

@@ -1,0 +1,113 @@
+"""The `distill` / `lightning` commands: configs parse and instantiate, bad input is one line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+from safetensors.torch import save_file
+
+from distill.cli import cli_main, make_cli
+from distill.module import DistillationModule
+from tests.conftest import TINY_TEACHER
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("configs/**/*.yaml"))
+BIN = Path(sys.executable).parent
+
+
+def random_teacher_file(tmp_path: Path, model_name: str, num_classes: int) -> Path:
+    path = tmp_path / f"{model_name}_{num_classes}.safetensors"
+    save_file(timm.create_model(model_name.split(".")[0], num_classes=num_classes).state_dict(), str(path))
+    return path
+
+
+def config_overrides(config: Path, tmp_path: Path) -> list[str]:
+    """Point a config's outputs into tmp_path, and its teacher (if any) at random weights."""
+    args = ["--config", str(config), "--data.num_workers=0", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    teacher = (yaml.safe_load(config.read_text()).get("model") or {}).get("teacher")
+    if teacher:
+        path = random_teacher_file(tmp_path, teacher["init_args"]["model_name"], 10)
+        args.append(f"--model.teacher.init_args.weights={path}")
+    return args
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses_and_instantiates(config, tmp_path):
+    cli = make_cli(config_overrides(config, tmp_path), run=False)
+    assert isinstance(cli.model, DistillationModule)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes  # linked, not copied
+    assert cli.model.hparams.img_size == cli.datamodule.img_size
+    assert cli.datamodule.hparams.label_smoothing == cli.model.hparams.label_smoothing
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
+
+
+def test_distill_config_is_hard_distillation_from_the_teacher_run(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/distill.yaml").read_text())
+    teacher = yaml.safe_load((ROOT / "configs/teacher.yaml").read_text())
+    assert config["model"]["distillation"] == "hard"
+    assert config["model"]["teacher"]["init_args"]["weights"] == f"{teacher['checkpoint']['dirpath']}/best.ckpt"
+    assert config["model"]["teacher"]["init_args"]["model_name"] == teacher["model"]["student"]["init_args"]["model_name"]
+
+
+@pytest.mark.parametrize("command", [["distill"], ["lightning"], ["python", "-m", "distill"]])
+def test_each_entry_point_prints_the_config(command):
+    exe = [sys.executable, *command[1:]] if command[0] == "python" else [str(BIN / command[0])]
+    out = subprocess.run([*exe, "fit", "--config", str(ROOT / "configs/teacher.yaml"), "--print_config"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["student"]["init_args"]["model_name"] == "resnet10t"
+    assert printed["checkpoint"]["monitor"] == "val/acc"
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
+    return ["fit", *config_overrides(ROOT / "configs/distill.yaml", tmp_path)[:-1],
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, TINY_TEACHER, teacher_classes)}"]
+
+
+def test_missing_dataset_folder_is_one_line(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), f"--data.dataset={tmp_path / 'nope'}"], capsys)
+    assert "data.dataset: folder" in line and "nope' does not exist" in line and "train/ and val/" in line
+
+
+def test_unknown_timm_model_is_one_line_with_suggestions(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), "--model.student.init_args.model_name=deit_tinny"], capsys)
+    assert "unknown timm model 'deit_tinny'" in line and "deit_tiny" in line
+
+
+def test_teacher_with_the_wrong_number_of_classes_is_one_line(tmp_path, capsys):
+    line = run_cli_error(distill_args(tmp_path, teacher_classes=5), capsys)
+    assert "predicts 5 classes but the dataset has 10" in line
+
+
+def test_image_size_the_patch_size_does_not_divide_is_one_line(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), "--data.img_size=36"], capsys)
+    assert "image size 36 is not divisible by patch size 8" in line
+
+
+def test_teacher_file_that_is_not_weights_is_one_line(tmp_path, capsys):
+    bogus = tmp_path / "teacher.ckpt"
+    bogus.write_text("hello")
+    line = run_cli_error([*distill_args(tmp_path), f"--model.teacher.init_args.weights={bogus}"], capsys)
+    assert "teacher.ckpt' is not a weights file" in line and ".safetensors" in line
+
+
+def test_console_script_prints_no_traceback_for_bad_input(tmp_path):
+    out = subprocess.run([str(BIN / "distill"), *distill_args(tmp_path), f"--data.dataset={tmp_path / 'nope'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: data.dataset: folder")

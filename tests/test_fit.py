@@ -1,0 +1,94 @@
+"""End-to-end fits through the CLI with the real configs shrunk by overrides."""
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distill.cli import cli_main, make_cli
+from tests.conftest import TINY_STUDENT, TINY_TEACHER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shrink(tmp_path: Path, config: str) -> list[str]:
+    """A real config, made seconds-long: tiny student, a few batches, outputs in tmp_path."""
+    args = ["--config", str(ROOT / "configs" / config), "--data.num_workers=0", "--data.batch_size=16",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    if config == "distill.yaml":
+        args += [f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()]
+    else:
+        args += [f"--model.student.init_args.model_name={TINY_TEACHER}"]
+    return args
+
+
+def scalars(log_root: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(next(log_root.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_distillation_fit_on_digits_keeps_the_teacher_frozen_and_out_of_the_checkpoint(tmp_path, teacher_file):
+    args = [*shrink(tmp_path, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={teacher_file}"]
+    cli = make_cli(args, run=False)
+    teacher = cli.model.teacher
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    student_before = {k: v.clone() for k, v in cli.model.student.state_dict().items()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+    after = teacher.model.state_dict()
+    assert any("running_mean" in k for k in after)  # BatchNorm buffers are among what is compared
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(after[k], v) for k, v in load_file(str(teacher_file)).items())
+    assert any(not torch.equal(student_before[k], v) for k, v in cli.model.student.state_dict().items())
+
+    optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}
+
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = torch.load(tmp_path / "ckpt" / name, map_location="cpu", weights_only=True)
+        assert all(k.startswith("student.") for k in ckpt["state_dict"]), name
+        assert ckpt["teacher_config"]["weights"] == str(teacher_file)
+        assert ckpt["student_config"]["embed_dim"] == TINY_STUDENT["embed_dim"]
+        assert ckpt["hyper_parameters"]["class_names"] == [str(d) for d in range(10)]
+
+    logged = scalars(tmp_path / "runs")
+    for tag in ("train/loss", "train/loss_base", "train/loss_distill", "train/lr", "val/acc", "val/acc_cls",
+                "val/acc_dist", "val/acc_top5", "val/teacher_acc", "val/teacher_agreement"):
+        assert tag in logged and all(torch.isfinite(torch.tensor(logged[tag]))), tag
+    assert 0.0 <= logged["val/teacher_agreement"][-1] <= 1.0
+
+
+def test_validate_from_a_checkpoint_rebuilds_the_teacher_from_the_config(tmp_path, teacher_file, capsys):
+    args = [*shrink(tmp_path, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={teacher_file}"]
+    cli_main(["fit", *args])
+    best = tmp_path / "ckpt" / "best.ckpt"
+    saved = torch.load(best, map_location="cpu", weights_only=True)
+    cli = make_cli(["validate", *args, f"--ckpt_path={best}"])
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/acc"].item() == saved["callbacks"][next(k for k in saved["callbacks"] if "ModelCheckpoint" in k)]["best_model_score"].item()
+    assert "val/teacher_acc" in metrics
+
+
+def test_supervised_fit_on_a_generated_image_folder_links_its_classes(tmp_path, image_folder):
+    cli = make_cli(["fit", *shrink(tmp_path, "teacher.yaml"), f"--data.dataset={image_folder}", "--data.batch_size=6"])
+    assert cli.model.hparams.num_classes == 3
+    assert cli.model.hparams.class_names == ["cat", "dog", "fox"]
+    assert cli.model.student.model.get_classifier().out_features == 3
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["class_names"] == ["cat", "dog", "fox"]
+    assert "val/acc" in cli.trainer.callback_metrics and "val/teacher_acc" not in cli.trainer.callback_metrics
+
+
+def test_a_teacher_trained_by_this_project_loads_from_its_checkpoint(tmp_path):
+    from teachers import Teacher
+    cli = make_cli(["fit", *shrink(tmp_path, "teacher.yaml")])
+    teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / "ckpt" / "best.ckpt"))
+    images = torch.randn(2, 3, 32, 32)
+    student = cli.model.student.eval()
+    assert teacher.mean == tuple(cli.datamodule.mean)
+    assert torch.equal(teacher(images), student(images))

@@ -1,0 +1,89 @@
+"""DistillationLoss against values computed by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import DistillationLoss
+
+torch.manual_seed(0)
+B, C = 4, 5
+STUDENT = torch.randn(B, C)
+DIST = torch.randn(B, C)
+TEACHER = torch.randn(B, C)
+LABELS = torch.tensor([0, 3, 1, 4])
+
+
+def kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> float:
+    """sum_i p_t log(p_t / p_s) per sample, averaged over the batch."""
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p_s = [math.exp(v / tau) for v in s_row]
+        p_t = [math.exp(v / tau) for v in t_row]
+        p_s = [v / sum(p_s) for v in p_s]
+        p_t = [v / sum(p_t) for v in p_t]
+        total += sum(t * math.log(t / s) for s, t in zip(p_s, p_t))
+    return total / len(student)
+
+
+def test_hard_distillation_with_a_one_hot_teacher_equals_cross_entropy_on_its_labels():
+    teacher_labels = torch.tensor([2, 2, 0, 1])
+    one_hot_teacher = F.one_hot(teacher_labels, C).float() * 10
+    loss = DistillationLoss("hard", alpha=1.0, label_smoothing=0.0)
+    parts = loss(STUDENT, DIST, LABELS, one_hot_teacher)
+    by_hand = -sum(F.log_softmax(DIST, -1)[i, teacher_labels[i]].item() for i in range(B)) / B
+    assert parts["loss_distill"].item() == pytest.approx(by_hand, rel=1e-6)
+    assert parts["loss"].item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_soft_distillation_at_tau_one_equals_kl_divergence():
+    parts = DistillationLoss("soft", alpha=1.0, tau=1.0)(STUDENT, DIST, LABELS, TEACHER)
+    assert parts["loss_distill"].item() == pytest.approx(kl_by_hand(DIST, TEACHER, 1.0), rel=1e-5)
+
+
+def test_soft_distillation_scales_kl_at_temperature_by_tau_squared():
+    parts = DistillationLoss("soft", alpha=1.0, tau=3.0)(STUDENT, DIST, LABELS, TEACHER)
+    assert parts["loss_distill"].item() == pytest.approx(9.0 * kl_by_hand(DIST, TEACHER, 3.0), rel=1e-5)
+
+
+def test_reference_normalization_is_batchmean_divided_by_classes():
+    batchmean = DistillationLoss("soft", tau=2.0)(STUDENT, DIST, LABELS, TEACHER)["loss_distill"]
+    reference = DistillationLoss("soft", tau=2.0, kl_normalization="reference")(STUDENT, DIST, LABELS, TEACHER)
+    assert reference["loss_distill"].item() == pytest.approx(batchmean.item() / C, rel=1e-6)
+
+
+def test_alpha_mixes_the_base_and_distillation_parts():
+    parts = DistillationLoss("hard", alpha=0.3, label_smoothing=0.1)(STUDENT, DIST, LABELS, TEACHER)
+    smoothed_ce = F.cross_entropy(STUDENT, LABELS, label_smoothing=0.1)
+    teacher_ce = F.cross_entropy(DIST, TEACHER.argmax(-1))
+    assert parts["loss_base"].item() == pytest.approx(smoothed_ce.item(), rel=1e-6)
+    assert parts["loss"].item() == pytest.approx(0.7 * smoothed_ce.item() + 0.3 * teacher_ce.item(), rel=1e-6)
+
+
+def test_soft_targets_from_mixup_use_soft_target_cross_entropy():
+    soft = torch.softmax(torch.randn(B, C), -1)
+    parts = DistillationLoss("none", alpha=0.5)(STUDENT, DIST, soft, None)
+    by_hand = -(soft * F.log_softmax(STUDENT, -1)).sum(-1).mean()
+    assert parts["loss_base"].item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_without_a_teacher_the_distillation_head_learns_the_labels():
+    parts = DistillationLoss("none", alpha=0.5, label_smoothing=0.0)(STUDENT, DIST, LABELS)
+    assert parts["loss_distill"].item() == pytest.approx(F.cross_entropy(DIST, LABELS).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(distillation="medium"), "none, soft, hard"),
+    (dict(alpha=1.5), "alpha"),
+    (dict(tau=0.0), "tau"),
+    (dict(kl_normalization="mean"), "batchmean or reference"),
+])
+def test_bad_loss_options_name_what_is_accepted(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        DistillationLoss(**kwargs)
+
+
+def test_distillation_without_teacher_logits_is_an_error():
+    with pytest.raises(ValueError, match="teacher logits"):
+        DistillationLoss("hard")(STUDENT, DIST, LABELS, None)

@@ -1,0 +1,79 @@
+"""Students: two heads in training, their average in eval, gradients reach both tokens."""
+import pytest
+import torch
+
+from distill.module import DistillationModule
+from students import Student
+from teachers import Teacher
+from tests.conftest import TINY_STUDENT, TINY_TEACHER, tiny_student
+
+
+def test_distilled_student_returns_both_heads_in_training_and_their_average_in_eval():
+    student = tiny_student()
+    images = torch.randn(3, 3, 32, 32)
+    student.train()
+    cls_logits, dist_logits = student(images)
+    assert cls_logits.shape == dist_logits.shape == (3, 10)
+    student.eval()
+    cls_logits, dist_logits = student.forward_heads(images)
+    assert torch.allclose(student(images), (cls_logits + dist_logits) / 2)
+    assert not torch.allclose(cls_logits, dist_logits)
+
+
+def test_distillation_token_and_both_heads_receive_gradients(student_factory):
+    teacher = Teacher(TINY_TEACHER, weights="none", num_classes=10)
+    module = DistillationModule(student_factory, teacher, num_classes=10, img_size=32, distillation="hard")
+    module.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    cls_logits, dist_logits = module.student.forward_heads(images)
+    module.loss(cls_logits, dist_logits, labels, teacher(images))["loss"].backward()
+    model = module.student.model
+    for name in ("dist_token", "cls_token", "pos_embed", "head.weight", "head_dist.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_a_student_without_distillation_token_distills_through_its_single_head():
+    student = Student(10, 32, model_name="test_resnet")
+    assert not student.distilled
+    student.train()
+    cls_logits, dist_logits = student.forward_heads(torch.randn(2, 3, 32, 32))
+    assert cls_logits is dist_logits and cls_logits.shape == (2, 10)
+
+
+def test_custom_sizes_reach_the_timm_model():
+    student = Student(7, 48, model_name="deit_small", patch_size=8, embed_dim=48, depth=3, num_heads=3)
+    model = student.model
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (48, 3, 3)
+    assert model.pos_embed.shape == (1, 6 * 6 + 2, 48)  # 36 patches + class + distillation tokens
+    assert model.head.out_features == model.head_dist.out_features == 7
+
+
+def test_named_deit_variants_resolve_to_timm_distilled_models():
+    student = Student(10, 32, model_name="deit_base", patch_size=16, depth=1)
+    assert student.distilled and student.model.embed_dim == 768
+
+
+def test_image_size_not_divisible_by_patch_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="image size 36 is not divisible by patch size 8"):
+        Student(10, 36, **TINY_STUDENT)
+
+
+def test_unknown_student_name_suggests_close_names():
+    with pytest.raises(ValueError, match="unknown timm model 'deit_tinyy'.*deit_tiny"):
+        Student(10, 32, model_name="deit_tinyy")
+
+
+def test_no_weight_decay_on_tokens_position_embedding_norms_and_biases(student_factory):
+    module = DistillationModule(student_factory, None, num_classes=10, img_size=32, distillation="none")
+
+    class FakeTrainer:  # configure_optimizers reads only these
+        max_epochs, estimated_stepping_batches = 2, 10
+    module.trainer = FakeTrainer()  # type: ignore[assignment]
+    optimizer = module.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in module.student.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"model.cls_token", "model.dist_token", "model.pos_embed", "model.norm.weight", "model.head.bias"} <= no_decay
+    assert "model.blocks.0.attn.qkv.weight" in decay and "model.head.weight" in decay
+    assert len(no_decay) + len(decay) == len(names)

@@ -1,0 +1,116 @@
+"""Teachers: frozen, loaded safely from every accepted source, clear errors otherwise."""
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from teachers import Teacher
+from tests.conftest import TINY_TEACHER
+
+
+def test_teacher_stays_in_eval_mode_without_gradients_through_train_calls(teacher_file):
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file))
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not teacher(torch.randn(2, 3, 32, 32)).requires_grad
+
+
+def test_teacher_reads_its_class_count_and_weights_from_a_safetensors_file(teacher_file):
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file))
+    reference = timm.create_model(TINY_TEACHER, num_classes=10)
+    from safetensors.torch import load_file
+    reference.load_state_dict(load_file(str(teacher_file)))
+    reference.eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert teacher.num_classes == 10
+    assert torch.equal(teacher(images), reference(images))
+
+
+def test_teacher_loads_a_plain_and_a_nested_pytorch_state_dict(tmp_path, teacher_file):
+    from safetensors.torch import load_file
+    state = load_file(str(teacher_file))
+    torch.save(state, tmp_path / "plain.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "nested.pth")
+    for name in ("plain.pth", "nested.pth"):
+        teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / name))
+        assert torch.equal(teacher.model.fc.weight, state["fc.weight"])
+
+
+def test_teacher_loads_this_projects_checkpoint_with_its_normalisation(tmp_path, teacher_file):
+    from safetensors.torch import load_file
+    state = {f"student.model.{k}": v for k, v in load_file(str(teacher_file)).items()}
+    ckpt = {"state_dict": state, "hyper_parameters": {"input_mean": (0.5, 0.5, 0.5), "input_std": (0.25, 0.25, 0.25)}}
+    torch.save(ckpt, tmp_path / "teacher.ckpt")
+    teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / "teacher.ckpt"))
+    assert teacher.mean == (0.5, 0.5, 0.5) and teacher.std == (0.25, 0.25, 0.25)
+
+
+def test_teacher_renormalises_when_the_student_data_uses_another_normalisation(teacher_file):
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    raw = torch.rand(2, 3, 32, 32)  # pixels in [0, 1]
+    student_mean, student_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    as_student = (raw - torch.tensor(student_mean).view(1, 3, 1, 1)) / torch.tensor(student_std).view(1, 3, 1, 1)
+    teacher.set_input_normalization(student_mean, student_std)
+    expected = teacher.model((raw - 0.5) / 0.5)
+    assert torch.allclose(teacher(as_student), expected, atol=1e-5)
+
+
+def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"fc.weight": Exploit()}, f)
+    with pytest.raises(ValueError, match="evil.pth' is not a weights file"):
+        Teacher(TINY_TEACHER, weights=str(path))
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_weights_names_the_file_and_what_is_accepted(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes.txt' is not a weights file .*expected a \.safetensors file"):
+        Teacher(TINY_TEACHER, weights=str(path))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="broken.safetensors' is not a weights file"):
+        Teacher(TINY_TEACHER, weights=str(broken))
+
+
+def test_a_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth' does not exist"):
+        Teacher(TINY_TEACHER, weights=str(tmp_path / "missing.pth"))
+
+
+def test_weights_of_another_architecture_name_the_first_mismatched_keys(tmp_path):
+    save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(tmp_path / "r10.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit 'test_resnet': missing keys \["):
+        Teacher(TINY_TEACHER, weights=str(tmp_path / "r10.safetensors"))
+
+
+def test_declared_class_count_that_disagrees_with_the_weights_is_an_error(teacher_file):
+    with pytest.raises(ValueError, match="num_classes is 5 but .* predicts 10 classes"):
+        Teacher(TINY_TEACHER, weights=str(teacher_file), num_classes=5)
+
+
+def test_unknown_teacher_name_suggests_close_names():
+    with pytest.raises(ValueError, match="teacher.model_name: unknown timm model 'resnet_18'.*resnet18"):
+        Teacher("resnet_18", weights="none")
+
+
+def test_hub_weights_that_cannot_be_fetched_point_to_local_files(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr("teachers.teacher.timm.create_model", offline)
+    with pytest.raises(ValueError, match="could not fetch pretrained weights for 'regnety_160.deit_in1k'.*teacher.weights"):
+        Teacher("regnety_160.deit_in1k", weights="pretrained")
