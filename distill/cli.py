@@ -15,9 +15,9 @@ import os
 import sys
 from typing import Optional
 
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
 from distill.module import DistillationModule
 
@@ -38,7 +38,7 @@ class DistillCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # best by validation accuracy of the averaged head, plus last (for --ckpt_path last)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",

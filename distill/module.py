@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -153,11 +153,13 @@ class DistillationModule(pl.LightningModule):
         optimizer = create_optimizer_v2(
             self.student, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
         )
-        epochs = max(1, self.trainer.max_epochs or 1)
-        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
-            min_lr=hp.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        # linear warmup, then a cosine from exactly `lr` down to `min_lr` at the last step
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=total_steps - warmup_steps, lr_min=hp.min_lr, warmup_t=warmup_steps,
+            warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -94,8 +94,12 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
     if weights == "none":
         return timm.create_model(model_name, num_classes=num_classes or 1000), {}
     path = Path(weights)
-    if path.is_dir():
-        return timm.create_model(f"local-dir:{path}", pretrained=True, **({} if num_classes is None else {"num_classes": num_classes})), {}
+    if path.is_dir():  # a timm folder: config.json + model.safetensors (what `distill export` writes)
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        if model.pretrained_cfg.get("architecture") != model_name.split(".")[0]:
+            raise ValueError(f"teacher.weights: folder '{path}' holds a '{model.pretrained_cfg.get('architecture')}', "
+                             f"not the teacher.model_name '{model_name}'")
+        return model, {}
     state_dict, hparams = extract_state_dict(read_weights_file(path), path)
     model = timm.create_model(model_name, num_classes=num_classes or 1000)
     found = _classes_in(state_dict, model)

@@ -92,3 +92,13 @@ def test_a_teacher_trained_by_this_project_loads_from_its_checkpoint(tmp_path):
     student = cli.model.student.eval()
     assert teacher.mean == tuple(cli.datamodule.mean)
     assert torch.equal(teacher(images), student(images))
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_when_accuracy_stops_improving(tmp_path):
+    # lr 0: the accuracy of epoch 1 equals epoch 0's, so only epoch 0 is "best"
+    args = [*shrink(tmp_path, "teacher.yaml"), "--trainer.max_epochs=2", "--model.lr=0", "--model.warmup_lr=0",
+            "--model.min_lr=0"]
+    make_cli(["fit", *args])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 1)

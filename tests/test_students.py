@@ -77,3 +77,22 @@ def test_no_weight_decay_on_tokens_position_embedding_norms_and_biases(student_f
     assert {"model.cls_token", "model.dist_token", "model.pos_embed", "model.norm.weight", "model.head.bias"} <= no_decay
     assert "model.blocks.0.attn.qkv.weight" in decay and "model.head.weight" in decay
     assert len(no_decay) + len(decay) == len(names)
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine_to_min_lr(student_factory):
+    module = DistillationModule(student_factory, None, num_classes=10, img_size=32, distillation="none",
+                                lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=2)
+
+    class FakeTrainer:
+        max_epochs, estimated_stepping_batches = 10, 100  # 10 steps per epoch
+    module.trainer = FakeTrainer()  # type: ignore[assignment]
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for step in range(100):
+        scheduler.step_update(num_updates=step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[10] == pytest.approx((1e-6 + 1e-3) / 2, rel=0.05)  # halfway through warmup
+    assert max(lrs) == pytest.approx(1e-3, rel=0.02) and lrs.index(max(lrs)) in (19, 20)
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.2) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))

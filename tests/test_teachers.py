@@ -114,3 +114,14 @@ def test_hub_weights_that_cannot_be_fetched_point_to_local_files(monkeypatch):
     monkeypatch.setattr("teachers.teacher.timm.create_model", offline)
     with pytest.raises(ValueError, match="could not fetch pretrained weights for 'regnety_160.deit_in1k'.*teacher.weights"):
         Teacher("regnety_160.deit_in1k", weights="pretrained")
+
+
+def test_teacher_loads_a_timm_local_dir_folder(tmp_path):
+    from timm.models import save_for_hf
+    model = timm.create_model(TINY_TEACHER, num_classes=4)
+    save_for_hf(model, tmp_path / "folder", safe_serialization=True)
+    teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / "folder"))
+    assert teacher.num_classes == 4
+    assert torch.equal(teacher.model.fc.weight, model.fc.weight)
+    with pytest.raises(ValueError, match="holds a 'test_resnet', not the teacher.model_name 'resnet18'"):
+        Teacher("resnet18", weights=str(tmp_path / "folder"))
