@@ -1,0 +1,53 @@
+"""Start a student from another stage's weights, at another resolution.
+
+DeiT fine-tunes at 384 px from a 224 px model by resampling the patch-grid position
+embeddings (bicubic) and keeping the prefix tokens' embeddings as they are. timm's
+`resample_abs_pos_embed` does the resampling; this adds the rest of a stage hand-over:
+heads are kept when the class count matches and re-initialised otherwise.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from timm.layers import resample_abs_pos_embed
+
+__all__ = ["adapt_student_state", "student_state_from_checkpoint"]
+
+HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
+
+
+def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
+    """Return `state` (keys of `student.state_dict()`) fitted to `student`'s grid and classes."""
+    own = student.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's student does not match this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    adapted, dropped = {}, []
+    for key, value in state.items():
+        if value.shape == own[key].shape:
+            adapted[key] = value
+        elif key.endswith("pos_embed"):  # (1, prefix + old_h * old_w, D) -> (1, prefix + h * w, D)
+            model = getattr(student, "model", student)
+            prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+            adapted[key] = resample_abs_pos_embed(value, list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+        elif any(part in key for part in HEAD_KEYS):
+            adapted[key] = own[key]  # a new class count: the new head starts from its initialisation
+            dropped.append(key)
+        else:
+            raise ValueError(f"the checkpoint's '{key}' has shape {tuple(value.shape)}, this student's {tuple(own[key].shape)}")
+    if dropped:
+        warnings.warn(f"class count changed: heads re-initialised ({', '.join(dropped)})", stacklevel=2)
+    return adapted
+
+
+def student_state_from_checkpoint(checkpoint: dict, path: str) -> dict[str, torch.Tensor]:
+    """The student's weights (keys without the `student.` prefix) from a checkpoint of this project."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or "student_config" not in checkpoint:
+        raise ValueError(f"'{path}' is not a student checkpoint of this project (no student weights and config)")
+    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
