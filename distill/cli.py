@@ -3,6 +3,9 @@
     distill fit --config configs/distill.yaml
     distill fit --config configs/distill.yaml --print_config
     distill validate --config configs/distill.yaml --ckpt_path runs/distill/checkpoints/best.ckpt
+    distill pipeline --config configs/pipeline.yaml       (distill/pipeline.py)
+    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
+    distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
 
 Shared values are linked, never copied: the data module gives the model its number of
 classes, class names, image size and normalisation; the model gives the data module its
@@ -11,9 +14,12 @@ message; set DISTILL_DEBUG=1 for the full traceback.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Optional
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -53,6 +59,32 @@ class DistillCLI(LightningCLI):
         parser.link_arguments("data.mean", "model.input_mean")
         parser.link_arguments("data.std", "model.input_std")
         parser.link_arguments("model.label_smoothing", "data.label_smoothing")
+        parser.add_argument(
+            "--metrics_json", type=Optional[str], default=None,
+            help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
+                 "time to this JSON file (`distill pipeline` uses it to mark a stage finished)",
+        )
+
+    def before_fit(self) -> None:
+        self._fit_started = time.monotonic()
+
+    def after_fit(self) -> None:
+        path = self.config[self.subcommand].get("metrics_json")
+        if not path:
+            return
+        wall_time = time.monotonic() - self._fit_started
+        best = self.trainer.checkpoint_callback.best_model_path
+        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        if self.trainer.is_global_zero:
+            result = {
+                "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},
+                "best_checkpoint": best, "epochs": self.trainer.current_epoch,
+                "img_size": self.model.hparams.img_size, "wall_time_s": round(wall_time, 1),
+            }
+            tmp = Path(f"{path}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(path)  # atomic: a stage is finished only once this file exists
 
 
 def _user_error(err: BaseException) -> Optional[BaseException]:
@@ -81,10 +113,29 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     )
 
 
+def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
+    """The non-Lightning command named by argv, if any."""
+    if argv[:1] == ["export"]:
+        from distill.export import main
+        return main
+    if argv[:1] == ["pipeline"]:
+        from distill.pipeline import main
+        return main
+    if argv[:1] == ["predict"] and any(a == "--export" or a.startswith("--export=") for a in argv):
+        from distill.predict import main  # `predict` on an export folder; without --export: LightningCLI's
+        return main
+    return None
+
+
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of `distill`, `lightning` and `python -m distill`; tests pass `args`."""
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        make_cli(args)
+        tool = _tool(argv)
+        if tool is not None:
+            tool(argv[1:])
+        else:
+            make_cli(args)
     except Exception as err:  # noqa: BLE001 - one line for bad input, tracebacks for bugs
         user_error = _user_error(err)
         if user_error is None or os.environ.get("DISTILL_DEBUG"):

@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import DistillationLoss
+from students.resize import adapt_student_state, load_student_state
 from teachers import Teacher
 
 __all__ = ["DistillationModule"]
@@ -53,6 +54,9 @@ class DistillationModule(pl.LightningModule):
         warmup_epochs: linear warmup length in epochs (fractions allowed).
         warmup_lr: learning rate at the start of warmup.
         min_lr: learning rate at the end of the cosine decay.
+        init_from: a checkpoint of a previous stage to start the student from (weights only;
+            optimiser and schedule start fresh). Position embeddings are resampled when the
+            image size changed; heads are kept when the classes match.
     """
 
     def __init__(
@@ -76,12 +80,15 @@ class DistillationModule(pl.LightningModule):
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher"])
         self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         _check_classes(self.student, teacher, num_classes, distillation)
+        if init_from:
+            self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring

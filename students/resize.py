@@ -8,12 +8,13 @@ heads are kept when the class count matches and re-initialised otherwise.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 from timm.layers import resample_abs_pos_embed
 
-__all__ = ["adapt_student_state", "student_state_from_checkpoint"]
+__all__ = ["adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
 
 HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
 
@@ -45,9 +46,28 @@ def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> d
     return adapted
 
 
-def student_state_from_checkpoint(checkpoint: dict, path: str) -> dict[str, torch.Tensor]:
-    """The student's weights (keys without the `student.` prefix) from a checkpoint of this project."""
+def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dict:
+    """A checkpoint of this project (weights_only: nothing is unpickled); errors name the option and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}: '{path}' does not exist")
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors of every kind
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{option}: '{path}' is not a student checkpoint of this project ({first})") from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or "student_config" not in checkpoint:
-        raise ValueError(f"'{path}' is not a student checkpoint of this project (no student weights and config)")
-    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    if not isinstance(state, dict) or not isinstance(checkpoint.get("student_config"), dict):
+        raise ValueError(f"{option}: '{path}' is not a student checkpoint of this project "
+                         "(expected best.ckpt or last.ckpt of a `distill fit` run)")
+    return checkpoint
+
+
+def load_student_state(path: str | Path, option: str = "model.init_from") -> dict[str, torch.Tensor]:
+    """The student's weights (keys without the `student.` prefix) from a checkpoint of this project."""
+    return student_state(read_student_checkpoint(path, option))
+
+
+def student_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The `student.`-prefixed weights of a checkpoint, with the prefix removed."""
+    return {k[len("student."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}

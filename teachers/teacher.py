@@ -12,6 +12,7 @@ from typing import Optional
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from students.vit import check_model_name
@@ -34,6 +35,8 @@ class Teacher(nn.Module):
         mean: input normalisation the teacher was trained with; None takes it from a `.ckpt`
             of this project, else from timm's pretrained config of `model_name`.
         std: see `mean`.
+        img_size: resolution the teacher sees; None: the student's (the images as given).
+            Set it to run a teacher at its own resolution, e.g. during a hi-res fine-tune.
     """
 
     def __init__(
@@ -43,9 +46,12 @@ class Teacher(nn.Module):
         num_classes: Optional[int] = None,
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
+        img_size: Optional[int] = None,
     ) -> None:
         super().__init__()
-        self.config = dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std)
+        self.config = dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std,
+                           img_size=img_size)
+        self.img_size = img_size
         check_model_name(model_name, "teacher.model_name")
         self.model, trained_norm = _build(model_name, weights, num_classes)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
@@ -77,6 +83,8 @@ class Teacher(nn.Module):
         """Teacher logits (B, C) for student-normalised images (B, 3, H, W)."""
         if self.renormalize:
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
         return self.model(x)
 
 

@@ -1,0 +1,147 @@
+"""Export the student alone: a timm folder, optionally ONNX and TorchScript, each verified.
+
+    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student
+
+The folder loads with `timm.create_model('local-dir:exports/student', pretrained=True)`:
+`config.json` (architecture, model args, label names, mean/std, input size, crop) and
+`model.safetensors`. In eval mode the DeiT student returns the average of its two heads, so
+every format gives the fused, averaged logits. Each format is run on the same batch as the
+PyTorch student and the largest absolute difference is written to `export_report.json`; the
+export fails above the tolerance. The folder is built beside the target and renamed into
+place, so a failed or killed export never leaves a half-written folder, and an existing
+folder is only replaced with `overwrite`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.models import save_for_hf
+from torch import nn
+
+from students import Student
+from students.resize import read_student_checkpoint, student_state
+
+__all__ = ["export_student", "load_export", "load_student", "main"]
+
+TOLERANCE = 1e-4
+
+
+def load_student(ckpt: str | Path) -> tuple[Student, dict]:
+    """The student of a checkpoint of this project, in eval mode, and the checkpoint."""
+    checkpoint = read_student_checkpoint(ckpt, "export --ckpt")
+    config = dict(checkpoint["student_config"], pretrained=False)  # weights come from the checkpoint
+    student = Student(**config)
+    student.load_state_dict(student_state(checkpoint))
+    return student.eval(), checkpoint
+
+
+def export_student(
+    ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
+    tolerance: float = TOLERANCE,
+) -> dict[str, Any]:
+    """Write the export folder and return its report; raises before writing anything on bad input."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export: '{out}' already exists; pass --overwrite to replace it")
+    student, checkpoint = load_student(ckpt)
+    model, data = student.model, _data_config(checkpoint)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model_config = {"label_names": data.pop("label_names"), "pretrained_cfg": {"tag": "distilled"}}
+        save_for_hf(model, tmp, model_config=model_config, data_config=data, safe_serialization=True)
+        images = torch.randn(4, *data["input_size"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(images)
+        report = {"checkpoint": str(ckpt), "tolerance": tolerance, "batch": list(images.shape), "formats": {}}
+        checks: dict[str, Callable[[], torch.Tensor]] = {"timm": lambda: _run_timm(tmp, images)}
+        if onnx:
+            checks["onnx"] = lambda: _run_onnx(model, tmp / "model.onnx", images)
+        if torchscript:
+            checks["torchscript"] = lambda: _run_torchscript(model, tmp / "model.torchscript.pt", images)
+        for name, run in checks.items():
+            diff = (run() - expected).abs().max().item()
+            report["formats"][name] = {"max_abs_diff": diff, "ok": diff <= tolerance}
+            if diff > tolerance:
+                raise ValueError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e}")
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def load_export(folder: str | Path) -> nn.Module:
+    """The exported student as timm loads it, in eval mode."""
+    return timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True).eval()
+
+
+def _data_config(checkpoint: dict) -> dict[str, Any]:
+    """Preprocessing of the run: what a user of the export must apply to their images."""
+    hp = checkpoint.get("hyper_parameters", {})
+    data_hp = checkpoint.get("datamodule_hyper_parameters", {})
+    size = int(hp.get("img_size", 224))
+    return {
+        "input_size": (3, size, size),
+        "mean": tuple(hp.get("input_mean", timm.data.IMAGENET_DEFAULT_MEAN)),
+        "std": tuple(hp.get("input_std", timm.data.IMAGENET_DEFAULT_STD)),
+        "crop_pct": float(data_hp.get("crop_pct", 0.875)),
+        "interpolation": str(data_hp.get("interpolation", "bicubic")),
+        "label_names": list(hp.get("class_names") or []),
+    }
+
+
+def _run_timm(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return load_export(folder)(images)
+
+
+def _run_onnx(model: nn.Module, path: Path, images: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    torch.onnx.export(
+        model, (images[:2],), str(path), input_names=["images"], output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False, external_data=False,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # exported with a batch of 2, run with 4: the batch dimension is dynamic
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def _run_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        torch.jit.trace(model, images[:2]).save(str(path))
+        return torch.jit.load(str(path))(images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`distill export --ckpt CKPT --out DIR [--no-onnx] [--no-torchscript] [--overwrite]`."""
+    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a student checkpoint of this project (best.ckpt, last.ckpt)")
+    parser.add_argument("--out", required=True, help="export folder to create")
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also write model.onnx")
+    parser.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write model.torchscript.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest accepted output difference")
+    args = parser.parse_args(argv)
+    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance)
+    for name, result in report["formats"].items():
+        print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")
+    print(f"exported to {args.out} (report: {Path(args.out) / 'export_report.json'})")
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is swapped out first and removed only after."""
+    backup = target.with_name(f".{target.name}.old{os.getpid()}")
+    if target.exists():
+        os.replace(target, backup)
+    os.replace(new, target)
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""`distill pipeline`: teacher -> distillation -> hi-res fine-tunes -> export, resumable.
+
+    distill pipeline --config configs/pipeline.yaml [any fit option for every stage, e.g. --trainer.devices 2]
+
+Each stage is a `distill fit` in its own process (so a stage can run under DDP and a crash
+of one stage leaves the others' files alone) writing under `<root>/<name>/<stage>/`:
+TensorBoard logs, `checkpoints/{best,last}.ckpt` and, once finished, `result.json`
+(the best checkpoint's validation metrics). Running the same command again skips stages
+with a `result.json`, resumes a stage that has a `last.ckpt` from it, and starts the others.
+A stage can take its teacher from an earlier stage's best checkpoint (`teacher_from`) and
+start its student from another's (`init_from`: position embeddings resampled when the
+image size changes). See configs/pipeline.yaml for the format.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.export import export_student
+
+__all__ = ["run_pipeline", "load_spec", "main"]
+
+STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """Read and check a pipeline file; errors name the file and the offending entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline: config '{path}' does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    stages = spec.get("stages")
+    if not spec.get("name") or not isinstance(stages, list) or not stages:
+        raise ValueError(f"pipeline '{path}': needs a 'name' and a non-empty list of 'stages'")
+    seen: list[str] = []
+    for stage in stages:
+        unknown = set(stage) - STAGE_KEYS
+        if unknown or "name" not in stage or "config" not in stage:
+            raise ValueError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
+                             f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
+        for ref in ("teacher_from", "init_from"):
+            if stage.get(ref) and stage[ref] not in seen:
+                raise ValueError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
+        if stage["name"] in seen:
+            raise ValueError(f"pipeline '{path}': two stages are named {stage['name']}")
+        seen.append(stage["name"])
+    export = spec.get("export")
+    if export and export.get("from") not in seen:
+        raise ValueError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
+    return spec
+
+
+def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[str]:
+    """The `distill fit` command line of one stage."""
+    out = root / stage["name"]
+    args = [sys.executable, "-m", "distill", "fit", "--config", stage["config"]]
+    for key, value in (stage.get("overrides") or {}).items():
+        args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
+    args += [f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={stage['name']}",
+             f"--checkpoint.dirpath={out / 'checkpoints'}", f"--metrics_json={out / 'result.json'}"]
+    if stage.get("teacher_from"):
+        args.append(f"--model.teacher.init_args.weights={root / stage['teacher_from'] / 'checkpoints' / 'best.ckpt'}")
+    if stage.get("init_from"):
+        args.append(f"--model.init_from={root / stage['init_from'] / 'checkpoints' / 'best.ckpt'}")
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        args.append(f"--ckpt_path={last}")
+    return [*args, *extra]
+
+
+def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
+    """Run (or resume) every stage and the export; returns one result per stage."""
+    spec = load_spec(config)
+    root = Path(root or spec.get("root", "runs")) / spec["name"]
+    results = []
+    for stage in spec["stages"]:
+        result_file = root / stage["name"] / "result.json"
+        if result_file.is_file():
+            print(f"[pipeline] {stage['name']}: finished earlier, skipped", flush=True)
+        else:
+            command = stage_command(stage, root, extra or [])
+            resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
+            print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
+            code = subprocess.run(command).returncode
+            if code != 0 or not result_file.is_file():
+                raise RuntimeError(f"pipeline: stage '{stage['name']}' failed (exit {code}); "
+                                   "re-run the same command to resume it")
+        results.append({"stage": stage["name"], **json.loads(result_file.read_text())})
+    export = spec.get("export")
+    if export:
+        out = root / "export"
+        if (out / "export_report.json").is_file():
+            print(f"[pipeline] export: {out} exists, skipped", flush=True)
+        else:
+            best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
+            export_student(best, out, onnx=export.get("onnx", True), torchscript=export.get("torchscript", True),
+                           overwrite=True)
+            print(f"[pipeline] export: {out} written and verified", flush=True)
+    print(format_table(results), flush=True)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """Stage, resolution, epochs, validation accuracy per head, teacher accuracy, wall time."""
+    def pct(value: Any) -> str:
+        return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "-"
+
+    header = ("stage", "res", "epochs", "acc_cls", "acc_dist", "acc", "teacher", "wall_s")
+    rows = [header]
+    for r in results:
+        m = r.get("metrics", {})
+        rows.append((r["stage"], str(r.get("img_size", "-")), str(r.get("epochs", "-")), pct(m.get("val/acc_cls")),
+                     pct(m.get("val/acc_dist")), pct(m.get("val/acc")), pct(m.get("val/teacher_acc")),
+                     f"{r.get('wall_time_s', 0):.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="distill pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (see configs/pipeline.yaml)")
+    parser.add_argument("--root", default=None, help="output root (default: the file's root, else runs)")
+    args, extra = parser.parse_known_args(argv)
+    run_pipeline(args.config, extra, args.root)
