@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,7 +117,8 @@ def _run_onnx(model: nn.Module, path: Path, images: torch.Tensor) -> torch.Tenso
 
 
 def _run_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of timm's shape asserts; jit.load's deprecation notice
         torch.jit.trace(model, images[:2]).save(str(path))
         return torch.jit.load(str(path))(images)
 
