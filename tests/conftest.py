@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models, weights files and image folders made in tmp_path; no network."""
 from __future__ import annotations
 
-import os
 from functools import partial
 from pathlib import Path
 

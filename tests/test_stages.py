@@ -18,8 +18,7 @@ import yaml
 
 from distill.cli import cli_main, make_cli
 from distill.export import export_student, load_student
-from distill.pipeline import load_spec, run_pipeline, stage_command
-from distill.predict import predict_folder
+from distill.pipeline import load_spec, stage_command
 from students import Student
 from students.resize import adapt_student_state
 from tests.conftest import TINY_STUDENT, TINY_TEACHER, make_image_folder

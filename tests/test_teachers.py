@@ -1,7 +1,6 @@
 """Teachers: frozen, loaded safely from every accepted source, clear errors otherwise."""
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import timm
