@@ -1,18 +1,29 @@
-"""Checkpointing for distillation runs: best by validation accuracy, and last after every epoch."""
+"""Checkpointing for distillation runs: best by validation accuracy, last after every epoch,
+written atomically, and saved on SIGTERM (preemption) or Ctrl+C."""
 from __future__ import annotations
 
+import os
+
 import pytorch_lightning as pl
+from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 __all__ = ["BestAndLastCheckpoint"]
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose `last.ckpt` is rewritten after every validation.
+    """`ModelCheckpoint` whose `last.ckpt` is rewritten after every validation, never half-written,
+    and also saved when the run is stopped by SIGTERM or Ctrl+C.
 
     Lightning 2.6 writes `last.ckpt` only when a top-k checkpoint was written in the same
     step, so with `save_top_k=1` a run whose accuracy stopped improving would resume
-    (`--ckpt_path last`) from its best epoch instead of its latest one.
+    (`--ckpt_path last`) from its best epoch instead of its latest one. Lightning also writes
+    checkpoints in place, so a kill during the write would leave a truncated file; here each
+    file is written beside its target and renamed over it. On SIGTERM (a cluster preempting
+    the job) Lightning stops after the current batch; `last.ckpt` is then saved mid-epoch and
+    `--ckpt_path last` continues from the next batch.
     """
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -25,7 +36,25 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_skipped(trainer)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if stopped and self.save_last and not trainer.sanity_checking and trainer.state.fn == "fit":
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
+                           f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+
     def _save_last_if_skipped(self, trainer: pl.Trainer) -> None:
         # skipped by the parent when nothing else was saved at this step (and during sanity checks)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if not _is_local_file_protocol(filepath):  # object stores write whole objects anyway
+            return super()._save_checkpoint(trainer, filepath)
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)  # atomic: the previous file stays whole until this instant
+        self._last_checkpoint_saved = filepath

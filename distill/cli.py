@@ -14,18 +14,25 @@ message; set DISTILL_DEBUG=1 for the full traceback.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
 from distill.module import DistillationModule
+from students.resize import read_student_checkpoint
 
 __all__ = ["DistillCLI", "cli_main", "make_cli"]
 
@@ -37,6 +44,53 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs", "name": "default"},
     },
 }
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A parser whose errors are one line naming the option (with a close match for a typo), not
+    jsonargparse's page of usage; DISTILL_DEBUG=1 restores the full output."""
+
+    argv: list[str] = []  # the command line, set by make_cli: to name the config file a bad key is in
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> None:  # type: ignore[override]
+        if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
+        close = difflib.get_close_matches(typo.group(1), sorted(_option_names(self) | _option_names(parser)), n=1) if typo else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        source = _config_with_key(self.argv, typo.group(1)) if typo else None
+        if source:
+            text = f"{source}: {text}"
+        sys.stderr.write(f"error: {text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)\n")
+        raise SystemExit(2)
+
+
+def _config_with_key(argv: list[str], dotted: str) -> Optional[str]:
+    """The --config file of `argv` that sets the dotted key, if any."""
+    files = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        try:
+            node = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            return name
+    return None
+
+
+def _option_names(parser: LightningArgumentParser) -> set[str]:
+    names = {action.dest for action in parser._actions if action.dest and action.dest != "help"}
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for sub in (subcommands._name_parser_map.values() if subcommands else []):
+        names |= _option_names(sub)
+    return names
 
 
 class DistillCLI(LightningCLI):
@@ -67,6 +121,28 @@ class DistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_started = time.monotonic()
+        # fail now, not after the first epoch, when an output folder cannot be written
+        outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
+        if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
+            outputs["checkpoint.dirpath"] = self.trainer.checkpoint_callback.dirpath
+        for logger in self.trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                outputs["trainer.logger save_dir"] = logger.save_dir
+        metrics_json = self.config[self.subcommand].get("metrics_json")
+        if metrics_json:
+            outputs["metrics_json"] = str(Path(metrics_json).parent)
+        if self.trainer.is_global_zero:
+            for option, folder in outputs.items():
+                _check_writable(option, folder)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
+        so that a foreign or crafted file is one clear line; then LightningCLI reads its hparams."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            read_student_checkpoint(path, "ckpt_path")
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         path = self.config[self.subcommand].get("metrics_json")
@@ -87,20 +163,68 @@ class DistillCLI(LightningCLI):
             tmp.replace(path)  # atomic: a stage is finished only once this file exists
 
 
+def _check_writable(option: str, folder: str | os.PathLike) -> None:
+    """Create `folder` and write a probe file in it; a one-line error names the option otherwise."""
+    if "://" in str(folder):  # remote storage (s3://, gs://): checked by its own client
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
+                              "choose a folder you can write to") from err
+
+
+# What a user can fix: bad values, files, folders; a training run that diverged.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
 def _user_error(err: BaseException) -> Optional[BaseException]:
-    """The bad-input error (ValueError / OSError) at the root of a chain, if any."""
+    """The bad-input error (ValueError / OSError / non-finite loss) of a chain, if any.
+
+    The outermost one raised by this project's code (its messages name options and files),
+    else the innermost one (what a library reported, under its wrappers).
+    """
     found = None
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ValueError, OSError)):
+        if isinstance(err, USER_ERRORS):
+            if _raised_here(err):
+                return err
             found = err
         err = err.__cause__ or err.__context__
     return found
 
 
+def _raised_here(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PROJECT) and \
+        "site-packages" not in tb.tb_frame.f_code.co_filename
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of `err` in one line; for an error re-raised from a DataLoader worker, the original one."""
+    text = str(err).strip()
+    if not text:
+        return repr(err)
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:  # torch's worker ExceptionWrapper
+        last = [line for line in lines if line.strip()][-1].strip()
+        name = f"{type(err).__name__}: "
+        return last[len(name):] if last.startswith(name) else last
+    return lines[0]
+
+
 def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     """The CLI with this project's defaults; `run=False` only parses and instantiates (tests)."""
+    OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
     return DistillCLI(
         DistillationModule,
         ImageDataModule,
@@ -110,6 +234,7 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module builds timm optimiser groups itself
+        parser_class=OneLineErrorParser,
     )
 
 
@@ -135,11 +260,16 @@ def cli_main(args: Optional[list[str]] = None) -> None:
         if tool is not None:
             tool(argv[1:])
         else:
-            make_cli(args)
+            with warnings.catch_warnings():
+                # our data module restores mid-epoch positions itself (see ImageDataModule.state_dict)
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+                make_cli(args)
+    except SIGTERMException:  # preempted: Lightning stopped after a batch, last.ckpt was saved
+        print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
+        raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
     except Exception as err:  # noqa: BLE001 - one line for bad input, tracebacks for bugs
         user_error = _user_error(err)
         if user_error is None or os.environ.get("DISTILL_DEBUG"):
             raise
-        message = str(user_error).strip().splitlines()[0] if str(user_error).strip() else repr(user_error)
-        print(f"error: {message}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {_one_line(user_error)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,23 +4,33 @@ Transforms are timm's (`create_transform`: RandomResizedCrop, flip, RandAugment,
 erasing; resize + centre crop for evaluation). Mixup/cutmix (timm `Mixup`) is applied once
 per training batch after it reaches the device, so the teacher labels exactly the mixed
 image the student sees.
+
+Training views are a function of (seed, epoch, sample index) only: `EpochSampler` shuffles
+by (seed, epoch) and hands each index to the dataset together with its epoch, and
+`SeededViews` seeds every random number generator the transform uses from those three
+numbers. The same view comes back whatever the number of workers, processes or restarts,
+which is what makes a resumed run equal an uninterrupted one (and lets a teacher's outputs
+be replayed later). Torch's DataLoader and Lightning give no such guarantee: worker seeds
+depend on the worker count, and a resumed run re-seeds differently.
 """
 from __future__ import annotations
 
-import os
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
-__all__ = ["ImageDataModule", "DigitsDataset", "DIGITS"]
+from distill.seeding import global_seed, sample_seed, seeded
+
+__all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews"]
 
 DIGITS = "digits"
 
@@ -55,6 +65,81 @@ class DigitsDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+class EpochSampler(DistributedSampler):
+    """Shuffles by (seed, epoch), gives each rank its share, and yields `(epoch, index)` pairs.
+
+    A `DistributedSampler` (Lightning leaves those in place under DDP and calls `set_epoch`)
+    that also passes the epoch to the dataset, so that `SeededViews` can seed each view from
+    (seed, epoch, index) even inside persistent workers. `resume(epoch, samples)` skips the
+    samples already trained on when a run restarts from a mid-epoch checkpoint.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._resume_at: tuple[int, int] = (-1, 0)
+
+    def resume(self, epoch: int, samples: int) -> None:
+        """On the next pass over `epoch`, skip its first `samples` samples (already trained on)."""
+        self._resume_at = (epoch, samples)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch, indices = self.epoch, list(super().__iter__())
+        if self._resume_at[0] == epoch:
+            indices = indices[self._resume_at[1]:]
+        self._resume_at = (-1, 0)
+        return iter([(epoch, index) for index in indices])
+
+
+class SeededViews(Dataset):
+    """A training set whose item `(epoch, index)` is the view seeded by (seed, epoch, index).
+
+    Every random draw of the transform (crop, flip, RandAugment, random erasing) comes from
+    generators seeded for that sample, so the view is the same in any worker, process or
+    restart. Plain integer indices pass through unseeded.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        with seeded(sample_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder whose unreadable files (truncated, not an image) are named, then skipped or fatal.
+
+    `bad_images="skip"`: a warning names the file, and the next readable image of the split
+    stands in for it (a count of skipped files per process is kept in the message);
+    `"error"`: stop with an error naming the file.
+    """
+
+    def __init__(self, root: str, transform: Any = None, bad_images: str = "skip") -> None:
+        super().__init__(root, transform=transform)
+        self.bad_images, self.skipped = bad_images, 0
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for attempt in range(min(len(self.samples), 100)):
+            path = self.samples[(index + attempt) % len(self.samples)][0]
+            try:
+                return super().__getitem__((index + attempt) % len(self.samples))
+            except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, unidentified, broken header
+                reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+                if self.bad_images == "error":
+                    raise ValueError(f"data: cannot read image '{path}' ({reason}); fix or remove it, "
+                                     "or set data.bad_images=skip") from err
+                self.skipped += 1
+                warnings.warn(f"data: skipped unreadable image '{path}' ({reason}); {self.skipped} skipped so far "
+                              "in this process", stacklevel=2)
+        raise ValueError(f"data: no readable image among 100 files from '{self.samples[index][0]}' on")
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Images and labels for the student and teacher, with the DeiT augmentation recipe.
 
@@ -78,6 +163,8 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_prob: probability of mixing a batch at all.
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         label_smoothing: folded into the mixed targets (linked from model.label_smoothing by the CLI).
+        bad_images: what to do with an unreadable image file (truncated, not an image) in a
+            folder dataset: `skip` (warn naming it, use the next image) or `error` (stop, naming it).
     """
 
     def __init__(
@@ -101,6 +188,7 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
+        bad_images: Literal["skip", "error"] = "skip",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -110,6 +198,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mixup_fn = self._make_mixup()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self._resume_at: tuple[int, int] = (0, 0)  # (epoch, batches of it done), from a checkpoint
 
     @property
     def num_classes(self) -> int:
@@ -164,18 +253,47 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_set is None:
-            self.train_set = self._dataset("train", self.train_transform())
+            self.train_set = SeededViews(self._dataset("train", self.train_transform()), global_seed())
         if self.val_set is None:
             self.val_set = self._dataset("val", self.eval_transform())
 
     def _dataset(self, split: str, transform: Any) -> Dataset:
         if self.dataset == DIGITS:
             return DigitsDataset(split, self.img_size, transform)
-        return ImageFolder(os.path.join(self.dataset, split), transform=transform)
+        folder = Path(self.dataset) / split
+        classes, _ = _classes_of(folder)
+        try:
+            return CheckedImageFolder(str(folder), transform=transform, bad_images=self.hparams.bad_images)
+        except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
+            empty = [c for c in classes if not any(p.is_file() for p in (folder / c).rglob("*"))] or classes
+            raise FileNotFoundError(f"data.dataset: class folder '{folder / empty[0]}' holds no images "
+                                    f"(accepted: {', '.join(IMG_EXTENSIONS)})") from err
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed())
+        # a resumed run: Lightning draws the first batches before its own set_epoch, so start here
+        epoch, batches_done = self._resume_at
+        sampler.set_epoch(epoch)
+        sampler.resume(epoch, batches_done * self.batch_size)
         # drop_last: timm's mixup pairs images, so every batch must be full (and even)
-        return self._loader(self.train_set, shuffle=True, drop_last=True)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training continues from (saved in checkpoints): epoch, and batches of it already done."""
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        epoch, batches_done = _resume_position(self.trainer)
+        return {"epoch": epoch, "batches_done": batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restored before the training loader is built: it starts at that epoch and batch."""
+        if state:
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, drop_last=False)
@@ -193,8 +311,19 @@ class ImageDataModule(pl.LightningDataModule):
         """Mixup/cutmix once per training batch, on the device: targets become (B, C) soft labels."""
         if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
             images, targets = batch
-            return self.mixup_fn(images, targets)
+            # seeded by (seed, epoch, batch, rank): the same mixing after a restart
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this batch's index
+            with seeded(sample_seed(global_seed(), self.trainer.current_epoch, progress, self.trainer.global_rank, 1)):
+                return self.mixup_fn(images, targets)
         return batch
+
+
+def _resume_position(trainer: pl.Trainer) -> tuple[int, int]:
+    """(epoch, batches of it already trained) that a checkpoint saved now resumes from."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    if done >= trainer.num_training_batches:  # saved at the end of the epoch: the next one starts afresh
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, done
 
 
 def _classes_of(folder: Path) -> tuple[list[str], dict[str, int]]:

@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import DistillationLoss
+from distill.seeding import global_seed, sample_seed
 from students.resize import adapt_student_state, load_student_state
 from teachers import Teacher
 
@@ -118,14 +119,32 @@ class DistillationModule(pl.LightningModule):
         cls_logits, dist_logits = self.student.forward_heads(x)
         return (cls_logits + dist_logits) / 2
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout and stochastic depth draw from a generator seeded by (seed, epoch, batch, rank):
+        # a run resumed from a checkpoint takes exactly the steps an uninterrupted one takes
+        torch.manual_seed(sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 2))
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch  # targets: (B,) labels, or (B, C) soft labels after mixup/cutmix
         teacher_logits = self.teacher(images) if self.loss.distillation != "none" else None
         cls_logits, dist_logits = self.student.forward_heads(images)
         parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
+        self._check_finite(parts, batch_idx)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return parts["loss"]
+
+    def _check_finite(self, parts: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop on a NaN/inf loss, naming the step and the parts; every DDP rank stops together."""
+        finite = bool(torch.isfinite(parts["loss"]).item())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx}): {values}; "
+                "lower model.lr, check the data for NaNs, or resume from the last checkpoint"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val/")
@@ -181,6 +200,17 @@ class DistillationModule(pl.LightningModule):
         """
         checkpoint["student_config"] = dict(getattr(self.student, "config", {}))
         checkpoint["teacher_config"] = dict(self.teacher.config) if self.teacher is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another student before Lightning's long state-dict error would."""
+        saved, own = checkpoint.get("student_config"), dict(getattr(self.student, "config", {}))
+        if saved is None:
+            raise ValueError("ckpt_path: the checkpoint has no student_config; it was not written by this project's fit")
+        differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {own.get(k)!r} here" for k in sorted(set(saved) | set(own))
+                  if k not in ("pretrained", "drop_path_rate", "drop_rate") and saved.get(k) != own.get(k)]
+        if differ:
+            raise ValueError(f"ckpt_path: the checkpoint is of another student ({'; '.join(differ[:3])}); "
+                             "resume with the config it was trained with, or use model.init_from to start from its weights")
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:

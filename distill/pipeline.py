@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,10 +88,14 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
             command = stage_command(stage, root, extra or [])
             resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
-            code = subprocess.run(command).returncode
+            code = _run_stage(command)
+            if code == 143:
+                print(f"[pipeline] {stage['name']}: stopped by SIGTERM, its last.ckpt saved; "
+                      "re-run the same command to resume it", file=sys.stderr, flush=True)
+                raise SystemExit(143)
             if code != 0 or not result_file.is_file():
-                raise RuntimeError(f"pipeline: stage '{stage['name']}' failed (exit {code}); "
-                                   "re-run the same command to resume it")
+                raise ChildProcessError(f"pipeline: stage '{stage['name']}' failed (exit {code}, its error is above); "
+                                        "fix it and re-run the same command to resume the stage")
         results.append({"stage": stage["name"], **json.loads(result_file.read_text())})
     export = spec.get("export")
     if export:
@@ -104,6 +109,19 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
             print(f"[pipeline] export: {out} written and verified", flush=True)
     print(format_table(results), flush=True)
     return results
+
+
+def _run_stage(command: list[str]) -> int:
+    """Run one stage; a SIGTERM sent to the pipeline goes to the stage, which saves and exits."""
+    process = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # Ctrl+C reached the stage too: let it save its checkpoint
+        process.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def format_table(results: list[dict]) -> str:

@@ -52,7 +52,8 @@ def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dic
     if not path.is_file():
         raise FileNotFoundError(f"{option}: '{path}' does not exist")
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        # weights_only: pickled code is refused, not run; mmap: tensors are read only when used
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors of every kind
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise ValueError(f"{option}: '{path}' is not a student checkpoint of this project ({first})") from err

@@ -1,8 +1,10 @@
 """Data: the bundled digits split, ImageFolder trees, timm transforms, mixup on training batches only."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from distill.data import DigitsDataset, ImageDataModule
+from distill.data import DigitsDataset, EpochSampler, ImageDataModule
 
 
 def test_digits_split_is_fixed_stratified_and_upscaled():
@@ -23,21 +25,60 @@ def test_datamodule_gives_normalised_tensors_at_the_configured_size(image_folder
     assert images.min() < 0 < images.max()  # normalised, not raw [0, 1]
 
 
-class _Trainer:
-    def __init__(self, training: bool) -> None:
-        self.training = training
+def fake_trainer(training: bool, epoch: int = 0, batch: int = 0) -> SimpleNamespace:
+    """What the data module reads of a Trainer: its stage, epoch, rank and the batch index."""
+    progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
+    return SimpleNamespace(training=training, current_epoch=epoch, global_rank=0,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
 
 
-def test_mixup_makes_soft_targets_for_training_batches_only():
+def test_mixup_makes_soft_targets_for_training_batches_only_seeded_by_epoch_and_batch():
     data = ImageDataModule("digits", img_size=32, batch_size=8, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
-    data.trainer = _Trainer(training=True)
+    data.trainer = fake_trainer(training=True)
     mixed, targets = data.on_after_batch_transfer((images.clone(), labels), 0)
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(-1), torch.ones(8))
     assert not torch.equal(mixed, images)
-    data.trainer = _Trainer(training=False)
+    again, _ = data.on_after_batch_transfer((images.clone(), labels), 0)
+    assert torch.equal(again, mixed)  # same (epoch, batch): the same mixing, as after a restart
+    data.trainer = fake_trainer(training=True, batch=1)
+    other, _ = data.on_after_batch_transfer((images.clone(), labels), 0)
+    assert not torch.equal(other, mixed)
+    data.trainer = fake_trainer(training=False)
     same, plain = data.on_after_batch_transfer((images, labels), 0)
     assert same is images and plain is labels
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmented_views_depend_on_seed_epoch_and_index_only_not_on_workers(workers):
+    # RandAugment + random erasing + random crop: every random draw of the transform is seeded per sample
+    kwargs = dict(img_size=32, batch_size=16, mixup=0, cutmix=0, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    reference = ImageDataModule("digits", num_workers=0, **kwargs)
+    reference.setup("fit")
+    data = ImageDataModule("digits", num_workers=workers, **kwargs)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(3)
+    images, labels = next(iter(loader))
+    keys = list(loader.sampler)[:16]
+    assert all(epoch == 3 for epoch, _ in keys)
+    expected = torch.stack([reference.train_set[key][0] for key in keys])
+    assert torch.equal(images, expected)
+    assert not torch.equal(reference.train_set[(4, keys[0][1])][0], expected[0])  # another epoch, another view
+
+
+def test_the_training_sampler_splits_each_epoch_across_ranks_without_overlap():
+    data = ImageDataModule("digits", img_size=32, mixup=0, cutmix=0)
+    data.setup("fit")
+    shares = [list(EpochSampler(data.train_set, num_replicas=2, rank=rank, seed=0)) for rank in (0, 1)]
+    indices = [{index for _, index in share} for share in shares]
+    assert len(shares[0]) == len(shares[1]) == 719  # 1437 images, padded by one to split evenly
+    assert len(indices[0] | indices[1]) == 1437 and len(indices[0] & indices[1]) <= 1
+    sampler = EpochSampler(data.train_set, seed=0)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.resume(1, 100)  # a mid-epoch restart skips what was trained
+    assert list(sampler) == first[100:] and list(sampler) == first  # only once
 
 
 @pytest.mark.parametrize("make, message", [

@@ -1,0 +1,294 @@
+"""Reliability: runs that are killed or preempted resume exactly; bad input is one clear line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import cli_main
+from tests.conftest import TINY_STUDENT, TINY_TEACHER, make_image_folder
+from tests.test_cli import config_overrides, random_teacher_file
+from tests.test_fit import shrink
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_command(tmp_path: Path, teacher_file: Path, *extra: str) -> list[str]:
+    """A 3-epoch tiny distillation on digits (4 steps an epoch, one data worker, dropout on)."""
+    return [sys.executable, "-m", "distill", "fit", *shrink(tmp_path, "distill.yaml"), "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=4", "--data.num_workers=1", "--model.student.init_args.drop_path_rate=0.1",
+            "--data.mixup=0.2", f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={teacher_file}", *extra]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def final_student(folder: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (2, 12)
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("student.")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    teacher = _teacher_file(tmp)
+    done = run(fit_command(tmp, teacher))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return teacher, final_student(tmp)
+
+
+def _teacher_file(folder: Path) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = folder / "teacher.safetensors"
+    save_file(timm.create_model(TINY_TEACHER, num_classes=10).state_dict(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, uninterrupted, signal_name):
+    teacher, expected = uninterrupted
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=6",
+              f"--trainer.callbacks.signal_name={signal_name}"]
+    killed = run(fit_command(tmp_path, teacher, *killer))  # step 6 = batch 2 of epoch 1
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    if signal_name == "SIGKILL":
+        assert killed.returncode == -9
+        assert last["global_step"] == 4  # the end of epoch 0: nothing after it was saved
+    else:  # preemption: Lightning stops after the batch, the checkpoint is written mid-epoch
+        assert killed.returncode == 143, killed.stderr[-3000:]
+        assert "resume with --ckpt_path last" in killed.stderr
+        assert last["global_step"] == 6
+    assert not list((tmp_path / "ckpt").glob("*.partial"))
+
+    resumed = run(fit_command(tmp_path, teacher, "--ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = final_student(tmp_path)
+    assert weights.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not different, different[:5]
+
+
+def test_a_run_stopped_by_ctrl_c_or_sigterm_never_leaves_a_half_written_checkpoint(tmp_path, uninterrupted):
+    # the checkpoint is written beside its target and renamed: no *.partial is left, last.ckpt loads
+    teacher, _ = uninterrupted
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=5",
+              "--trainer.callbacks.signal_name=SIGINT"]
+    stopped = run(fit_command(tmp_path, teacher, *killer))
+    assert stopped.returncode != 0
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    assert not list((tmp_path / "ckpt").glob("*.partial"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line `error: ...` naming the option or file, exit 2, nothing written.
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
+    return ["fit", *config_overrides(ROOT / "configs/distill.yaml", tmp_path)[:-1], "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()],
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, TINY_TEACHER, teacher_classes)}"]
+
+
+def nothing_written(tmp_path: Path) -> bool:
+    return not (tmp_path / "ckpt").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_missing_dataset_folder(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), f"--data.dataset={tmp_path / 'nope'}"], capsys)
+    assert "data.dataset: folder" in line and "nope' does not exist" in line and "train/ and val/" in line
+    assert nothing_written(tmp_path)
+
+
+def test_empty_dataset_folder(tmp_path, capsys):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    line = run_cli_error([*distill_args(tmp_path), f"--data.dataset={tmp_path / 'empty'}"], capsys)
+    assert "empty/train' holds no class folders" in line
+    assert nothing_written(tmp_path)
+
+
+def test_a_class_folder_with_no_images(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")
+    for image in (root / "train" / "dog").iterdir():
+        image.unlink()
+    line = run_cli_error([*distill_args(tmp_path, 3), f"--data.dataset={root}", "--data.batch_size=4"], capsys)
+    assert "class folder" in line and "train/dog' holds no images" in line and ".png" in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def broken_images(root: Path) -> list[Path]:
+    truncated = root / "train" / "cat" / "0.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    not_an_image = root / "train" / "dog" / "notes.png"
+    not_an_image.write_text("this is not a picture")
+    return [truncated, not_an_image]
+
+
+def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path):
+    from distill.data import ImageDataModule
+
+    root = make_image_folder(tmp_path / "images")
+    bad = broken_images(root)
+    data = ImageDataModule(str(root), img_size=32, batch_size=4, num_workers=0, mixup=0, cutmix=0)
+    data.setup("fit")
+    with pytest.warns(UserWarning) as caught:
+        batches = list(data.train_dataloader())
+    messages = [str(w.message) for w in caught if "skipped unreadable image" in str(w.message)]
+    assert sorted(m.split("'")[1] for m in messages) == sorted(str(p) for p in bad)
+    assert "2 skipped so far" in messages[-1]
+    assert sum(len(b[1]) for b in batches) == 16  # 19 files, 2 unreadable: every batch still full (drop_last)
+
+
+def test_unreadable_image_with_bad_images_error_stops_naming_the_file(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")
+    broken_images(root)
+    # one data worker: the error crosses a process boundary and still comes out as one line
+    line = run_cli_error([*distill_args(tmp_path, 3), f"--data.dataset={root}", "--data.batch_size=4",
+                          "--data.num_workers=1", "--data.bad_images=error", "--trainer.limit_train_batches=1.0"], capsys)
+    assert "data: cannot read image '" in line and ("0.png" in line or "notes.png" in line)
+    assert "data.bad_images=skip" in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_teacher_with_the_wrong_number_of_classes(tmp_path, capsys):
+    line = run_cli_error(distill_args(tmp_path, teacher_classes=5), capsys)
+    assert "predicts 5 classes but the dataset has 10" in line
+    assert nothing_written(tmp_path)
+
+
+def test_teacher_weights_of_another_architecture_name_the_first_mismatched_keys(tmp_path, capsys):
+    other = random_teacher_file(tmp_path, "resnet10t", 10)
+    line = run_cli_error([*distill_args(tmp_path), f"--model.teacher.init_args.weights={other}"], capsys)
+    assert f"'{other}' does not fit '{TINY_TEACHER}'" in line and "keys [" in line
+    assert nothing_written(tmp_path)
+
+
+def test_teacher_file_that_is_not_weights(tmp_path, capsys):
+    bogus = tmp_path / "teacher.ckpt"
+    bogus.write_text("hello")
+    line = run_cli_error([*distill_args(tmp_path), f"--model.teacher.init_args.weights={bogus}"], capsys)
+    assert "teacher.ckpt' is not a weights file" in line and ".safetensors" in line
+
+
+def test_image_size_the_patch_size_does_not_divide(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), "--data.img_size=36"], capsys)
+    assert "image size 36 is not divisible by patch size 8" in line
+
+
+def test_unknown_timm_model_suggests_close_names(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), "--model.student.init_args.model_name=deit_tinny"], capsys)
+    assert "unknown timm model 'deit_tinny'" in line and "deit_tiny" in line
+
+
+@pytest.mark.parametrize("where", ["yaml", "command line"])
+def test_an_option_that_does_not_exist_is_named_with_a_close_match(tmp_path, capsys, where):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  lrr: 0.1\n")
+    args = ["--config", str(extra)] if where == "yaml" else ["--model.lrr=0.1"]
+    line = run_cli_error([*distill_args(tmp_path), *args], capsys)
+    assert "model.lrr" in line and "did you mean 'model.lr'?" in line
+    assert (str(extra) in line) == (where == "yaml")
+    assert nothing_written(tmp_path)
+
+
+def test_an_output_folder_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder is needed (works as root too, unlike chmod)")
+    line = run_cli_error([*distill_args(tmp_path), f"--checkpoint.dirpath={blocker / 'ckpt'}"], capsys)
+    assert f"checkpoint.dirpath: cannot write to '{blocker / 'ckpt'}'" in line
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_loss_parts(tmp_path, capsys):
+    line = run_cli_error([*distill_args(tmp_path), "--model.lr=1e30", "--model.warmup_epochs=0",
+                          "--model.warmup_lr=1e30"], capsys)
+    assert "non-finite loss at epoch 0, step 1" in line and "loss_base=nan" in line and "loss_distill=" in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # no diverged weights saved
+
+
+def test_resuming_with_a_checkpoint_of_another_student_is_refused(tmp_path, capsys):
+    cli_main(distill_args(tmp_path))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+    line = run_cli_error([*distill_args(tmp_path), "--model.student.init_args.depth=3", f"--ckpt_path={last}"], capsys)
+    assert "ckpt_path: the checkpoint is of another student (depth: 2 in the checkpoint, 3 here)" in line
+    assert last.read_bytes() == before
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("use", ["ckpt_path", "init_from", "teacher", "export"])
+def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path, capsys, use):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "student_config": {}, "payload": RunsCode(marker)}, crafted)
+    if use == "export":
+        line = run_cli_error(["export", "--ckpt", str(crafted), "--out", str(tmp_path / "export")], capsys)
+        assert not (tmp_path / "export").exists()
+    else:
+        option = {"ckpt_path": f"--ckpt_path={crafted}", "init_from": f"--model.init_from={crafted}",
+                  "teacher": f"--model.teacher.init_args.weights={crafted}"}[use]
+        line = run_cli_error([*distill_args(tmp_path), option], capsys)
+        assert nothing_written(tmp_path)
+    assert "crafted.ckpt" in line and ("not a student checkpoint" in line or "not a weights file" in line)
+    assert not marker.exists()
+
+
+def test_a_killed_export_leaves_the_previous_export_intact(tmp_path, monkeypatch):
+    from distill import export
+
+    cli_main(distill_args(tmp_path))
+    out = tmp_path / "export"
+    export.export_student(tmp_path / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died while writing TorchScript
+
+    monkeypatch.setattr(export, "_run_torchscript", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_student(tmp_path / "ckpt" / "best.ckpt", out, onnx=False, torchscript=True, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+
+
+def test_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path):
+    import signal
+    import threading
+
+    from distill.pipeline import _run_stage
+
+    stage = [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\ntime.sleep(60)"]
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the pipeline is preempted
+    assert _run_stage(stage) == 143  # the stage saw it (and, being `distill fit`, saved last.ckpt)
+    assert signal.getsignal(signal.SIGTERM) == before
