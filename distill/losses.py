@@ -21,8 +21,8 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
 
 __all__ = ["DistillationLoss", "DISTILLATION_TYPES"]
 

@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 
 __all__ = ["adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
 

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import timm
 import torch
-from torch import nn
 from timm.models.deit import VisionTransformerDistilled
+from torch import nn
 
 __all__ = ["Student", "DEIT_VARIANTS", "check_model_name"]
 
