@@ -5,7 +5,9 @@
 The folder loads with `timm.create_model('local-dir:exports/student', pretrained=True)`:
 `config.json` (architecture, model args, label names, mean/std, input size, crop) and
 `model.safetensors`. In eval mode the DeiT student returns the average of its two heads, so
-every format gives the fused, averaged logits. Each format is run on the same batch as the
+every format gives the fused, averaged logits; a backbone with a distillation head on its
+pooled features (Swin, ConvNeXt, ...) has the two heads folded into its own classifier (their
+average is one linear layer), so the folder holds a plain timm model of that architecture. Each format is run on the same batch as the
 PyTorch student and the largest absolute difference is written to `export_report.json`; the
 export fails above the tolerance. The folder is built beside the target and renamed into
 place, so a failed or killed export never leaves a half-written folder, and an existing
@@ -52,7 +54,7 @@ def export_student(
     if out.exists() and not overwrite:
         raise FileExistsError(f"export: '{out}' already exists; pass --overwrite to replace it")
     student, checkpoint = load_student(ckpt)
-    model, data = student.model, _data_config(checkpoint)
+    model, data = student.fused_model(), _data_config(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -60,7 +62,7 @@ def export_student(
         save_for_hf(model, tmp, model_config=model_config, data_config=data, safe_serialization=True)
         images = torch.randn(4, *data["input_size"], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected = model(images)
+            expected = student(images)  # the student as trained, heads averaged
         report = {"checkpoint": str(ckpt), "tolerance": tolerance, "batch": list(images.shape), "formats": {}}
         checks: dict[str, Callable[[], torch.Tensor]] = {"timm": lambda: _run_timm(tmp, images)}
         if onnx:

@@ -1,14 +1,19 @@
-"""ViT students for DeiT distillation (Touvron et al., arXiv 2012.12877).
+"""Students for DeiT distillation (Touvron et al., arXiv 2012.12877): ViTs, Swin, any timm backbone.
 
 `Student` builds any timm classifier. A DeiT-distilled architecture
 (`VisionTransformerDistilled`: a class token and a distillation token, each with its own
-head) returns both heads' logits in training and their average in eval, as timm does. Any
-other timm classifier is accepted too and then distills through its single head.
+head) returns both heads' logits in training and their average in eval, as timm does.
+A backbone without a class token (Swin, ConvNeXt, ResNet, ...) gets the same two-head
+training with `distill_head=True`: a second linear head on the pooled features, as LeViT
+does. Both heads read the same pooled vector, so their average is one linear layer: export
+folds it into the backbone's own classifier and the result is a plain timm model.
+Without either, the single head distills.
 """
 from __future__ import annotations
 
+import copy
 import difflib
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import timm
 import torch
@@ -57,10 +62,17 @@ class Student(nn.Module):
         patch_size: patch size of a ViT; None keeps the architecture's.
         embed_dim: token width of a ViT; None keeps the architecture's.
         depth: number of transformer blocks; None keeps the architecture's.
-        num_heads: attention heads per block; None keeps the architecture's.
+        num_heads: attention heads per block, or per stage for Swin (e.g. [3, 6, 12, 24]);
+            None keeps the architecture's.
+        depths: blocks per stage of a hierarchical model (Swin), e.g. [2, 2, 6, 2].
+        window_size: attention window of Swin (one for all stages, or one per stage); the
+            patch grid of every stage must be a multiple of it.
         drop_path_rate: stochastic depth rate (DeiT: 0.1).
         drop_rate: dropout before the heads (DeiT: 0).
         pretrained: load timm's pretrained weights for `model_name` (downloads; online only).
+        distill_head: for a backbone without a distillation token (Swin, ConvNeXt, ResNet...),
+            add a distillation head on the pooled features: (class, distillation) logits in
+            training, their average in eval. Ignored by DeiT architectures, which have one.
     """
 
     def __init__(
@@ -71,40 +83,62 @@ class Student(nn.Module):
         patch_size: Optional[int] = None,
         embed_dim: Optional[int] = None,
         depth: Optional[int] = None,
-        num_heads: Optional[int] = None,
+        num_heads: Optional[Union[int, list[int]]] = None,
         drop_path_rate: float = 0.1,
         drop_rate: float = 0.0,
         pretrained: bool = False,
+        depths: Optional[list[int]] = None,
+        window_size: Optional[Union[int, list[int]]] = None,
+        distill_head: bool = False,
     ) -> None:
         super().__init__()
+        num_heads, depths, window_size = _plain(num_heads), _plain(depths), _plain(window_size)
         # Plain values only: stored in checkpoints so export can rebuild the student.
         self.config = dict(
             num_classes=num_classes, img_size=img_size, model_name=model_name, patch_size=patch_size,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate,
-            drop_rate=drop_rate, pretrained=pretrained,
+            drop_rate=drop_rate, pretrained=pretrained, depths=depths, window_size=window_size,
+            distill_head=distill_head,
         )
         timm_name = DEIT_VARIANTS.get(model_name, model_name)
         check_model_name(timm_name, "student.model_name", tuple(DEIT_VARIANTS))
-        vit_args = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-        vit_args = {k: v for k, v in vit_args.items() if v is not None}
-        if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
+        arch_args = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, depths=depths,
+                         window_size=window_size)
+        arch_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in arch_args.items() if v is not None}
+        if embed_dim is not None and isinstance(num_heads, int) and embed_dim % num_heads:
             raise ValueError(f"student: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.model = _create(
             timm_name, img_size, pretrained=pretrained, num_classes=num_classes,
-            drop_path_rate=drop_path_rate, drop_rate=drop_rate, **vit_args,
+            drop_path_rate=drop_path_rate, drop_rate=drop_rate, **arch_args,
         )
         _check_patch_grid(self.model, model_name)
+        _check_windows(self.model, model_name, img_size)
         self.distilled = isinstance(self.model, VisionTransformerDistilled)
         if self.distilled:
             self.model.set_distilled_training(True)
+        self.head_dist: Optional[nn.Linear] = None
+        if distill_head and not self.distilled:
+            classifier = self.model.get_classifier()
+            if not isinstance(classifier, nn.Linear):
+                raise ValueError(f"student '{model_name}': distill_head needs a linear classifier on pooled "
+                                 f"features, this model's is a {type(classifier).__name__}")
+            self.head_dist = nn.Linear(classifier.in_features, num_classes)
+            nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
+            nn.init.zeros_(self.head_dist.bias)
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Training: (class logits, distillation logits) for DeiT; eval: their average. (B, C)"""
-        return self.model(x)
+        """Training: (class logits, distillation logits) with two heads; eval: their average. (B, C)"""
+        if self.head_dist is None:
+            return self.model(x)  # DeiT: timm returns the pair in distilled training mode, the average in eval
+        cls_logits, dist_logits = self.forward_heads(x)
+        return (cls_logits, dist_logits) if self.training else (cls_logits + dist_logits) / 2
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads' logits in train and eval; a single-head student returns its logits twice."""
+        if self.head_dist is not None:
+            pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, D)
+            return self.model.get_classifier()(pooled), self.head_dist(pooled)
         if not self.distilled:
             logits = self.model(x)
             return logits, logits
@@ -113,11 +147,53 @@ class Student(nn.Module):
         tokens = self.model.forward_features(x)  # (B, N+2, D): class token, distillation token, patches
         return self.model.head(tokens[:, 0]), self.model.head_dist(tokens[:, 1])
 
+    def fused_model(self) -> nn.Module:
+        """The timm model alone, computing the eval output (the heads' average) with its own classifier.
+
+        For a distillation head on pooled features, (W1 p + b1 + W2 p + b2) / 2 is one linear
+        layer with the averaged weights: a copy of the backbone gets it as its classifier.
+        DeiT models already average their heads in eval.
+        """
+        model = copy.deepcopy(self.model).eval()
+        if self.head_dist is not None:
+            classifier = model.get_classifier()
+            with torch.no_grad():
+                classifier.weight.copy_((classifier.weight + self.head_dist.weight) / 2)
+                classifier.bias.copy_((classifier.bias + self.head_dist.bias) / 2)
+        return model
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Tokens and position embeddings are excluded from weight decay (timm's list)."""
         inner = getattr(self.model, "no_weight_decay", lambda: set())()
         return {f"model.{name}" for name in inner}
+
+
+def _plain(value: Any) -> Any:
+    """Lists (YAML) and tuples alike as lists: checkpoint configs stay plain data."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_windows(model: nn.Module, model_name: str, img_size: Optional[int]) -> None:
+    """Swin-style models: every stage's patch grid must be a multiple of its attention window."""
+    stages = getattr(model, "layers", None)
+    info = getattr(model, "feature_info", None)
+    if img_size is None or stages is None or not info:
+        return
+    for index, (stage, stage_info) in enumerate(zip(stages, info)):
+        blocks = getattr(stage, "blocks", [])
+        window = getattr(blocks[0], "window_size", None) if len(blocks) else None
+        if window is None:
+            continue
+        window = (window, window) if isinstance(window, int) else tuple(window)
+        grid = img_size // stage_info["reduction"]
+        if grid % window[0]:
+            size = stage_info["reduction"] * window[0]
+            raise ValueError(
+                f"student '{model_name}': at image size {img_size} stage {index} has a {grid}x{grid} patch grid, "
+                f"not a multiple of its window {window[0]}; use an image size that is a multiple of {size} "
+                f"(data.img_size) or another student.window_size"
+            )
 
 
 def _check_patch_grid(model: nn.Module, model_name: str) -> None:

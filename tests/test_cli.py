@@ -13,7 +13,7 @@ from distill.module import DistillationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [ROOT / "configs" / "pipeline.yaml"]
-CONFIGS = sorted(set(ROOT.glob("configs/**/*.yaml")) - set(PIPELINES))
+CONFIGS = sorted(set(ROOT.glob("configs/*.yaml")) - set(PIPELINES))  # configs/imagenet/: tests of their own
 BIN = Path(sys.executable).parent
 
 
