@@ -27,17 +27,21 @@ from tests.test_fit import shrink
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny student distilled at 32 px on a generated 3-class folder, its teacher, and the data."""
-    tmp = tmp_path_factory.mktemp("trained")
+def train_tiny(tmp: Path, config: str = "distill.yaml", student_args: tuple[str, ...] = ()) -> Path:
+    """A teacher, then a tiny student distilled from it at 32 px, on a generated 3-class folder in `tmp`."""
     data = [f"--data.dataset={make_image_folder(tmp / 'images', per_class=16)}", "--data.batch_size=8"]
     cli_main(["fit", *shrink(tmp / "teacher", "teacher.yaml"), *data, "--trainer.limit_train_batches=1.0",
               "--trainer.max_epochs=3"])
-    cli_main(["fit", *shrink(tmp, "distill.yaml"), *data, "--trainer.limit_train_batches=1.0",
+    cli_main(["fit", *shrink(tmp, config), *student_args, *data, "--trainer.limit_train_batches=1.0",
               "--trainer.limit_val_batches=1.0", "--trainer.max_epochs=4", "--model.warmup_epochs=0.5",
               *teacher_of(tmp)])
     return tmp
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny DeiT student distilled at 32 px on a generated 3-class folder, its teacher, and the data."""
+    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 def teacher_of(trained: Path) -> list[str]:

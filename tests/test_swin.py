@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from distill.cli import cli_main, make_cli
+from distill.cli import make_cli
 from distill.export import export_student
 from distill.module import DistillationModule
 from students import Student
@@ -16,7 +16,7 @@ from students.resize import adapt_student_state
 from teachers import Teacher
 from tests.conftest import TINY_TEACHER, make_image_folder
 from tests.test_fit import shrink
-from tests.test_stages import data_of, teacher_of
+from tests.test_stages import data_of, teacher_of, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # patch 4 at 32 px: an 8x8 grid, then 4x4; window 4 divides both
@@ -76,14 +76,7 @@ def test_a_larger_window_resizes_the_relative_position_tables():
 @pytest.fixture(scope="module")
 def trained_swin(tmp_path_factory) -> Path:
     """A tiny Swin student distilled at 32 px on a generated 3-class folder (teacher trained first)."""
-    tmp = tmp_path_factory.mktemp("swin")
-    data = [f"--data.dataset={make_image_folder(tmp / 'images', per_class=16)}", "--data.batch_size=8"]
-    cli_main(["fit", *shrink(tmp / "teacher", "teacher.yaml"), *data, "--trainer.limit_train_batches=1.0",
-              "--trainer.max_epochs=3"])
-    cli_main(["fit", *shrink(tmp, "distill_swin.yaml"), *swin_args(), *data, "--trainer.limit_train_batches=1.0",
-              "--trainer.limit_val_batches=1.0", "--trainer.max_epochs=4", "--model.warmup_epochs=0.5",
-              *teacher_of(tmp)])
-    return tmp
+    return train_tiny(tmp_path_factory.mktemp("swin"), "distill_swin.yaml", tuple(swin_args()))
 
 
 def test_swin_export_is_a_plain_timm_swin_matching_the_student(trained_swin, tmp_path):
