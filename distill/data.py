@@ -72,22 +72,51 @@ class EpochSampler(DistributedSampler):
     that also passes the epoch to the dataset, so that `SeededViews` can seed each view from
     (seed, epoch, index) even inside persistent workers. `resume(epoch, samples)` skips the
     samples already trained on when a run restarts from a mid-epoch checkpoint.
+
+    `num_repeats > 1` is DeiT's repeated augmentation (its `RASampler`): each index of the
+    shuffled epoch appears `num_repeats` times in a row, so consecutive copies land on
+    consecutive ranks (each rank sees its own augmented view, `(epoch, index, repeat)`), and
+    each rank keeps `len(dataset) // num_replicas` samples, so an epoch stays one dataset
+    long. (The reference also rounds that down to a multiple of 256 images; not done here.)
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+        num_repeats: int = 1,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        if num_repeats < 1:
+            raise ValueError(f"data.repeated_aug must be 1 (off) or more, got {num_repeats}")
+        self.num_repeats = num_repeats
+        if num_repeats > 1:
+            self.num_samples = len(dataset) // num_replicas  # type: ignore[arg-type]
         self._resume_at: tuple[int, int] = (-1, 0)
 
     def resume(self, epoch: int, samples: int) -> None:
         """On the next pass over `epoch`, skip its first `samples` samples (already trained on)."""
         self._resume_at = (epoch, samples)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        epoch, indices = self.epoch, list(super().__iter__())
+    def __iter__(self) -> Iterator[tuple[int, ...]]:  # type: ignore[override]
+        epoch = self.epoch
+        if self.num_repeats == 1:
+            keys = [(epoch, index) for index in super().__iter__()]
+        else:
+            keys = self._repeated(epoch)
         if self._resume_at[0] == epoch:
-            indices = indices[self._resume_at[1]:]
+            keys = keys[self._resume_at[1]:]
         self._resume_at = (-1, 0)
-        return iter([(epoch, index) for index in indices])
+        return iter(keys)
+
+    def _repeated(self, epoch: int) -> list[tuple[int, int, int]]:
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(size))
+        keys = [(epoch, index, repeat) for index in order for repeat in range(self.num_repeats)]
+        total = -(-len(keys) // self.num_replicas) * self.num_replicas
+        keys += keys[: total - len(keys)]  # pad so that every rank gets as many
+        return keys[self.rank:total:self.num_replicas][: self.num_samples]
 
 
 class SeededViews(Dataset):
@@ -95,7 +124,8 @@ class SeededViews(Dataset):
 
     Every random draw of the transform (crop, flip, RandAugment, random erasing) comes from
     generators seeded for that sample, so the view is the same in any worker, process or
-    restart. Plain integer indices pass through unseeded.
+    restart. Item `(epoch, index, repeat)` is another view of the same image (repeated
+    augmentation). Plain integer indices pass through unseeded.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -107,9 +137,8 @@ class SeededViews(Dataset):
     def __getitem__(self, key: Any) -> Any:
         if not isinstance(key, tuple):
             return self.dataset[key]
-        epoch, index = key
-        with seeded(sample_seed(self.seed, epoch, index)):
-            return self.dataset[index]
+        with seeded(sample_seed(self.seed, *key)):  # key: (epoch, index) or (epoch, index, repeat)
+            return self.dataset[key[1]]
 
 
 class CheckedImageFolder(ImageFolder):
@@ -140,6 +169,18 @@ class CheckedImageFolder(ImageFolder):
         raise ValueError(f"data: no readable image among 100 files from '{self.samples[index][0]}' on")
 
 
+# "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.
+AUGREG_PRESETS: dict[str, tuple[Optional[tuple[int, int]], float]] = {
+    "none": (None, 0.0),
+    "light1": ((2, 0), 0.0),
+    "light2": ((2, 10), 0.2),
+    "medium1": ((2, 15), 0.2),
+    "medium2": ((2, 15), 0.5),
+    "strong1": ((2, 20), 0.5),
+    "strong2": ((2, 20), 0.8),
+}
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Images and labels for the student and teacher, with the DeiT augmentation recipe.
 
@@ -165,6 +206,11 @@ class ImageDataModule(pl.LightningDataModule):
         label_smoothing: folded into the mixed targets (linked from model.label_smoothing by the CLI).
         bad_images: what to do with an unreadable image file (truncated, not an image) in a
             folder dataset: `skip` (warn naming it, use the next image) or `error` (stop, naming it).
+        repeated_aug: repeated augmentation: each image this many times per epoch, as views
+            spread over consecutive ranks (DeiT: 3 in distributed training); 1: off.
+        augreg: an AugReg preset (none, light1, light2, medium1, medium2, strong1, strong2):
+            RandAugment `rand-n2-mM` and mixup alpha as in "How to train your ViT?", replacing
+            auto_augment, mixup, cutmix (0) and re_prob (0). null: those options as given.
     """
 
     def __init__(
@@ -189,9 +235,15 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         bad_images: Literal["skip", "error"] = "skip",
+        repeated_aug: int = 1,
+        augreg: Optional[Literal["none", "light1", "light2", "medium1", "medium2", "strong1", "strong2"]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if augreg is not None:  # the preset decides augmentation and mixup; checkpoints record the values used
+            randaugment, alpha = AUGREG_PRESETS[augreg]
+            self.hparams.update(auto_augment=f"rand-n{randaugment[0]}-m{randaugment[1]}" if randaugment else None,
+                                mixup=alpha, cutmix=0.0, re_prob=0.0)
         self.dataset, self.img_size, self.batch_size, self.num_workers = dataset, img_size, batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
         self.classes = self._find_classes()
@@ -272,7 +324,8 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed())
+        sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed(),
+                               num_repeats=self.hparams.repeated_aug)
         # a resumed run: Lightning draws the first batches before its own set_epoch, so start here
         epoch, batches_done = self._resume_at
         sampler.set_epoch(epoch)

@@ -29,31 +29,34 @@ from timm.models import save_for_hf
 from torch import nn
 
 from students import Student
-from students.resize import read_student_checkpoint, student_state
+from students.resize import EMA_PREFIX, read_student_checkpoint, student_state
 
 __all__ = ["export_student", "load_export", "load_student", "main"]
 
 TOLERANCE = 1e-4
 
 
-def load_student(ckpt: str | Path) -> tuple[Student, dict]:
-    """The student of a checkpoint of this project, in eval mode, and the checkpoint."""
+def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
+    """The student of a checkpoint of this project (its EMA weights with `ema`), in eval mode, and the checkpoint."""
     checkpoint = read_student_checkpoint(ckpt, "export --ckpt")
     config = dict(checkpoint["student_config"], pretrained=False)  # weights come from the checkpoint
     student = Student(**config)
-    student.load_state_dict(student_state(checkpoint))
+    state = student_state(checkpoint, EMA_PREFIX if ema else "student.")
+    if not state:
+        raise ValueError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
+    student.load_state_dict(state)
     return student.eval(), checkpoint
 
 
 def export_student(
     ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
-    tolerance: float = TOLERANCE,
+    tolerance: float = TOLERANCE, ema: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"export: '{out}' already exists; pass --overwrite to replace it")
-    student, checkpoint = load_student(ckpt)
+    student, checkpoint = load_student(ckpt, ema)
     model, data = student.fused_model(), _data_config(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +66,7 @@ def export_student(
         images = torch.randn(4, *data["input_size"], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = student(images)  # the student as trained, heads averaged
-        report = {"checkpoint": str(ckpt), "tolerance": tolerance, "batch": list(images.shape), "formats": {}}
+        report = {"checkpoint": str(ckpt), "weights": "ema" if ema else "student", "tolerance": tolerance, "batch": list(images.shape), "formats": {}}
         checks: dict[str, Callable[[], torch.Tensor]] = {"timm": lambda: _run_timm(tmp, images)}
         if onnx:
             checks["onnx"] = lambda: _run_onnx(model, tmp / "model.onnx", images)
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also write model.torchscript.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest accepted output difference")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
     args = parser.parse_args(argv)
-    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance)
+    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema)
     for name, result in report["formats"].items():
         print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")
     print(f"exported to {args.out} (report: {Path(args.out) / 'export_report.json'})")

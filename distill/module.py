@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -25,7 +26,7 @@ from distill.seeding import global_seed, sample_seed
 from students.resize import adapt_student_state, load_student_state
 from teachers import Teacher
 
-__all__ = ["DistillationModule"]
+__all__ = ["DistillationModule", "scaled_lr"]
 
 StudentFactory = Callable[[int, int], nn.Module]  # (num_classes, img_size) -> student
 
@@ -49,12 +50,18 @@ class DistillationModule(pl.LightningModule):
         label_smoothing: smoothing of the label loss (DeiT: 0.1).
         kl_normalization: batchmean or reference (the DeiT code's batch * classes).
         optimizer: a timm optimiser name (DeiT: adamw).
-        lr: peak learning rate (DeiT: 5e-4 x global batch / 512).
+        lr: peak learning rate; with `lr_scale_batch`, the rate for that global batch.
         weight_decay: weight decay, not applied to norms, biases, tokens and position embeddings.
         opt_eps: optimiser epsilon (DeiT: 1e-8).
         warmup_epochs: linear warmup length in epochs (fractions allowed).
         warmup_lr: learning rate at the start of warmup.
         min_lr: learning rate at the end of the cosine decay.
+        lr_scale_batch: scale `lr`, `warmup_lr` and `min_lr` at fit time by global batch / this
+            (global batch = nodes x devices x batch_size x accumulate_grad_batches; DeiT: 512);
+            null uses them as given. The scaled values are printed and logged.
+        ema_decay: keep an exponential moving average of the student's weights with this decay
+            (DeiT: 0.99996), validated beside the raw weights (`val_ema/...`) and exportable
+            (`distill export --ema`); null: no EMA.
         init_from: a checkpoint of a previous stage to start the student from (weights only;
             optimiser and schedule start fresh). Position embeddings are resampled when the
             image size changed; heads are kept when the classes match.
@@ -82,6 +89,8 @@ class DistillationModule(pl.LightningModule):
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
         init_from: Optional[str] = None,
+        lr_scale_batch: Optional[int] = None,
+        ema_decay: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher"])
@@ -93,18 +102,22 @@ class DistillationModule(pl.LightningModule):
         if teacher is not None:
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
+        self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
         self.val_metrics = self._metrics("val/")
+        self.val_ema_metrics = self._metrics("val_ema/", heads_only=True) if ema_decay else None
         self.test_metrics = self._metrics("test/")
 
-    def _metrics(self, prefix: str) -> MetricCollection:
+    def _metrics(self, prefix: str, heads_only: bool = False) -> MetricCollection:
         top5 = min(5, self.hparams.num_classes)
         metrics = {}
         for head in ("cls", "dist", ""):  # class head, distillation head, their average
             name = f"acc_{head}" if head else "acc"
             metrics[name] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
             metrics[f"{name}_top5"] = MulticlassAccuracy(self.hparams.num_classes, top_k=top5, average="micro")
-        metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-        metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+        if not heads_only:
+            metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
         return MetricCollection(metrics, prefix=prefix)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
@@ -146,8 +159,14 @@ class DistillationModule(pl.LightningModule):
                 "lower model.lr, check the data for NaNs, or resume from the last checkpoint"
             )
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.global_step)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val/")
+        if self.ema is not None:
+            self._evaluate(batch, self.val_ema_metrics, "val_ema/", self.ema.module)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test/")
@@ -156,14 +175,17 @@ class DistillationModule(pl.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(dim=-1)  # (B, C) class probabilities
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str,
+        student: Optional[nn.Module] = None,
+    ) -> None:
         images, targets = batch
-        cls_logits, dist_logits = self.student.forward_heads(images)
+        cls_logits, dist_logits = (student or self.student).forward_heads(images)
         logits = (cls_logits + dist_logits) / 2
         for name, head in (("acc_cls", cls_logits), ("acc_dist", dist_logits), ("acc", logits)):
             metrics[name].update(head, targets)
             metrics[f"{name}_top5"].update(head, targets)
-        if self.teacher is not None:
+        if self.teacher is not None and "teacher_acc" in metrics:
             teacher_logits = self.teacher(images)
             metrics["teacher_acc"].update(teacher_logits, targets)
             metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
@@ -175,19 +197,40 @@ class DistillationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        scale = self._lr_scale()
         # timm's param groups: no weight decay on 1-d params (norms, biases) and no_weight_decay()
         optimizer = create_optimizer_v2(
-            self.student, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
+            self.student, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps,
         )
         # linear warmup, then a cosine from exactly `lr` down to `min_lr` at the last step
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
         warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         scheduler = CosineLRScheduler(
-            optimizer, t_initial=total_steps - warmup_steps, lr_min=hp.min_lr, warmup_t=warmup_steps,
-            warmup_lr_init=hp.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+            optimizer, t_initial=total_steps - warmup_steps, lr_min=hp.min_lr * scale, warmup_t=warmup_steps,
+            warmup_lr_init=hp.warmup_lr * scale, warmup_prefix=True, t_in_epochs=False,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_scale(self) -> float:
+        """global batch / lr_scale_batch (1 when scaling is off); printed and logged at fit time."""
+        base = self.hparams.lr_scale_batch
+        if not base:
+            return 1.0
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
+        lr = scaled_lr(1.0, batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches, base)
+        global_batch = round(lr * base)
+        rank_zero_info(
+            f"lr scaled by the global batch: {self.hparams.lr:g} x {global_batch} / {base} = {self.hparams.lr * lr:.4g} "
+            f"(global batch = {trainer.num_nodes} nodes x {trainer.num_devices} devices x {batch_size} images x "
+            f"{trainer.accumulate_grad_batches} accumulated; min_lr and warmup_lr scaled alike)"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/lr_scaled_peak": self.hparams.lr * lr, "train/global_batch": global_batch}, step=0)
+        return lr
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
@@ -219,6 +262,11 @@ class DistillationModule(pl.LightningModule):
                 f"Teacher: {self.teacher.model_name} ({params:.1f}M params, frozen, eval mode, "
                 f"{self.teacher.num_classes} classes, not saved in checkpoints)"
             )
+
+
+def scaled_lr(lr: float, batch_size: int, devices: int, num_nodes: int, accumulate: int, base: int) -> float:
+    """DeiT's linear scaling rule: lr x (nodes x devices x batch x accumulation) / base."""
+    return lr * num_nodes * devices * batch_size * accumulate / base
 
 
 def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str) -> None:

@@ -16,9 +16,10 @@ import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
-__all__ = ["adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
+__all__ = ["EMA_PREFIX", "adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
 
 HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
+EMA_PREFIX = "ema.module."  # the student's EMA copy in a checkpoint (model.ema_decay)
 
 
 def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,6 +76,6 @@ def load_student_state(path: str | Path, option: str = "model.init_from") -> dic
     return student_state(read_student_checkpoint(path, option))
 
 
-def student_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The `student.`-prefixed weights of a checkpoint, with the prefix removed."""
-    return {k[len("student."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+def student_state(checkpoint: dict, prefix: str = "student.") -> dict[str, torch.Tensor]:
+    """The `student.`-prefixed weights of a checkpoint (or the EMA's, `ema.module.`), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
