@@ -6,6 +6,7 @@
     distill pipeline --config configs/pipeline.yaml       (distill/pipeline.py)
     distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
     distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
+    distill report runs/digits [--plot plots/]                                       (distill/report.py)
 
 Shared values are linked, never copied: the data module gives the model its number of
 classes, class names, image size and normalisation; the model gives the data module its
@@ -32,6 +33,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
 from distill.module import DistillationModule
+from distill.telemetry import DistillationTelemetry
 from students.resize import read_student_checkpoint
 
 __all__ = ["DistillCLI", "cli_main", "make_cli"]
@@ -41,7 +43,7 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
     "logger": {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default"},
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
     },
 }
 
@@ -107,6 +109,8 @@ class DistillCLI(LightningCLI):
             "checkpoint.enable_version_counter": False,
             "checkpoint.auto_insert_metric_name": False,
         })
+        # throughput, pictures, HPARAMS (distill/telemetry.py)
+        parser.add_lightning_class_args(DistillationTelemetry, "telemetry")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
@@ -242,6 +246,9 @@ def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
     """The non-Lightning command named by argv, if any."""
     if argv[:1] == ["export"]:
         from distill.export import main
+        return main
+    if argv[:1] == ["report"]:
+        from distill.report import main
         return main
     if argv[:1] == ["pipeline"]:
         from distill.pipeline import main

@@ -18,7 +18,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import DistillationLoss
@@ -115,9 +115,12 @@ class DistillationModule(pl.LightningModule):
             name = f"acc_{head}" if head else "acc"
             metrics[name] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
             metrics[f"{name}_top5"] = MulticlassAccuracy(self.hparams.num_classes, top_k=top5, average="micro")
+        metrics["head_cosine"] = MeanMetric()  # cosine similarity of the two heads' logits
+        metrics["token_cosine"] = MeanMetric()  # of the final class and distillation tokens (DeiT)
         if not heads_only:
             metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
             metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics["teacher_kl"] = MeanMetric()  # KL(teacher || student), averaged head, temperature 1
         return MetricCollection(metrics, prefix=prefix)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
@@ -163,10 +166,18 @@ class DistillationModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.update(self.student, step=self.global_step)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val/")
+    def on_validation_epoch_start(self) -> None:
+        # fresh metric states: ones made under `trainer.validate` (inference mode) cannot be
+        # updated in place later under `fit`'s no-grad validation (torchmetrics' MeanMetric)
+        for metrics in (self.val_metrics, self.val_ema_metrics):
+            if metrics is not None:
+                metrics.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self._evaluate(batch, self.val_metrics, "val/")
         if self.ema is not None:
             self._evaluate(batch, self.val_ema_metrics, "val_ema/", self.ema.module)
+        return {"logits": logits, "targets": batch[1]}  # for callbacks (the telemetry's confusion matrix)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test/")
@@ -178,22 +189,30 @@ class DistillationModule(pl.LightningModule):
     def _evaluate(
         self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str,
         student: Optional[nn.Module] = None,
-    ) -> None:
+    ) -> torch.Tensor:
         images, targets = batch
-        cls_logits, dist_logits = (student or self.student).forward_heads(images)
+        cls_logits, dist_logits, tokens = (student or self.student).forward_with_tokens(images)
         logits = (cls_logits + dist_logits) / 2
         for name, head in (("acc_cls", cls_logits), ("acc_dist", dist_logits), ("acc", logits)):
             metrics[name].update(head, targets)
             metrics[f"{name}_top5"].update(head, targets)
+        if cls_logits is not dist_logits:
+            metrics["head_cosine"].update(F.cosine_similarity(cls_logits.float(), dist_logits.float(), dim=-1))
+        if tokens is not None:
+            metrics["token_cosine"].update(F.cosine_similarity(tokens[:, 0].float(), tokens[:, 1].float(), dim=-1))
         if self.teacher is not None and "teacher_acc" in metrics:
             teacher_logits = self.teacher(images)
             metrics["teacher_acc"].update(teacher_logits, targets)
             metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
+            kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True,
+                          reduction="none").sum(-1)
+            metrics["teacher_kl"].update(kl)
         self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=False, sync_dist=True)
         # only the metrics that were updated: the teacher's are absent without a teacher
         for name, metric in metrics.items(keep_base=True):
             if metric.update_count > 0:
                 self.log(f"{prefix}{name}", metric, prog_bar=name == "acc")
+        return logits.detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from distill.export import export_student
+from distill.report import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main"]
 
@@ -130,15 +131,13 @@ def format_table(results: list[dict]) -> str:
         return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "-"
 
     header = ("stage", "res", "epochs", "acc_cls", "acc_dist", "acc", "teacher", "wall_s")
-    rows = [header]
+    rows = []
     for r in results:
         m = r.get("metrics", {})
         rows.append((r["stage"], str(r.get("img_size", "-")), str(r.get("epochs", "-")), pct(m.get("val/acc_cls")),
                      pct(m.get("val/acc_dist")), pct(m.get("val/acc")), pct(m.get("val/teacher_acc")),
                      f"{r.get('wall_time_s', 0):.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    return format_rows(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

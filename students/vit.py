@@ -136,16 +136,24 @@ class Student(nn.Module):
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads' logits in train and eval; a single-head student returns its logits twice."""
+        if self.distilled and self.training:
+            return self.model(x)  # timm returns the pair in distilled training mode
+        cls_logits, dist_logits, _ = self.forward_with_tokens(x)
+        return cls_logits, dist_logits
+
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(class logits, distillation logits, final class and distillation token embeddings (B, 2, D) or None).
+
+        The tokens exist for DeiT students only (the paper follows their cosine similarity).
+        """
         if self.head_dist is not None:
             pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (B, D)
-            return self.model.get_classifier()(pooled), self.head_dist(pooled)
+            return self.model.get_classifier()(pooled), self.head_dist(pooled), None
         if not self.distilled:
             logits = self.model(x)
-            return logits, logits
-        if self.training:
-            return self.model(x)  # timm returns the pair in distilled training mode
+            return logits, logits, None
         tokens = self.model.forward_features(x)  # (B, N+2, D): class token, distillation token, patches
-        return self.model.head(tokens[:, 0]), self.model.head_dist(tokens[:, 1])
+        return self.model.head(tokens[:, 0]), self.model.head_dist(tokens[:, 1]), tokens[:, :2]
 
     def fused_model(self) -> nn.Module:
         """The timm model alone, computing the eval output (the heads' average) with its own classifier.

@@ -1,0 +1,217 @@
+"""What a distillation user watches in TensorBoard beyond the losses and accuracies the module logs.
+
+- `train/img_per_s` (all processes together, also in the progress bar) and `train/epoch_time_s`;
+- `train/augmented_views`: the first training batch as the student and teacher see it (after
+  mixup/cutmix), once, to check the augmentation;
+- `val/confusion_matrix`: per validation epoch, rows normalised, class names on the axes;
+- `val/attention_cls`, `val/attention_dist`: where the class token and the distillation token
+  look (last block, averaged over heads) on a few fixed validation images, every N epochs (DeiT
+  students);
+- the HPARAMS tab: every hyper-parameter with `hp/best_acc`, `hp/final_acc` and friends.
+
+Lightning's `ThroughputMonitor` logs samples/s but not to the progress bar, and timm's
+`AttentionExtract` installs hooks for good and switches the model's mode; the small pieces
+below do exactly what is needed instead.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+__all__ = ["DistillationTelemetry", "attention_maps"]
+
+HP_METRICS = ("hp/best_acc", "hp/final_acc", "hp/final_acc_cls", "hp/final_acc_dist", "hp/final_teacher_agreement")
+
+
+class DistillationTelemetry(pl.Callback):
+    """Throughput, pictures and the HPARAMS tab for a distillation run (TensorBoard).
+
+    Args:
+        attention_every_n_epochs: log attention maps every this many epochs (0: never).
+        attention_images: how many fixed validation images the attention maps are drawn on.
+        augmented_images: how many images of the first training batch to show (0: none).
+        confusion_matrix: log a confusion matrix after each validation.
+    """
+
+    def __init__(self, attention_every_n_epochs: int = 5, attention_images: int = 8, augmented_images: int = 32,
+                 confusion_matrix: bool = True) -> None:
+        self.attention_every_n_epochs = attention_every_n_epochs
+        self.attention_images = attention_images
+        self.augmented_images = augmented_images
+        self.confusion_matrix = confusion_matrix
+        self._matrix: Optional[MulticlassConfusionMatrix] = None
+        self._step_start = self._epoch_start = 0.0
+
+    # ------------------------------------------------------------------ throughput
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+        if trainer.global_step == 0 and batch_idx == 0 and self.augmented_images:
+            self._log_augmented(trainer, pl_module, batch[0])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_start
+        images = batch[0].shape[0] * trainer.world_size
+        pl_module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("train/epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ pictures
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.confusion_matrix and not trainer.sanity_checking:
+            self._matrix = MulticlassConfusionMatrix(pl_module.hparams.num_classes, normalize="true").to(pl_module.device)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._matrix is not None and isinstance(outputs, dict):
+            self._matrix.update(outputs["logits"], outputs["targets"])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._matrix is not None:
+            matrix = self._matrix.compute().cpu()  # synchronised over ranks
+            self._matrix = None
+            writer = _writer(trainer)
+            if writer is not None:
+                figure = _confusion_figure(matrix, pl_module.hparams.class_names)
+                writer.add_figure("val/confusion_matrix", figure, trainer.global_step)
+        every = self.attention_every_n_epochs
+        if every and trainer.current_epoch % every == 0 and _writer(trainer) is not None:
+            self._log_attention(trainer, pl_module)
+
+    def _log_augmented(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: torch.Tensor) -> None:
+        writer = _writer(trainer)
+        if writer is None:
+            return
+        shown = _enlarge(_denormalize(images[: self.augmented_images].float().cpu(), pl_module))
+        writer.add_image("train/augmented_views", make_grid(shown, nrow=8, padding=2), 0)
+
+    def _log_attention(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        student = pl_module.student
+        val_set = getattr(trainer.datamodule, "val_set", None)
+        if not getattr(student, "distilled", False) or val_set is None or not len(val_set):
+            return
+        count = min(self.attention_images, len(val_set))
+        images = torch.stack([val_set[i][0] for i in range(count)]).to(pl_module.device)
+        maps = attention_maps(student, images)  # (B, 2, h, w), each map sums to 1
+        shown = _enlarge(_denormalize(images.float().cpu(), pl_module))
+        writer = _writer(trainer)
+        for token, name in ((0, "cls"), (1, "dist")):  # red: where the token looks most, blue: least
+            heat = maps[:, token : token + 1].cpu()
+            heat = F.interpolate(heat / heat.amax(dim=(-2, -1), keepdim=True), size=shown.shape[-2:], mode="nearest")
+            overlay = 0.45 * shown + 0.55 * torch.cat([heat, torch.zeros_like(heat), 1 - heat], dim=1)
+            writer.add_image(f"val/attention_{name}", make_grid(overlay.clamp(0, 1), nrow=count, padding=2),
+                             trainer.global_step)
+
+    # ------------------------------------------------------------------ HPARAMS
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                # the hparams session declares these metrics; their values are logged at the end
+                logger.log_hyperparams(_flat(pl_module.hparams), {name: 0.0 for name in HP_METRICS})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        values = {
+            "hp/best_acc": best, "hp/final_acc": metrics.get("val/acc"), "hp/final_acc_cls": metrics.get("val/acc_cls"),
+            "hp/final_acc_dist": metrics.get("val/acc_dist"),
+            "hp/final_teacher_agreement": metrics.get("val/teacher_agreement"),
+        }
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+
+def attention_maps(student: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w): the class and distillation tokens' attention over the patch grid, in the last
+    block, averaged over heads and renormalised to sum to 1 over the patches."""
+    model = getattr(student, "model", student)
+    attention = model.blocks[-1].attn
+    captured: list[torch.Tensor] = []
+    handle = attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    fused, attention.fused_attn = attention.fused_attn, False  # the fused kernel never forms the weights
+    was_training = student.training
+    try:
+        student.eval()
+        with torch.no_grad():
+            model.forward_features(images)
+    finally:
+        attention.fused_attn = fused
+        handle.remove()
+        student.train(was_training)
+    weights = captured[-1].float().mean(dim=1)  # (B, N, N), softmax rows
+    prefix = model.num_prefix_tokens
+    grid = model.patch_embed.grid_size
+    maps = weights[:, :2, prefix:]  # the two tokens' rows, patch columns
+    maps = maps / maps.sum(dim=-1, keepdim=True)
+    return maps.reshape(images.shape[0], 2, *grid)
+
+
+def _writer(trainer: pl.Trainer) -> Any:
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _denormalize(images: torch.Tensor, pl_module: pl.LightningModule) -> torch.Tensor:
+    mean = torch.tensor(pl_module.hparams.input_mean).view(1, 3, 1, 1)
+    std = torch.tensor(pl_module.hparams.input_std).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def _enlarge(images: torch.Tensor, at_least: int = 96) -> torch.Tensor:
+    """Small images (digits are 32 px) scaled up so that a grid of them can be read."""
+    factor = -(-at_least // images.shape[-1])
+    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
+def _confusion_figure(matrix: torch.Tensor, class_names: Optional[list[str]]) -> plt.Figure:
+    count = matrix.shape[0]
+    names = list(class_names or range(count))
+    size = min(2 + 0.35 * count, 30)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if count <= 50:
+        axes.set_xticks(range(count), names, rotation=90)
+        axes.set_yticks(range(count), names)
+    if count <= 20:
+        for (row, col), value in zip(torch.cartesian_prod(torch.arange(count), torch.arange(count)).tolist(),
+                                     matrix.flatten().tolist()):
+            if value >= 0.005:
+                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if value > 0.5 else "black")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    figure.tight_layout()
+    return figure
+
+
+def _flat(hparams: Any) -> dict[str, Any]:
+    """Hyper-parameters TensorBoard can show: numbers, strings and booleans; lists as text."""
+    flat = {}
+    for key, value in dict(hparams).items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            flat[key] = "null" if value is None else value
+        elif isinstance(value, (list, tuple)) and len(value) <= 8:
+            flat[key] = str(list(value))
+    return flat
