@@ -23,7 +23,7 @@ EVENTS = "events.out.tfevents.*"
 
 
 def read_runs(root: str | Path) -> dict[str, dict[str, list[tuple[float, int, float]]]]:
-    """{label: {tag: [(wall_time, step, value), ...]}} for every folder below `root` with event files."""
+    """{label: {tag: [(wall_time, step, value), ...]}} for every folder below `root` with event files, oldest first."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"report: '{root}' is not a folder")
@@ -37,7 +37,10 @@ def read_runs(root: str | Path) -> dict[str, dict[str, list[tuple[float, int, fl
         label = str(folder.relative_to(root)) if folder != root else folder.name
         runs[label] = {tag: [(e.wall_time, e.step, e.value) for e in events.Scalars(tag)]
                        for tag in events.Tags()["scalars"]}
-    return runs
+    # in the order the runs were made (a pipeline's stages in their order), then by name
+    started = {label: min((t for series in scalars.values() for t, _, _ in series), default=0.0)
+               for label, scalars in runs.items()}
+    return dict(sorted(runs.items(), key=lambda item: (started[item[0]], item[0])))
 
 
 def summarize(scalars: dict[str, list[tuple[float, int, float]]]) -> dict[str, Any]:
