@@ -102,6 +102,7 @@ class DistillationModule(pl.LightningModule):
         if teacher is not None:
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self._fast_path_logged = False
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
         self.val_metrics = self._metrics("val/")
@@ -146,6 +147,11 @@ class DistillationModule(pl.LightningModule):
         cls_logits, dist_logits = self.student.forward_heads(images)
         parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
         self._check_finite(parts, batch_idx)
+        if teacher_logits is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
+            self._fast_path_logged = True
+            rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
+                           f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
+            self.log("train/teacher_fast_agreement", self.teacher.fast_agreement, on_step=True, on_epoch=False)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return parts["loss"]

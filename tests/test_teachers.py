@@ -20,7 +20,7 @@ def test_teacher_stays_in_eval_mode_without_gradients_through_train_calls(teache
 
 
 def test_teacher_reads_its_class_count_and_weights_from_a_safetensors_file(teacher_file):
-    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file))
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="32", channels_last=False)
     reference = timm.create_model(TINY_TEACHER, num_classes=10)
     from safetensors.torch import load_file
     reference.load_state_dict(load_file(str(teacher_file)))
@@ -50,7 +50,8 @@ def test_teacher_loads_this_projects_checkpoint_with_its_normalisation(tmp_path,
 
 
 def test_teacher_renormalises_when_the_student_data_uses_another_normalisation(teacher_file):
-    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                      precision="32", channels_last=False)
     raw = torch.rand(2, 3, 32, 32)  # pixels in [0, 1]
     student_mean, student_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     as_student = (raw - torch.tensor(student_mean).view(1, 3, 1, 1)) / torch.tensor(student_std).view(1, 3, 1, 1)
@@ -124,3 +125,36 @@ def test_teacher_loads_a_timm_local_dir_folder(tmp_path):
     assert torch.equal(teacher.model.fc.weight, model.fc.weight)
     with pytest.raises(ValueError, match="holds a 'test_resnet', not the teacher.model_name 'resnet18'"):
         Teacher("resnet18", weights=str(tmp_path / "folder"))
+
+
+def test_the_fast_path_runs_bf16_weights_and_records_its_agreement_with_fp32(teacher_file):
+    reference = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="32", channels_last=False)
+    fast = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="bf16")
+    images = torch.randn(64, 3, 32, 32)
+    expected, logits = reference(images), fast(images)
+    assert logits.dtype == torch.float32 and not logits.requires_grad and not logits.is_inference()
+    assert next(fast.model.parameters()).dtype == torch.bfloat16 and not fast.training
+    assert fast.fast_agreement is not None and fast.fast_agreement >= 0.99
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+    assert torch.allclose(logits, expected, atol=0.1, rtol=0.05)
+
+
+def test_the_fast_path_falls_back_to_fp32_when_it_would_change_the_teachers_labels(teacher_file):
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="bf16", channels_last=False)
+    with torch.no_grad():  # logits 1.0000, 1.0001, ...: distinct in fp32, all equal in bf16
+        teacher.model.fc.weight.zero_()
+        teacher.model.fc.bias.copy_(1 + 1e-4 * torch.arange(10))
+    exact = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    with pytest.warns(UserWarning, match="stays in fp32"):
+        logits = teacher(torch.randn(8, 3, 32, 32))
+    assert teacher.fast_agreement == 0.0 and teacher.fast_dtype is None
+    assert (logits.argmax(-1) == 9).all()
+    assert all(torch.equal(v, exact[k]) for k, v in teacher.model.state_dict().items())  # fp32 weights restored
+
+
+@pytest.mark.parametrize("precision, expected", [("32", None), ("bf16", torch.bfloat16), ("16", torch.float16)])
+def test_teacher_precision_choices(precision, expected):
+    from teachers.teacher import _fast_dtype
+    assert _fast_dtype(precision, torch.device("cpu")) == expected
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert _fast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
