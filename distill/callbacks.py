@@ -39,11 +39,33 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
-        if stopped and self.save_last and not trainer.sanity_checking and trainer.state.fn == "fit":
-            if self._last_global_step_saved != trainer.global_step:
+        if not (stopped and self.save_last and not trainer.sanity_checking and trainer.state.fn == "fit"):
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done % trainer.accumulate_grad_batches and done < trainer.num_training_batches:
+            # the accumulated gradients are not in a checkpoint: resume from the previous save instead
+            rank_zero_info(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
+                           f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            if trainer.world_size > 1:
+                self._save_on_rank_zero(trainer)  # the other ranks may be a batch behind: no collective
+            else:
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            rank_zero_info(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
-                           f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+        rank_zero_info(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
+                       f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+
+    def _save_on_rank_zero(self, trainer: pl.Trainer) -> None:
+        """last.ckpt written by rank 0 alone: under DDP a stop signal reaches the ranks at different
+        batches, so the barrier of `trainer.save_checkpoint` would wait forever."""
+        path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = path
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        if trainer.is_global_zero:
+            partial = f"{path}.partial"
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, partial)
+            _replace_durably(partial, path)
+        self._last_global_step_saved = trainer.global_step
 
     def _save_last_if_skipped(self, trainer: pl.Trainer) -> None:
         # skipped by the parent when nothing else was saved at this step (and during sanity checks)
@@ -56,5 +78,13 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         partial = f"{filepath}.partial"
         super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
         if trainer.is_global_zero:
-            os.replace(partial, filepath)  # atomic: the previous file stays whole until this instant
+            _replace_durably(partial, filepath)
         self._last_checkpoint_saved = filepath
+        trainer.strategy.barrier("BestAndLastCheckpoint")  # no rank reads the file before it is in place
+
+
+def _replace_durably(partial: str, path: str) -> None:
+    """Flush `partial` to disk, then rename it over `path` (atomic: the old file stays whole until then)."""
+    with open(partial, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)

@@ -135,9 +135,8 @@ class DistillCLI(LightningCLI):
         metrics_json = self.config[self.subcommand].get("metrics_json")
         if metrics_json:
             outputs["metrics_json"] = str(Path(metrics_json).parent)
-        if self.trainer.is_global_zero:
-            for option, folder in outputs.items():
-                _check_writable(option, folder)
+        for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
+            _check_writable(option, folder)
 
     def _parse_ckpt_path(self) -> None:
         """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
@@ -201,7 +200,7 @@ def _user_error(err: BaseException) -> Optional[BaseException]:
             if _raised_here(err):
                 return err
             found = err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__  # explicit `raise ... from`: not an error met while handling another
     return found
 
 

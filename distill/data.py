@@ -338,7 +338,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """Where training continues from (saved in checkpoints): epoch, and batches of it already done."""
-        if self.trainer is None or not self.trainer.training:
+        if self.trainer is None or self.trainer.state.fn != "fit":  # validation within fit too
             return {}
         epoch, batches_done = _resume_position(self.trainer)
         return {"epoch": epoch, "batches_done": batches_done}

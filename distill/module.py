@@ -103,6 +103,7 @@ class DistillationModule(pl.LightningModule):
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self._fast_path_logged = False
+        self._ema_step = -1
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
         self.val_metrics = self._metrics("val/")
@@ -169,7 +170,8 @@ class DistillationModule(pl.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimiser step
+            self._ema_step = self.global_step
             self.ema.update(self.student, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:

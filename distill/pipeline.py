@@ -90,7 +90,7 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
             resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
             code = _run_stage(command)
-            if code == 143:
+            if code in (143, -signal.SIGTERM):  # stopped by Lightning's handler, or before it was installed
                 print(f"[pipeline] {stage['name']}: stopped by SIGTERM, its last.ckpt saved; "
                       "re-run the same command to resume it", file=sys.stderr, flush=True)
                 raise SystemExit(143)
@@ -114,12 +114,24 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
 
 def _run_stage(command: list[str]) -> int:
     """Run one stage; a SIGTERM sent to the pipeline goes to the stage, which saves and exits."""
-    process = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    started: list[subprocess.Popen] = []
+    stop_requested = []
+
+    def forward(signum: int, frame: object) -> None:
+        stop_requested.append(signum)
+        for process in started:
+            process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # installed first: no window before the stage exists
     try:
+        process = subprocess.Popen(command)
+        started.append(process)
+        if stop_requested:
+            process.send_signal(signal.SIGTERM)
         return process.wait()
     except KeyboardInterrupt:  # Ctrl+C reached the stage too: let it save its checkpoint
-        process.wait()
+        for process in started:
+            process.wait()
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,17 +1,21 @@
 """A callback that signals its own process at a chosen training step: crashes and preemptions, for real."""
 import os
 import signal
+from typing import Optional
 
 import pytorch_lightning as pl
 
 
 class SignalAtStep(pl.Callback):
-    """Sends `signal_name` (SIGKILL, SIGTERM, ...) to this process after the optimiser step `step`."""
+    """Sends `signal_name` (SIGKILL, SIGTERM, ...) to this process after the optimiser step `step`
+    (on every rank, or only on rank `rank`)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
-        self.step, self.signal_name = step, signal_name
+    def __init__(self, step: int, signal_name: str = "SIGKILL", rank: Optional[int] = None) -> None:
+        self.step, self.signal_name, self.rank = step, signal_name, rank
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signal_name))

@@ -44,3 +44,24 @@ def test_a_two_process_ddp_fit_logs_the_accuracy_its_best_checkpoint_has_in_one_
     assert single.trainer.world_size == 1
     assert single.trainer.callback_metrics["val/acc"].item() == logged  # synchronised over all 360 images
     assert "val_ema/acc" in single.trainer.callback_metrics
+
+
+def test_sigterm_to_rank_zero_of_a_ddp_run_saves_and_exits_and_the_run_resumes(tmp_path, teacher_file):
+    # what a scheduler or `distill pipeline` does: one process gets SIGTERM, Lightning tells the others
+    common = [*shrink(tmp_path, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+              f"--model.teacher.init_args.weights={teacher_file}", "--trainer.strategy=ddp",
+              "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_epochs=2",
+              "--trainer.limit_train_batches=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=2",
+              "--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.rank=0"]
+    stopped = subprocess.run([sys.executable, "-m", "distill", "fit", *common, *killer], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)  # a hang would time out here
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] in (2, 3)  # rank 0 stopped after its step 2, or one step later
+    assert not list((tmp_path / "ckpt").glob("*.partial"))
+    resumed = subprocess.run([sys.executable, "-m", "distill", "fit", *common, "--ckpt_path=last"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8

@@ -53,23 +53,29 @@ def _teacher_file(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path, uninterrupted, signal_name):
+@pytest.mark.parametrize("signal_name, extra, saved_at", [
+    ("SIGKILL", [], 4),  # the end of epoch 0: nothing after it was saved
+    ("SIGTERM", [], 6),  # preemption: Lightning stops after the batch, the checkpoint is written mid-epoch
+    ("SIGKILL", ["--trainer.val_check_interval=0.5"], 6),  # the last save was a mid-epoch validation's
+], ids=["sigkill", "sigterm", "sigkill-after-mid-epoch-validation"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_run(
+        tmp_path, uninterrupted, signal_name, extra, saved_at):
     teacher, expected = uninterrupted
-    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=6",
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=7",
+              f"--trainer.callbacks.signal_name={signal_name}"] if extra else [
+              "--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=6",
               f"--trainer.callbacks.signal_name={signal_name}"]
-    killed = run(fit_command(tmp_path, teacher, *killer))  # step 6 = batch 2 of epoch 1
+    killed = run(fit_command(tmp_path, teacher, *extra, *killer))  # step 6/7 = batch 2/3 of epoch 1
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     if signal_name == "SIGKILL":
         assert killed.returncode == -9
-        assert last["global_step"] == 4  # the end of epoch 0: nothing after it was saved
-    else:  # preemption: Lightning stops after the batch, the checkpoint is written mid-epoch
+    else:
         assert killed.returncode == 143, killed.stderr[-3000:]
         assert "resume with --ckpt_path last" in killed.stderr
-        assert last["global_step"] == 6
+    assert last["global_step"] == saved_at
     assert not list((tmp_path / "ckpt").glob("*.partial"))
 
-    resumed = run(fit_command(tmp_path, teacher, "--ckpt_path=last"))
+    resumed = run(fit_command(tmp_path, teacher, *extra, "--ckpt_path=last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     weights = final_student(tmp_path)
     assert weights.keys() == expected.keys()
