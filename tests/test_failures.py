@@ -83,6 +83,29 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_as_an_uninterrupted_
     assert not different, different[:5]
 
 
+def test_sigterm_inside_a_gradient_accumulation_window_keeps_the_previous_checkpoint_and_resumes_exactly(
+        tmp_path, uninterrupted):
+    teacher, _ = uninterrupted
+    accumulate = ["--trainer.accumulate_grad_batches=2"]
+    reference = run(fit_command(tmp_path / "reference", teacher, *accumulate))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = torch.load(tmp_path / "reference" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    # epoch 1, batch 0: the first half of a window (its gradient is not in any checkpoint)
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=2",
+              "--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.batch=0"]
+    stopped = run(fit_command(tmp_path, teacher, *accumulate, *killer))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "inside a gradient-accumulation window" in stopped.stderr
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    resumed = run(fit_command(tmp_path, teacher, *accumulate, "--ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert weights["global_step"] == expected["global_step"] == 6
+    different = [k for k, v in expected["state_dict"].items() if k.startswith("student.")
+                 and not torch.equal(weights["state_dict"][k], v)]
+    assert not different, different[:5]
+
+
 def test_a_run_stopped_by_ctrl_c_or_sigterm_never_leaves_a_half_written_checkpoint(tmp_path, uninterrupted):
     # the checkpoint is written beside its target and renamed: no *.partial is left, last.ckpt loads
     teacher, _ = uninterrupted
