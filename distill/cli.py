@@ -7,6 +7,7 @@
     distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
     distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
     distill report runs/digits [--plot plots/]                                       (distill/report.py)
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache (distill/cache.py)
 
 Shared values are linked, never copied: the data module gives the model its number of
 classes, class names, image size and normalisation; the model gives the data module its
@@ -117,6 +118,7 @@ class DistillCLI(LightningCLI):
         parser.link_arguments("data.mean", "model.input_mean")
         parser.link_arguments("data.std", "model.input_std")
         parser.link_arguments("model.label_smoothing", "data.label_smoothing")
+        parser.link_arguments("data.teacher_cache", "model.teacher_cache")
         parser.add_argument(
             "--metrics_json", type=Optional[str], default=None,
             help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
@@ -245,6 +247,9 @@ def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
     """The non-Lightning command named by argv, if any."""
     if argv[:1] == ["export"]:
         from distill.export import main
+        return main
+    if argv[:1] == ["cache-teacher"]:
+        from distill.cache import main
         return main
     if argv[:1] == ["report"]:
         from distill.report import main

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.mixup import cutmix_bbox_and_lam
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
@@ -66,7 +67,7 @@ class DigitsDataset(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """Shuffles by (seed, epoch), gives each rank its share, and yields `(epoch, index)` pairs.
+    """Shuffles by (seed, epoch), gives each rank its share, and yields `(epoch, index)` keys.
 
     A `DistributedSampler` (Lightning leaves those in place under DDP and calls `set_epoch`)
     that also passes the epoch to the dataset, so that `SeededViews` can seed each view from
@@ -78,45 +79,54 @@ class EpochSampler(DistributedSampler):
     consecutive ranks (each rank sees its own augmented view, `(epoch, index, repeat)`), and
     each rank keeps `len(dataset) // num_replicas` samples, so an epoch stays one dataset
     long. (The reference also rounds that down to a multiple of 256 images; not done here.)
+
+    `pairs=True` (mixup/cutmix on): the shuffled epoch is cut into fixed pairs (TinyViT's
+    fixed mixing partners) and a pair is never split between ranks or batches (batches are
+    even), so a mixed image depends on (seed, epoch, pair) only, not on the batch size or the
+    number of processes. That is what lets a teacher cache replay it exactly.
     """
 
     def __init__(
         self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-        num_repeats: int = 1,
+        num_repeats: int = 1, pairs: bool = False,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         if num_repeats < 1:
             raise ValueError(f"data.repeated_aug must be 1 (off) or more, got {num_repeats}")
-        self.num_repeats = num_repeats
-        if num_repeats > 1:
-            self.num_samples = len(dataset) // num_replicas  # type: ignore[arg-type]
+        self.num_repeats, self.width = num_repeats, 2 if pairs else 1
+        units = len(dataset) // self.width * num_repeats  # type: ignore[arg-type]
+        if num_repeats > 1:  # an epoch stays one dataset long
+            self.num_samples = len(dataset) // num_replicas // self.width * self.width  # type: ignore[arg-type]
+        else:  # every unit, padded so that each rank gets as many
+            self.num_samples = -(-units // num_replicas) * self.width
         self._resume_at: tuple[int, int] = (-1, 0)
 
     def resume(self, epoch: int, samples: int) -> None:
         """On the next pass over `epoch`, skip its first `samples` samples (already trained on)."""
         self._resume_at = (epoch, samples)
 
+    def units(self, epoch: int) -> list[tuple[int, ...]]:
+        """The epoch's units in order: one key, or the two keys of a mixing pair."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:  # DistributedSampler's own order: randperm seeded by seed + epoch
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(size))
+        groups = [order[i:i + self.width] for i in range(0, size - size % self.width, self.width)]
+        if self.num_repeats == 1:
+            return [tuple((epoch, index) for index in group) for group in groups]
+        return [tuple((epoch, index, repeat) for index in group) for group in groups for repeat in range(self.num_repeats)]
+
     def __iter__(self) -> Iterator[tuple[int, ...]]:  # type: ignore[override]
         epoch = self.epoch
-        if self.num_repeats == 1:
-            keys = [(epoch, index) for index in super().__iter__()]
-        else:
-            keys = self._repeated(epoch)
+        units = self.units(epoch)
+        total = -(-len(units) // self.num_replicas) * self.num_replicas
+        units += units[: total - len(units)]  # pad so that every rank gets as many
+        keys = [key for unit in units[self.rank:total:self.num_replicas] for key in unit][: self.num_samples]
         if self._resume_at[0] == epoch:
             keys = keys[self._resume_at[1]:]
         self._resume_at = (-1, 0)
         return iter(keys)
-
-    def _repeated(self, epoch: int) -> list[tuple[int, int, int]]:
-        size = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        else:
-            order = list(range(size))
-        keys = [(epoch, index, repeat) for index in order for repeat in range(self.num_repeats)]
-        total = -(-len(keys) // self.num_replicas) * self.num_replicas
-        keys += keys[: total - len(keys)]  # pad so that every rank gets as many
-        return keys[self.rank:total:self.num_replicas][: self.num_samples]
 
 
 class SeededViews(Dataset):
@@ -125,11 +135,14 @@ class SeededViews(Dataset):
     Every random draw of the transform (crop, flip, RandAugment, random erasing) comes from
     generators seeded for that sample, so the view is the same in any worker, process or
     restart. Item `(epoch, index, repeat)` is another view of the same image (repeated
-    augmentation). Plain integer indices pass through unseeded.
+    augmentation). An item is `(image, target, extras)`: extras holds the `key` tensor
+    (epoch, index, repeat) that mixup and the teacher cache use, and with a `cache`, the
+    teacher's cached top-k for that view (`teacher_index`, `teacher_prob`, `checksum`).
+    Plain integer indices pass through unseeded.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, cache: Optional[Any] = None) -> None:
+        self.dataset, self.seed, self.cache = dataset, seed, cache
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -138,7 +151,57 @@ class SeededViews(Dataset):
         if not isinstance(key, tuple):
             return self.dataset[key]
         with seeded(sample_seed(self.seed, *key)):  # key: (epoch, index) or (epoch, index, repeat)
-            return self.dataset[key[1]]
+            image, target = self.dataset[key[1]]
+        full_key = (*key, 0) if len(key) == 2 else key
+        extras = {"key": torch.tensor(full_key, dtype=torch.int64)}
+        if self.cache is not None:
+            extras.update(self.cache.entry(*full_key))
+        return image, target, extras
+
+
+def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Per-sample mixup/cutmix parameters (B, 6: lam, cutmix, y0, y1, x0, x1) of a batch of pairs.
+
+    Rows 2j and 2j+1 are a fixed pair (`EpochSampler(pairs=True)`); the pair's draws come from
+    timm's `Mixup` (its distributions and options) under a seed of (seed, the pair's keys).
+    """
+    rows = keys.tolist()
+    params = torch.zeros(len(rows), 6, dtype=torch.float64)
+    for j in range(0, len(rows) - 1, 2):
+        (epoch, first, repeat), second = rows[j], rows[j + 1][1]
+        with seeded(sample_seed(seed, epoch, first, second, repeat, 3)):
+            lam, use_cutmix = mixup._params_per_batch()
+            box = (0, 0, 0, 0)
+            if use_cutmix and lam != 1.0:
+                box, lam = cutmix_bbox_and_lam(image_shape, lam, ratio_minmax=mixup.cutmix_minmax,
+                                               correct_lam=mixup.correct_lam)
+        params[j:j + 2] = torch.tensor([lam, float(use_cutmix), *box], dtype=torch.float64)
+    return params
+
+
+def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tensor, mixup: Mixup
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image with its pair partner (rows 2j <-> 2j+1) as `params` say; soft targets (B, C).
+
+    timm's own blend (`x * lam + partner * (1 - lam)`; cutmix pastes the partner's box), done
+    per pair in one vectorised pass; targets are timm's smoothed one-hot, mixed by lam.
+    """
+    batch, _, height, width = images.shape
+    partner = torch.arange(batch, device=images.device) ^ 1  # 0<->1, 2<->3, ...
+    params = params.to(images.device)
+    lam = params[:, 0].view(-1, 1, 1, 1).to(images.dtype)
+    rows = torch.arange(height, device=images.device).view(1, height, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, width)
+    y0, y1, x0, x1 = (params[:, i].view(-1, 1, 1) for i in range(2, 6))
+    in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (B, H, W)
+    cutmix = params[:, 1].view(-1, 1, 1, 1) > 0
+    weight = torch.where(cutmix, (~in_box).unsqueeze(1).to(images.dtype), lam)  # of the image itself
+    mixed = images * weight + images[partner] * (1 - weight)
+    off = mixup.label_smoothing / mixup.num_classes
+    one_hot = torch.full((batch, mixup.num_classes), off, device=images.device)
+    one_hot.scatter_(1, targets.view(-1, 1), 1.0 - mixup.label_smoothing + off)
+    lam_t = params[:, 0].view(-1, 1).to(one_hot.dtype)
+    return mixed, one_hot * lam_t + one_hot[partner] * (1 - lam_t)
 
 
 class CheckedImageFolder(ImageFolder):
@@ -211,6 +274,10 @@ class ImageDataModule(pl.LightningDataModule):
         augreg: an AugReg preset (none, light1, light2, medium1, medium2, strong1, strong2):
             RandAugment `rand-n2-mM` and mixup alpha as in "How to train your ViT?", replacing
             auto_augment, mixup, cutmix (0) and re_prob (0). null: those options as given.
+        teacher_cache: a teacher-output cache folder written by `distill cache-teacher` for this
+            data, seed and transform: training reads the teacher's top-k for each replayed view
+            from it and runs no teacher (set model.teacher: null, or keep it to verify the
+            cache with model.teacher_cache_verify). A cache of other data is refused.
     """
 
     def __init__(
@@ -237,6 +304,7 @@ class ImageDataModule(pl.LightningDataModule):
         bad_images: Literal["skip", "error"] = "skip",
         repeated_aug: int = 1,
         augreg: Optional[Literal["none", "light1", "light2", "medium1", "medium2", "strong1", "strong2"]] = None,
+        teacher_cache: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -250,6 +318,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.mixup_fn = self._make_mixup()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self.teacher_cache = teacher_cache
+        self.cache: Optional[Any] = None  # the opened TeacherCache (distill/cache.py)
         self._resume_at: tuple[int, int] = (0, 0)  # (epoch, batches of it done), from a checkpoint
 
     @property
@@ -305,7 +375,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_set is None:
-            self.train_set = SeededViews(self._dataset("train", self.train_transform()), global_seed())
+            train = self._dataset("train", self.train_transform())
+            if self.teacher_cache:
+                from distill.cache import TeacherCache
+                self.cache = TeacherCache.open(self.teacher_cache, self.cache_fingerprint(len(train)), self._epochs())
+            self.train_set = SeededViews(train, global_seed(), self.cache)
         if self.val_set is None:
             self.val_set = self._dataset("val", self.eval_transform())
 
@@ -324,8 +398,7 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed(),
-                               num_repeats=self.hparams.repeated_aug)
+        sampler = self.train_sampler(world, rank)
         # a resumed run: Lightning draws the first batches before its own set_epoch, so start here
         epoch, batches_done = self._resume_at
         sampler.set_epoch(epoch)
@@ -335,6 +408,23 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def train_sampler(self, world: int = 1, rank: int = 0) -> EpochSampler:
+        """The training order: shuffled by (seed, epoch), split over ranks, fixed pairs when mixing."""
+        return EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed(),
+                            num_repeats=self.hparams.repeated_aug, pairs=self.mixup_fn is not None)
+
+    def cache_fingerprint(self, train_size: int) -> dict[str, Any]:
+        """What the training views depend on: a teacher cache is valid only for the same values."""
+        hp = self.hparams
+        dataset = self.dataset if self.dataset == DIGITS else str(Path(self.dataset).resolve())
+        mixing = {k: hp[k] for k in ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob")} if self.mixup_fn else None
+        return {"dataset": dataset, "train_images": train_size, "classes": self.class_names, "seed": global_seed(),
+                "transform": repr(self.train_transform()), "mixing": mixing, "repeated_aug": hp.repeated_aug}
+
+    def _epochs(self) -> Optional[int]:
+        trainer = self.trainer
+        return trainer.max_epochs if trainer is not None and trainer.max_epochs not in (None, -1) else None
 
     def state_dict(self) -> dict[str, int]:
         """Where training continues from (saved in checkpoints): epoch, and batches of it already done."""
@@ -360,14 +450,19 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches (they carry extras): draw each pair's mixup/cutmix parameters, on the CPU."""
+        if self.mixup_fn is not None and len(batch) == 3:
+            images, targets, extras = batch
+            extras["mixing"] = mixing_params(extras["key"], self.mixup_fn, tuple(images.shape), global_seed())
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Mixup/cutmix once per training batch, on the device: targets become (B, C) soft labels."""
-        if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
-            images, targets = batch
-            # seeded by (seed, epoch, batch, rank): the same mixing after a restart
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready  # this batch's index
-            with seeded(sample_seed(global_seed(), self.trainer.current_epoch, progress, self.trainer.global_rank, 1)):
-                return self.mixup_fn(images, targets)
+        """Mixup/cutmix of each training pair, on the device: targets become (B, C) soft labels."""
+        if self.mixup_fn is not None and len(batch) == 3 and "mixing" in batch[2]:
+            images, targets, extras = batch
+            images, targets = apply_mixing(images, targets, extras.pop("mixing"), self.mixup_fn)
+            return images, targets, extras
         return batch
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.cache import cached_teacher_logits, view_checksum
 from distill.losses import DistillationLoss
 from distill.seeding import global_seed, sample_seed
 from students.resize import adapt_student_state, load_student_state
@@ -65,6 +66,12 @@ class DistillationModule(pl.LightningModule):
         init_from: a checkpoint of a previous stage to start the student from (weights only;
             optimiser and schedule start fresh). Position embeddings are resampled when the
             image size changed; heads are kept when the classes match.
+        teacher_cache: the teacher cache the data module reads (linked from data.teacher_cache):
+            distillation targets come from it, and no teacher runs unless verifying.
+        teacher_cache_verify: with a teacher cache, the fraction of training batches on which the
+            real teacher (model.teacher) also runs: logs `train/cache_agreement` (top-1 agreement
+            of cached and live teacher) and `train/cache_view_match` (views replayed pixel-exact);
+            0: the teacher is not kept in memory at all.
     """
 
     def __init__(
@@ -91,12 +98,22 @@ class DistillationModule(pl.LightningModule):
         init_from: Optional[str] = None,
         lr_scale_batch: Optional[int] = None,
         ema_decay: Optional[float] = None,
+        teacher_cache: Optional[str] = None,
+        teacher_cache_verify: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher"])
+        if not 0.0 <= teacher_cache_verify <= 1.0:
+            raise ValueError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
+        if teacher_cache and teacher_cache_verify > 0 and teacher is None:
+            raise ValueError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
+        if teacher_cache and teacher_cache_verify == 0 and teacher is not None:
+            rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
+                           "(set model.teacher_cache_verify to check the cache against it)")
+            teacher = None
         self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
-        _check_classes(self.student, teacher, num_classes, distillation)
+        _check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
         if init_from:
             self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
@@ -143,12 +160,23 @@ class DistillationModule(pl.LightningModule):
         torch.manual_seed(sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 2))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets = batch  # targets: (B,) labels, or (B, C) soft labels after mixup/cutmix
-        teacher_logits = self.teacher(images) if self.loss.distillation != "none" else None
+        # targets: (B,) labels, or (B, C) soft labels after mixup/cutmix; extras: see data.SeededViews
+        images, targets, *rest = batch
+        extras = rest[0] if rest else {}
+        if self.loss.distillation == "none":
+            teacher_logits = None
+        elif "teacher_index" in extras:  # the teacher cache: no teacher forward
+            teacher_logits = cached_teacher_logits(extras["teacher_index"], extras["teacher_prob"], self.hparams.num_classes)
+            self._verify_cache(images, teacher_logits, extras, batch_idx)
+        elif self.hparams.teacher_cache:
+            raise ValueError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
+                             "set data.teacher_cache (the two are linked by the distill CLI)")
+        else:
+            teacher_logits = self.teacher(images)
         cls_logits, dist_logits = self.student.forward_heads(images)
         parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
         self._check_finite(parts, batch_idx)
-        if teacher_logits is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
+        if self.teacher is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
             self._fast_path_logged = True
             rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
                            f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
@@ -156,6 +184,18 @@ class DistillationModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return parts["loss"]
+
+    def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, extras: dict[str, torch.Tensor],
+                      batch_idx: int) -> None:
+        """On a `teacher_cache_verify` fraction of batches: live teacher vs cache, replayed view vs cached view."""
+        fraction = self.hparams.teacher_cache_verify
+        if not fraction or sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 4) >= fraction * 2**32:
+            return
+        live = self.teacher(images)
+        agreement = (live.argmax(-1) == cached.argmax(-1)).float().mean()
+        match = torch.isclose(view_checksum(images), extras["checksum"].to(images.device), rtol=1e-9, atol=1e-6)
+        self.log("train/cache_agreement", agreement, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/cache_view_match", match.double().mean().float(), on_step=True, on_epoch=True, sync_dist=True)
 
     def _check_finite(self, parts: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Stop on a NaN/inf loss, naming the step and the parts; every DDP rank stops together."""
@@ -296,10 +336,12 @@ def scaled_lr(lr: float, batch_size: int, devices: int, num_nodes: int, accumula
     return lr * num_nodes * devices * batch_size * accumulate / base
 
 
-def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str) -> None:
+def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str,
+                   teacher_cache: Optional[str] = None) -> None:
     """Class-count and teacher presence checks, before any training starts."""
-    if distillation != "none" and teacher is None:
-        raise ValueError(f"model.distillation is '{distillation}' but no model.teacher is set; set one or use 'none'")
+    if distillation != "none" and teacher is None and not teacher_cache:
+        raise ValueError(f"model.distillation is '{distillation}' but no model.teacher (or data.teacher_cache) is set; "
+                         "set one or use 'none'")
     student_classes = getattr(student, "num_classes", num_classes)
     if student_classes != num_classes:
         raise ValueError(f"student predicts {student_classes} classes but the dataset has {num_classes}")

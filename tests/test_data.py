@@ -1,5 +1,4 @@
 """Data: the bundled digits split, ImageFolder trees, timm transforms, mixup on training batches only."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,34 +18,39 @@ def test_digits_split_is_fixed_stratified_and_upscaled():
 def test_datamodule_gives_normalised_tensors_at_the_configured_size(image_folder):
     data = ImageDataModule(str(image_folder), img_size=16, batch_size=4, num_workers=0, mixup=0, cutmix=0)
     data.setup("fit")
-    images, labels = next(iter(data.train_dataloader()))
+    images, labels, extras = next(iter(data.train_dataloader()))
     assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
+    assert extras["key"].shape == (4, 3)  # (epoch, index, repeat) of each view
     assert data.class_names == ["cat", "dog", "fox"] and data.num_classes == 3
     assert images.min() < 0 < images.max()  # normalised, not raw [0, 1]
 
 
-def fake_trainer(training: bool, epoch: int = 0, batch: int = 0) -> SimpleNamespace:
-    """What the data module reads of a Trainer: its stage, epoch, rank and the batch index."""
-    progress = SimpleNamespace(current=SimpleNamespace(ready=batch))
-    return SimpleNamespace(training=training, current_epoch=epoch, global_rank=0,
-                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+def mix(data, images, labels, keys):
+    """The data module's two batch hooks (before and after the device transfer) on a training batch."""
+    batch = data.on_before_batch_transfer((images.clone(), labels, {"key": torch.tensor(keys)}), 0)
+    return data.on_after_batch_transfer(batch, 0)
 
 
-def test_mixup_makes_soft_targets_for_training_batches_only_seeded_by_epoch_and_batch():
+def test_mixup_mixes_fixed_pairs_seeded_by_the_pair_not_by_the_batch():
     data = ImageDataModule("digits", img_size=32, batch_size=8, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
-    data.trainer = fake_trainer(training=True)
-    mixed, targets = data.on_after_batch_transfer((images.clone(), labels), 0)
+    keys = [(0, 10 + i, 0) for i in range(8)]
+    mixed, targets, extras = mix(data, images, labels, keys)
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(-1), torch.ones(8))
-    assert not torch.equal(mixed, images)
-    again, _ = data.on_after_batch_transfer((images.clone(), labels), 0)
-    assert torch.equal(again, mixed)  # same (epoch, batch): the same mixing, as after a restart
-    data.trainer = fake_trainer(training=True, batch=1)
-    other, _ = data.on_after_batch_transfer((images.clone(), labels), 0)
-    assert not torch.equal(other, mixed)
-    data.trainer = fake_trainer(training=False)
-    same, plain = data.on_after_batch_transfer((images, labels), 0)
-    assert same is images and plain is labels
+    assert set(extras) == {"key"} and not torch.equal(mixed, images)
+    for j in (0, 2, 4, 6):  # each image is mixed with its pair partner only, with the pair's lam
+        pair = labels[j:j + 2]
+        assert torch.allclose(targets[j, pair].sum(), torch.tensor(0.92))  # on 0.91 + off 0.01 (smoothing 0.1)
+        assert torch.allclose(targets[j, pair[0]], targets[j + 1, pair[1]])
+    again, _, _ = mix(data, images, labels, keys)
+    assert torch.equal(again, mixed)  # the same pairs: the same mixing, as after a restart
+    # the last two pairs alone (a batch of 4, e.g. on another rank or with another batch size): the same images
+    half, half_targets, _ = mix(data, images[4:], labels[4:], keys[4:])
+    assert torch.equal(half, mixed[4:]) and torch.equal(half_targets, targets[4:])
+    other, _, _ = mix(data, images, labels, [(1, 10 + i, 0) for i in range(8)])
+    assert not torch.equal(other, mixed)  # another epoch: other draws
+    same, plain = data.on_after_batch_transfer(data.on_before_batch_transfer((images, labels), 0), 0)
+    assert same is images and plain is labels  # validation batches (no extras) are never mixed
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -59,8 +63,9 @@ def test_augmented_views_depend_on_seed_epoch_and_index_only_not_on_workers(work
     data.setup("fit")
     loader = data.train_dataloader()
     loader.sampler.set_epoch(3)
-    images, labels = next(iter(loader))
+    images, labels, extras = next(iter(loader))
     keys = list(loader.sampler)[:16]
+    assert extras["key"].tolist() == [[*key, 0] for key in keys]
     assert all(epoch == 3 for epoch, _ in keys)
     expected = torch.stack([reference.train_set[key][0] for key in keys])
     assert torch.equal(images, expected)
@@ -95,3 +100,14 @@ def test_train_and_val_with_different_classes_is_an_error(image_folder):
     (image_folder / "val" / "fox").rename(image_folder / "val" / "wolf")
     with pytest.raises(ValueError, match="different class folders"):
         ImageDataModule(str(image_folder))
+
+
+def test_deit_randaugment_at_its_top_magnitude_does_not_crash():
+    # rand-m9-mstd0.5-inc1 samples magnitudes up to 10: PosterizeIncreasing then keeps 0 bits,
+    # which Pillow 13 refuses (hence pillow<13 in pyproject.toml)
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert out.getpixel((0, 0)) == (0, 0, 0)

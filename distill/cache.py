@@ -1,0 +1,310 @@
+"""Teacher-output cache: run the teacher once over E epochs of augmented views, train without it.
+
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
+    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
+
+In the DeiT recipe the frozen teacher costs more than the student. As in TinyViT, the cache
+stores, for every (epoch, sample) of the training schedule, the seed of its augmented view
+and the teacher's top-k probabilities on that view; training rebuilds the exact view (every
+random draw of crop, flip, RandAugment, erasing and mixup/cutmix is seeded by (seed, epoch,
+sample), and mixing partners are fixed pairs: `distill.data.EpochSampler(pairs=True)`), so
+the student sees the image the teacher labelled, whatever the batch size, number of
+workers or processes. One cache serves every student, sweep and restart on the same data.
+
+Format: a folder, every array a NumPy `.npy` file (`np.load(path, mmap_mode="r")`), indexed
+[epoch, repeat, sample] (repeat is 0 without repeated augmentation):
+
+    meta.json     format version, the data fingerprint (dataset, images, classes, seed,
+                  transform, mixing, repeated_aug), epochs, top_k, teacher config, shapes
+    index.npy     int16 / int32 (E, R, N, K)  the teacher's top-k classes, most probable first
+    prob.npy      float16 (E, R, N, K)         their softmax probabilities (temperature 1)
+    seed.npy      uint32 (E, R, N)             the seed of the view (before mixing)
+    checksum.npy  float64 (E, R, N)            a weighted pixel sum of the (mixed) view, checked
+                                               when training verifies the cache
+    done.npy      bool (E, R, N)               entry written (units a pair leaves out stay False)
+
+Distillation targets are rebuilt from the top-k as TinyViT does: the k probabilities as
+stored, the rest of the mass spread evenly over the other classes. Hard distillation uses
+the top-1 class (exactly the live teacher's argmax); soft distillation at temperature tau
+uses q^(1/tau), renormalised (exact among the top k). The cache is written to `OUT.partial`
+and renamed when complete: a killed build leaves no half-written cache and an existing one
+is replaced only with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+
+from distill.seeding import sample_seed
+
+__all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "main"]
+
+FORMAT = "distill-teacher-cache/1"
+ARRAYS = ("index", "prob", "seed", "checksum", "done")
+
+
+def view_checksum(images: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: a position-weighted pixel sum of each view (a changed pixel changes it)."""
+    flat = images.detach().double().flatten(1)
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
+    return flat @ weights
+
+
+def cached_teacher_logits(index: torch.Tensor, prob: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C) log-probabilities from top-k: k stored, the remaining mass spread evenly.
+
+    The loss treats them as teacher logits: argmax is the top-1 class, and softmax(logq / tau)
+    is q^(1/tau) renormalised, the temperature-scaled teacher exactly among the top k.
+    """
+    prob = prob.float().clamp_min(1e-12)
+    rest = (1.0 - prob.sum(-1, keepdim=True)).clamp_min(0.0) / max(num_classes - prob.shape[-1], 1)
+    full = rest.clamp_min(1e-12).log().expand(-1, num_classes).clone()
+    return full.scatter_(1, index.long(), prob.log())
+
+
+class TeacherCache:
+    """A cache folder opened for reading (training) or writing (`distill cache-teacher`)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], mode: str = "r") -> None:
+        self.path, self.meta, self.mode = Path(path), meta, mode
+        self._arrays: Optional[dict[str, np.ndarray]] = None
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def shapes(epochs: int, repeats: int, images: int, top_k: int, num_classes: int) -> dict[str, tuple[tuple, str]]:
+        index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+        rows = (epochs, repeats, images)
+        return {"index": ((*rows, top_k), index_dtype), "prob": ((*rows, top_k), "float16"),
+                "seed": (rows, "uint32"), "checksum": (rows, "float64"), "done": (rows, "bool")}
+
+    @classmethod
+    def nbytes(cls, epochs: int, repeats: int, images: int, top_k: int, num_classes: int) -> int:
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize
+                   for shape, dtype in cls.shapes(epochs, repeats, images, top_k, num_classes).values())
+
+    @classmethod
+    def create(cls, path: Path, meta: dict[str, Any]) -> "TeacherCache":
+        """Allocate the arrays (sparse files: disk fills as entries are written) and meta.json."""
+        path.mkdir(parents=True, exist_ok=True)
+        shapes = cls.shapes(meta["epochs"], meta["repeats"], meta["fingerprint"]["train_images"], meta["top_k"],
+                            len(meta["fingerprint"]["classes"]))
+        meta = {**meta, "arrays": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()}}
+        for name, (shape, dtype) in shapes.items():
+            np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        (path / "meta.json").write_text(json.dumps(meta, indent=2))
+        return cls(path, meta, mode="r+")
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint: dict[str, Any], epochs: Optional[int]) -> "TeacherCache":
+        """Open a finished cache for training; refuse one built for other data, transform or schedule."""
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            partial = " (a build was interrupted: run distill cache-teacher again)" if Path(f"{path}.partial").exists() else ""
+            raise FileNotFoundError(f"data.teacher_cache: '{path}' is not a teacher cache (no meta.json){partial}; "
+                                    "write one with distill cache-teacher")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"data.teacher_cache: '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+        saved = meta["fingerprint"]
+        differ = [name for name in sorted(set(saved) | set(fingerprint)) if saved.get(name) != fingerprint.get(name)]
+        if differ:
+            name = differ[0]
+            was, now = _short(saved.get(name)), _short(fingerprint.get(name))
+            raise ValueError(f"data.teacher_cache: '{path}' was built for another {name} ({was} in the cache, {now} "
+                             f"here{'; also ' + ', '.join(differ[1:]) if differ[1:] else ''}); rebuild it with "
+                             "distill cache-teacher and this config")
+        if epochs is not None and epochs > meta["epochs"]:
+            raise ValueError(f"data.teacher_cache: '{path}' holds {meta['epochs']} epochs of teacher outputs but "
+                             f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")
+        return cls(path, meta)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Memory-mapped arrays, opened on first use (in each DataLoader worker: memmaps do not pickle)."""
+        if self._arrays is None:
+            self._arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode=self.mode) for name in ARRAYS}
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    # ------------------------------------------------------------------ reading
+    def entry(self, epoch: int, index: int, repeat: int) -> dict[str, torch.Tensor]:
+        """The teacher's cached top-k for view (epoch, index, repeat), as tensors for a batch."""
+        arrays = self.arrays
+        if epoch >= self.meta["epochs"] or not arrays["done"][epoch, repeat, index]:
+            raise ValueError(f"data.teacher_cache: '{self.path}' has no entry for epoch {epoch}, image {index}, "
+                             f"repeat {repeat}; it was built for {self.meta['epochs']} epochs: rebuild it")
+        return {"teacher_index": torch.from_numpy(np.array(arrays["index"][epoch, repeat, index], dtype=np.int64)),
+                "teacher_prob": torch.from_numpy(np.array(arrays["prob"][epoch, repeat, index], dtype=np.float32)),
+                "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64)}
+
+    # ------------------------------------------------------------------ writing
+    def write(self, keys: torch.Tensor, logits: torch.Tensor, checksums: torch.Tensor) -> None:
+        """Store the top-k of `logits` (B, C) for views `keys` (B, 3: epoch, index, repeat)."""
+        probs = logits.float().softmax(-1)
+        values, indices = probs.topk(self.meta["top_k"], dim=-1)
+        epoch, index, repeat = (keys[:, i].cpu().numpy() for i in range(3))
+        arrays, seed = self.arrays, self.meta["fingerprint"]["seed"]
+        arrays["index"][epoch, repeat, index] = indices.cpu().numpy().astype(arrays["index"].dtype)
+        arrays["prob"][epoch, repeat, index] = values.cpu().numpy().astype(np.float16)
+        arrays["checksum"][epoch, repeat, index] = checksums.cpu().numpy()
+        two_keys = self.meta["repeats"] == 1  # views of (epoch, index) or (epoch, index, repeat): data.SeededViews
+        arrays["seed"][epoch, repeat, index] = [sample_seed(seed, e, i) if two_keys else sample_seed(seed, e, i, r)
+                                                for e, i, r in zip(epoch.tolist(), index.tolist(), repeat.tolist())]
+        arrays["done"][epoch, repeat, index] = True
+
+    def flush(self) -> None:
+        for array in (self._arrays or {}).values():
+            array.flush()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class CacheSampler(DistributedSampler):
+    """Every unit (a view, or a mixing pair) of epochs 0..E-1, split over ranks, each once."""
+
+    def __init__(self, train_sampler: Any, epochs: int, num_replicas: int, rank: int) -> None:
+        super().__init__(train_sampler.dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.keys = [key for epoch in range(epochs) for unit in train_sampler.units(epoch) for key in unit]
+        width = train_sampler.width
+        units = [self.keys[i:i + width] for i in range(0, len(self.keys), width)]
+        self.share = [key for unit in units[rank::num_replicas] for key in unit]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.share)
+
+    def __len__(self) -> int:
+        return len(self.share)
+
+
+class CacheWriter(pl.LightningModule):
+    """`trainer.predict` over every view of E epochs: mix as training does, run the teacher, store top-k."""
+
+    def __init__(self, data: Any, teacher: Any, epochs: int, top_k: int, out: Path, batch_size: int) -> None:
+        super().__init__()
+        self.data, self.epochs, self.top_k, self.out, self.batch_size = data, epochs, top_k, out, batch_size
+        object.__setattr__(self, "teacher", teacher)  # not a submodule, as in DistillationModule
+        self.cache: Optional[TeacherCache] = None
+        self.partial = Path(f"{out}.partial")
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CacheWriter":
+        super()._apply(fn, *args, **kwargs)
+        self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def setup(self, stage: str) -> None:
+        self.data.setup("fit")
+        train = self.data.train_set
+        sampler = self.data.train_sampler()
+        meta = {"format": FORMAT, "fingerprint": self.data.cache_fingerprint(len(train)), "epochs": self.epochs,
+                "repeats": sampler.num_repeats, "top_k": self.top_k, "teacher": self.teacher.config,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.trainer.is_global_zero:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.cache = TeacherCache.create(self.partial, meta)
+        self.trainer.strategy.barrier("teacher cache allocated")
+        if self.cache is None:
+            self.cache = TeacherCache(self.partial, json.loads((self.partial / "meta.json").read_text()), mode="r+")
+        self.sampler = CacheSampler(sampler, self.epochs, self.trainer.world_size, self.trainer.global_rank)
+
+    def predict_dataloader(self) -> DataLoader:
+        data = self.data
+        return DataLoader(data.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
+                          num_workers=data.num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.data.on_before_batch_transfer(batch, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.data.on_after_batch_transfer(batch, dataloader_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        images, _, extras = batch
+        self.cache.write(extras["key"], self.teacher(images), view_checksum(images))
+
+    def on_predict_end(self) -> None:
+        self.cache.flush()
+        self.trainer.strategy.barrier("teacher cache written")
+        if not self.trainer.is_global_zero:
+            return
+        written = int(np.count_nonzero(self.cache.arrays["done"]))
+        expected = len(self.sampler.keys)
+        if written != expected:
+            raise RuntimeError(f"teacher cache: {written} of {expected} entries written in '{self.partial}'")
+        if self.out.exists():
+            shutil.rmtree(self.out)  # --overwrite was given (checked before the build started)
+        self.partial.rename(self.out)
+
+
+def main(argv: list[str]) -> None:
+    """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
+    from distill.cli import make_cli
+
+    parser = argparse.ArgumentParser(prog="distill cache-teacher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
+    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 10 on ImageNet-1k)")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                        help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    args, rest = parser.parse_known_args(argv)
+    out = Path(args.out)
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be 1 or more, got {args.epochs}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
+    cli = make_cli(rest, run=False)
+    model, data, config = cli.model, cli.datamodule, cli.config
+    teacher = model.teacher
+    if teacher is None:
+        raise ValueError("model.teacher is null: a teacher cache needs the teacher of the config")
+    if data.teacher_cache:
+        raise ValueError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
+    classes = data.num_classes
+    if not 1 <= args.top_k <= classes:
+        raise ValueError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
+    data.setup("fit")
+    sampler = data.train_sampler()
+    train_images = len(data.train_set)
+    size = TeacherCache.nbytes(args.epochs, sampler.num_repeats, train_images, args.top_k, classes)
+    views = len([1 for epoch in range(args.epochs) for unit in sampler.units(epoch) for _ in unit])
+    rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
+                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
+                   f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if size > free:
+        raise OSError(f"--out: the cache needs {size / 2**30:.2f} GiB but '{out.parent}' has {free / 2**30:.2f} GiB free")
+    trainer_cfg = config["trainer"]
+    trainer = pl.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", "auto"),
+        num_nodes=trainer_cfg.get("num_nodes", 1), strategy=trainer_cfg.get("strategy", "auto"),
+        precision=trainer_cfg.get("precision") or "32-true", logger=False, enable_checkpointing=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )
+    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, args.batch_size or 4 * data.batch_size)
+    started = time.monotonic()
+    trainer.predict(writer, return_predictions=False)
+    if trainer.is_global_zero:
+        seconds = time.monotonic() - started
+        print(f"Teacher cache written to '{out}': {views} views in {seconds:.0f} s ({views / seconds:.0f} img/s)",
+              file=sys.stderr)
+
