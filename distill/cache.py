@@ -38,6 +38,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -302,7 +303,9 @@ def main(argv: list[str]) -> None:
     )
     writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, args.batch_size or 4 * data.batch_size)
     started = time.monotonic()
-    trainer.predict(writer, return_predictions=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="predict returned None")  # the writer stores, returns nothing
+        trainer.predict(writer, return_predictions=False)
     if trainer.is_global_zero:
         seconds = time.monotonic() - started
         print(f"Teacher cache written to '{out}': {views} views in {seconds:.0f} s ({views / seconds:.0f} img/s)",

@@ -1,0 +1,243 @@
+"""Distillation training-step throughput, side by side in one run: a plain PyTorch loop (the
+reference DeiT way), timm's own token-distillation task (`timm.task`), and this project's
+`fit` (fp32 teacher, default fast teacher, teacher cache), plus DDP 2x1 against 1x2.
+
+    python benchmarks/train_speed.py                       # DeiT-tiny + RegNetY-16GF at 224, batch 16
+    python benchmarks/train_speed.py --student deit_tiny --teacher resnet10t --img-size 32 --batch 64 --steps 20
+
+Every row runs in its own process (same threads, fresh memory) on the same synthetic batch
+bank (random images, labels; random weights: speed does not depend on them), so the rows
+differ only in how the step is done. Throughput counts the wall time of `--steps` full
+steps after `--warmup` steps (data fetch, hooks, logging, optimiser included). The teacher
+column is the time spent in the teacher's forward, per step; memory is the process's peak
+RSS (CPU) or peak allocated memory (GPU). The cache row reads the teacher's top-k from the
+batch, as `fit --data.teacher_cache` does (the augmentation a real run adds is the same for
+every row and not measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = {
+    "plain": "plain PyTorch loop, fp32 teacher (reference DeiT)",
+    "timm_task": "timm.task.TokenDistillationTask, fp32 teacher",
+    "fit_fp32": "this project's fit, fp32 teacher",
+    "fit": "this project's fit, default teacher (precision auto)",
+    "fit_cache": "this project's fit, teacher cache",
+    "fit_ddp_2x1": "fit, default teacher, DDP 2 processes x 1 thread",
+    "fit_cache_ddp_2x1": "fit, teacher cache, DDP 2 processes x 1 thread",
+}
+
+
+# ---------------------------------------------------------------------------------- the work
+class Bank(torch.utils.data.Dataset):
+    """A fixed bank of random images and labels (and, for the cache row, random cached top-k)."""
+
+    def __init__(self, size: int, img_size: int, classes: int, cache: bool, top_k: int = 10) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(64, 3, img_size, img_size, generator=g)
+        self.labels = torch.randint(0, classes, (64,), generator=g)
+        self.size, self.cache, self.classes, self.top_k = size, cache, classes, top_k
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Any:
+        image, label = self.images[i % 64], self.labels[i % 64]
+        if not self.cache:
+            return image, label
+        prob, index = torch.rand(self.classes).softmax(-1).topk(self.top_k)
+        return image, label, {"teacher_index": index, "teacher_prob": prob, "key": torch.tensor([0, i, 0])}
+
+
+def student(args: argparse.Namespace) -> torch.nn.Module:
+    from students import Student
+    return Student(args.classes, args.img_size, model_name=args.student)
+
+
+def timed(module: torch.nn.Module, clock: dict[str, float]) -> None:
+    """Accumulate the wall time of `module`'s forward into clock['teacher']."""
+    forward = module.forward
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        out = forward(*a, **k)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        clock["teacher"] += time.perf_counter() - start
+        return out
+    module.forward = wrapper
+
+
+def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: bool) -> dict[str, float]:
+    import timm
+    torch.manual_seed(0)
+    model = student(args).to(device)
+    teacher = timm.create_model(args.teacher, num_classes=args.classes).to(device).eval().requires_grad_(False)
+    clock = {"teacher": 0.0}
+    timed(teacher, clock)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    if use_timm_task:
+        from timm.task import TokenDistillationTask
+        task = TokenDistillationTask(model.model, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard",
+                                     task_loss_weight=0.5, device=device, verbose=False).train()
+
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return task(images, labels)["loss"]
+    else:
+        def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                teacher_labels = teacher(images).argmax(-1)
+            cls_logits, dist_logits = model.forward_heads(images)
+            return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_labels)
+    loader = torch.utils.data.DataLoader(Bank((args.warmup + args.steps) * args.batch, args.img_size, args.classes,
+                                              False), batch_size=args.batch)
+    model.train()
+    for i, (images, labels) in enumerate(loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+            loss = step(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i + 1 == args.warmup:  # timed from the end of the last warm-up step, as the fit rows
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, clock["teacher"] = time.perf_counter(), 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - start, "teacher_s": clock["teacher"]}
+
+
+def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: str, cache: bool,
+            devices: int = 1) -> dict[str, float]:
+    import pytorch_lightning as pl
+
+    from distill.module import DistillationModule
+    from teachers import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(args.teacher, weights="none", num_classes=args.classes, precision=teacher_precision,
+                      channels_last=teacher_precision != "32")
+    clock = {"teacher": 0.0}
+    timed(teacher, clock)
+    module = DistillationModule(student(args), None if cache else teacher, num_classes=args.classes,
+                                img_size=args.img_size, teacher_cache="bench" if cache else None, warmup_epochs=0)
+    marks: dict[str, float] = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+            if trainer.global_step == args.warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                marks["start"], clock["teacher"] = time.perf_counter(), 0.0
+            if trainer.global_step == args.warmup + args.steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                marks["end"] = time.perf_counter()
+
+    steps = args.warmup + args.steps
+    trainer = pl.Trainer(
+        accelerator=device.type, devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
+        precision=args.precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False, limit_val_batches=0, callbacks=[Clock()], num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(Bank(steps * args.batch * devices, args.img_size, args.classes, cache),
+                                         batch_size=args.batch)
+    trainer.fit(module, loader)
+    return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"],
+            "world": trainer.world_size, "rank": trainer.global_rank}
+
+
+def measure(args: argparse.Namespace) -> None:
+    """One row, in this process; prints one JSON line."""
+    device = torch.device(args.device)
+    row = args.row
+    if row == "plain":
+        result = run_plain(args, device, use_timm_task=False)
+    elif row == "timm_task":
+        result = run_plain(args, device, use_timm_task=True)
+    elif row == "fit_fp32":
+        result = run_fit(args, device, "32", cache=False)
+    elif row == "fit":
+        result = run_fit(args, device, "auto", cache=False)
+    elif row == "fit_cache":
+        result = run_fit(args, device, "auto", cache=True)
+    elif row == "fit_ddp_2x1":
+        result = run_fit(args, device, "auto", cache=False, devices=2)
+    elif row == "fit_cache_ddp_2x1":
+        result = run_fit(args, device, "auto", cache=True, devices=2)
+    else:
+        raise SystemExit(f"--row: unknown row '{row}'; one of {', '.join(ROWS)}")
+    if result.get("rank", 0):
+        return
+    world = result.get("world", 1)
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    print(json.dumps({"row": row, "img_per_s": args.steps * args.batch * world / result["seconds"],
+                      "teacher_s_per_step": result["teacher_s"] / args.steps, "step_s": result["seconds"] / args.steps,
+                      "peak_mib": memory, "threads": torch.get_num_threads(), "world": world}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", default="deit_tiny")
+    parser.add_argument("--teacher", default="regnety_160")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16, help="images per process and step")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                        help="the student's precision (every row)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of a 1-process row")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    args = parser.parse_args()
+    if args.row:
+        return measure(args)
+
+    results = {}
+    base = [sys.executable, __file__, *sys.argv[1:]]
+    for row in args.rows.split(","):
+        threads = 1 if row.endswith("ddp_2x1") else args.threads
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        run = subprocess.run([*base, "--row", row], env=env, capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith('{"row"')]
+        if run.returncode or not lines:
+            print(f"{row}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[row] = json.loads(lines[-1])
+        print(f"  measured {row}: {results[row]['img_per_s']:.2f} img/s", file=sys.stderr, flush=True)
+
+    import timm
+    import pytorch_lightning as pl
+    print(f"\n{args.student} student + {args.teacher} teacher, {args.img_size} px, batch {args.batch} per process, "
+          f"student {args.precision}, {args.device}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"Lightning {pl.__version__}, {args.steps} timed steps after {args.warmup}")
+    base_speed = results.get("plain", {}).get("img_per_s")
+    print(f"| {'setting':52s} | img/s | x plain | teacher s/step | step s | peak MiB |")
+    print(f"|{'-' * 54}|------:|--------:|---------------:|-------:|---------:|")
+    for row, r in results.items():
+        ratio = f"{r['img_per_s'] / base_speed:7.2f}" if base_speed else "      -"
+        print(f"| {ROWS[row]:52s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
+              f"{r['step_s']:6.2f} | {r['peak_mib']:8.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The teacher-output cache: exact replay of augmented (mixed) views, cached targets, refusals."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from distill.cache import TeacherCache, cached_teacher_logits
+from distill.cli import cli_main, make_cli
+from distill.data import ImageDataModule
+from distill.losses import DistillationLoss
+from teachers import Teacher
+from tests.conftest import TINY_TEACHER
+from tests.test_fit import scalars, shrink
+
+ROOT = Path(__file__).resolve().parents[1]
+# the DeiT recipe's augmentation: RandAugment, random erasing, mixup and cutmix, all replayed
+AUGMENT = ["--data.auto_augment=rand-m9-mstd0.5-inc1", "--data.re_prob=0.25", "--data.mixup=0.8", "--data.cutmix=1.0"]
+# configs/distill.yaml's data with AUGMENT
+DATA = dict(img_size=32, scale=(0.5, 1.0), hflip=0.0, crop_pct=1.0, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+            mixup=0.8, cutmix=1.0)
+
+
+def common(tmp_path: Path, teacher_file: Path) -> list[str]:
+    return [*shrink(tmp_path, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={teacher_file}", "--model.teacher.init_args.precision=32",
+            "--trainer.max_epochs=2", *AUGMENT]
+
+
+@pytest.fixture
+def cache(tmp_path, teacher_file, caplog) -> Path:
+    out = tmp_path / "cache"
+    cli_main(["cache-teacher", *common(tmp_path, teacher_file), "--epochs=2", "--top_k=3", f"--out={out}"])
+    assert "2872 views (2 epochs x 1437 images), top-3 of 10 classes; 0.1 MiB on disk" in caplog.text
+    return out
+
+
+def replayed_views(data: ImageDataModule, sampler, batch_size: int, workers: int, batches: int = 10**6) -> dict:
+    """(epoch, index, repeat) -> the mixed view training sees, through the data module's batch hooks."""
+    loader = DataLoader(data.train_set, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    views = {}
+    for step, batch in enumerate(loader):
+        if step == batches:
+            break
+        images, _, extras = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
+        views.update({tuple(key): image for key, image in zip(extras["key"].tolist(), images)})
+    return views
+
+
+def test_mixed_views_are_pixel_identical_whatever_the_workers_batch_size_or_rank():
+    reference = ImageDataModule("digits", batch_size=4, num_workers=0, **DATA)
+    reference.setup("fit")
+    sampler = reference.train_sampler()
+    sampler.set_epoch(1)
+    expected = replayed_views(reference, sampler, 4, 0)
+    assert len(expected) == 1436  # 1437 images: 718 mixing pairs, the odd one out waits for another epoch
+
+    data = ImageDataModule("digits", batch_size=8, num_workers=2, **DATA)
+    data.setup("fit")
+    for rank in (0, 1):  # a DDP run's two ranks, 2 workers each, batches twice as large
+        sampler = data.train_sampler(world=2, rank=rank)
+        sampler.set_epoch(1)
+        views = replayed_views(data, sampler, 8, 2, batches=6)
+        assert len(views) == 48
+        for key, view in views.items():
+            assert torch.equal(view, expected[key]), key
+    assert not torch.equal(*[expected[key] for key in list(expected)[:2]])
+
+
+def test_cached_targets_are_the_live_teachers_on_the_same_views(cache, teacher_file):
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["epochs"] == 2 and meta["top_k"] == 3 and meta["fingerprint"]["mixing"]["cutmix"] == 1.0
+    arrays = {name: np.load(cache / f"{name}.npy", mmap_mode="r") for name in ("index", "prob", "done")}
+    assert arrays["index"].shape == (2, 1, 1437, 3) and arrays["index"].dtype == np.int16
+    assert arrays["done"].sum() == 2 * 1436
+
+    data = ImageDataModule("digits", batch_size=16, num_workers=0, **DATA)
+    data.setup("fit")
+    TeacherCache.open(cache, data.cache_fingerprint(len(data.train_set)), 2)  # the same data as the build
+    sampler = data.train_sampler()
+    sampler.set_epoch(1)
+    views = replayed_views(data, sampler, 16, 0, batches=4)
+    keys = list(views)
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="32")
+    teacher.set_input_normalization(data.mean, data.std)  # as DistillationModule does
+    live = teacher(torch.stack([views[k] for k in keys])).softmax(-1)
+    e, i, r = (list(t) for t in zip(*keys))
+    cached_index = torch.from_numpy(arrays["index"][e, r, i].astype(np.int64))
+    cached_prob = torch.from_numpy(arrays["prob"][e, r, i].astype(np.float32))
+    assert torch.equal(cached_index[:, 0], live.argmax(-1))  # hard distillation: exactly the live argmax
+    assert torch.allclose(cached_prob, live.gather(1, cached_index), atol=1e-3)  # fp16 probabilities
+
+
+def test_fit_from_the_cache_verifies_views_and_targets_against_the_live_teacher(cache, tmp_path, teacher_file):
+    # another worker count and batch size than the build: the views still replay exactly
+    cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={cache}", "--data.num_workers=2",
+              "--data.batch_size=8", "--model.teacher_cache_verify=1.0"])
+    logged = scalars(tmp_path / "runs")
+    assert logged["train/cache_view_match_step"] == [1.0] * 6
+    assert logged["train/cache_agreement_step"] == [1.0] * 6
+
+
+@pytest.mark.parametrize("distillation", ["hard", "soft"])
+def test_fit_from_the_cache_holds_no_teacher(cache, tmp_path, teacher_file, distillation):
+    args = [*common(tmp_path, teacher_file), f"--data.teacher_cache={cache}", "--model.teacher=null",
+            f"--model.distillation={distillation}", "--model.tau=2.0"]
+    cli = make_cli(args, run=False)
+    assert cli.model.teacher is None and cli.model.hparams.teacher_cache == str(cache)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    losses = scalars(tmp_path / "runs")["train/loss_distill"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert "val/teacher_acc" not in cli.trainer.callback_metrics  # no teacher to validate
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--data.scale=[0.3,1.0]", "built for another transform"),
+    ("--seed_everything=1", "built for another seed (0 in the cache, 1 here)"),
+    ("--data.mixup=0.5", "built for another mixing"),
+    ("--data.repeated_aug=2", "built for another repeated_aug"),
+    ("--trainer.max_epochs=3", "holds 2 epochs of teacher outputs but trainer.max_epochs is 3"),
+    ("--data.dataset=IMAGES", "built for another classes"),
+])
+def test_a_cache_built_for_other_data_or_schedule_is_refused(cache, tmp_path, teacher_file, image_folder, capsys,
+                                                          override, message):
+    override = override.replace("IMAGES", str(image_folder))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={cache}", "--model.teacher=null",
+                  override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: data.teacher_cache: '{cache}'") and message in err
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))  # refused before any training
+
+
+def test_cache_teacher_refuses_to_overwrite_and_an_interrupted_build_is_not_a_cache(cache, tmp_path, teacher_file,
+                                                                                  capsys):
+    before = (cache / "index.npy").read_bytes()
+    for extra, message in ((f"--out={cache}", "exists; pass --overwrite"),
+                           (f"--out={tmp_path / 'other'} --top_k=11", "--top_k must lie in 1..10"),
+                           (f"--out={tmp_path / 'other'} --model.teacher=null", "no model.teacher")):
+        with pytest.raises(SystemExit):
+            cli_main(["cache-teacher", *common(tmp_path, teacher_file), "--epochs=2", *extra.split()])
+        assert message in capsys.readouterr().err
+    assert (cache / "index.npy").read_bytes() == before and not (tmp_path / "other").exists()
+
+    (tmp_path / "half.partial").mkdir()  # what a killed build leaves
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={tmp_path / 'half'}"])
+    assert "a build was interrupted" in capsys.readouterr().err
+
+
+def test_targets_from_top_k_spread_the_rest_evenly_and_keep_the_temperature_exact_among_the_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10) * 3
+    probs = logits.softmax(-1)
+    full = cached_teacher_logits(*probs.topk(10, dim=-1)[::-1], num_classes=10)
+    assert torch.allclose(full, logits.log_softmax(-1), atol=1e-5)  # k = C: the teacher itself
+    loss = DistillationLoss("soft", tau=2.0)
+    student = torch.randn(4, 10)
+    assert torch.allclose(loss.soft_kl(student, full), loss.soft_kl(student, logits), atol=1e-5)
+
+    values, index = probs.topk(3, dim=-1)
+    approx = cached_teacher_logits(index, values, num_classes=10).exp()
+    assert torch.allclose(approx.sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(approx.gather(1, index), values)
+    rest = approx.scatter(1, index, 0.0)
+    assert torch.allclose(rest.max(-1).values * 7, 1 - values.sum(-1), atol=1e-5)  # spread over the other 7
+    assert torch.equal(approx.argmax(-1), logits.argmax(-1))
+    tempered = F.softmax(approx.log() / 2.0, dim=-1)
+    exact = F.softmax(logits / 2.0, dim=-1)
+    ratio = tempered.gather(1, index) / exact.gather(1, index)  # the same up to one normalisation per row
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp_path, teacher_file):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cache_ddp"
+    run = subprocess.run([sys.executable, "-m", "distill", "cache-teacher", *common(tmp_path, teacher_file),
+                          "--epochs=2", "--top_k=3", f"--out={out}", "--trainer.strategy=ddp",
+                          "--trainer.accelerator=cpu", "--trainer.devices=2", "--batch_size=32"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("index", "seed", "done"):
+        assert np.array_equal(np.load(out / f"{name}.npy"), np.load(cache / f"{name}.npy")), name
+    assert np.allclose(np.load(out / "prob.npy"), np.load(cache / "prob.npy"), atol=1e-3)
+    assert np.allclose(np.load(out / "checksum.npy"), np.load(cache / "checksum.npy"), rtol=1e-9)
+    assert TeacherCache.open(out, json.loads((cache / "meta.json").read_text())["fingerprint"], 2).meta["epochs"] == 2
