@@ -159,8 +159,9 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: s
     loader = torch.utils.data.DataLoader(Bank(steps * args.batch * devices, args.img_size, args.classes, cache),
                                          batch_size=args.batch)
     trainer.fit(module, loader)
-    return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"],
-            "world": trainer.world_size, "rank": trainer.global_rank}
+    return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"], "world": trainer.world_size,
+            "rank": trainer.global_rank, "agreement": None if cache else teacher.fast_agreement,
+            "teacher_dtype": None if cache else str(teacher.fast_dtype or torch.float32)}
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -190,7 +191,8 @@ def measure(args: argparse.Namespace) -> None:
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     print(json.dumps({"row": row, "img_per_s": args.steps * args.batch * world / result["seconds"],
                       "teacher_s_per_step": result["teacher_s"] / args.steps, "step_s": result["seconds"] / args.steps,
-                      "peak_mib": memory, "threads": torch.get_num_threads(), "world": world}))
+                      "peak_mib": memory, "threads": torch.get_num_threads(), "world": world,
+                      "agreement": result.get("agreement"), "teacher_dtype": result.get("teacher_dtype")}))
 
 
 def main() -> None:
@@ -212,7 +214,7 @@ def main() -> None:
     if args.row:
         return measure(args)
 
-    results = {}
+    results: list[dict[str, Any]] = []  # a row may be listed twice (repeats show the noise)
     base = [sys.executable, __file__, *sys.argv[1:]]
     for row in args.rows.split(","):
         threads = 1 if row.endswith("ddp_2x1") else args.threads
@@ -222,21 +224,26 @@ def main() -> None:
         if run.returncode or not lines:
             print(f"{row}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
             continue
-        results[row] = json.loads(lines[-1])
-        print(f"  measured {row}: {results[row]['img_per_s']:.2f} img/s", file=sys.stderr, flush=True)
+        results.append(json.loads(lines[-1]))
+        print(f"  measured {row}: {results[-1]['img_per_s']:.2f} img/s", file=sys.stderr, flush=True)
 
-    import timm
     import pytorch_lightning as pl
+    import timm
     print(f"\n{args.student} student + {args.teacher} teacher, {args.img_size} px, batch {args.batch} per process, "
           f"student {args.precision}, {args.device}, torch {torch.__version__}, timm {timm.__version__}, "
           f"Lightning {pl.__version__}, {args.steps} timed steps after {args.warmup}")
-    base_speed = results.get("plain", {}).get("img_per_s")
+    plain = [r["img_per_s"] for r in results if r["row"] == "plain"]
+    base_speed = sum(plain) / len(plain) if plain else None
     print(f"| {'setting':52s} | img/s | x plain | teacher s/step | step s | peak MiB |")
     print(f"|{'-' * 54}|------:|--------:|---------------:|-------:|---------:|")
-    for row, r in results.items():
+    for r in results:
         ratio = f"{r['img_per_s'] / base_speed:7.2f}" if base_speed else "      -"
-        print(f"| {ROWS[row]:52s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
+        print(f"| {ROWS[r['row']]:52s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
               f"{r['step_s']:6.2f} | {r['peak_mib']:8.0f} |")
+    for r in results:
+        if r.get("agreement") is not None:
+            print(f"{r['row']}: teacher {r['teacher_dtype']}, top-1 agreement with fp32 on its first batch "
+                  f"{r['agreement']:.1%}")
 
 
 if __name__ == "__main__":

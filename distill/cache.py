@@ -48,7 +48,6 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distill.seeding import sample_seed
 
 __all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "main"]
 
@@ -154,18 +153,16 @@ class TeacherCache:
                 "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64)}
 
     # ------------------------------------------------------------------ writing
-    def write(self, keys: torch.Tensor, logits: torch.Tensor, checksums: torch.Tensor) -> None:
-        """Store the top-k of `logits` (B, C) for views `keys` (B, 3: epoch, index, repeat)."""
+    def write(self, extras: dict[str, torch.Tensor], logits: torch.Tensor, checksums: torch.Tensor) -> None:
+        """Store the top-k of `logits` (B, C) for the views of a batch (`extras`: key, seed; data.SeededViews)."""
         probs = logits.float().softmax(-1)
         values, indices = probs.topk(self.meta["top_k"], dim=-1)
-        epoch, index, repeat = (keys[:, i].cpu().numpy() for i in range(3))
-        arrays, seed = self.arrays, self.meta["fingerprint"]["seed"]
+        epoch, index, repeat = extras["key"].cpu().numpy().T
+        arrays = self.arrays
         arrays["index"][epoch, repeat, index] = indices.cpu().numpy().astype(arrays["index"].dtype)
         arrays["prob"][epoch, repeat, index] = values.cpu().numpy().astype(np.float16)
         arrays["checksum"][epoch, repeat, index] = checksums.cpu().numpy()
-        two_keys = self.meta["repeats"] == 1  # views of (epoch, index) or (epoch, index, repeat): data.SeededViews
-        arrays["seed"][epoch, repeat, index] = [sample_seed(seed, e, i) if two_keys else sample_seed(seed, e, i, r)
-                                                for e, i, r in zip(epoch.tolist(), index.tolist(), repeat.tolist())]
+        arrays["seed"][epoch, repeat, index] = extras["seed"].cpu().numpy().astype(np.uint32)
         arrays["done"][epoch, repeat, index] = True
 
     def flush(self) -> None:
@@ -240,7 +237,7 @@ class CacheWriter(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         images, _, extras = batch
-        self.cache.write(extras["key"], self.teacher(images), view_checksum(images))
+        self.cache.write(extras, self.teacher(images), view_checksum(images))
 
     def on_predict_end(self) -> None:
         self.cache.flush()

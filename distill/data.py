@@ -136,7 +136,7 @@ class SeededViews(Dataset):
     generators seeded for that sample, so the view is the same in any worker, process or
     restart. Item `(epoch, index, repeat)` is another view of the same image (repeated
     augmentation). An item is `(image, target, extras)`: extras holds the `key` tensor
-    (epoch, index, repeat) that mixup and the teacher cache use, and with a `cache`, the
+    (epoch, index, repeat) that mixup and the teacher cache use, the view's `seed`, and with a `cache`, the
     teacher's cached top-k for that view (`teacher_index`, `teacher_prob`, `checksum`).
     Plain integer indices pass through unseeded.
     """
@@ -150,10 +150,11 @@ class SeededViews(Dataset):
     def __getitem__(self, key: Any) -> Any:
         if not isinstance(key, tuple):
             return self.dataset[key]
-        with seeded(sample_seed(self.seed, *key)):  # key: (epoch, index) or (epoch, index, repeat)
+        seed = sample_seed(self.seed, *key)  # key: (epoch, index) or (epoch, index, repeat)
+        with seeded(seed):
             image, target = self.dataset[key[1]]
         full_key = (*key, 0) if len(key) == 2 else key
-        extras = {"key": torch.tensor(full_key, dtype=torch.int64)}
+        extras = {"key": torch.tensor(full_key, dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
         if self.cache is not None:
             extras.update(self.cache.entry(*full_key))
         return image, target, extras

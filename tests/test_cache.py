@@ -15,6 +15,7 @@ from distill.cache import TeacherCache, cached_teacher_logits
 from distill.cli import cli_main, make_cli
 from distill.data import ImageDataModule
 from distill.losses import DistillationLoss
+from distill.seeding import sample_seed
 from teachers import Teacher
 from tests.conftest import TINY_TEACHER
 from tests.test_fit import scalars, shrink
@@ -95,6 +96,8 @@ def test_cached_targets_are_the_live_teachers_on_the_same_views(cache, teacher_f
     cached_prob = torch.from_numpy(arrays["prob"][e, r, i].astype(np.float32))
     assert torch.equal(cached_index[:, 0], live.argmax(-1))  # hard distillation: exactly the live argmax
     assert torch.allclose(cached_prob, live.gather(1, cached_index), atol=1e-3)  # fp16 probabilities
+    seeds = np.load(cache / "seed.npy", mmap_mode="r")
+    assert [int(seeds[1, 0, index]) for index in i] == [sample_seed(0, 1, index) for index in i]  # the views' seeds
 
 
 def test_fit_from_the_cache_verifies_views_and_targets_against_the_live_teacher(cache, tmp_path, teacher_file):
