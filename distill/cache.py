@@ -176,20 +176,26 @@ def _short(value: Any) -> str:
 
 
 class CacheSampler(DistributedSampler):
-    """Every unit (a view, or a mixing pair) of epochs 0..E-1, split over ranks, each once."""
+    """Every unit (a view, or a mixing pair) of epochs 0..E-1, split over ranks, each once.
+
+    Lazy, one epoch at a time: a long schedule on a large dataset has billions of views.
+    """
 
     def __init__(self, train_sampler: Any, epochs: int, num_replicas: int, rank: int) -> None:
         super().__init__(train_sampler.dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.keys = [key for epoch in range(epochs) for unit in train_sampler.units(epoch) for key in unit]
-        width = train_sampler.width
-        units = [self.keys[i:i + width] for i in range(0, len(self.keys), width)]
-        self.share = [key for unit in units[rank::num_replicas] for key in unit]
+        self.train_sampler, self.epochs = train_sampler, epochs
+        width, repeats = train_sampler.width, train_sampler.num_repeats
+        units = len(train_sampler.dataset) // width * repeats  # per epoch
+        self.views = epochs * units * width  # over all ranks
+        self.share = epochs * len(range(rank, units, num_replicas)) * width
 
     def __iter__(self):  # type: ignore[override]
-        return iter(self.share)
+        for epoch in range(self.epochs):
+            for unit in self.train_sampler.units(epoch)[self.rank::self.num_replicas]:
+                yield from unit
 
     def __len__(self) -> int:
-        return len(self.share)
+        return self.share
 
 
 class CacheWriter(pl.LightningModule):
@@ -245,7 +251,7 @@ class CacheWriter(pl.LightningModule):
         if not self.trainer.is_global_zero:
             return
         written = int(np.count_nonzero(self.cache.arrays["done"]))
-        expected = len(self.sampler.keys)
+        expected = self.sampler.views
         if written != expected:
             raise RuntimeError(f"teacher cache: {written} of {expected} entries written in '{self.partial}'")
         if self.out.exists():
@@ -260,7 +266,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="distill cache-teacher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
     parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 10 on ImageNet-1k)")
-    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a filesystem every node shares)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
                         help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
@@ -284,7 +290,7 @@ def main(argv: list[str]) -> None:
     sampler = data.train_sampler()
     train_images = len(data.train_set)
     size = TeacherCache.nbytes(args.epochs, sampler.num_repeats, train_images, args.top_k, classes)
-    views = len([1 for epoch in range(args.epochs) for unit in sampler.units(epoch) for _ in unit])
+    views = CacheSampler(sampler, args.epochs, 1, 0).views
     rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
                    f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
                    f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")

@@ -50,7 +50,11 @@ class Teacher(nn.Module):
         precision: `auto` (bf16 where the hardware runs it natively, fp16 on GPUs without
             bf16, else fp32), `32`, `bf16` or `16` (weights and autocast).
         channels_last: run convolutions in channels-last memory layout (faster on GPUs and oneDNN).
-        compile: `torch.compile` the teacher (first batches slower; pays off on long GPU runs).
+        compile: `torch.compile` the teacher (first batches slower; pays off on long runs). On CPUs
+            with inductor's weight freezing: RegNetY-16GF bf16 at 224, batch 16, 10.7 -> 12.5 img/s
+            on this project's 2-core CPU after a 31 s compile.
+        fast_min_agreement: the fast path's minimum top-1 agreement with fp32 on the first batch;
+            below it the teacher stays in fp32 (0: never fall back).
     """
 
     def __init__(
@@ -64,10 +68,15 @@ class Teacher(nn.Module):
         precision: Literal["auto", "32", "bf16", "16"] = "auto",
         channels_last: bool = True,
         compile: bool = False,
+        fast_min_agreement: float = 0.99,
     ) -> None:
         super().__init__()
         self.config = dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std,
-                           img_size=img_size, precision=precision, channels_last=channels_last, compile=compile)
+                           img_size=img_size, precision=precision, channels_last=channels_last, compile=compile,
+                           fast_min_agreement=fast_min_agreement)
+        if not 0.0 <= fast_min_agreement <= 1.0:
+            raise ValueError(f"teacher.fast_min_agreement must lie in [0, 1], got {fast_min_agreement}")
+        self.fast_min_agreement = fast_min_agreement
         self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
         self.fast_dtype: Optional[torch.dtype] = None  # decided on the first batch, on its device
         self.fast_agreement: Optional[float] = None
@@ -114,7 +123,7 @@ class Teacher(nn.Module):
         return logits.clone()  # a normal tensor: the loss may keep it for the student's backward
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        run = self._run or self.model
+        run = self._run if self._run is not None else self.model  # (a compiled module has no truth value)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fast_dtype is None:
@@ -135,14 +144,15 @@ class Teacher(nn.Module):
             self.fast_dtype = dtype
             agreement = (self._forward_fast(x).argmax(-1) == fp32_logits.argmax(-1)).float().mean().item()
             self.fast_agreement = agreement
-            if agreement < 0.99:
-                warnings.warn(f"teacher: {dtype} top-1 agreement with fp32 is {agreement:.1%} < 99% on the first "
-                              "batch; the teacher stays in fp32 (set teacher.precision: '32' to skip the check)",
+            if agreement < self.fast_min_agreement:
+                warnings.warn(f"teacher: {dtype} top-1 agreement with fp32 is {agreement:.1%} < "
+                              f"{self.fast_min_agreement:.0%} on the first batch; the teacher stays in fp32 (set "
+                              "teacher.precision: '32' to skip the check, or lower teacher.fast_min_agreement)",
                               stacklevel=2)
                 self.model.float().load_state_dict(fp32_state)
                 self.fast_dtype = None
-        if self.compile:
-            self._run = torch.compile(self.model)
+        if self.compile:  # frozen weights: inductor may fold and pre-pack them (CPU: oneDNN layouts)
+            self._run = torch.compile(self.model, options={"freezing": True})
 
 
 def _fast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

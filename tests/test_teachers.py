@@ -158,3 +158,24 @@ def test_teacher_precision_choices(precision, expected):
     assert _fast_dtype(precision, torch.device("cpu")) == expected
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert _fast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+
+
+def test_a_compiled_teacher_gives_the_eager_teachers_labels(teacher_file):
+    eager = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="bf16")
+    compiled = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="bf16", compile=True)
+    images = torch.randn(16, 3, 32, 32)
+    logits = compiled(images)
+    assert isinstance(compiled._run, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch.equal(logits.argmax(-1), eager(images).argmax(-1))
+    assert torch.allclose(logits, eager(images), atol=0.05)
+
+
+def test_the_fallback_threshold_is_an_option(teacher_file):
+    teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="bf16", fast_min_agreement=0.0)
+    with torch.no_grad():  # as above: bf16 cannot tell the logits apart, but the user accepts any agreement
+        teacher.model.fc.weight.zero_()
+        teacher.model.fc.bias.copy_(1 + 1e-4 * torch.arange(10))
+    teacher(torch.randn(8, 3, 32, 32))
+    assert teacher.fast_agreement == 0.0 and teacher.fast_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="teacher.fast_min_agreement must lie in"):
+        Teacher(TINY_TEACHER, weights=str(teacher_file), fast_min_agreement=1.5)
