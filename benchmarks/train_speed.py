@@ -2,7 +2,7 @@
 reference DeiT way), timm's own token-distillation task (`timm.task`), and this project's
 `fit` (fp32 teacher, default fast teacher, teacher cache), plus DDP 2x1 against 1x2.
 
-    python benchmarks/train_speed.py                       # DeiT-tiny + RegNetY-16GF at 224, batch 16
+    python benchmarks/train_speed.py                       # DeiT-tiny + RegNetY-16GF at 224, batch 16 (7 min here)
     python benchmarks/train_speed.py --student deit_tiny --teacher resnet10t --img-size 32 --batch 64 --steps 20
 
 Every row runs in its own process (same threads, fresh memory) on the same synthetic batch
@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 ROWS = {
     "plain": "plain PyTorch loop, fp32 teacher (reference DeiT)",
-    "timm_task": "timm.task.TokenDistillationTask, fp32 teacher",
     "fit_fp32": "this project's fit, fp32 teacher",
+    "timm_task": "timm.task.TokenDistillationTask, fp32 teacher",
     "fit": "this project's fit, default teacher (precision auto)",
     "fit_compile": "this project's fit, default teacher + teacher.compile",
-    "fit_cache": "this project's fit, teacher cache",
     "fit_bf16": "fit as the DeiT-tiny config: bf16-mixed student, default teacher",
+    "fit_cache": "this project's fit, teacher cache",
     "fit_cache_bf16": "fit, bf16-mixed student, teacher cache",
     "fit_ddp_2x1": "fit, default teacher, DDP 2 processes x 1 thread",
     "fit_cache_ddp_2x1": "fit, teacher cache, DDP 2 processes x 1 thread",
@@ -212,12 +212,13 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16, help="images per process and step")
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                         help="the student's precision (every row but the *_bf16 ones)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    parser.add_argument("--rows", default=",".join([*ROWS, "plain", "fit_fp32"]),  # repeats: the noise, averaged
+                        help="comma-separated rows (repeats allowed) of: " + ", ".join(ROWS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of a 1-process row")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = parser.parse_args()
@@ -242,13 +243,14 @@ def main() -> None:
     print(f"\n{args.student} student + {args.teacher} teacher, {args.img_size} px, batch {args.batch} per process, "
           f"student {args.precision}, {args.device}, torch {torch.__version__}, timm {timm.__version__}, "
           f"Lightning {pl.__version__}, {args.steps} timed steps after {args.warmup}")
-    plain = [r["img_per_s"] for r in results if r["row"] == "plain"]
+    plain = [r["img_per_s"] for r in results if r["row"] == "plain"]  # x plain: against their mean
     base_speed = sum(plain) / len(plain) if plain else None
-    print(f"| {'setting':52s} | img/s | x plain | teacher s/step | step s | peak MiB |")
-    print(f"|{'-' * 54}|------:|--------:|---------------:|-------:|---------:|")
+    width = max(len(ROWS[r["row"]]) for r in results) if results else 10
+    print(f"| {'setting':{width}s} | img/s | x plain | teacher s/step | step s | peak MiB |")
+    print(f"|{'-' * (width + 2)}|------:|--------:|---------------:|-------:|---------:|")
     for r in results:
         ratio = f"{r['img_per_s'] / base_speed:7.2f}" if base_speed else "      -"
-        print(f"| {ROWS[r['row']]:52s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
+        print(f"| {ROWS[r['row']]:{width}s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
               f"{r['step_s']:6.2f} | {r['peak_mib']:8.0f} |")
     for r in results:
         if r.get("agreement") is not None:

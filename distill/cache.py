@@ -57,9 +57,10 @@ ARRAYS = ("index", "prob", "seed", "checksum", "done")
 
 def view_checksum(images: torch.Tensor) -> torch.Tensor:
     """(B,) float64: a position-weighted pixel sum of each view (a changed pixel changes it)."""
-    flat = images.detach().double().flatten(1)
-    weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
-    return flat @ weights
+    with torch.autocast(images.device.type, enabled=False):  # the same arithmetic under any precision setting
+        flat = images.detach().double().flatten(1)
+        weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
+        return flat @ weights
 
 
 def cached_teacher_logits(index: torch.Tensor, prob: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Data for distillation: an ImageFolder tree (ImageNet layout) or the bundled digits set.
 
 Transforms are timm's (`create_transform`: RandomResizedCrop, flip, RandAugment, random
-erasing; resize + centre crop for evaluation). Mixup/cutmix (timm `Mixup`) is applied once
-per training batch after it reaches the device, so the teacher labels exactly the mixed
-image the student sees.
+erasing; resize + centre crop for evaluation). Mixup/cutmix (timm `Mixup`'s draws) mixes
+fixed pairs of images after the batch reaches the device, so the teacher labels exactly the
+mixed image the student sees; each pair's draws are seeded by the pair, so the mixed image
+does not depend on the batch size or the number of processes (a teacher cache replays it).
 
 Training views are a function of (seed, epoch, sample index) only: `EpochSampler` shuffles
 by (seed, epoch) and hands each index to the dataset together with its epoch, and
@@ -167,17 +168,21 @@ def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...]
     timm's `Mixup` (its distributions and options) under a seed of (seed, the pair's keys).
     """
     rows = keys.tolist()
-    params = torch.zeros(len(rows), 6, dtype=torch.float64)
-    for j in range(0, len(rows) - 1, 2):
-        (epoch, first, repeat), second = rows[j], rows[j + 1][1]
-        with seeded(sample_seed(seed, epoch, first, second, repeat, 3)):
+    params = [[1.0, 0.0, 0, 0, 0, 0]] * len(rows)
+    state = np.random.get_state()  # timm draws from numpy's global generator only; seeded per pair, restored after
+    try:
+        for j in range(0, len(rows) - 1, 2):
+            (epoch, first, repeat), second = rows[j], rows[j + 1][1]
+            np.random.seed(sample_seed(seed, epoch, first, second, repeat, 3))
             lam, use_cutmix = mixup._params_per_batch()
             box = (0, 0, 0, 0)
             if use_cutmix and lam != 1.0:
                 box, lam = cutmix_bbox_and_lam(image_shape, lam, ratio_minmax=mixup.cutmix_minmax,
                                                correct_lam=mixup.correct_lam)
-        params[j:j + 2] = torch.tensor([lam, float(use_cutmix), *box], dtype=torch.float64)
-    return params
+            params[j] = params[j + 1] = [lam, float(use_cutmix), *box]
+    finally:
+        np.random.set_state(state)
+    return torch.tensor(params, dtype=torch.float64)
 
 
 def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tensor, mixup: Mixup

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Optional
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -120,6 +120,7 @@ class DistillationModule(pl.LightningModule):
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self._fast_path_logged = False
+        self._view_mismatch_warned = False
         self._ema_step = -1
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
@@ -196,6 +197,11 @@ class DistillationModule(pl.LightningModule):
         match = torch.isclose(view_checksum(images), extras["checksum"].to(images.device), rtol=1e-9, atol=1e-6)
         self.log("train/cache_agreement", agreement, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/cache_view_match", match.double().mean().float(), on_step=True, on_epoch=True, sync_dist=True)
+        if not bool(match.all()) and not self._view_mismatch_warned:
+            self._view_mismatch_warned = True
+            rank_zero_warn(f"data.teacher_cache: {int((~match).sum())} of {len(match)} training views differ from the "
+                           "views the cache was built from (the transform code or a library version changed since): "
+                           "the cached targets label other images; rebuild the cache with distill cache-teacher")
 
     def _check_finite(self, parts: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Stop on a NaN/inf loss, naming the step and the parts; every DDP rank stops together."""
