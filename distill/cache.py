@@ -264,9 +264,12 @@ def main(argv: list[str]) -> None:
     """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
     from distill.cli import make_cli
 
-    parser = argparse.ArgumentParser(prog="distill cache-teacher", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
+        epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
+               "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
     parser.add_argument("--epochs", type=int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
-    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 10 on ImageNet-1k)")
+    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
     parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a filesystem every node shares)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
                         help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
