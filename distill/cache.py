@@ -45,7 +45,7 @@ from typing import Any, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -57,6 +57,8 @@ ARRAYS = ("index", "prob", "seed", "checksum", "done")
 
 def view_checksum(images: torch.Tensor) -> torch.Tensor:
     """(B,) float64: a position-weighted pixel sum of each view (a changed pixel changes it)."""
+    if images.device.type == "mps":  # no float64 there
+        images = images.cpu()
     with torch.autocast(images.device.type, enabled=False):  # the same arithmetic under any precision setting
         flat = images.detach().double().flatten(1)
         weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
@@ -72,7 +74,9 @@ def cached_teacher_logits(index: torch.Tensor, prob: torch.Tensor, num_classes: 
     prob = prob.float().clamp_min(1e-12)
     rest = (1.0 - prob.sum(-1, keepdim=True)).clamp_min(0.0) / max(num_classes - prob.shape[-1], 1)
     full = rest.clamp_min(1e-12).log().expand(-1, num_classes).clone()
-    return full.scatter_(1, index.long(), prob.log())
+    log_prob = prob.log()
+    log_prob[:, 0] += 1e-6  # the stored top-1 stays the argmax when fp16 rounded it to a tie with the next
+    return full.scatter_(1, index.long(), log_prob)
 
 
 class TeacherCache:
@@ -127,6 +131,12 @@ class TeacherCache:
             raise ValueError(f"data.teacher_cache: '{path}' was built for another {name} ({was} in the cache, {now} "
                              f"here{'; also ' + ', '.join(differ[1:]) if differ[1:] else ''}); rebuild it with "
                              "distill cache-teacher and this config")
+        versions = library_versions()
+        changed = [f"{name} {meta.get('versions', {}).get(name)} -> {version}" for name, version in versions.items()
+                   if meta.get("versions", {}).get(name) != version]
+        if changed:
+            rank_zero_warn(f"data.teacher_cache: '{path}' was built with other library versions ({', '.join(changed)}); "
+                           "the augmented views may differ: check with model.teacher_cache_verify")
         if epochs is not None and epochs > meta["epochs"]:
             raise ValueError(f"data.teacher_cache: '{path}' holds {meta['epochs']} epochs of teacher outputs but "
                              f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")
@@ -151,7 +161,8 @@ class TeacherCache:
                              f"repeat {repeat}; it was built for {self.meta['epochs']} epochs: rebuild it")
         return {"teacher_index": torch.from_numpy(np.array(arrays["index"][epoch, repeat, index], dtype=np.int64)),
                 "teacher_prob": torch.from_numpy(np.array(arrays["prob"][epoch, repeat, index], dtype=np.float32)),
-                "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64)}
+                # float64 bits as int64: moves to any device (MPS has no float64) and is never cast by a precision plugin
+                "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64).view(torch.int64)}
 
     # ------------------------------------------------------------------ writing
     def write(self, extras: dict[str, torch.Tensor], logits: torch.Tensor, checksums: torch.Tensor) -> None:
@@ -171,6 +182,15 @@ class TeacherCache:
             array.flush()
 
 
+def library_versions() -> dict[str, str]:
+    """The versions the augmented views depend on (transforms, resampling, image decoding)."""
+    import PIL
+    import timm
+    import torchvision
+    return {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0],
+            "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -187,12 +207,15 @@ class CacheSampler(DistributedSampler):
         self.train_sampler, self.epochs = train_sampler, epochs
         width, repeats = train_sampler.width, train_sampler.num_repeats
         units = len(train_sampler.dataset) // width * repeats  # per epoch
+        if repeats > 1:  # an epoch of repeated augmentation trains on one dataset's worth: its first units, whatever
+            units = len(train_sampler.dataset) // width  # the world size (EpochSampler.num_samples)
+        self.units = units
         self.views = epochs * units * width  # over all ranks
         self.share = epochs * len(range(rank, units, num_replicas)) * width
 
     def __iter__(self):  # type: ignore[override]
         for epoch in range(self.epochs):
-            for unit in self.train_sampler.units(epoch)[self.rank::self.num_replicas]:
+            for unit in self.train_sampler.units(epoch)[: self.units][self.rank::self.num_replicas]:
                 yield from unit
 
     def __len__(self) -> int:
@@ -218,7 +241,8 @@ class CacheWriter(pl.LightningModule):
         self.data.setup("fit")
         train = self.data.train_set
         sampler = self.data.train_sampler()
-        meta = {"format": FORMAT, "fingerprint": self.data.cache_fingerprint(len(train)), "epochs": self.epochs,
+        meta = {"format": FORMAT, "fingerprint": self.data.cache_fingerprint(train.dataset), "epochs": self.epochs,
+                "versions": library_versions(),
                 "repeats": sampler.num_repeats, "top_k": self.top_k, "teacher": self.teacher.config,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         if self.trainer.is_global_zero:
@@ -270,7 +294,7 @@ def main(argv: list[str]) -> None:
                "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
     parser.add_argument("--epochs", type=int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
     parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
-    parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a filesystem every node shares)")
+    parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a shared filesystem with coherent memory maps, e.g. Lustre or GPFS, not NFS)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
                         help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
@@ -288,6 +312,9 @@ def main(argv: list[str]) -> None:
     if data.teacher_cache:
         raise ValueError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
     classes = data.num_classes
+    batch_size = args.batch_size or 4 * data.batch_size
+    if data.mixup_fn is not None and batch_size % 2:
+        raise ValueError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
     if not 1 <= args.top_k <= classes:
         raise ValueError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
     data.setup("fit")
@@ -308,7 +335,7 @@ def main(argv: list[str]) -> None:
         precision=trainer_cfg.get("precision") or "32-true", logger=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False,
     )
-    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, args.batch_size or 4 * data.batch_size)
+    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, batch_size)
     started = time.monotonic()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="predict returned None")  # the writer stores, returns nothing

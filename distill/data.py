@@ -16,6 +16,8 @@ depend on the worker count, and a resumed run re-seeds differently.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -182,7 +184,7 @@ def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...]
             params[j] = params[j + 1] = [lam, float(use_cutmix), *box]
     finally:
         np.random.set_state(state)
-    return torch.tensor(params, dtype=torch.float64)
+    return torch.tensor(params, dtype=torch.float32)  # not float64: some devices (MPS) have none
 
 
 def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tensor, mixup: Mixup
@@ -384,7 +386,7 @@ class ImageDataModule(pl.LightningDataModule):
             train = self._dataset("train", self.train_transform())
             if self.teacher_cache:
                 from distill.cache import TeacherCache
-                self.cache = TeacherCache.open(self.teacher_cache, self.cache_fingerprint(len(train)), self._epochs())
+                self.cache = TeacherCache.open(self.teacher_cache, self.cache_fingerprint(train), self._epochs())
             self.train_set = SeededViews(train, global_seed(), self.cache)
         if self.val_set is None:
             self.val_set = self._dataset("val", self.eval_transform())
@@ -420,13 +422,26 @@ class ImageDataModule(pl.LightningDataModule):
         return EpochSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=global_seed(),
                             num_repeats=self.hparams.repeated_aug, pairs=self.mixup_fn is not None)
 
-    def cache_fingerprint(self, train_size: int) -> dict[str, Any]:
-        """What the training views depend on: a teacher cache is valid only for the same values."""
+    def cache_fingerprint(self, train: Dataset) -> dict[str, Any]:
+        """What the training views depend on: a teacher cache is valid only for the same values.
+
+        The training images by their file list (relative paths and classes: a copy of the
+        folder elsewhere is the same data), the transform's options and its timm repr, the
+        mixing options, repeated augmentation and the seed.
+        """
         hp = self.hparams
-        dataset = self.dataset if self.dataset == DIGITS else str(Path(self.dataset).resolve())
+        dataset = DIGITS
+        if self.dataset != DIGITS:
+            root = Path(self.dataset) / "train"
+            listing = "\n".join(f"{Path(path).relative_to(root)}\t{target}" for path, target in train.samples)
+            dataset = f"{len(train.samples)} files, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+        options = ("auto_augment", "re_prob", "re_mode", "scale", "hflip", "color_jitter", "interpolation")
+        transform = {"img_size": self.img_size, "mean": self.mean, "std": self.std, **{k: hp[k] for k in options},
+                     "timm": repr(self.train_transform())}
         mixing = {k: hp[k] for k in ("mixup", "cutmix", "mixup_prob", "mixup_switch_prob")} if self.mixup_fn else None
-        return {"dataset": dataset, "train_images": train_size, "classes": self.class_names, "seed": global_seed(),
-                "transform": repr(self.train_transform()), "mixing": mixing, "repeated_aug": hp.repeated_aug}
+        fingerprint = {"dataset": dataset, "train_images": len(train), "classes": self.class_names, "seed": global_seed(),
+                       "transform": transform, "mixing": mixing, "repeated_aug": hp.repeated_aug}
+        return json.loads(json.dumps(fingerprint))  # as meta.json holds it (tuples become lists)
 
     def _epochs(self) -> Optional[int]:
         trainer = self.trainer

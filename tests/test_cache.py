@@ -83,7 +83,7 @@ def test_cached_targets_are_the_live_teachers_on_the_same_views(cache, teacher_f
 
     data = ImageDataModule("digits", batch_size=16, num_workers=0, **DATA)
     data.setup("fit")
-    TeacherCache.open(cache, data.cache_fingerprint(len(data.train_set)), 2)  # the same data as the build
+    TeacherCache.open(cache, data.cache_fingerprint(data.train_set.dataset), 2)  # the same data as the build
     sampler = data.train_sampler()
     sampler.set_epoch(1)
     views = replayed_views(data, sampler, 16, 0, batches=4)
@@ -138,6 +138,7 @@ def test_fit_from_the_cache_holds_no_teacher(cache, tmp_path, teacher_file, dist
     ("--data.repeated_aug=2", "built for another repeated_aug"),
     ("--trainer.max_epochs=3", "holds 2 epochs of teacher outputs but trainer.max_epochs is 3"),
     ("--data.dataset=IMAGES", "built for another classes"),
+    ("--data.mean=[0.48501,0.456,0.406]", "built for another transform"),
 ])
 def test_a_cache_built_for_other_data_or_schedule_is_refused(cache, tmp_path, teacher_file, image_folder, capsys,
                                                           override, message):
@@ -156,6 +157,7 @@ def test_cache_teacher_refuses_to_overwrite_and_an_interrupted_build_is_not_a_ca
     before = (cache / "index.npy").read_bytes()
     for extra, message in ((f"--out={cache}", "exists; pass --overwrite"),
                            (f"--out={tmp_path / 'other'} --top_k=11", "--top_k must lie in 1..10"),
+                           (f"--out={tmp_path / 'other'} --batch_size=7", "--batch_size must be even"),
                            (f"--out={tmp_path / 'other'} --model.teacher=null", "no model.teacher")):
         with pytest.raises(SystemExit):
             cli_main(["cache-teacher", *common(tmp_path, teacher_file), "--epochs=2", *extra.split()])
@@ -185,10 +187,24 @@ def test_targets_from_top_k_spread_the_rest_evenly_and_keep_the_temperature_exac
     rest = approx.scatter(1, index, 0.0)
     assert torch.allclose(rest.max(-1).values * 7, 1 - values.sum(-1), atol=1e-5)  # spread over the other 7
     assert torch.equal(approx.argmax(-1), logits.argmax(-1))
+    tied = cached_teacher_logits(torch.tensor([[3, 1]]), torch.tensor([[0.45, 0.45]], dtype=torch.float16), 10)
+    assert tied.argmax(-1).item() == 3  # fp16 rounded the top two together: the stored top-1 still wins
     tempered = F.softmax(approx.log() / 2.0, dim=-1)
     exact = F.softmax(logits / 2.0, dim=-1)
     ratio = tempered.gather(1, index) / exact.gather(1, index)  # the same up to one normalisation per row
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_with_repeated_augmentation_the_cache_holds_what_any_world_size_trains_on():
+    from distill.cache import CacheSampler
+    data = ImageDataModule("digits", batch_size=8, num_workers=0, repeated_aug=3, **DATA)
+    data.setup("fit")
+    cached = set(CacheSampler(data.train_sampler(), epochs=1, num_replicas=1, rank=0))
+    assert len(cached) == 1436  # one dataset's worth of views per epoch, as training uses (not 3x)
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            trained = set(data.train_sampler(world, rank))
+            assert trained <= cached, (world, rank)
 
 
 def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp_path, teacher_file):
@@ -204,3 +220,11 @@ def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp
     assert np.allclose(np.load(out / "prob.npy"), np.load(cache / "prob.npy"), atol=1e-3)
     assert np.allclose(np.load(out / "checksum.npy"), np.load(cache / "checksum.npy"), rtol=1e-9)
     assert TeacherCache.open(out, json.loads((cache / "meta.json").read_text())["fingerprint"], 2).meta["epochs"] == 2
+    # a DDP fit from the cache, verifying half the batches: every rank verifies the same ones (no hang)
+    fit = subprocess.run([sys.executable, "-m", "distill", "fit", *common(tmp_path, teacher_file),
+                          f"--data.teacher_cache={out}", "--model.teacher_cache_verify=0.5", "--trainer.strategy=ddp",
+                          "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.limit_train_batches=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    matches = scalars(tmp_path / "runs")["train/cache_view_match_step"]
+    assert 0 < len(matches) < 8 and set(matches) == {1.0}
