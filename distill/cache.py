@@ -14,8 +14,9 @@ workers or processes. One cache serves every student, sweep and restart on the s
 Format: a folder, every array a NumPy `.npy` file (`np.load(path, mmap_mode="r")`), indexed
 [epoch, repeat, sample] (repeat is 0 without repeated augmentation):
 
-    meta.json     format version, the data fingerprint (dataset, images, classes, seed,
-                  transform, mixing, repeated_aug), epochs, top_k, teacher config, shapes
+    meta.json     format version, the data fingerprint (file list hash, images, classes, seed,
+                  transform options, mixing, repeated_aug), library versions, epochs, top_k,
+                  teacher config, array shapes and dtypes
     index.npy     int16 / int32 (E, R, N, K)  the teacher's top-k classes, most probable first
     prob.npy      float16 (E, R, N, K)         their softmax probabilities (temperature 1)
     seed.npy      uint32 (E, R, N)             the seed of the view (before mixing)
