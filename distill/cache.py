@@ -206,11 +206,10 @@ class CacheSampler(DistributedSampler):
     def __init__(self, train_sampler: Any, epochs: int, num_replicas: int, rank: int) -> None:
         super().__init__(train_sampler.dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.train_sampler, self.epochs = train_sampler, epochs
-        width, repeats = train_sampler.width, train_sampler.num_repeats
-        units = len(train_sampler.dataset) // width * repeats  # per epoch
-        if repeats > 1:  # an epoch of repeated augmentation trains on one dataset's worth: its first units, whatever
-            units = len(train_sampler.dataset) // width  # the world size (EpochSampler.num_samples)
-        self.units = units
+        width = train_sampler.width
+        # per epoch: every pair (or view); with repeated augmentation, the first dataset's worth of
+        # units, which is all any world size trains on (EpochSampler.num_samples)
+        self.units = units = len(train_sampler.dataset) // width
         self.views = epochs * units * width  # over all ranks
         self.share = epochs * len(range(rank, units, num_replicas)) * width
 

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data.mixup import cutmix_bbox_and_lam
+from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
@@ -206,10 +206,9 @@ def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tens
     weight = torch.where(cutmix, (~in_box).unsqueeze(1).to(images.dtype), lam)  # of the image itself
     mixed = images * weight + images[partner] * (1 - weight)
     off = mixup.label_smoothing / mixup.num_classes
-    one_hot = torch.full((batch, mixup.num_classes), off, device=images.device)
-    one_hot.scatter_(1, targets.view(-1, 1), 1.0 - mixup.label_smoothing + off)
-    lam_t = params[:, 0].view(-1, 1).to(one_hot.dtype)
-    return mixed, one_hot * lam_t + one_hot[partner] * (1 - lam_t)
+    smoothed = one_hot(targets, mixup.num_classes, on_value=1.0 - mixup.label_smoothing + off, off_value=off)
+    lam_t = params[:, 0].view(-1, 1).to(smoothed.dtype)
+    return mixed, smoothed * lam_t + smoothed[partner] * (1 - lam_t)
 
 
 class CheckedImageFolder(ImageFolder):
