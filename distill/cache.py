@@ -29,13 +29,17 @@ stored, the rest of the mass spread evenly over the other classes. Hard distilla
 the top-1 class (exactly the live teacher's argmax); soft distillation at temperature tau
 uses q^(1/tau), renormalised (exact among the top k). The cache is written to `OUT.partial`
 and renamed when complete: a killed build leaves no half-written cache and an existing one
-is replaced only with --overwrite.
+is replaced only with --overwrite. The files are allocated in full before the build starts,
+so a disk that cannot hold the cache is an error then, not a crash (SIGBUS) hours later; a
+second build onto the same --out is refused while the first runs. Opening a cache checks
+every array's shape and dtype against meta.json, so an edited or truncated file is named.
 """
 from __future__ import annotations
 
-import argparse
+import errno
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -46,9 +50,11 @@ from typing import Any, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from distill.errors import OneLineArgumentParser, UserError, positive_int
+from distill.files import OutputLock, free_bytes, lock_path
 
 __all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "main"]
 
@@ -108,7 +114,9 @@ class TeacherCache:
                             len(meta["fingerprint"]["classes"]))
         meta = {**meta, "arrays": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()}}
         for name, (shape, dtype) in shapes.items():
-            np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            file = path / f"{name}.npy"
+            np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape).flush()
+            _allocate(file)
         (path / "meta.json").write_text(json.dumps(meta, indent=2))
         return cls(path, meta, mode="r+")
 
@@ -119,17 +127,21 @@ class TeacherCache:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             partial = " (a build was interrupted: run distill cache-teacher again)" if Path(f"{path}.partial").exists() else ""
-            raise FileNotFoundError(f"data.teacher_cache: '{path}' is not a teacher cache (no meta.json){partial}; "
-                                    "write one with distill cache-teacher")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"data.teacher_cache: '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise UserError(f"data.teacher_cache: '{path}' is not a teacher cache (no meta.json){partial}; "
+                            "write one with distill cache-teacher")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"data.teacher_cache: '{meta_file}' is not readable JSON ({err}); rebuild the cache") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"data.teacher_cache: '{path}' has format {found!r}, expected {FORMAT!r}")
         saved = meta["fingerprint"]
         differ = [name for name in sorted(set(saved) | set(fingerprint)) if saved.get(name) != fingerprint.get(name)]
         if differ:
             name = differ[0]
             was, now = _short(saved.get(name)), _short(fingerprint.get(name))
-            raise ValueError(f"data.teacher_cache: '{path}' was built for another {name} ({was} in the cache, {now} "
+            raise UserError(f"data.teacher_cache: '{path}' was built for another {name} ({was} in the cache, {now} "
                              f"here{'; also ' + ', '.join(differ[1:]) if differ[1:] else ''}); rebuild it with "
                              "distill cache-teacher and this config")
         versions = library_versions()
@@ -139,9 +151,32 @@ class TeacherCache:
             rank_zero_warn(f"data.teacher_cache: '{path}' was built with other library versions ({', '.join(changed)}); "
                            "the augmented views may differ: check with model.teacher_cache_verify")
         if epochs is not None and epochs > meta["epochs"]:
-            raise ValueError(f"data.teacher_cache: '{path}' holds {meta['epochs']} epochs of teacher outputs but "
-                             f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")
-        return cls(path, meta)
+            raise UserError(f"data.teacher_cache: '{path}' holds {meta['epochs']} epochs of teacher outputs but "
+                            f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")
+        cache = cls(path, meta)
+        cache.check_arrays()
+        return cache
+
+    def check_arrays(self) -> None:
+        """Every array file opens (a whole .npy) with the shape and dtype meta.json and the schedule imply."""
+        meta = self.meta
+        try:
+            expected = self.shapes(meta["epochs"], meta["repeats"], meta["fingerprint"]["train_images"], meta["top_k"],
+                                   len(meta["fingerprint"]["classes"]))
+        except (KeyError, TypeError) as err:
+            raise UserError(f"data.teacher_cache: '{self.path / 'meta.json'}' lacks {err}; rebuild the cache") from err
+        for name, (shape, dtype) in expected.items():
+            file = self.path / f"{name}.npy"
+            try:
+                array = np.load(file, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as err:  # missing, truncated, not a .npy
+                raise UserError(f"data.teacher_cache: '{file}' cannot be read ({str(err).splitlines()[0][:120]}); "
+                                "the cache is damaged: rebuild it with distill cache-teacher") from err
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise UserError(f"data.teacher_cache: '{file}' holds {array.dtype} {tuple(array.shape)}, but meta.json "
+                                f"describes {dtype} {tuple(shape)} ({meta['epochs']} epochs, {meta['repeats']} repeats, "
+                                f"{meta['fingerprint']['train_images']} images, top-{meta['top_k']}); the cache was "
+                                "edited or damaged: rebuild it")
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -158,7 +193,7 @@ class TeacherCache:
         """The teacher's cached top-k for view (epoch, index, repeat), as tensors for a batch."""
         arrays = self.arrays
         if epoch >= self.meta["epochs"] or not arrays["done"][epoch, repeat, index]:
-            raise ValueError(f"data.teacher_cache: '{self.path}' has no entry for epoch {epoch}, image {index}, "
+            raise UserError(f"data.teacher_cache: '{self.path}' has no entry for epoch {epoch}, image {index}, "
                              f"repeat {repeat}; it was built for {self.meta['epochs']} epochs: rebuild it")
         return {"teacher_index": torch.from_numpy(np.array(arrays["index"][epoch, repeat, index], dtype=np.int64)),
                 "teacher_prob": torch.from_numpy(np.array(arrays["prob"][epoch, repeat, index], dtype=np.float32)),
@@ -181,6 +216,21 @@ class TeacherCache:
     def flush(self) -> None:
         for array in (self._arrays or {}).values():
             array.flush()
+
+
+def _allocate(file: Path) -> None:
+    """Reserve the disk blocks of a (sparse) memory-mapped file now: a full disk fails here, not with SIGBUS later."""
+    size = file.stat().st_size
+    with open(file, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except AttributeError:  # no posix_fallocate (macOS, Windows): the free-space check before the build stands
+            return
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the filesystem cannot preallocate
+                return
+            raise UserError(f"--out: cannot allocate {size / 2**30:.2f} GiB for '{file}' ({err.strerror}); free disk "
+                            "space on that filesystem or choose another --out") from err
 
 
 def library_versions() -> dict[str, str]:
@@ -248,7 +298,11 @@ class CacheWriter(pl.LightningModule):
         if self.trainer.is_global_zero:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
-            self.cache = TeacherCache.create(self.partial, meta)
+            try:
+                self.cache = TeacherCache.create(self.partial, meta)
+            except BaseException:
+                shutil.rmtree(self.partial, ignore_errors=True)  # a failed allocation leaves nothing behind
+                raise
         self.trainer.strategy.barrier("teacher cache allocated")
         if self.cache is None:
             self.cache = TeacherCache(self.partial, json.loads((self.partial / "meta.json").read_text()), mode="r+")
@@ -288,35 +342,47 @@ def main(argv: list[str]) -> None:
     """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
     from distill.cli import make_cli
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
         epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
                "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
-    parser.add_argument("--epochs", type=int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
-    parser.add_argument("--top_k", "--top-k", type=int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
+    parser.add_argument("--epochs", type=positive_int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
+    parser.add_argument("--top_k", "--top-k", type=positive_int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
     parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a shared filesystem with coherent memory maps, e.g. Lustre or GPFS, not NFS)")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=None,
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
                         help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     args, rest = parser.parse_known_args(argv)
     out = Path(args.out)
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be 1 or more, got {args.epochs}")
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
+        raise UserError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
+    if out.exists() and not (out / "meta.json").is_file():
+        raise UserError(f"--out: '{out}' is not a teacher cache (no meta.json); --overwrite replaces only an earlier "
+                        "cache: choose another folder")
+    # one build per --out: the second is refused while the first holds the lock (rank 0 holds it for all ranks)
+    lock = OutputLock(lock_path(out), f"cache-teacher --out '{out}'")
+    if rank_zero_only.rank == 0:
+        lock.acquire()
+    try:
+        _build(out, args, rest, make_cli)
+    finally:
+        lock.release()
+
+
+def _build(out: Path, args: Any, rest: list[str], make_cli: Any) -> None:
     cli = make_cli(rest, run=False)
     model, data, config = cli.model, cli.datamodule, cli.config
     teacher = model.teacher
     if teacher is None:
-        raise ValueError("model.teacher is null: a teacher cache needs the teacher of the config")
+        raise UserError("model.teacher is null: a teacher cache needs the teacher of the config")
     if data.teacher_cache:
-        raise ValueError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
+        raise UserError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
     classes = data.num_classes
     batch_size = args.batch_size or 4 * data.batch_size
     if data.mixup_fn is not None and batch_size % 2:
-        raise ValueError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
+        raise UserError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
     if not 1 <= args.top_k <= classes:
-        raise ValueError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
+        raise UserError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
     data.setup("fit")
     sampler = data.train_sampler()
     train_images = len(data.train_set)
@@ -325,9 +391,10 @@ def main(argv: list[str]) -> None:
     rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
                    f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
                    f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
     if size > free:
-        raise OSError(f"--out: the cache needs {size / 2**30:.2f} GiB but '{out.parent}' has {free / 2**30:.2f} GiB free")
+        raise UserError(f"--out: the cache needs {size / 2**30:.2f} GiB but the filesystem of '{out}' has "
+                        f"{free / 2**30:.2f} GiB free")
     trainer_cfg = config["trainer"]
     trainer = pl.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", "auto"),

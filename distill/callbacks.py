@@ -2,13 +2,18 @@
 written atomically, and saved on SIGTERM (preemption) or Ctrl+C."""
 from __future__ import annotations
 
-import os
+import contextlib
+import errno
+from pathlib import Path
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from distill.errors import UserError
+from distill.files import replace_file
 
 __all__ = ["BestAndLastCheckpoint"]
 
@@ -63,8 +68,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
         if trainer.is_global_zero:
             partial = f"{path}.partial"
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, partial)
-            _replace_durably(partial, path)
+            try:
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, partial)
+                replace_file(partial, path)
+            finally:
+                _remove(partial)
         self._last_global_step_saved = trainer.global_step
 
     def _save_last_if_skipped(self, trainer: pl.Trainer) -> None:
@@ -76,15 +84,22 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         if not _is_local_file_protocol(filepath):  # object stores write whole objects anyway
             return super()._save_checkpoint(trainer, filepath)
         partial = f"{filepath}.partial"
-        super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
-        if trainer.is_global_zero:
-            _replace_durably(partial, filepath)
+        try:
+            super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
+            if trainer.is_global_zero:
+                replace_file(partial, filepath)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"checkpoint.dirpath: no space left to write '{filepath}' ({err.strerror}); the previous "
+                                "checkpoint there is intact: free disk space and resume with --ckpt_path last") from err
+            raise
+        finally:
+            if trainer.is_global_zero:
+                _remove(partial)  # a failed write (disk full...) leaves the previous checkpoint and no partial file
         self._last_checkpoint_saved = filepath
         trainer.strategy.barrier("BestAndLastCheckpoint")  # no rank reads the file before it is in place
 
 
-def _replace_durably(partial: str, path: str) -> None:
-    """Flush `partial` to disk, then rename it over `path` (atomic: the old file stays whole until then)."""
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()

@@ -8,15 +8,25 @@
     distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
     distill report runs/digits [--plot plots/]                                       (distill/report.py)
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache (distill/cache.py)
+    distill compare --config configs/distill.yaml --seeds 5     (none / soft / hard x seeds: distill/compare.py)
 
 Shared values are linked, never copied: the data module gives the model its number of
 classes, class names, image size and normalisation; the model gives the data module its
-label smoothing (folded into mixup targets). Bad input ends with a one-line `error:`
-message; set DISTILL_DEBUG=1 for the full traceback.
+label smoothing (folded into mixup targets).
+
+Errors: bad input raises `distill.errors.UserError` where it is validated; this is the one
+place that prints it, as one line `error: ...` with exit code 2 (DISTILL_DEBUG=1 shows the
+traceback). Every other exception is a bug and keeps its traceback.
+
+Outputs: `fit` never replaces what an earlier run wrote. A checkpoint folder that holds an
+earlier run's checkpoints is refused unless the run resumes it (`--ckpt_path last`), and a
+second `fit` writing into the same folder while the first runs is refused (a lock released
+when its holder exits, however it exits).
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 import re
@@ -33,6 +43,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
+from distill.errors import UserError
+from distill.files import OutputLock, write_atomically
 from distill.module import DistillationModule
 from distill.telemetry import DistillationTelemetry
 from students.resize import read_student_checkpoint
@@ -50,8 +62,8 @@ TRAINER_DEFAULTS = {
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """A parser whose errors are one line naming the option (with a close match for a typo), not
-    jsonargparse's page of usage; DISTILL_DEBUG=1 restores the full output."""
+    """A parser whose errors are one line naming the option (with a close match for a typo, the accepted
+    range for a number out of range), not jsonargparse's page of usage; DISTILL_DEBUG=1 restores the full output."""
 
     argv: list[str] = []  # the command line, set by make_cli: to name the config file a bad key is in
 
@@ -60,6 +72,7 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        text = _out_of_range(text) or text
         typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
         close = difflib.get_close_matches(typo.group(1), sorted(_option_names(self) | _option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -68,6 +81,46 @@ class OneLineErrorParser(LightningArgumentParser):
             text = f"{source}: {text}"
         sys.stderr.write(f"error: {text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)\n")
         raise SystemExit(2)
+
+
+def _out_of_range(text: str) -> Optional[str]:
+    """jsonargparse's message for a value outside its range type, as `option: value is out of range (accepted: ...)`."""
+    found = re.search(r"(?:Not of type \w+: )?(\S+)? ?does not conform to restriction (.+?)(?:\. Got value| - | Given value|$)",
+                      text)
+    keys = re.findall(r'Parser key "([\w.]+)"', text)
+    if not found or not keys:
+        return None
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"  # a class's own option: model.student...
+    value, rule = found.groups()
+    rule = rule.strip().replace("v>=", ">= ").replace("v<=", "<= ").replace("v>", "> ").replace("v<", "< ")
+    if not value:
+        given = re.search(r"Given value: (\S+)", text)
+        value = given.group(1) if given else None
+    nullable = " or null" if "NoneType" in text else ""
+    return f"{key}: {value} is out of range (accepted: {rule}{nullable})" if value else f"{key}: out of range (accepted: {rule}{nullable})"
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each --config file must be readable YAML holding a mapping; errors name the file, line and column."""
+    files = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            tabs = " (YAML is indented with spaces, not tabs)" if "'\\t'" in str(err) else ""
+            raise UserError(f"{name}: not valid YAML{where}: {err.problem or err}{tabs}") from err
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"{name}: not a readable YAML file ({str(err).splitlines()[0]})") from err
+        if not isinstance(content, dict):
+            got = "is empty" if content is None else f"holds a {type(content).__name__}"
+            raise UserError(f"{name}: a config must be a mapping of options (model:, data:, trainer:, ...) but the file "
+                            f"{got}")
 
 
 def _config_with_key(argv: list[str], dotted: str) -> Optional[str]:
@@ -129,8 +182,9 @@ class DistillCLI(LightningCLI):
         self._fit_started = time.monotonic()
         # fail now, not after the first epoch, when an output folder cannot be written
         outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
-        if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.dirpath:
-            outputs["checkpoint.dirpath"] = self.trainer.checkpoint_callback.dirpath
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            outputs["checkpoint.dirpath"] = checkpoint.dirpath
         for logger in self.trainer.loggers:
             if getattr(logger, "save_dir", None):
                 outputs["trainer.logger save_dir"] = logger.save_dir
@@ -139,6 +193,11 @@ class DistillCLI(LightningCLI):
             outputs["metrics_json"] = str(Path(metrics_json).parent)
         for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
             _check_writable(option, folder)
+        # rank 0 decides (under DDP the other ranks are started after it, or wait for it in the first collective)
+        if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath and "://" not in str(checkpoint.dirpath):
+            self._output_lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
+                                           f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
+            _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"), metrics_json)
 
     def _parse_ckpt_path(self) -> None:
         """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
@@ -150,22 +209,52 @@ class DistillCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.global_step == 0:  # nothing trained: not a finished run (the pipeline must not skip it)
+            raise UserError(
+                f"fit: the run took no optimiser step ({trainer.num_training_batches} training batches per epoch, "
+                f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}, "
+                f"trainer.limit_train_batches={trainer.limit_train_batches}); nothing was trained, so no result is "
+                "written: check data.batch_size against the training set and the trainer limits")
         path = self.config[self.subcommand].get("metrics_json")
-        if not path:
-            return
+        if path:
+            self._write_metrics(path)
+        lock = getattr(self, "_output_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def _write_metrics(self, path: str) -> None:
+        """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
         wall_time = time.monotonic() - self._fit_started
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         best = self.trainer.checkpoint_callback.best_model_path
         self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
         if self.trainer.is_global_zero:
             result = {
                 "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},
-                "best_checkpoint": best, "epochs": self.trainer.current_epoch,
-                "img_size": self.model.hparams.img_size, "wall_time_s": round(wall_time, 1),
+                "final_metrics": final, "best_checkpoint": best, "epochs": self.trainer.current_epoch,
+                "steps": self.trainer.global_step, "img_size": self.model.hparams.img_size,
+                "wall_time_s": round(wall_time, 1),
             }
-            tmp = Path(f"{path}.tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(result, indent=2))
-            tmp.replace(path)  # atomic: a stage is finished only once this file exists
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with write_atomically(path) as partial:  # a stage is finished only once this file exists
+                partial.write_text(json.dumps(result, indent=2))
+
+
+def _refuse_earlier_run(dirpath: Path, ckpt_path: Optional[str], metrics_json: Optional[str]) -> None:
+    """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
+    earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    if metrics_json and Path(metrics_json).is_file() and not ckpt_path:
+        earlier.append(str(metrics_json))
+    if not earlier:
+        return
+    if not ckpt_path:
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds an earlier run's {', '.join(earlier)}; resume that run "
+                        "with --ckpt_path last, or write this one elsewhere with --checkpoint.dirpath DIR")
+    if ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).resolve().parent != dirpath.resolve():
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
+                        f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
+                        "folder) or to an empty folder")
 
 
 def _check_writable(option: str, folder: str | os.PathLike) -> None:
@@ -177,41 +266,22 @@ def _check_writable(option: str, folder: str | os.PathLike) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check"):
             pass
     except OSError as err:
-        raise PermissionError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
-                              "choose a folder you can write to") from err
+        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
+                        "choose a folder you can write to") from err
 
 
-# What a user can fix: bad values, files, folders; a training run that diverged.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+def _user_error(err: BaseException) -> Optional[UserError]:
+    """The `UserError` behind `err`: itself, or one it was explicitly raised from (`raise ... from`), if any.
 
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def _user_error(err: BaseException) -> Optional[BaseException]:
-    """The bad-input error (ValueError / OSError / non-finite loss) of a chain, if any.
-
-    The outermost one raised by this project's code (its messages name options and files),
-    else the innermost one (what a library reported, under its wrappers).
+    Only `__cause__` is followed: an exception raised *while handling* a UserError is a bug of its own.
     """
-    found = None
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, USER_ERRORS):
-            if _raised_here(err):
-                return err
-            found = err
-        err = err.__cause__  # explicit `raise ... from`: not an error met while handling another
-    return found
-
-
-def _raised_here(err: BaseException) -> bool:
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PROJECT) and \
-        "site-packages" not in tb.tb_frame.f_code.co_filename
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__
+    return None
 
 
 def _one_line(err: BaseException) -> str:
@@ -223,13 +293,15 @@ def _one_line(err: BaseException) -> str:
     if lines[0].startswith("Caught ") and "Original Traceback" in text:  # torch's worker ExceptionWrapper
         last = [line for line in lines if line.strip()][-1].strip()
         name = f"{type(err).__name__}: "
-        return last[len(name):] if last.startswith(name) else last
+        last = last[len(name):] if last.startswith(name) else last
+        return last.split(": ", 1)[1] if last.startswith("distill.errors.UserError: ") else last
     return lines[0]
 
 
 def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     """The CLI with this project's defaults; `run=False` only parses and instantiates (tests)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
+    _check_config_files(OneLineErrorParser.argv)
     return DistillCLI(
         DistillationModule,
         ImageDataModule,
@@ -243,24 +315,23 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     )
 
 
+# The commands outside LightningCLI: name -> module with a `main(argv)`; imported only when run.
+TOOLS = {
+    "export": "distill.export",
+    "cache-teacher": "distill.cache",
+    "report": "distill.report",
+    "pipeline": "distill.pipeline",
+    "compare": "distill.compare",
+}
+
+
 def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
     """The non-Lightning command named by argv, if any."""
-    if argv[:1] == ["export"]:
-        from distill.export import main
-        return main
-    if argv[:1] == ["cache-teacher"]:
-        from distill.cache import main
-        return main
-    if argv[:1] == ["report"]:
-        from distill.report import main
-        return main
-    if argv[:1] == ["pipeline"]:
-        from distill.pipeline import main
-        return main
-    if argv[:1] == ["predict"] and any(a == "--export" or a.startswith("--export=") for a in argv):
-        from distill.predict import main  # `predict` on an export folder; without --export: LightningCLI's
-        return main
-    return None
+    name = argv[0] if argv else None
+    if name == "predict" and any(a == "--export" or a.startswith("--export=") for a in argv):
+        name = "predict-export"  # `predict` on an export folder; without --export: LightningCLI's predict
+    module = {**TOOLS, "predict-export": "distill.predict"}.get(name or "")
+    return importlib.import_module(module).main if module else None
 
 
 def cli_main(args: Optional[list[str]] = None) -> None:
@@ -274,6 +345,8 @@ def cli_main(args: Optional[list[str]] = None) -> None:
             with warnings.catch_warnings():
                 # our data module restores mid-epoch positions itself (see ImageDataModule.state_dict)
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+                # fit refuses a folder of an earlier run itself (before_fit); resuming into it is what was asked
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
                 make_cli(args)
     except SIGTERMException:  # preempted: Lightning stopped after a batch, last.ckpt was saved
         print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
@@ -284,3 +357,5 @@ def cli_main(args: Optional[list[str]] = None) -> None:
             raise
         print(f"error: {_one_line(user_error)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        OutputLock.release_all()  # also when a test calls cli_main again in the same process

@@ -30,8 +30,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from distill.errors import UserError
+from distill.images import IMG_EXTENSIONS, UnreadableImage, display_name, find_classes, is_image_file, load_image
+from distill.ranges import (
+    ClosedUnitInterval,
+    HalfOpenUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitIntervalOpenAtZero,
+    plain,
+)
 from distill.seeding import global_seed, sample_seed, seeded
 
 __all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews"]
@@ -95,7 +106,7 @@ class EpochSampler(DistributedSampler):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         if num_repeats < 1:
-            raise ValueError(f"data.repeated_aug must be 1 (off) or more, got {num_repeats}")
+            raise UserError(f"data.repeated_aug must be 1 (off) or more, got {num_repeats}")
         self.num_repeats, self.width = num_repeats, 2 if pairs else 1
         units = len(dataset) // self.width * num_repeats  # type: ignore[arg-type]
         if num_repeats > 1:  # an epoch stays one dataset long
@@ -212,31 +223,38 @@ def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tens
 
 
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder whose unreadable files (truncated, not an image) are named, then skipped or fatal.
+    """ImageFolder that reads files with `distill.images.load_image`, ignores hidden entries, and names
+    unreadable files, then skips them or stops.
 
-    `bad_images="skip"`: a warning names the file, and the next readable image of the split
-    stands in for it (a count of skipped files per process is kept in the message);
-    `"error"`: stop with an error naming the file.
+    `bad_images="skip"`: a warning names the file and the reason, and the next readable image of
+    the split stands in for it (a count of skipped files per process is kept in the message);
+    `"error"`: stop with a `UserError` naming the file.
     """
 
     def __init__(self, root: str, transform: Any = None, bad_images: str = "skip") -> None:
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_image,
+                         is_valid_file=lambda path: is_image_file(path, root))
         self.bad_images, self.skipped = bad_images, 0
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return find_classes(directory)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for attempt in range(min(len(self.samples), 100)):
-            path = self.samples[(index + attempt) % len(self.samples)][0]
+            path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return super().__getitem__((index + attempt) % len(self.samples))
-            except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, unidentified, broken header
-                reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+                image = self.loader(path)
+            except UnreadableImage as err:
                 if self.bad_images == "error":
-                    raise ValueError(f"data: cannot read image '{path}' ({reason}); fix or remove it, "
-                                     "or set data.bad_images=skip") from err
+                    raise UserError(f"data: cannot read image '{path}' ({err}); fix or remove it, "
+                                    "or set data.bad_images=skip") from err
                 self.skipped += 1
-                warnings.warn(f"data: skipped unreadable image '{path}' ({reason}); {self.skipped} skipped so far "
+                warnings.warn(f"data: skipped unreadable image '{path}' ({err}); {self.skipped} skipped so far "
                               "in this process", stacklevel=2)
-        raise ValueError(f"data: no readable image among 100 files from '{self.samples[index][0]}' on")
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise UserError(f"data: no readable image among 100 files from '{self.samples[index][0]}' on; "
+                        "check the dataset folder")
 
 
 # "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.
@@ -290,37 +308,41 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         dataset: str = DIGITS,
-        img_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        img_size: PositiveInt = 224,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
         auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
-        re_mode: str = "pixel",
-        scale: tuple[float, float] = (0.08, 1.0),
-        hflip: float = 0.5,
-        color_jitter: float = 0.3,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
+        re_prob: ClosedUnitInterval = 0.25,
+        re_mode: Literal["const", "rand", "pixel"] = "pixel",
+        scale: tuple[UnitIntervalOpenAtZero, UnitIntervalOpenAtZero] = (0.08, 1.0),
+        hflip: ClosedUnitInterval = 0.5,
+        color_jitter: NonNegativeFloat = 0.3,
+        crop_pct: UnitIntervalOpenAtZero = 0.875,
+        interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random"] = "bicubic",
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
-        mixup: float = 0.8,
-        cutmix: float = 1.0,
-        mixup_prob: float = 1.0,
-        mixup_switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_DEFAULT_STD,
+        mixup: NonNegativeFloat = 0.8,
+        cutmix: NonNegativeFloat = 1.0,
+        mixup_prob: ClosedUnitInterval = 1.0,
+        mixup_switch_prob: ClosedUnitInterval = 0.5,
+        label_smoothing: HalfOpenUnitInterval = 0.1,
         bad_images: Literal["skip", "error"] = "skip",
-        repeated_aug: int = 1,
+        repeated_aug: PositiveInt = 1,
         augreg: Optional[Literal["none", "light1", "light2", "medium1", "medium2", "strong1", "strong2"]] = None,
         teacher_cache: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
+        self.save_hyperparameters(plain({k: v for k, v in locals().items() if k not in ("self", "__class__")}))
+        if scale[0] > scale[1]:
+            raise UserError(f"data.scale must be [min, max] with min <= max, got {list(scale)}")
+        img_size, batch_size, num_workers = int(img_size), int(batch_size), int(num_workers)
         if augreg is not None:  # the preset decides augmentation and mixup; checkpoints record the values used
             randaugment, alpha = AUGREG_PRESETS[augreg]
             self.hparams.update(auto_augment=f"rand-n{randaugment[0]}-m{randaugment[1]}" if randaugment else None,
                                 mixup=alpha, cutmix=0.0, re_prob=0.0)
         self.dataset, self.img_size, self.batch_size, self.num_workers = dataset, img_size, batch_size, num_workers
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.classes = self._find_classes()
         self.mixup_fn = self._make_mixup()
         self.train_set: Optional[Dataset] = None
@@ -335,7 +357,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.classes)
+        """The classes as text (a folder name that is not UTF-8 shows its bytes as \\xNN)."""
+        return [display_name(name) for name in self.classes]
 
     def _find_classes(self) -> list[str]:
         if self.dataset == DIGITS:
@@ -343,15 +366,16 @@ class ImageDataModule(pl.LightningDataModule):
         root = Path(self.dataset)
         accepted = f"expected '{DIGITS}' or a folder with train/ and val/ class folders"
         if not root.is_dir():
-            raise FileNotFoundError(f"data.dataset: folder '{root}' does not exist; {accepted}")
+            raise UserError(f"data.dataset: folder '{root}' does not exist; {accepted}")
         for split in ("train", "val"):
             if not (root / split).is_dir():
-                raise FileNotFoundError(f"data.dataset: '{root}' has no {split}/ folder; {accepted}")
+                raise UserError(f"data.dataset: '{root}' has no {split}/ folder; {accepted}")
         train_classes, _ = _classes_of(root / "train")
         val_classes, _ = _classes_of(root / "val")
         if train_classes != val_classes:
             only = sorted(set(train_classes) ^ set(val_classes))[:5]
-            raise ValueError(f"data.dataset: train/ and val/ of '{root}' hold different class folders (e.g. {only})")
+            raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
+                            f"(e.g. {[display_name(name) for name in only]})")
         return train_classes
 
     def _make_mixup(self) -> Optional[Mixup]:
@@ -359,7 +383,7 @@ class ImageDataModule(pl.LightningDataModule):
         if hp.mixup <= 0 and hp.cutmix <= 0:
             return None
         if self.batch_size % 2:
-            raise ValueError(f"data.batch_size must be even when mixup/cutmix is on (timm pairs images), got {self.batch_size}")
+            raise UserError(f"data.batch_size must be even when mixup/cutmix is on (timm pairs images), got {self.batch_size}")
         return Mixup(
             mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob, switch_prob=hp.mixup_switch_prob,
             label_smoothing=hp.label_smoothing, num_classes=self.num_classes,
@@ -398,14 +422,19 @@ class ImageDataModule(pl.LightningDataModule):
         try:
             return CheckedImageFolder(str(folder), transform=transform, bad_images=self.hparams.bad_images)
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
-            empty = [c for c in classes if not any(p.is_file() for p in (folder / c).rglob("*"))] or classes
-            raise FileNotFoundError(f"data.dataset: class folder '{folder / empty[0]}' holds no images "
-                                    f"(accepted: {', '.join(IMG_EXTENSIONS)})") from err
+            empty = [c for c in classes if not any(is_image_file(p, folder) for p in (folder / c).rglob("*"))] or classes
+            raise UserError(f"data.dataset: class folder '{display_name(str(folder / empty[0]))}' holds no images "
+                            f"(accepted: {', '.join(IMG_EXTENSIONS)}; hidden files are ignored)") from err
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = self.train_sampler(world, rank)
+        if len(sampler) < self.batch_size:  # drop_last: not one full batch, so not one optimiser step
+            raise UserError(
+                f"data.batch_size {self.batch_size} is larger than the {len(sampler)} training images each of the "
+                f"{world} process(es) gets per epoch ({len(self.train_set)} images in the training split); every "
+                "batch must be full, so no step would run: lower data.batch_size")
         # a resumed run: Lightning draws the first batches before its own set_epoch, so start here
         epoch, batches_done = self._resume_at
         sampler.set_epoch(epoch)
@@ -447,16 +476,37 @@ class ImageDataModule(pl.LightningDataModule):
         return trainer.max_epochs if trainer is not None and trainer.max_epochs not in (None, -1) else None
 
     def state_dict(self) -> dict[str, int]:
-        """Where training continues from (saved in checkpoints): epoch, and batches of it already done."""
+        """Where training continues from (saved in checkpoints): epoch, batches of it already done, and the
+        batch size and number of processes those batches were counted in."""
         if self.trainer is None or self.trainer.state.fn != "fit":  # validation within fit too
             return {}
         epoch, batches_done = _resume_position(self.trainer)
-        return {"epoch": epoch, "batches_done": batches_done}
+        return {"epoch": epoch, "batches_done": batches_done, "batch_size": self.batch_size,
+                "world_size": self.trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restored before the training loader is built: it starts at that epoch and batch."""
-        if state:
-            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+        """Restored before the training loader is built: it starts at that epoch and batch.
+
+        A checkpoint saved mid-epoch resumes only with the batch size and number of processes it was
+        saved with (the batches already done were counted in them); at an epoch boundary another
+        batch size or process count is accepted with a warning (the learning-rate schedule keeps the
+        checkpoint's number of steps).
+        """
+        if not state:
+            return
+        epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
+        world = self.trainer.world_size if self.trainer is not None else 1
+        saved = (int(state.get("batch_size", self.batch_size)), int(state.get("world_size", world)))
+        if saved != (self.batch_size, world):
+            what = (f"data.batch_size {saved[0]} x {saved[1]} process(es) in the checkpoint, "
+                    f"{self.batch_size} x {world} now")
+            if batches_done:
+                raise UserError(f"ckpt_path: the checkpoint was saved in the middle of epoch {epoch} ({what}); resume "
+                                f"with --data.batch_size {saved[0]} on {saved[1]} process(es), or start a new run from "
+                                "its weights with model.init_from")
+            warnings.warn(f"ckpt_path: {what}; the learning-rate schedule keeps the checkpoint's number of steps",
+                          stacklevel=2)
+        self._resume_at = (epoch, batches_done)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, drop_last=False)
@@ -498,4 +548,4 @@ def _classes_of(folder: Path) -> tuple[list[str], dict[str, int]]:
     try:
         return find_classes(str(folder))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"data.dataset: '{folder}' holds no class folders") from err
+        raise UserError(f"data.dataset: '{folder}' holds no class folders (hidden folders are ignored)") from err

@@ -10,8 +10,9 @@ pooled features (Swin, ConvNeXt, ...) has the two heads folded into its own clas
 average is one linear layer), so the folder holds a plain timm model of that architecture. Each format is run on the same batch as the
 PyTorch student and the largest absolute difference is written to `export_report.json`; the
 export fails above the tolerance. The folder is built beside the target and renamed into
-place, so a failed or killed export never leaves a half-written folder, and an existing
-folder is only replaced with `overwrite`.
+place, so a failed or killed export never leaves a half-written folder. An existing folder is
+replaced only with `overwrite`, and only if it is an earlier export (nothing but an export's
+own files) or empty; a second export writing the same folder at the same time is refused.
 """
 from __future__ import annotations
 
@@ -28,12 +29,17 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from distill.errors import OneLineArgumentParser, UserError, positive_float
+from distill.files import OutputLock, lock_path, replace_folder
 from students import Student
 from students.resize import EMA_PREFIX, read_student_checkpoint, student_state
 
 __all__ = ["export_student", "load_export", "load_student", "main"]
 
 TOLERANCE = 1e-4
+# what an export folder holds; --overwrite replaces a folder holding nothing else
+EXPORT_FILES = {"config.json", "model.safetensors", "export_report.json", "model.onnx", "model.onnx.data",
+                "model.torchscript.pt", ".DS_Store"}
 
 
 def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
@@ -43,7 +49,7 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
     student = Student(**config)
     state = student_state(checkpoint, EMA_PREFIX if ema else "student.")
     if not state:
-        raise ValueError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
+        raise UserError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
     student.load_state_dict(state)
     return student.eval(), checkpoint
 
@@ -54,8 +60,28 @@ def export_student(
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"export: '{out}' already exists; pass --overwrite to replace it")
+    check_replaceable(out, overwrite)
+    with OutputLock(lock_path(out), f"export --out '{out}'"):
+        check_replaceable(out, overwrite)  # again, now that no other export can be writing it
+        return _export(ckpt, out, onnx, torchscript, tolerance, ema)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """`out` may be written: it does not exist, or `overwrite` and it is an earlier export or empty."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise UserError(f"export: '{out}' already exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise UserError(f"export --out: '{out}' is a file, not an export folder; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UserError(f"export --out: '{out}' is not an export folder (it holds {shown}); --overwrite replaces only "
+                        "an earlier export or an empty folder: choose another --out")
+
+
+def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool) -> dict[str, Any]:
     student, checkpoint = load_student(ckpt, ema)
     model, data = student.fused_model(), _data_config(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -76,17 +102,30 @@ def export_student(
             diff = (run() - expected).abs().max().item()
             report["formats"][name] = {"max_abs_diff": diff, "ok": diff <= tolerance}
             if diff > tolerance:
-                raise ValueError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e}")
+                raise UserError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e} "
+                                "(raise --tolerance, or export without that format)")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
-def load_export(folder: str | Path) -> nn.Module:
-    """The exported student as timm loads it, in eval mode."""
-    return timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True).eval()
+def load_export(folder: str | Path, option: str = "--export") -> nn.Module:
+    """The exported student as timm loads it, in eval mode; a folder that is not a whole export is a UserError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{option}: '{folder}' is not a folder; give the folder distill export wrote")
+    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{option}: '{folder}' has no {' or '.join(missing)}; it is not a (whole) export folder: "
+                        "run distill export again")
+    try:
+        return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
+    except Exception as err:  # noqa: BLE001 - a truncated or edited file fails in many ways inside timm/safetensors
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{option}: '{folder}' could not be loaded ({type(err).__name__}: {first}); its files are "
+                        "damaged: run distill export again") from err
 
 
 def _data_config(checkpoint: dict) -> dict[str, Any]:
@@ -130,14 +169,15 @@ def _run_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> torc
 
 def main(argv: list[str] | None = None) -> None:
     """`distill export --ckpt CKPT --out DIR [--no-onnx] [--no-torchscript] [--overwrite]`."""
-    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a student checkpoint of this project (best.ckpt, last.ckpt)")
     parser.add_argument("--out", required=True, help="export folder to create")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also write model.onnx")
     parser.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=True,
                         help="also write model.torchscript.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="largest accepted output difference")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export at --out (a folder holding anything else is never replaced)")
+    parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
     args = parser.parse_args(argv)
     report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema)
@@ -145,11 +185,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")
     print(f"exported to {args.out} (report: {Path(args.out) / 'export_report.json'})")
 
-
-def _replace(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is swapped out first and removed only after."""
-    backup = target.with_name(f".{target.name}.old{os.getpid()}")
-    if target.exists():
-        os.replace(target, backup)
-    os.replace(new, target)
-    shutil.rmtree(backup, ignore_errors=True)

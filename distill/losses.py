@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from distill.errors import UserError
+
 __all__ = ["DistillationLoss", "DISTILLATION_TYPES"]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -51,13 +53,13 @@ class DistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if distillation not in DISTILLATION_TYPES:
-            raise ValueError(f"distillation must be one of {', '.join(DISTILLATION_TYPES)}, got '{distillation}'")
+            raise UserError(f"distillation must be one of {', '.join(DISTILLATION_TYPES)}, got '{distillation}'")
         if kl_normalization not in ("batchmean", "reference"):
-            raise ValueError(f"kl_normalization must be batchmean or reference, got '{kl_normalization}'")
+            raise UserError(f"kl_normalization must be batchmean or reference, got '{kl_normalization}'")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            raise UserError(f"alpha must lie in [0, 1], got {alpha}")
         if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+            raise UserError(f"tau must be positive, got {tau}")
         self.distillation, self.alpha, self.tau = distillation, alpha, tau
         self.kl_normalization = kl_normalization
         self.hard_target_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()

@@ -22,7 +22,17 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.cache import cached_teacher_logits, view_checksum
+from distill.errors import UserError
 from distill.losses import DistillationLoss
+from distill.ranges import (
+    ClosedUnitInterval,
+    HalfOpenUnitInterval,
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    plain,
+)
 from distill.seeding import global_seed, sample_seed
 from students.resize import adapt_student_state, load_student_state
 from teachers import Teacher
@@ -78,35 +88,41 @@ class DistillationModule(pl.LightningModule):
         self,
         student: StudentFactory,
         teacher: Optional[Teacher] = None,
-        num_classes: int = 1000,
+        num_classes: PositiveInt = 1000,
         class_names: Optional[list[str]] = None,
-        img_size: int = 224,
+        img_size: PositiveInt = 224,
         input_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-        input_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        input_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_DEFAULT_STD,
         distillation: Literal["none", "soft", "hard"] = "hard",
-        alpha: float = 0.5,
-        tau: float = 1.0,
-        label_smoothing: float = 0.1,
+        alpha: ClosedUnitInterval = 0.5,
+        tau: PositiveFloat = 1.0,
+        label_smoothing: HalfOpenUnitInterval = 0.1,
         kl_normalization: Literal["batchmean", "reference"] = "batchmean",
         optimizer: str = "adamw",
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        opt_eps: float = 1e-8,
-        warmup_epochs: float = 5.0,
-        warmup_lr: float = 1e-6,
-        min_lr: float = 1e-5,
+        lr: NonNegativeFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.05,
+        opt_eps: PositiveFloat = 1e-8,
+        warmup_epochs: NonNegativeFloat = 5.0,
+        warmup_lr: NonNegativeFloat = 1e-6,
+        min_lr: NonNegativeFloat = 1e-5,
         init_from: Optional[str] = None,
-        lr_scale_batch: Optional[int] = None,
-        ema_decay: Optional[float] = None,
+        lr_scale_batch: Optional[PositiveInt] = None,
+        ema_decay: Optional[OpenUnitInterval] = None,
         teacher_cache: Optional[str] = None,
-        teacher_cache_verify: float = 0.0,
+        teacher_cache_verify: ClosedUnitInterval = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher"])
+        # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
+        self.save_hyperparameters(plain({k: v for k, v in locals().items()
+                                         if k not in ("self", "__class__", "student", "teacher")}))
+        hp = self.hparams
+        alpha, tau, label_smoothing, num_classes, img_size = hp.alpha, hp.tau, hp.label_smoothing, hp.num_classes, hp.img_size
         if not 0.0 <= teacher_cache_verify <= 1.0:
-            raise ValueError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
+            raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise UserError(f"model.ema_decay must lie in (0, 1) (DeiT: 0.99996) or be null, got {ema_decay}")
         if teacher_cache and teacher_cache_verify > 0 and teacher is None:
-            raise ValueError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
+            raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
         if teacher_cache and teacher_cache_verify == 0 and teacher is not None:
             rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
                            "(set model.teacher_cache_verify to check the cache against it)")
@@ -170,7 +186,7 @@ class DistillationModule(pl.LightningModule):
             teacher_logits = cached_teacher_logits(extras["teacher_index"], extras["teacher_prob"], self.hparams.num_classes)
             self._verify_cache(images, teacher_logits, extras, batch_idx)
         elif self.hparams.teacher_cache:
-            raise ValueError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
+            raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
                              "set data.teacher_cache (the two are linked by the distill CLI)")
         else:
             teacher_logits = self.teacher(images)
@@ -212,7 +228,7 @@ class DistillationModule(pl.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            raise FloatingPointError(
+            raise UserError(
                 f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx}): {values}; "
                 "lower model.lr, check the data for NaNs, or resume from the last checkpoint"
             )
@@ -295,7 +311,7 @@ class DistillationModule(pl.LightningModule):
         trainer = self.trainer
         batch_size = getattr(trainer.datamodule, "batch_size", None)
         if batch_size is None:
-            raise ValueError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
+            raise UserError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
         lr = scaled_lr(1.0, batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches, base)
         global_batch = round(lr * base)
         rank_zero_info(
@@ -323,11 +339,11 @@ class DistillationModule(pl.LightningModule):
         """Refuse a checkpoint of another student before Lightning's long state-dict error would."""
         saved, own = checkpoint.get("student_config"), dict(getattr(self.student, "config", {}))
         if saved is None:
-            raise ValueError("ckpt_path: the checkpoint has no student_config; it was not written by this project's fit")
+            raise UserError("ckpt_path: the checkpoint has no student_config; it was not written by this project's fit")
         differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {own.get(k)!r} here" for k in sorted(set(saved) | set(own))
                   if k not in ("pretrained", "drop_path_rate", "drop_rate") and saved.get(k) != own.get(k)]
         if differ:
-            raise ValueError(f"ckpt_path: the checkpoint is of another student ({'; '.join(differ[:3])}); "
+            raise UserError(f"ckpt_path: the checkpoint is of another student ({'; '.join(differ[:3])}); "
                              "resume with the config it was trained with, or use model.init_from to start from its weights")
 
     def on_fit_start(self) -> None:
@@ -348,13 +364,13 @@ def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: 
                    teacher_cache: Optional[str] = None) -> None:
     """Class-count and teacher presence checks, before any training starts."""
     if distillation != "none" and teacher is None and not teacher_cache:
-        raise ValueError(f"model.distillation is '{distillation}' but no model.teacher (or data.teacher_cache) is set; "
+        raise UserError(f"model.distillation is '{distillation}' but no model.teacher (or data.teacher_cache) is set; "
                          "set one or use 'none'")
     student_classes = getattr(student, "num_classes", num_classes)
     if student_classes != num_classes:
-        raise ValueError(f"student predicts {student_classes} classes but the dataset has {num_classes}")
+        raise UserError(f"student predicts {student_classes} classes but the dataset has {num_classes}")
     if teacher is not None and teacher.num_classes != num_classes:
-        raise ValueError(
+        raise UserError(
             f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
             f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
         )

@@ -10,20 +10,26 @@ with a `result.json`, resumes a stage that has a `last.ckpt` from it, and starts
 A stage can take its teacher from an earlier stage's best checkpoint (`teacher_from`) and
 start its student from another's (`init_from`: position embeddings resampled when the
 image size changes). See configs/pipeline.yaml for the format.
+
+Paths: a stage's `config` is relative to the pipeline file (the command works from any
+folder); outputs go under `root` relative to the current folder, like `distill fit`'s. A stage
+counts as finished only when its `result.json` says it trained (steps > 0) and its best
+checkpoint exists; two pipelines writing the same root at once are refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
+from distill.errors import OneLineArgumentParser, UserError
 from distill.export import export_student
+from distill.files import OutputLock
 from distill.report import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main"]
@@ -35,26 +41,39 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     """Read and check a pipeline file; errors name the file and the offending entry."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pipeline: config '{path}' does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+        raise UserError(f"pipeline: config '{path}' does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"pipeline '{path}': not valid YAML ({' '.join(str(err).split())[:200]})") from err
+    if not isinstance(spec, dict):
+        raise UserError(f"pipeline '{path}': needs a mapping with 'name' and 'stages', got "
+                        f"{'an empty file' if spec is None else 'a ' + type(spec).__name__}")
     stages = spec.get("stages")
     if not spec.get("name") or not isinstance(stages, list) or not stages:
-        raise ValueError(f"pipeline '{path}': needs a 'name' and a non-empty list of 'stages'")
+        raise UserError(f"pipeline '{path}': needs a 'name' and a non-empty list of 'stages'")
     seen: list[str] = []
     for stage in stages:
+        if not isinstance(stage, dict):
+            raise UserError(f"pipeline '{path}': each stage must be a mapping with name and config, got {stage!r}")
         unknown = set(stage) - STAGE_KEYS
         if unknown or "name" not in stage or "config" not in stage:
-            raise ValueError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
-                             f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
+            raise UserError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
+                            f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
         for ref in ("teacher_from", "init_from"):
             if stage.get(ref) and stage[ref] not in seen:
-                raise ValueError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
+                raise UserError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
         if stage["name"] in seen:
-            raise ValueError(f"pipeline '{path}': two stages are named {stage['name']}")
+            raise UserError(f"pipeline '{path}': two stages are named {stage['name']}")
+        config = path.parent / stage["config"]  # relative to the pipeline file, not to the current folder
+        if not config.is_file():
+            raise UserError(f"pipeline '{path}': stage {stage['name']}: config '{stage['config']}' does not exist "
+                            f"(looked for '{config}', relative to the pipeline file)")
+        stage["config"] = str(config)
         seen.append(stage["name"])
     export = spec.get("export")
     if export and export.get("from") not in seen:
-        raise ValueError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
+        raise UserError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
     return spec
 
 
@@ -80,10 +99,15 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
     """Run (or resume) every stage and the export; returns one result per stage."""
     spec = load_spec(config)
     root = Path(root or spec.get("root", "runs")) / spec["name"]
+    with OutputLock(root / ".lock", f"pipeline root '{root}'"):
+        return _run_stages(spec, root, extra)
+
+
+def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> list[dict]:
     results = []
     for stage in spec["stages"]:
         result_file = root / stage["name"] / "result.json"
-        if result_file.is_file():
+        if finished(result_file) is not None:
             print(f"[pipeline] {stage['name']}: finished earlier, skipped", flush=True)
         else:
             command = stage_command(stage, root, extra or [])
@@ -94,9 +118,9 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
                 print(f"[pipeline] {stage['name']}: stopped by SIGTERM, its last.ckpt saved; "
                       "re-run the same command to resume it", file=sys.stderr, flush=True)
                 raise SystemExit(143)
-            if code != 0 or not result_file.is_file():
-                raise ChildProcessError(f"pipeline: stage '{stage['name']}' failed (exit {code}, its error is above); "
-                                        "fix it and re-run the same command to resume the stage")
+            if code != 0 or finished(result_file) is None:
+                raise UserError(f"pipeline: stage '{stage['name']}' failed (exit {code}, its error is above); "
+                                "fix it and re-run the same command to resume the stage")
         results.append({"stage": stage["name"], **json.loads(result_file.read_text())})
     export = spec.get("export")
     if export:
@@ -110,6 +134,17 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
             print(f"[pipeline] export: {out} written and verified", flush=True)
     print(format_table(results), flush=True)
     return results
+
+
+def finished(result_file: Path) -> Optional[dict[str, Any]]:
+    """The stage's result if it finished: its result.json says it trained and its best checkpoint exists."""
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        return None
+    trained = result.get("steps", 1) > 0  # result files of older versions have no step count
+    best = result.get("best_checkpoint")
+    return result if trained and best and Path(best).is_file() else None
 
 
 def _run_stage(command: list[str]) -> int:
@@ -153,7 +188,7 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distill pipeline", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="distill pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="pipeline YAML (see configs/pipeline.yaml)")
     parser.add_argument("--root", default=None, help="output root (default: the file's root, else runs)")
     args, extra = parser.parse_known_args(argv)

@@ -10,12 +10,13 @@ student-teacher agreement, epochs and wall time (first to last event).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any, Optional
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distill.errors import OneLineArgumentParser, UserError
 
 __all__ = ["read_runs", "summarize", "format_rows", "main"]
 
@@ -26,10 +27,10 @@ def read_runs(root: str | Path) -> dict[str, dict[str, list[tuple[float, int, fl
     """{label: {tag: [(wall_time, step, value), ...]}} for every folder below `root` with event files, oldest first."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"report: '{root}' is not a folder")
+        raise UserError(f"report: '{root}' is not a folder")
     folders = sorted({path.parent for path in root.rglob(EVENTS)})
     if not folders:
-        raise FileNotFoundError(f"report: no TensorBoard event files ({EVENTS}) below '{root}'")
+        raise UserError(f"report: no TensorBoard event files ({EVENTS}) below '{root}'")
     runs = {}
     for folder in folders:
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
@@ -132,7 +133,7 @@ def plot(root: str | Path, out: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distill report", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="distill report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run's folder, a logger folder (runs/distill) or a pipeline's (runs/digits)")
     parser.add_argument("--plot", default=None, metavar="FOLDER", help="also write one PNG of curves per run here")
     args = parser.parse_args(argv)

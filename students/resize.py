@@ -16,6 +16,8 @@ import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
+from distill.errors import UserError
+
 __all__ = ["EMA_PREFIX", "adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
 
 HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
@@ -28,7 +30,7 @@ def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> d
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"the checkpoint's student does not match this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     adapted, dropped = {}, []
@@ -47,7 +49,7 @@ def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> d
             adapted[key] = own[key]  # a new class count: the new head starts from its initialisation
             dropped.append(key)
         else:
-            raise ValueError(f"the checkpoint's '{key}' has shape {tuple(value.shape)}, this student's {tuple(own[key].shape)}")
+            raise UserError(f"the checkpoint's '{key}' has shape {tuple(value.shape)}, this student's {tuple(own[key].shape)}")
     if dropped:
         warnings.warn(f"class count changed: heads re-initialised ({', '.join(dropped)})", stacklevel=2)
     return adapted
@@ -57,16 +59,16 @@ def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dic
     """A checkpoint of this project (weights_only: nothing is unpickled); errors name the option and file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{option}: '{path}' does not exist")
+        raise UserError(f"{option}: '{path}' does not exist")
     try:
         # weights_only: pickled code is refused, not run; mmap: tensors are read only when used
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors of every kind
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{option}: '{path}' is not a student checkpoint of this project ({first})") from err
+        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project ({first})") from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not isinstance(checkpoint.get("student_config"), dict):
-        raise ValueError(f"{option}: '{path}' is not a student checkpoint of this project "
+        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project "
                          "(expected best.ckpt or last.ckpt of a `distill fit` run)")
     return checkpoint
 

@@ -20,6 +20,9 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
+from distill.errors import UserError
+from distill.ranges import HalfOpenUnitInterval, PositiveInt, plain
+
 __all__ = ["Student", "DEIT_VARIANTS", "check_model_name"]
 
 # Short names for the paper's distilled students; any timm model name is accepted as well.
@@ -31,13 +34,13 @@ DEIT_VARIANTS = {
 
 
 def check_model_name(model_name: str, option: str, aliases: tuple[str, ...] = ()) -> None:
-    """Raise a one-line ValueError for a name timm does not know, with close suggestions."""
+    """Raise a one-line UserError for a name timm does not know, with close suggestions."""
     if ":" in model_name or timm.is_model(model_name):  # hf-hub:, local-dir: are resolved by timm
         return
     arch = model_name.split(".")[0]
     close = difflib.get_close_matches(arch, [*aliases, *timm.list_models()], n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('pattern*')` lists the names"
-    raise ValueError(f"{option}: unknown timm model '{model_name}'{hint}")
+    raise UserError(f"{option}: unknown timm model '{model_name}'{hint}")
 
 
 def _create(model_name: str, img_size: Optional[int], **kwargs: Any) -> nn.Module:
@@ -80,33 +83,34 @@ class Student(nn.Module):
         num_classes: int,
         img_size: Optional[int] = None,
         model_name: str = "deit_tiny",
-        patch_size: Optional[int] = None,
-        embed_dim: Optional[int] = None,
-        depth: Optional[int] = None,
-        num_heads: Optional[Union[int, list[int]]] = None,
-        drop_path_rate: float = 0.1,
-        drop_rate: float = 0.0,
+        patch_size: Optional[PositiveInt] = None,
+        embed_dim: Optional[PositiveInt] = None,
+        depth: Optional[PositiveInt] = None,
+        num_heads: Optional[Union[PositiveInt, list[PositiveInt]]] = None,
+        drop_path_rate: HalfOpenUnitInterval = 0.1,
+        drop_rate: HalfOpenUnitInterval = 0.0,
         pretrained: bool = False,
-        depths: Optional[list[int]] = None,
-        window_size: Optional[Union[int, list[int]]] = None,
+        depths: Optional[list[PositiveInt]] = None,
+        window_size: Optional[Union[PositiveInt, list[PositiveInt]]] = None,
         distill_head: bool = False,
     ) -> None:
         super().__init__()
         num_heads, depths, window_size = _plain(num_heads), _plain(depths), _plain(window_size)
         # Plain values only: stored in checkpoints so export can rebuild the student.
-        self.config = dict(
+        self.config = plain(dict(
             num_classes=num_classes, img_size=img_size, model_name=model_name, patch_size=patch_size,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate,
             drop_rate=drop_rate, pretrained=pretrained, depths=depths, window_size=window_size,
             distill_head=distill_head,
-        )
+        ))
+        patch_size, embed_dim, depth = self.config["patch_size"], self.config["embed_dim"], self.config["depth"]
         timm_name = DEIT_VARIANTS.get(model_name, model_name)
         check_model_name(timm_name, "student.model_name", tuple(DEIT_VARIANTS))
         arch_args = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, depths=depths,
                          window_size=window_size)
         arch_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in arch_args.items() if v is not None}
         if embed_dim is not None and isinstance(num_heads, int) and embed_dim % num_heads:
-            raise ValueError(f"student: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"student: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.model = _create(
             timm_name, img_size, pretrained=pretrained, num_classes=num_classes,
             drop_path_rate=drop_path_rate, drop_rate=drop_rate, **arch_args,
@@ -120,7 +124,7 @@ class Student(nn.Module):
         if distill_head and not self.distilled:
             classifier = self.model.get_classifier()
             if not isinstance(classifier, nn.Linear):
-                raise ValueError(f"student '{model_name}': distill_head needs a linear classifier on pooled "
+                raise UserError(f"student '{model_name}': distill_head needs a linear classifier on pooled "
                                  f"features, this model's is a {type(classifier).__name__}")
             self.head_dist = nn.Linear(classifier.in_features, num_classes)
             nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
@@ -178,7 +182,8 @@ class Student(nn.Module):
 
 
 def _plain(value: Any) -> Any:
-    """Lists (YAML) and tuples alike as lists: checkpoint configs stay plain data."""
+    """Lists (YAML) and tuples alike as lists of built-in numbers: checkpoint configs stay plain data."""
+    value = plain(value)
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -197,7 +202,7 @@ def _check_windows(model: nn.Module, model_name: str, img_size: Optional[int]) -
         grid = img_size // stage_info["reduction"]
         if grid % window[0]:
             size = stage_info["reduction"] * window[0]
-            raise ValueError(
+            raise UserError(
                 f"student '{model_name}': at image size {img_size} stage {index} has a {grid}x{grid} patch grid, "
                 f"not a multiple of its window {window[0]}; use an image size that is a multiple of {size} "
                 f"(data.img_size) or another student.window_size"
@@ -210,7 +215,7 @@ def _check_patch_grid(model: nn.Module, model_name: str) -> None:
         return
     img, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
     if any(i % p for i, p in zip(img, patch)):
-        raise ValueError(
+        raise UserError(
             f"student '{model_name}': image size {img[0]} is not divisible by patch size {patch[0]}; "
             f"use an image size that is a multiple of {patch[0]} (data.img_size) or another student.patch_size"
         )

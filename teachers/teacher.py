@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.errors import UserError
+from distill.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import check_model_name
 from teachers.weights import extract_state_dict, read_weights_file
 
@@ -61,21 +63,21 @@ class Teacher(nn.Module):
         self,
         model_name: str = "regnety_160.deit_in1k",
         weights: str = "pretrained",
-        num_classes: Optional[int] = None,
+        num_classes: Optional[PositiveInt] = None,
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
-        img_size: Optional[int] = None,
+        img_size: Optional[PositiveInt] = None,
         precision: Literal["auto", "32", "bf16", "16"] = "auto",
         channels_last: bool = True,
         compile: bool = False,
-        fast_min_agreement: float = 0.99,
+        fast_min_agreement: ClosedUnitInterval = 0.99,
     ) -> None:
         super().__init__()
-        self.config = dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std,
-                           img_size=img_size, precision=precision, channels_last=channels_last, compile=compile,
-                           fast_min_agreement=fast_min_agreement)
+        self.config = plain(dict(model_name=model_name, weights=weights, num_classes=num_classes, mean=mean, std=std,
+                                 img_size=img_size, precision=precision, channels_last=channels_last, compile=compile,
+                                 fast_min_agreement=fast_min_agreement))
         if not 0.0 <= fast_min_agreement <= 1.0:
-            raise ValueError(f"teacher.fast_min_agreement must lie in [0, 1], got {fast_min_agreement}")
+            raise UserError(f"teacher.fast_min_agreement must lie in [0, 1], got {fast_min_agreement}")
         self.fast_min_agreement = fast_min_agreement
         self.precision, self.channels_last, self.compile = str(precision), channels_last, compile
         self.fast_dtype: Optional[torch.dtype] = None  # decided on the first batch, on its device
@@ -85,6 +87,7 @@ class Teacher(nn.Module):
         self.img_size = img_size
         check_model_name(model_name, "teacher.model_name")
         self.model, trained_norm = _build(model_name, weights, num_classes)
+        _check_finite_weights(self.model, model_name, weights)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         self.mean = tuple(mean or trained_norm.get("mean") or cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
         self.std = tuple(std or trained_norm.get("std") or cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
@@ -137,12 +140,19 @@ class Teacher(nn.Module):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         dtype = _fast_dtype(self.precision, x.device)
+        fp32_logits = self._forward_fast(x)
+        if not bool(torch.isfinite(fp32_logits).all()):  # hard distillation would train on argmax(NaN) silently
+            raise UserError(f"teacher '{self.model_name}' ({self.config['weights']}): its outputs on the first batch are "
+                            "not finite (NaN or inf); check the teacher's weights and its input normalisation "
+                            "(teacher.mean / teacher.std)")
         if dtype is not None:
-            fp32_logits = self._forward_fast(x)
             fp32_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.to(dtype)
             self.fast_dtype = dtype
-            agreement = (self._forward_fast(x).argmax(-1) == fp32_logits.argmax(-1)).float().mean().item()
+            fast_logits = self._forward_fast(x)
+            agreement = (fast_logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean().item()
+            if not bool(torch.isfinite(fast_logits).all()):  # overflow in the reduced precision: fp32 it is
+                agreement = 0.0
             self.fast_agreement = agreement
             if agreement < self.fast_min_agreement:
                 warnings.warn(f"teacher: {dtype} top-1 agreement with fp32 is {agreement:.1%} < "
@@ -179,7 +189,7 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
         try:
             return timm.create_model(model_name, pretrained=True, **extra), {}
         except (OSError, RuntimeError) as err:  # no network, no cached file, bad hub id
-            raise ValueError(
+            raise UserError(
                 f"teacher: could not fetch pretrained weights for '{model_name}' ({str(err).splitlines()[0][:120]}); "
                 "set teacher.weights to a local .safetensors/.pth/.ckpt file or folder"
             ) from err
@@ -187,22 +197,47 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
         return timm.create_model(model_name, num_classes=num_classes or 1000), {}
     path = Path(weights)
     if path.is_dir():  # a timm folder: config.json + model.safetensors (what `distill export` writes)
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        model = _load_folder(path)
         if model.pretrained_cfg.get("architecture") != model_name.split(".")[0]:
-            raise ValueError(f"teacher.weights: folder '{path}' holds a '{model.pretrained_cfg.get('architecture')}', "
+            raise UserError(f"teacher.weights: folder '{path}' holds a '{model.pretrained_cfg.get('architecture')}', "
                              f"not the teacher.model_name '{model_name}'")
         return model, {}
     state_dict, hparams = extract_state_dict(read_weights_file(path), path)
     model = timm.create_model(model_name, num_classes=num_classes or 1000)
     found = _classes_in(state_dict, model)
     if num_classes is not None and found is not None and found != num_classes:
-        raise ValueError(f"teacher.num_classes is {num_classes} but '{path}' predicts {found} classes")
+        raise UserError(f"teacher.num_classes is {num_classes} but '{path}' predicts {found} classes")
     if found is not None and found != model.num_classes:
         model.reset_classifier(found)
     _load_exactly(model, state_dict, model_name, path)
     hparams = hparams or {}
     norm = {"mean": hparams.get("input_mean"), "std": hparams.get("input_std")}
     return model, norm
+
+
+def _load_folder(path: Path) -> nn.Module:
+    """A timm model folder (config.json + model.safetensors or pytorch_model.bin), as `distill export` writes."""
+    weights = [name for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+               if (path / name).is_file()]
+    if not (path / "config.json").is_file() or not weights:
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+        raise UserError(f"teacher.weights: folder '{path}' is not a timm model folder (it needs config.json and "
+                        f"model.safetensors; it holds {held}); give a weights file or an export folder")
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign weights file fails in many ways inside timm
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"teacher.weights: folder '{path}' could not be loaded by timm ({first}); re-export it "
+                        "or give a weights file") from err
+
+
+def _check_finite_weights(model: nn.Module, model_name: str, weights: str) -> None:
+    """Refuse weights holding NaN or inf: the teacher's outputs would be garbage (argmax of NaN is class 0)."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise UserError(f"teacher '{model_name}': its weights ({weights}) hold non-finite values (NaN or inf) in "
+                        f"{len(bad)} tensor(s), e.g. {bad[:3]}; give the teacher's weights before training diverged")
 
 
 def _classes_in(state_dict: dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
@@ -225,5 +260,5 @@ def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], model_n
     if missing or unexpected or shapes:
         parts = [f"{label} {names[:3]}" for label, names in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if names]
-        raise ValueError(f"teacher.weights: '{path}' does not fit '{model_name}': {'; '.join(parts)}")
+        raise UserError(f"teacher.weights: '{path}' does not fit '{model_name}': {'; '.join(parts)}")
     model.load_state_dict(state_dict)

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
+from distill.errors import UserError
+
 __all__ = ["read_weights_file", "extract_state_dict", "STUDENT_PREFIX"]
 
 # Prefix of the student's timm weights in a checkpoint of this project's own runs.
@@ -23,14 +25,14 @@ def read_weights_file(path: str | Path, option: str = "teacher.weights") -> dict
     """Read a weights file without running code from it; errors name the file and what is accepted."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{option}: file '{path}' does not exist; expected {ACCEPTED}")
+        raise UserError(f"{option}: file '{path}' does not exist; expected {ACCEPTED}")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - UnpicklingError (code or garbage), SafetensorError, EOFError...
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{option}: '{path}' is not a weights file ({first}); expected {ACCEPTED}") from err
+        raise UserError(f"{option}: '{path}' is not a weights file ({first}); expected {ACCEPTED}") from err
 
 
 def extract_state_dict(obj: Any, path: str | Path, option: str = "teacher.weights") -> tuple[dict[str, torch.Tensor], Optional[dict]]:
@@ -47,7 +49,7 @@ def extract_state_dict(obj: Any, path: str | Path, option: str = "teacher.weight
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{option}: '{path}' holds no state dict of tensors; expected {ACCEPTED}")
+        raise UserError(f"{option}: '{path}' holds no state dict of tensors; expected {ACCEPTED}")
     if any(k.startswith(STUDENT_PREFIX) for k in obj):
         obj = {k[len(STUDENT_PREFIX):]: v for k, v in obj.items() if k.startswith(STUDENT_PREFIX)}
     elif all(k.startswith("module.") for k in obj):  # saved from a DDP-wrapped model

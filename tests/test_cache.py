@@ -17,8 +17,7 @@ from distill.data import ImageDataModule
 from distill.losses import DistillationLoss
 from distill.seeding import sample_seed
 from teachers import Teacher
-from tests.conftest import TINY_TEACHER
-from tests.test_fit import scalars, shrink
+from tests.helpers import TINY_TEACHER, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 # the DeiT recipe's augmentation: RandAugment, random erasing, mixup and cutmix, all replayed

@@ -4,34 +4,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import yaml
-from safetensors.torch import save_file
 
 from distill.cli import make_cli
 from distill.module import DistillationModule
+from tests.helpers import config_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [ROOT / "configs" / "pipeline.yaml"]
 CONFIGS = sorted(set(ROOT.glob("configs/*.yaml")) - set(PIPELINES))  # configs/imagenet/: tests of their own
 BIN = Path(sys.executable).parent
-
-
-def random_teacher_file(tmp_path: Path, model_name: str, num_classes: int) -> Path:
-    path = tmp_path / f"{model_name}_{num_classes}.safetensors"
-    save_file(timm.create_model(model_name.split(".")[0], num_classes=num_classes).state_dict(), str(path))
-    return path
-
-
-def config_overrides(config: Path, tmp_path: Path) -> list[str]:
-    """Point a config's outputs into tmp_path, and its teacher (if any) at random weights."""
-    args = ["--config", str(config), "--data.num_workers=0", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
-    teacher = (yaml.safe_load(config.read_text()).get("model") or {}).get("teacher")
-    if teacher:
-        path = random_teacher_file(tmp_path, teacher["init_args"]["model_name"], 10)
-        args.append(f"--model.teacher.init_args.weights={path}")
-    return args
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

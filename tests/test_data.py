@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distill.data import DigitsDataset, EpochSampler, ImageDataModule
+from distill.errors import UserError
 
 
 def test_digits_split_is_fixed_stratified_and_upscaled():
@@ -92,13 +93,13 @@ def test_the_training_sampler_splits_each_epoch_across_ranks_without_overlap():
     (lambda tmp: ImageDataModule("digits", batch_size=7), "batch_size must be even"),
 ])
 def test_bad_data_options_are_clear_errors(tmp_path, make, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(UserError, match=message):
         make(tmp_path)
 
 
 def test_train_and_val_with_different_classes_is_an_error(image_folder):
     (image_folder / "val" / "fox").rename(image_folder / "val" / "wolf")
-    with pytest.raises(ValueError, match="different class folders"):
+    with pytest.raises(UserError, match="different class folders"):
         ImageDataModule(str(image_folder))
 
 

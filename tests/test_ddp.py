@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from distill.cli import make_cli
-from tests.conftest import TINY_TEACHER
-from tests.test_fit import shrink
+from tests.helpers import TINY_TEACHER, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 

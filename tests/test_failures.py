@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from distill.cli import cli_main
-from tests.conftest import TINY_STUDENT, TINY_TEACHER, make_image_folder
-from tests.test_cli import config_overrides, random_teacher_file
-from tests.test_fit import shrink
+from tests.helpers import (
+    TINY_TEACHER,
+    distill_args,
+    make_image_folder,
+    nothing_written,
+    random_teacher_file,
+    run_cli_error,
+    shrink,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,27 +125,6 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_never_leaves_a_half_written_checkpoi
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line `error: ...` naming the option or file, exit 2, nothing written.
-
-
-def run_cli_error(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error: ")]
-    assert len(err) == 1, err
-    return err[0]
-
-
-def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
-    return ["fit", *config_overrides(ROOT / "configs/distill.yaml", tmp_path)[:-1], "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-            *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()],
-            f"--model.teacher.init_args.model_name={TINY_TEACHER}",
-            f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, TINY_TEACHER, teacher_classes)}"]
-
-
-def nothing_written(tmp_path: Path) -> bool:
-    return not (tmp_path / "ckpt").exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
 def test_missing_dataset_folder(tmp_path, capsys):

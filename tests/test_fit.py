@@ -3,31 +3,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill.cli import cli_main, make_cli
-from tests.conftest import TINY_STUDENT, TINY_TEACHER
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shrink(tmp_path: Path, config: str) -> list[str]:
-    """A real config, made seconds-long: tiny student, a few batches, outputs in tmp_path."""
-    args = ["--config", str(ROOT / "configs" / config), "--data.num_workers=0", "--data.batch_size=16",
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
-            f"--checkpoint.dirpath={tmp_path / 'ckpt'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
-    if config == "distill.yaml":
-        args += [f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()]
-    else:
-        args += [f"--model.student.init_args.model_name={TINY_TEACHER}"]
-    return args
-
-
-def scalars(log_root: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(next(log_root.rglob("events.out.tfevents.*")).parent))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_distillation_fit_on_digits_keeps_the_teacher_frozen_and_out_of_the_checkpoint(tmp_path, teacher_file):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.errors import UserError
 from distill.losses import DistillationLoss
 
 torch.manual_seed(0)
@@ -80,7 +81,7 @@ def test_without_a_teacher_the_distillation_head_learns_the_labels():
     (dict(kl_normalization="mean"), "batchmean or reference"),
 ])
 def test_bad_loss_options_name_what_is_accepted(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(UserError, match=word):
         DistillationLoss(**kwargs)
 
 

@@ -9,14 +9,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from distill.cli import make_cli
 from distill.data import AUGREG_PRESETS, EpochSampler, ImageDataModule
+from distill.errors import UserError
 from distill.module import DistillationModule, scaled_lr
 from students import Student
 from teachers import Teacher
-from distill.cli import make_cli
-from tests.conftest import TINY_STUDENT, TINY_TEACHER, make_image_folder
-from tests.test_fit import scalars, shrink
-from tests.test_swin import TINY_SWIN
+from tests.helpers import TINY_STUDENT, TINY_SWIN, TINY_TEACHER, make_image_folder, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +101,7 @@ def test_ema_is_validated_beside_the_raw_weights_and_exported_on_request(tmp_pat
 def test_export_ema_of_a_run_without_ema_is_a_clear_error(tmp_path, teacher_file):
     from distill.export import export_student
     make_cli(["fit", *shrink(tmp_path, "teacher.yaml")])
-    with pytest.raises(ValueError, match="holds no EMA weights"):
+    with pytest.raises(UserError, match="holds no EMA weights"):
         export_student(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export", ema=True)
     assert not (tmp_path / "export").exists()
 

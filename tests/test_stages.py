@@ -17,40 +17,20 @@ import torch.nn.functional as F
 import yaml
 
 from distill.cli import cli_main, make_cli
+from distill.errors import UserError
 from distill.export import export_student, load_student
 from distill.pipeline import load_spec, stage_command
 from students import Student
 from students.resize import adapt_student_state
-from tests.conftest import TINY_STUDENT, TINY_TEACHER, make_image_folder
-from tests.test_fit import shrink
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, shrink, teacher_of, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def train_tiny(tmp: Path, config: str = "distill.yaml", student_args: tuple[str, ...] = ()) -> Path:
-    """A teacher, then a tiny student distilled from it at 32 px, on a generated 3-class folder in `tmp`."""
-    data = [f"--data.dataset={make_image_folder(tmp / 'images', per_class=16)}", "--data.batch_size=8"]
-    cli_main(["fit", *shrink(tmp / "teacher", "teacher.yaml"), *data, "--trainer.limit_train_batches=1.0",
-              "--trainer.max_epochs=3"])
-    cli_main(["fit", *shrink(tmp, config), *student_args, *data, "--trainer.limit_train_batches=1.0",
-              "--trainer.limit_val_batches=1.0", "--trainer.max_epochs=4", "--model.warmup_epochs=0.5",
-              *teacher_of(tmp)])
-    return tmp
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny DeiT student distilled at 32 px on a generated 3-class folder, its teacher, and the data."""
     return train_tiny(tmp_path_factory.mktemp("trained"))
-
-
-def teacher_of(trained: Path) -> list[str]:
-    return [f"--model.teacher.init_args.model_name={TINY_TEACHER}",
-            f"--model.teacher.init_args.weights={trained / 'teacher' / 'ckpt' / 'best.ckpt'}"]
-
-
-def data_of(trained: Path) -> list[str]:
-    return [f"--data.dataset={trained / 'images'}", "--data.batch_size=8"]
 
 
 def test_resampling_keeps_both_prefix_tokens_and_interpolates_the_grid():
@@ -131,23 +111,24 @@ def test_export_round_trips_through_timm_onnx_and_torchscript(trained, tmp_path)
 
 def test_export_refuses_to_overwrite_and_keeps_the_existing_folder(trained, tmp_path):
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous export")
-    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+    export_student(trained / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
+    (out / "model.safetensors").write_bytes(b"previous export")
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
         export_student(trained / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
-    assert (out / "keep.txt").read_text() == "previous export"
+    assert (out / "model.safetensors").read_bytes() == b"previous export"
     export_student(trained / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder left behind
+    assert (out / "model.safetensors").read_bytes() != b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary folder or lock file left behind
 
 
 def test_predict_writes_top_k_classes_with_names_and_probabilities(trained, tmp_path, capsys):
     export_student(trained / "ckpt" / "best.ckpt", tmp_path / "export", onnx=False, torchscript=False)
     cli_main(["predict", "--export", str(tmp_path / "export"), "--images", str(trained / "images" / "val"),
               "--out", str(tmp_path / "pred.csv"), "--top_k", "2"])
-    assert "wrote 48 predictions" in capsys.readouterr().out
+    assert "wrote 48 rows" in capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
-    assert len(rows) == 48 and set(rows[0]) == {"path", "class_1", "prob_1", "class_2", "prob_2"}
+    assert len(rows) == 48 and set(rows[0]) == {"path", "class_1", "prob_1", "class_2", "prob_2", "error"}
+    assert not any(row["error"] for row in rows)
     for row in rows:
         assert float(row["prob_1"]) >= float(row["prob_2"]) and float(row["prob_1"]) + float(row["prob_2"]) <= 1 + 1e-6
     correct = sum(Path(row["path"]).parent.name == row["class_1"] for row in rows)
@@ -163,8 +144,8 @@ def write_tiny_pipeline(tmp_path: Path) -> Path:
                               "model.teacher.init_args.model_name": TINY_TEACHER}
     spec["stages"][2]["overrides"]["trainer.max_epochs"] = 1
     spec["export"]["torchscript"] = False
-    for stage in spec["stages"]:
-        stage["config"] = str(ROOT / stage["config"])
+    for stage in spec["stages"]:  # relative to the pipeline file, as in configs/pipeline.yaml
+        stage["config"] = os.path.relpath(ROOT / "configs" / stage["config"], tmp_path)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -190,7 +171,11 @@ def test_a_pipeline_killed_in_a_stage_resumes_it_without_redoing_finished_stages
     config = write_tiny_pipeline(tmp_path)
     command = [sys.executable, "-m", "distill", "pipeline", "--config", str(config), "--root", str(tmp_path), *FAST]
     run_dir = tmp_path / "digits"
-    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    elsewhere = tmp_path / "elsewhere"  # not the repository: stage configs resolve relative to the pipeline file
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, cwd=elsewhere, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     last = run_dir / "distill" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -200,7 +185,7 @@ def test_a_pipeline_killed_in_a_stage_resumes_it_without_redoing_finished_stages
     assert last.exists() and not (run_dir / "distill" / "result.json").exists()
     teacher_result = (run_dir / "teacher" / "result.json").stat().st_mtime_ns
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "teacher: finished earlier, skipped" in rerun.stdout
     assert f"distill: resuming from {last}" in rerun.stdout

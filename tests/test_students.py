@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+from distill.errors import UserError
 from distill.module import DistillationModule
 from students import Student
 from teachers import Teacher
-from tests.conftest import TINY_STUDENT, TINY_TEACHER, tiny_student
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, tiny_student
 
 
 def test_distilled_student_returns_both_heads_in_training_and_their_average_in_eval():
@@ -55,12 +56,12 @@ def test_named_deit_variants_resolve_to_timm_distilled_models():
 
 
 def test_image_size_not_divisible_by_patch_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="image size 36 is not divisible by patch size 8"):
+    with pytest.raises(UserError, match="image size 36 is not divisible by patch size 8"):
         Student(10, 36, **TINY_STUDENT)
 
 
 def test_unknown_student_name_suggests_close_names():
-    with pytest.raises(ValueError, match="unknown timm model 'deit_tinyy'.*deit_tiny"):
+    with pytest.raises(UserError, match="unknown timm model 'deit_tinyy'.*deit_tiny"):
         Student(10, 32, model_name="deit_tinyy")
 
 

@@ -9,19 +9,16 @@ import timm
 import torch
 
 from distill.cli import make_cli
+from distill.errors import UserError
 from distill.export import export_student
 from distill.module import DistillationModule
 from students import Student
 from students.resize import adapt_student_state
 from teachers import Teacher
-from tests.conftest import TINY_TEACHER
-from tests.test_fit import shrink
-from tests.test_stages import data_of, teacher_of, train_tiny
+from tests.helpers import TINY_SWIN, TINY_TEACHER, data_of, shrink, teacher_of, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # patch 4 at 32 px: an 8x8 grid, then 4x4; window 4 divides both
-TINY_SWIN = dict(model_name="swin_tiny_patch4_window7_224", patch_size=4, window_size=4, embed_dim=16, depths=[1, 1],
-                 num_heads=[1, 2], distill_head=True)
 
 
 def swin_args(**overrides) -> list[str]:
@@ -58,7 +55,7 @@ def test_any_timm_backbone_takes_a_distillation_head_and_folds_it_into_its_class
 
 
 def test_a_window_that_does_not_divide_a_stage_grid_is_a_clear_error():
-    with pytest.raises(ValueError, match="at image size 48 stage 1 has a 6x6 patch grid, not a multiple of its window 4; "
+    with pytest.raises(UserError, match="at image size 48 stage 1 has a 6x6 patch grid, not a multiple of its window 4; "
                                          "use an image size that is a multiple of 32"):
         Student(10, 48, **TINY_SWIN)
 

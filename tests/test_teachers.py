@@ -7,8 +7,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from distill.errors import UserError
 from teachers import Teacher
-from tests.conftest import TINY_TEACHER
+from tests.helpers import TINY_TEACHER
 
 
 def test_teacher_stays_in_eval_mode_without_gradients_through_train_calls(teacher_file):
@@ -70,7 +71,7 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"fc.weight": Exploit()}, f)
-    with pytest.raises(ValueError, match="evil.pth' is not a weights file"):
+    with pytest.raises(UserError, match="evil.pth' is not a weights file"):
         Teacher(TINY_TEACHER, weights=str(path))
     assert not marker.exists()
 
@@ -78,32 +79,32 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path):
 def test_a_file_that_is_not_weights_names_the_file_and_what_is_accepted(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not weights")
-    with pytest.raises(ValueError, match=r"notes.txt' is not a weights file .*expected a \.safetensors file"):
+    with pytest.raises(UserError, match=r"notes.txt' is not a weights file .*expected a \.safetensors file"):
         Teacher(TINY_TEACHER, weights=str(path))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="broken.safetensors' is not a weights file"):
+    with pytest.raises(UserError, match="broken.safetensors' is not a weights file"):
         Teacher(TINY_TEACHER, weights=str(broken))
 
 
 def test_a_missing_weights_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pth' does not exist"):
+    with pytest.raises(UserError, match="missing.pth' does not exist"):
         Teacher(TINY_TEACHER, weights=str(tmp_path / "missing.pth"))
 
 
 def test_weights_of_another_architecture_name_the_first_mismatched_keys(tmp_path):
     save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(tmp_path / "r10.safetensors"))
-    with pytest.raises(ValueError, match=r"does not fit 'test_resnet': missing keys \["):
+    with pytest.raises(UserError, match=r"does not fit 'test_resnet': missing keys \["):
         Teacher(TINY_TEACHER, weights=str(tmp_path / "r10.safetensors"))
 
 
 def test_declared_class_count_that_disagrees_with_the_weights_is_an_error(teacher_file):
-    with pytest.raises(ValueError, match="num_classes is 5 but .* predicts 10 classes"):
+    with pytest.raises(UserError, match="num_classes is 5 but .* predicts 10 classes"):
         Teacher(TINY_TEACHER, weights=str(teacher_file), num_classes=5)
 
 
 def test_unknown_teacher_name_suggests_close_names():
-    with pytest.raises(ValueError, match="teacher.model_name: unknown timm model 'resnet_18'.*resnet18"):
+    with pytest.raises(UserError, match="teacher.model_name: unknown timm model 'resnet_18'.*resnet18"):
         Teacher("resnet_18", weights="none")
 
 
@@ -112,7 +113,7 @@ def test_hub_weights_that_cannot_be_fetched_point_to_local_files(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr("teachers.teacher.timm.create_model", offline)
-    with pytest.raises(ValueError, match="could not fetch pretrained weights for 'regnety_160.deit_in1k'.*teacher.weights"):
+    with pytest.raises(UserError, match="could not fetch pretrained weights for 'regnety_160.deit_in1k'.*teacher.weights"):
         Teacher("regnety_160.deit_in1k", weights="pretrained")
 
 
@@ -123,7 +124,7 @@ def test_teacher_loads_a_timm_local_dir_folder(tmp_path):
     teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / "folder"))
     assert teacher.num_classes == 4
     assert torch.equal(teacher.model.fc.weight, model.fc.weight)
-    with pytest.raises(ValueError, match="holds a 'test_resnet', not the teacher.model_name 'resnet18'"):
+    with pytest.raises(UserError, match="holds a 'test_resnet', not the teacher.model_name 'resnet18'"):
         Teacher("resnet18", weights=str(tmp_path / "folder"))
 
 
@@ -177,5 +178,5 @@ def test_the_fallback_threshold_is_an_option(teacher_file):
         teacher.model.fc.bias.copy_(1 + 1e-4 * torch.arange(10))
     teacher(torch.randn(8, 3, 32, 32))
     assert teacher.fast_agreement == 0.0 and teacher.fast_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="teacher.fast_min_agreement must lie in"):
+    with pytest.raises(UserError, match="teacher.fast_min_agreement must lie in"):
         Teacher(TINY_TEACHER, weights=str(teacher_file), fast_min_agreement=1.5)

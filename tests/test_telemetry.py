@@ -11,8 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distill.cli import cli_main, make_cli
 from distill.telemetry import attention_maps
-from tests.conftest import TINY_TEACHER, tiny_student
-from tests.test_fit import shrink
+from tests.helpers import TINY_TEACHER, shrink, tiny_student
 
 SCALARS = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",
            "val/acc", "val/acc_cls", "val/acc_dist", "val/acc_top5", "val/acc_cls_top5", "val/acc_dist_top5",

@@ -1,0 +1,54 @@
+"""The one exception class for bad input: what a user can fix by changing an option, a file or a folder.
+
+The `distill` command prints a `UserError` as one line (`error: ...`, exit code 2); every other
+exception is a bug or a library failure nobody translated, and keeps its traceback. Raise it
+where input is validated, with the option or file it concerns and what is accepted; when it
+translates a library's error, chain that one (`raise UserError(...) from err`) so that
+`DISTILL_DEBUG=1` shows both.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+__all__ = ["UserError", "OneLineArgumentParser", "positive_int", "positive_float"]
+
+
+class UserError(Exception):
+    """Bad input (an option, a file, a folder, a diverged run): printed as one line by the CLI.
+
+    The message names what is wrong and what is accepted, e.g.
+    `data.batch_size 64 is larger than the 40 training images; lower data.batch_size`.
+    """
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands outside LightningCLI (export, predict, ...): a mistake is one line
+    `error: ...` naming the option, exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}  ({self.prog} --help lists the options)\n")
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of 1 or more, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of 1 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value

@@ -1,0 +1,118 @@
+"""Reading a user's image files: every image as the RGB picture a viewer shows, or a clear reason why not.
+
+Shared by training (`distill.data`), `distill predict` and the teacher cache, so that the
+three can never read a file differently.
+
+- Modes PIL's `convert("RGB")` gets wrong are converted by their range: 16-bit greyscale
+  (`I;16`, and `I` holding 0..65535) is scaled to 8 bits instead of clipped to white; float
+  images (`F`) in [0, 1] are scaled by 255, in [0, 255] kept; other float ranges are refused
+  (a guess would train on the wrong picture). Images with transparency are composited over
+  white, as viewers show them, instead of dropping the alpha channel (a black glyph on a
+  transparent black background would turn black on black). EXIF orientation is applied.
+- Anything that cannot be decoded (truncated, not an image, over PIL's decompression-bomb
+  limit, unsupported mode) raises `UnreadableImage` with a one-line reason.
+- Hidden files and folders (`.ipynb_checkpoints/`, `.thumbs/`, macOS `._name.jpg`) are not
+  images or classes, as in every ImageFolder-style tool users know.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+__all__ = ["UnreadableImage", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
+           "display_name", "IMG_EXTENSIONS"]
+
+
+class UnreadableImage(Exception):
+    """A file that is not a readable image; the message is the one-line reason."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as RGB (see the module docstring for odd modes); `UnreadableImage` if it is not one."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over the limit but under 2x: read it
+            with Image.open(path) as image:
+                image.load()
+                image = _upright(image)
+                return _to_rgb(image)
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise UnreadableImage(f"larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                              "(PIL.Image.MAX_IMAGE_PIXELS); downscale it") from err
+    except Exception as err:  # noqa: BLE001 - a file PIL cannot decode fails in many ways (OSError, SyntaxError,
+        # struct.error, EOFError, ValueError...): whatever the decoder raised, this file is not a readable image
+        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        raise UnreadableImage(f"{type(err).__name__}: {text}" if text else type(err).__name__) from err
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels are still fine, keep them as stored
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        pixels = np.asarray(image).astype(np.float64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise UnreadableImage(f"mode {mode} with values in [{pixels.min():g}, {pixels.max():g}], expected 0..65535")
+        return _grey_to_rgb(pixels / 257.0)  # 65535 -> 255
+    if mode == "F":
+        pixels = np.asarray(image).astype(np.float64)
+        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if not np.isfinite(pixels).all() or low < 0 or high > 255:
+            raise UnreadableImage(f"float image with values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255]")
+        return _grey_to_rgb(pixels * 255.0 if high <= 1.0 else pixels)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_rgb(pixels: np.ndarray) -> Image.Image:
+    grey = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    return grey.convert("RGB")
+
+
+def is_hidden(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether any part of `path` below `root` starts with a dot."""
+    parts = Path(os.path.relpath(path, root)).parts
+    return any(part.startswith(".") for part in parts if part not in (".", ".."))
+
+
+def is_image_file(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """An image by its extension, and not hidden below `root`."""
+    return str(path).lower().endswith(IMG_EXTENSIONS) and not is_hidden(path, root)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below `folder` (recursively, hidden entries skipped), sorted."""
+    folder = Path(folder)
+    found = []
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(current) / f for f in files if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+
+def find_classes(folder: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+    """Class folders of a split (hidden ones skipped), sorted, and their indices; torchvision's contract."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {folder}.")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
+def display_name(name: str) -> str:
+    """A folder name as text every writer accepts: undecodable bytes (a non-UTF-8 name) as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")

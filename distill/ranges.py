@@ -1,0 +1,45 @@
+"""Option types with their valid range, so that LightningCLI checks a value when it parses it and
+`--help` shows the range (jsonargparse's restricted number types).
+
+jsonargparse hands the constructors instances of these subclasses of int and float; `plain`
+turns them back into built-in numbers before they are stored (hyper-parameters, checkpoint
+configs), because `torch.load(weights_only=True)` refuses unknown classes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+__all__ = [
+    "ClosedUnitInterval", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt",
+    "HalfOpenUnitInterval", "UnitIntervalOpenAtZero", "plain",
+]
+
+# [0, 1): label smoothing (1 would leave no mass on the label), stochastic depth, dropout
+HalfOpenUnitInterval = restricted_number_type("HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)])
+# (0, 1]: a crop fraction, a RandomResizedCrop area
+UnitIntervalOpenAtZero = restricted_number_type("UnitIntervalOpenAtZero", float, [(">", 0), ("<=", 1)])
+
+
+def plain(value: Any) -> Any:
+    """`value` with every range-typed number (also inside lists, tuples and dicts) as a built-in int or float."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value

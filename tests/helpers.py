@@ -1,0 +1,127 @@
+"""Helpers shared by the tests: tiny models, generated data, the real configs shrunk to seconds, CLI errors.
+
+The tests run the real configs with overrides (big_vision's "run locally" switch), never separate code paths.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distill.cli import cli_main
+from students import Student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A DeiT student small enough for CPU tests in seconds: 32 px, patch 8, width 32, depth 2.
+TINY_STUDENT = dict(model_name="deit_tiny", patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_TEACHER = "test_resnet"  # timm's 0.4M-parameter ResNet used for its own tests
+
+
+def tiny_student(num_classes: int = 10, img_size: int = 32) -> Student:
+    return Student(num_classes, img_size, **TINY_STUDENT)
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 6) -> Path:
+    """An ImageNet-layout tree root/{train,val}/<class>/*.png of small coloured images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+                pixels[..., index % 3] += 150  # each class has its own dominant colour
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def shrink(tmp_path: Path, config: str) -> list[str]:
+    """A real config, made seconds-long: tiny student, a few batches, outputs in tmp_path."""
+    args = ["--config", str(ROOT / "configs" / config), "--data.num_workers=0", "--data.batch_size=16",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    if config == "distill.yaml":
+        args += [f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()]
+    else:
+        args += [f"--model.student.init_args.model_name={TINY_TEACHER}"]
+    return args
+
+
+def scalars(log_root: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(next(log_root.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def random_teacher_file(tmp_path: Path, model_name: str, num_classes: int) -> Path:
+    path = tmp_path / f"{model_name}_{num_classes}.safetensors"
+    save_file(timm.create_model(model_name.split(".")[0], num_classes=num_classes).state_dict(), str(path))
+    return path
+
+
+def config_overrides(config: Path, tmp_path: Path) -> list[str]:
+    """Point a config's outputs into tmp_path, and its teacher (if any) at random weights."""
+    args = ["--config", str(config), "--data.num_workers=0", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    teacher = (yaml.safe_load(config.read_text()).get("model") or {}).get("teacher")
+    if teacher:
+        path = random_teacher_file(tmp_path, teacher["init_args"]["model_name"], 10)
+        args.append(f"--model.teacher.init_args.weights={path}")
+    return args
+
+
+TINY_SWIN = dict(model_name="swin_tiny_patch4_window7_224", patch_size=4, window_size=4, embed_dim=16, depths=[1, 1],
+                 num_heads=[1, 2], distill_head=True)
+
+
+def train_tiny(tmp: Path, config: str = "distill.yaml", student_args: tuple[str, ...] = ()) -> Path:
+    """A teacher, then a tiny student distilled from it at 32 px, on a generated 3-class folder in `tmp`."""
+    data = [f"--data.dataset={make_image_folder(tmp / 'images', per_class=16)}", "--data.batch_size=8"]
+    cli_main(["fit", *shrink(tmp / "teacher", "teacher.yaml"), *data, "--trainer.limit_train_batches=1.0",
+              "--trainer.max_epochs=3"])
+    cli_main(["fit", *shrink(tmp, config), *student_args, *data, "--trainer.limit_train_batches=1.0",
+              "--trainer.limit_val_batches=1.0", "--trainer.max_epochs=4", "--model.warmup_epochs=0.5",
+              *teacher_of(tmp)])
+    return tmp
+
+
+def teacher_of(trained: Path) -> list[str]:
+    return [f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={trained / 'teacher' / 'ckpt' / 'best.ckpt'}"]
+
+
+def data_of(trained: Path) -> list[str]:
+    return [f"--data.dataset={trained / 'images'}", "--data.batch_size=8"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line `error: ...` naming the option or file, exit 2, nothing written.
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
+    return ["fit", *config_overrides(ROOT / "configs/distill.yaml", tmp_path)[:-1], "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()],
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, TINY_TEACHER, teacher_classes)}"]
+
+
+def nothing_written(tmp_path: Path) -> bool:
+    return not list((tmp_path / "ckpt").glob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
