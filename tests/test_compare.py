@@ -1,0 +1,68 @@
+"""`distill compare`: the same student under none / soft / hard for several seeds, in one table."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from distill.compare import format_table, summarize_runs
+from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, random_teacher_file
+
+
+def result(final: float, best: float, teacher: float = 0.99, wall: float = 10.0) -> dict:
+    return {"final_metrics": {"val/acc": final}, "metrics": {"val/acc": best, "val/teacher_acc": teacher},
+            "wall_time_s": wall}
+
+
+def test_the_summary_is_mean_and_spread_over_seeds_with_gap_to_teacher_and_gain_over_none():
+    runs = [{"type": "none", "seed": 0, "result": result(0.60, 0.62)}, {"type": "none", "seed": 1, "result": result(0.64, 0.66)},
+            {"type": "hard", "seed": 0, "result": result(0.97, 0.98)}, {"type": "hard", "seed": 1, "result": result(0.99, 0.99)}]
+    summary = summarize_runs(runs, ["none", "hard"])
+    hard, none = summary["types"]["hard"], summary["types"]["none"]
+    assert math.isclose(hard["final"]["mean"], 0.98) and math.isclose(hard["final"]["std"], math.sqrt(2) * 0.01)
+    assert math.isclose(hard["best"]["mean"], 0.985)
+    assert math.isclose(summary["teacher_acc"], 0.99)
+    assert math.isclose(hard["gap_to_teacher"], 0.01) and math.isclose(hard["gain_over_none"], 0.36)
+    assert none["gain_over_none"] == 0.0 and hard["seeds"] == [0, 1]
+    table = format_table(summary)
+    assert "98.00 +- 1.41" in table and "+36.00" in table and "teacher" in table.splitlines()[-1]
+
+
+def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished_runs(tmp_path):
+    teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
+    out = tmp_path / "compare"
+    command = [sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
+               "--types", "none,hard", "--seeds", "2", "--jobs", "2", "--out", str(out),
+               f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}",
+               *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.num_workers=0",
+               "--data.batch_size=16", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+               "--trainer.limit_val_batches=2"]
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "4 runs (none, hard x seeds 0..1), 2 at a time, 1 thread(s) each" in first.stdout
+    record = json.loads((out / "compare.json").read_text())
+    assert [(r["type"], r["seed"]) for r in record["runs"]] == [("none", 0), ("hard", 0), ("none", 1), ("hard", 1)]
+    for run in record["runs"]:
+        assert run["result"]["steps"] == 2 and 0.0 <= run["result"]["final_metrics"]["val/acc"] <= 1.0
+        assert (out / run["type"] / f"seed_{run['seed']}" / "checkpoints" / "best.ckpt").is_file()
+    assert record["summary"]["types"]["hard"]["runs"] == 2
+    table = (out / "compare.md").read_text()
+    assert "gain over none" in table and "hard" in table and "teacher" in table
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 4 runs finished earlier, skipped" in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--types", "none,medium"], "compare --types: ['medium'] not among none, soft, hard"),
+    (["--jobs", "0"], "compare --jobs: expected auto or a number of 1 or more, got 0"),
+    (["--model.distillation=soft"], "--model.distillation is set by compare for each run; leave it out"),
+])
+def test_compare_mistakes_are_one_line(tmp_path, args, message):
+    run = subprocess.run([sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
+                          "--out", str(tmp_path / "c"), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], run.stderr
