@@ -204,8 +204,8 @@ class DistillCLI(LightningCLI):
         so that a foreign or crafted file is one clear line; then LightningCLI reads its hparams."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
-            read_student_checkpoint(path, "ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
+            read_student_checkpoint(path, "ckpt_path")  # also: a path that does not exist is one line
         super()._parse_ckpt_path()
 
     def after_fit(self) -> None:

@@ -59,7 +59,8 @@ def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dic
     """A checkpoint of this project (weights_only: nothing is unpickled); errors name the option and file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{option}: '{path}' does not exist")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise UserError(f"{option}: '{path}' {what}; give best.ckpt or last.ckpt of a `distill fit` run")
     try:
         # weights_only: pickled code is refused, not run; mmap: tensors are read only when used
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
