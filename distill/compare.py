@@ -12,7 +12,8 @@ and the gain over `none` (the same student, recipe and budget without the teache
 and every run's figures are also written to `OUT/compare.md` and `OUT/compare.json`.
 
 Running the command again skips finished runs and resumes interrupted ones (as the pipeline
-does); a second `compare` writing into the same OUT at once is refused. On a CPU machine the
+does), only with the same options (each run folder records them in `run.json`; other options
+into the same OUT are refused); a second `compare` writing into the same OUT at once is refused. On a CPU machine the
 runs go in parallel, one per core, each on one thread (on this project's 2-core CPU two
 1-thread runs do 1.6x the work of one 2-thread run); on a GPU machine one run per GPU.
 """
@@ -51,8 +52,26 @@ def plan_runs(config: str, types: list[str], seeds: list[int], out: Path, extra:
                        "--trainer.enable_progress_bar=false", *extra]
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
-            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command})
+            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command,
+                         "options": [config, *extra]})
     return runs
+
+
+def check_same_options(runs: list[dict[str, Any]]) -> None:
+    """A run folder is reused (skipped or resumed) only for the options it was started with (its run.json)."""
+    for run in runs:
+        record = run["folder"] / "run.json"
+        if not run["folder"].exists():
+            continue
+        if not record.is_file():
+            raise UserError(f"compare --out: '{run['folder']}' exists but was not written by compare (no run.json); "
+                            "choose another --out")
+        before = json.loads(record.read_text()).get("options")
+        if before != run["options"]:
+            differ = sorted(set(before or []) ^ set(run["options"]))
+            raise UserError(f"compare --out: '{run['folder']}' was run with other options (differing: {differ[:4]}); "
+                            "its result would not be this comparison's: choose another --out, or repeat the same "
+                            "options to resume it")
 
 
 def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> list[dict[str, Any]]:
@@ -69,6 +88,8 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> l
             while todo and slots:
                 run, slot = todo.pop(0), slots.pop(0)
                 run["folder"].mkdir(parents=True, exist_ok=True)
+                (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"],
+                                                                     "command": run["command"]}, indent=2))
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
@@ -187,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in types if t not in DISTILLATION_TYPES]
     if unknown or not types:
         raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(DISTILLATION_TYPES)}")
+    if len(set(types)) != len(types):
+        raise UserError(f"compare --types: {args.types} names a type twice")
+    if args.first_seed < 0:
+        raise UserError(f"compare --first_seed must be 0 or more, got {args.first_seed}")
     if not Path(args.config).is_file():
         raise UserError(f"compare --config: '{args.config}' does not exist")
     reserved = [a for a in extra if a.split("=")[0] in ("--seed_everything", "--model.distillation", "--metrics_json",
@@ -200,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
     with OutputLock(out / ".lock", f"compare --out '{out}'"):
+        check_same_options(runs)
         started = time.monotonic()
         runs = run_all(runs, jobs, threads, gpus)
         summary = summarize_runs(runs, types)

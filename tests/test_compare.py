@@ -53,11 +53,18 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 of 4 runs finished earlier, skipped" in again.stdout
+    record = json.loads((out / "compare.json").read_text())
+
+    other = subprocess.run([*command, "--model.lr=0.1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "was run with other options (differing: ['--model.lr=0.1'])" in other.stderr
+    assert json.loads((out / "compare.json").read_text()) == record  # the earlier table is not relabelled
 
 
 @pytest.mark.parametrize("args, message", [
     (["--types", "none,medium"], "compare --types: ['medium'] not among none, soft, hard"),
     (["--jobs", "0"], "compare --jobs: expected auto or a number of 1 or more, got 0"),
+    (["--types", "none,none"], "compare --types: none,none names a type twice"),
+    (["--first_seed", "-1"], "compare --first_seed must be 0 or more, got -1"),
     (["--model.distillation=soft"], "--model.distillation is set by compare for each run; leave it out"),
 ])
 def test_compare_mistakes_are_one_line(tmp_path, args, message):
