@@ -7,6 +7,7 @@ import errno
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
@@ -81,6 +82,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        _refuse_diverged(trainer, filepath)
         if not _is_local_file_protocol(filepath):  # object stores write whole objects anyway
             return super()._save_checkpoint(trainer, filepath)
         partial = f"{filepath}.partial"
@@ -98,6 +100,18 @@ class BestAndLastCheckpoint(ModelCheckpoint):
                 _remove(partial)  # a failed write (disk full...) leaves the previous checkpoint and no partial file
         self._last_checkpoint_saved = filepath
         trainer.strategy.barrier("BestAndLastCheckpoint")  # no rank reads the file before it is in place
+
+
+def _refuse_diverged(trainer: pl.Trainer, filepath: str) -> None:
+    """A student whose weights are NaN or inf is never saved: it would become best.ckpt, an export, predictions."""
+    module = trainer.lightning_module
+    student = getattr(module, "student", module)
+    bad = [name for name, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"training diverged: the student's weights hold NaN or inf at epoch {trainer.current_epoch}, "
+                        f"step {trainer.global_step} (e.g. {bad[0]}); '{Path(filepath).name}' was not written and the "
+                        "previous checkpoints are intact: start from their weights with a lower rate (model.init_from=<last.ckpt> "
+                        "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)")
 
 
 def _remove(path: str) -> None:

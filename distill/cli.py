@@ -35,16 +35,18 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
 from distill.errors import UserError
-from distill.files import OutputLock, write_atomically
+from distill.files import OutputLock, load_yaml, write_atomically
 from distill.module import DistillationModule
 from distill.telemetry import DistillationTelemetry
 from students.resize import read_student_checkpoint
@@ -108,15 +110,7 @@ def _check_config_files(argv: list[str]) -> None:
         path = Path(name)
         if not path.is_file():
             continue  # jsonargparse names a missing file itself
-        try:
-            content = yaml.safe_load(path.read_text())
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            tabs = " (YAML is indented with spaces, not tabs)" if "'\\t'" in str(err) else ""
-            raise UserError(f"{name}: not valid YAML{where}: {err.problem or err}{tabs}") from err
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"{name}: not a readable YAML file ({str(err).splitlines()[0]})") from err
+        content = load_yaml(path)
         if not isinstance(content, dict):
             got = "is empty" if content is None else f"holds a {type(content).__name__}"
             raise UserError(f"{name}: a config must be a mapping of options (model:, data:, trainer:, ...) but the file "
@@ -178,6 +172,17 @@ class DistillCLI(LightningCLI):
                  "time to this JSON file (`distill pipeline` uses it to mark a stage finished)",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing, then the checks Lightning leaves to a ZeroDivisionError or a traceback later."""
+        super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        _check_trainer_options(config)
+
+    def before_validate(self) -> None:
+        if not self.config[self.subcommand].get("ckpt_path"):
+            rank_zero_warn("validate without --ckpt_path measures the model as initialised (random weights); give "
+                           "--ckpt_path runs/.../best.ckpt to measure a trained one")
+
     def before_fit(self) -> None:
         self._fit_started = time.monotonic()
         # fail now, not after the first epoch, when an output folder cannot be written
@@ -190,9 +195,13 @@ class DistillCLI(LightningCLI):
                 outputs["trainer.logger save_dir"] = logger.save_dir
         metrics_json = self.config[self.subcommand].get("metrics_json")
         if metrics_json:
+            if Path(metrics_json).is_dir():
+                raise UserError(f"metrics_json: '{metrics_json}' is a folder; give the path of a .json file to write")
             outputs["metrics_json"] = str(Path(metrics_json).parent)
         for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
             _check_writable(option, folder)
+        if checkpoint is not None:
+            _check_monitor(checkpoint.monitor, self.model)
         # rank 0 decides (under DDP the other ranks are started after it, or wait for it in the first collective)
         if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath and "://" not in str(checkpoint.dirpath):
             self._output_lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
@@ -204,8 +213,12 @@ class DistillCLI(LightningCLI):
         so that a foreign or crafted file is one clear line; then LightningCLI reads its hparams."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
-            read_student_checkpoint(path, "ckpt_path")  # also: a path that does not exist is one line
+        if path in ("best", "hpc", "registry"):
+            raise UserError(f"ckpt_path: '{path}' is not supported here; give 'last' (the checkpoint folder's "
+                            "last.ckpt) or the path of a .ckpt file")
+        if path and path != "last" and "://" not in str(path):
+            checkpoint = read_student_checkpoint(path, "ckpt_path")  # also: a path that does not exist is one line
+            _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
         super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
@@ -244,7 +257,10 @@ class DistillCLI(LightningCLI):
 def _refuse_earlier_run(dirpath: Path, ckpt_path: Optional[str], metrics_json: Optional[str]) -> None:
     """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
     earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
-    if metrics_json and Path(metrics_json).is_file() and not ckpt_path:
+    if metrics_json and Path(metrics_json).is_file() and not (ckpt_path and earlier):  # only the run resumed wrote it
+        if not earlier:
+            raise UserError(f"metrics_json: '{metrics_json}' exists and this run resumes nothing in '{dirpath}'; "
+                            "choose another metrics_json or remove it")
         earlier.append(str(metrics_json))
     if not earlier:
         return
@@ -255,6 +271,64 @@ def _refuse_earlier_run(dirpath: Path, ckpt_path: Optional[str], metrics_json: O
         raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
                         f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
                         "folder) or to an empty folder")
+
+
+def _check_trainer_options(config: Any) -> None:
+    """The seed and the trainer's counts that Lightning would only reject with a ZeroDivisionError or ValueError."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+        raise UserError(f"seed_everything: {seed} is out of range (accepted: 0 .. 4294967295, or true for a random one)")
+    trainer = config.get("trainer") or {}
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
+        value = trainer.get(key)
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"trainer.{key}: {value} is out of range (accepted: 1 or more)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and interval <= 0:
+        raise UserError(f"trainer.val_check_interval: {interval} is out of range (accepted: a fraction of an epoch "
+                        "in (0, 1], or a number of batches of 1 or more)")
+
+
+def _check_monitor(monitor: Optional[str], model: Any) -> None:
+    """checkpoint.monitor must name a metric validation logs (Lightning finds out only after the first epoch)."""
+    if not monitor:
+        return
+    names = {f"val/{name}" for name in model.val_metrics.keys(keep_base=True)} | {"val/loss"}
+    names |= {name.replace("val/", "val_ema/", 1) for name in names} if getattr(model, "ema", None) is not None else set()
+    if monitor not in names and not monitor.startswith("train/"):
+        close = difflib.get_close_matches(monitor, sorted(names), n=1)
+        raise UserError(f"checkpoint.monitor: '{monitor}' is not a metric this run logs"
+                        f"{f'; did you mean {close[0]!r}' if close else ''} (validation logs {', '.join(sorted(names)[:6])}, ...)")
+
+
+def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
+    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored."""
+    given = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--model.") and "." not in arg[len("--model."):].split("=")[0]:
+            key, _, value = arg[len("--model."):].partition("=")
+            if not _ and index + 1 < len(argv):
+                value = argv[index + 1]
+            given[key] = value
+    differ = [f"model.{k}={v} (the checkpoint has {hparams[k]!r})" for k, v in given.items()
+              if k in hparams and not _same_value(v, hparams[k])]
+    if not differ:
+        return
+    what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
+    raise UserError(f"ckpt_path: '{path}' sets {', '.join(differ[:3])}; {what}, so the command line's would be "
+                    "ignored: drop them, or start a new run from its weights with model.init_from")
+
+
+def _same_value(text: str, saved: Any) -> bool:
+    """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
+    if isinstance(saved, bool) or saved is None:
+        return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
+    if isinstance(saved, (int, float)):
+        try:
+            return float(text) == float(saved)
+        except ValueError:
+            return False
+    return text == str(saved) or yaml.safe_load(text) == saved
 
 
 def _check_writable(option: str, folder: str | os.PathLike) -> None:
@@ -315,6 +389,18 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     )
 
 
+COMMANDS_HELP = """usage: distill COMMAND [options]      (distill COMMAND --help lists a command's options)
+
+training (LightningCLI; also `lightning COMMAND`):
+  fit, validate, test, predict     --config configs/distill.yaml [--model.* --data.* --trainer.* ...]
+the project's own:
+  pipeline        teacher -> distillation -> hi-res fine-tune -> export, resumable
+  compare         the same student under none / soft / hard for several seeds: what the teacher adds
+  export          the student alone: a timm folder, ONNX, TorchScript, each verified
+  predict         --export DIR --images FOLDER: top-k classes per image to CSV
+  cache-teacher   the teacher's outputs on every augmented view, to train without it
+  report          a run's (or a pipeline's) figures from its TensorBoard files"""
+
 # The commands outside LightningCLI: name -> module with a `main(argv)`; imported only when run.
 TOOLS = {
     "export": "distill.export",
@@ -337,6 +423,9 @@ def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of `distill`, `lightning` and `python -m distill`; tests pass `args`."""
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(COMMANDS_HELP)
+        return
     try:
         tool = _tool(argv)
         if tool is not None:
@@ -351,6 +440,14 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     except SIGTERMException:  # preempted: Lightning stopped after a batch, last.ckpt was saved
         print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
         raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl+C); what was being written was left as it was before", file=sys.stderr)
+        raise SystemExit(130) from None
+    except MisconfigurationException as err:  # Lightning's own message for a bad trainer option: translated on purpose
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        print(f"error: trainer: {_one_line(err)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:  # noqa: BLE001 - one line for bad input, tracebacks for bugs
         user_error = _user_error(err)
         if user_error is None or os.environ.get("DISTILL_DEBUG"):

@@ -32,7 +32,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from distill.errors import UserError
-from distill.images import IMG_EXTENSIONS, UnreadableImage, display_name, find_classes, is_image_file, load_image
+from distill.images import (
+    IMG_EXTENSIONS,
+    UnreadableImage,
+    display_name,
+    find_classes,
+    is_image_file,
+    list_images,
+    load_image,
+)
 from distill.ranges import (
     ClosedUnitInterval,
     HalfOpenUnitInterval,
@@ -232,12 +240,23 @@ class CheckedImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, transform: Any = None, bad_images: str = "skip") -> None:
-        super().__init__(root, transform=transform, loader=load_image,
-                         is_valid_file=lambda path: is_image_file(path, root))
+        super().__init__(root, transform=transform, loader=load_image)
         self.bad_images, self.skipped = bad_images, 0
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return find_classes(directory)
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Any = None, is_valid_file: Any = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """(path, class) of every image: hidden entries skipped, each real folder once (no symlink loops)."""
+        samples = []
+        for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            files = list_images(Path(directory) / name)
+            if not files and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the class {name}.")
+            samples += [(str(path), index) for path in files]
+        return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for attempt in range(min(len(self.samples), 100)):
@@ -345,6 +364,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.classes = self._find_classes()
         self.mixup_fn = self._make_mixup()
+        self._check_transform()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.teacher_cache = teacher_cache
@@ -362,9 +382,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _find_classes(self) -> list[str]:
         if self.dataset == DIGITS:
+            if Path(DIGITS).is_dir():
+                warnings.warn(f"data.dataset: '{DIGITS}' is the bundled digits set, not the folder './{DIGITS}' here; "
+                              f"write './{DIGITS}' to train on the folder", stacklevel=2)
             return [str(c) for c in range(10)]
         root = Path(self.dataset)
         accepted = f"expected '{DIGITS}' or a folder with train/ and val/ class folders"
+        if root.is_file():
+            raise UserError(f"data.dataset: '{root}' is a file, not a folder; {accepted}")
         if not root.is_dir():
             raise UserError(f"data.dataset: folder '{root}' does not exist; {accepted}")
         for split in ("train", "val"):
@@ -388,6 +413,15 @@ class ImageDataModule(pl.LightningDataModule):
             mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob, switch_prob=hp.mixup_switch_prob,
             label_smoothing=hp.label_smoothing, num_classes=self.num_classes,
         )
+
+    def _check_transform(self) -> None:
+        """Build the training transform once now: a policy timm cannot parse is one line here, not a crash later."""
+        try:
+            self.train_transform()
+        except (AssertionError, ValueError, KeyError, IndexError) as err:
+            raise UserError(f"data.auto_augment: '{self.hparams.auto_augment}' is not a timm augmentation policy "
+                            f"({type(err).__name__}: {err}); e.g. rand-m9-mstd0.5-inc1 (RandAugment), "
+                            "augmix-m5-w4-d2, original or v0 (AutoAugment), or null") from err
 
     def train_transform(self) -> Any:
         hp = self.hparams

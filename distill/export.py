@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -59,7 +60,9 @@ def export_student(
     tolerance: float = TOLERANCE, ema: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input."""
-    out = Path(out)
+    out = Path(out).absolute()  # `--out .` has no name of its own
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UserError(f"export --out: '{out.parent}' is a file, so '{out}' cannot be a folder")
     check_replaceable(out, overwrite)
     with OutputLock(lock_path(out), f"export --out '{out}'"):
         check_replaceable(out, overwrite)  # again, now that no other export can be writing it
@@ -74,7 +77,10 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
         raise UserError(f"export: '{out}' already exists; pass --overwrite to replace it")
     if not out.is_dir():
         raise UserError(f"export --out: '{out}' is a file, not an export folder; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    held = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in held if name not in EXPORT_FILES]
+    if held and not foreign and "export_report.json" not in held:  # a model folder of the same file names, not ours
+        foreign = ["no export_report.json"]
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise UserError(f"export --out: '{out}' is not an export folder (it holds {shown}); --overwrite replaces only "
@@ -92,6 +98,9 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
         images = torch.randn(4, *data["input_size"], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = student(images)  # the student as trained, heads averaged
+        if not bool(torch.isfinite(expected).all()):
+            raise UserError(f"export --ckpt: the student in '{ckpt}' gives non-finite outputs (its training diverged); "
+                            "export an earlier checkpoint")
         report = {"checkpoint": str(ckpt), "weights": "ema" if ema else "student", "tolerance": tolerance, "batch": list(images.shape), "formats": {}}
         checks: dict[str, Callable[[], torch.Tensor]] = {"timm": lambda: _run_timm(tmp, images)}
         if onnx:
@@ -101,7 +110,7 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
         for name, run in checks.items():
             diff = (run() - expected).abs().max().item()
             report["formats"][name] = {"max_abs_diff": diff, "ok": diff <= tolerance}
-            if diff > tolerance:
+            if not diff <= tolerance:  # also NaN: a diverged student's outputs
                 raise UserError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e} "
                                 "(raise --tolerance, or export without that format)")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
@@ -167,6 +176,10 @@ def _run_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> torc
         return torch.jit.load(str(path))(images)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # unwinds the `finally` that removes the folder being built
+
+
 def main(argv: list[str] | None = None) -> None:
     """`distill export --ckpt CKPT --out DIR [--no-onnx] [--no-torchscript] [--overwrite]`."""
     parser = OneLineArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
     report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema)
     for name, result in report["formats"].items():
         print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import IO, Iterator, Optional
 
+import yaml
+
 from distill.errors import UserError
 
 try:
@@ -28,7 +30,7 @@ try:
 except ImportError:  # Windows: no advisory locks here; outputs are still written atomically
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OutputLock", "write_atomically", "replace_folder", "free_bytes", "lock_path"]
+__all__ = ["OutputLock", "write_atomically", "replace_folder", "free_bytes", "lock_path", "load_yaml", "make_folder"]
 
 
 def lock_path(output: str | os.PathLike) -> Path:
@@ -54,7 +56,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         if fcntl is None or self._handle is not None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent, self.option)
         while True:
             handle = open(self.path, "a+")  # not truncated before the lock is ours: the holder's line stays readable
             try:
@@ -141,7 +143,23 @@ def replace_folder(new: Path, target: Path) -> None:
             os.replace(backup, target)
         raise
     if had_target:
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_symlink():  # the target was a link to a folder: the link goes, what it pointed to stays
+            backup.unlink()
+        else:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+def make_folder(folder: str | os.PathLike, option: str) -> Path:
+    """Create `folder` (and its parents); a `UserError` naming the option if a file is in the way or it cannot be made."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UserError(f"{option}: cannot create folder '{folder}': a file of that name, or of one of its parent "
+                        "folders, is in the way") from err
+    except OSError as err:
+        raise UserError(f"{option}: cannot create folder '{folder}' ({err.strerror or err})") from err
+    return folder
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -150,3 +168,31 @@ def free_bytes(path: str | os.PathLike) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key given twice in one mapping (yaml keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' is given twice (first at line {seen[key] + 1}); the first would be "
+                    "ignored", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | os.PathLike) -> object:
+    """A YAML file's content; a `UserError` naming the file, line and column if it is not readable YAML."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tabs = " (YAML is indented with spaces, not tabs)" if "'\\t'" in str(err) else ""
+        raise UserError(f"{path}: not valid YAML{where}: {err.problem or err}{tabs}") from err
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from err

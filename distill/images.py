@@ -28,6 +28,9 @@ __all__ = ["UnreadableImage", "load_image", "is_hidden", "is_image_file", "list_
            "display_name", "IMG_EXTENSIONS"]
 
 
+MAX_ASPECT = 100  # a longer side over 100x the shorter: not a picture to classify (and a memory bomb when resized)
+
+
 class UnreadableImage(Exception):
     """A file that is not a readable image; the message is the one-line reason."""
 
@@ -38,6 +41,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over the limit but under 2x: read it
             with Image.open(path) as image:
+                width, height = image.size
+                if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+                    raise UnreadableImage(f"{width}x{height} pixels: an aspect ratio over {MAX_ASPECT}:1 (resizing "
+                                          "its short side to the model's input would take gigabytes)")
                 image.load()
                 image = _upright(image)
                 return _to_rgb(image)
@@ -96,11 +103,23 @@ def is_image_file(path: str | os.PathLike, root: str | os.PathLike) -> bool:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every image file below `folder` (recursively, hidden entries skipped), sorted."""
+    """Every image file below `folder` (recursively, hidden entries skipped), sorted.
+
+    Symbolic links to folders are followed, each real folder once, never to a folder above
+    `folder`: a link back up the tree (a loop) would otherwise list the same images again and
+    again, and other classes' images under this one.
+    """
     folder = Path(folder)
-    found = []
+    top = os.path.realpath(folder)
+    found, visited = [], {top}
     for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(current, name))
+            if real not in visited and not top.startswith(real + os.sep):  # not seen, not a folder above this one
+                visited.add(real)
+                kept.append(name)
+        dirs[:] = kept
         found += [Path(current) / f for f in files if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
     return sorted(found)
 

@@ -7,6 +7,7 @@ the weights, so the student can be rebuilt (export) and the teacher re-created.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Literal, Optional
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -127,6 +128,10 @@ class DistillationModule(pl.LightningModule):
             rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
                            "(set model.teacher_cache_verify to check the cache against it)")
             teacher = None
+        if optimizer.lower() not in list_optimizers():
+            close = difflib.get_close_matches(optimizer.lower(), list_optimizers(), n=3)
+            raise UserError(f"model.optimizer: '{optimizer}' is not a timm optimiser"
+                            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (DeiT: adamw)")
         self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         _check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
@@ -230,7 +235,8 @@ class DistillationModule(pl.LightningModule):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise UserError(
                 f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx}): {values}; "
-                "lower model.lr, check the data for NaNs, or resume from the last checkpoint"
+                "check the data for NaNs, or start from the last checkpoint's weights with a lower rate (model.init_from=<last.ckpt> "
+                "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)"
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -18,6 +18,7 @@ checkpoint exists; two pipelines writing the same root at once are refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -25,16 +26,17 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from distill.errors import OneLineArgumentParser, UserError
 from distill.export import export_student
-from distill.files import OutputLock
+from distill.files import OutputLock, load_yaml
 from distill.report import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main"]
 
 STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
+# set by the pipeline for each stage (its folder, its result file, its resume point)
+RESERVED = ("--checkpoint.dirpath", "--metrics_json", "--ckpt_path", "--trainer.logger.init_args.save_dir",
+            "--trainer.logger.init_args.name")
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -42,16 +44,16 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pipeline: config '{path}' does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"pipeline '{path}': not valid YAML ({' '.join(str(err).split())[:200]})") from err
+    spec = load_yaml(path)
     if not isinstance(spec, dict):
         raise UserError(f"pipeline '{path}': needs a mapping with 'name' and 'stages', got "
                         f"{'an empty file' if spec is None else 'a ' + type(spec).__name__}")
     stages = spec.get("stages")
-    if not spec.get("name") or not isinstance(stages, list) or not stages:
-        raise UserError(f"pipeline '{path}': needs a 'name' and a non-empty list of 'stages'")
+    if not isinstance(spec.get("name"), str) or not spec["name"] or not isinstance(stages, list) or not stages:
+        raise UserError(f"pipeline '{path}': needs a 'name' (text) and a non-empty list of 'stages'")
+    unknown_top = set(spec) - {"name", "root", "stages", "export"}
+    if unknown_top:
+        raise UserError(f"pipeline '{path}': unknown key(s) {sorted(unknown_top)}; accepted: name, root, stages, export")
     seen: list[str] = []
     for stage in stages:
         if not isinstance(stage, dict):
@@ -60,6 +62,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         if unknown or "name" not in stage or "config" not in stage:
             raise UserError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
                             f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
+        wrong = [key for key, kind in (("name", str), ("config", str), ("overrides", dict), ("teacher_from", str),
+                                       ("init_from", str)) if stage.get(key) is not None and not isinstance(stage[key], kind)]
+        if wrong:
+            raise UserError(f"pipeline '{path}': stage {stage['name']!r}: {wrong[0]} must be "
+                            f"{'a mapping of option: value' if wrong[0] == 'overrides' else 'text'}, got {stage[wrong[0]]!r}")
         for ref in ("teacher_from", "init_from"):
             if stage.get(ref) and stage[ref] not in seen:
                 raise UserError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
@@ -72,6 +79,8 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         stage["config"] = str(config)
         seen.append(stage["name"])
     export = spec.get("export")
+    if export is not None and not isinstance(export, dict):
+        raise UserError(f"pipeline '{path}': export must be a mapping (from:, onnx:, torchscript:), got {export!r}")
     if export and export.get("from") not in seen:
         raise UserError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
     return spec
@@ -99,17 +108,54 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
     """Run (or resume) every stage and the export; returns one result per stage."""
     spec = load_spec(config)
     root = Path(root or spec.get("root", "runs")) / spec["name"]
+    reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
+    if reserved:
+        raise UserError(f"pipeline: {reserved[0]} is set by the pipeline for each stage; leave it out")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"pipeline --root: '{root}' is a file, not a folder")
     with OutputLock(root / ".lock", f"pipeline root '{root}'"):
         return _run_stages(spec, root, extra)
+
+
+def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[str, Any]:
+    """What a stage's result depends on: its fit options and the results of the stages it starts from."""
+    command = [a for a in stage_command(stage, root, extra)[3:] if not a.startswith("--ckpt_path=")]
+    upstream = {}
+    for ref in ("teacher_from", "init_from"):
+        if stage.get(ref):
+            result = root / stage[ref] / "result.json"
+            upstream[stage[ref]] = hashlib.sha256(result.read_bytes()).hexdigest()[:16] if result.is_file() else None
+    return {"command": command, "upstream": upstream}
+
+
+def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
+    """A stage is skipped or resumed only with the options and upstream results it was started with."""
+    record = root / stage["name"] / "stage.json"
+    if not record.is_file():
+        return
+    before = json.loads(record.read_text())
+    if before == identity:
+        return
+    if before.get("upstream") != identity["upstream"]:
+        what = f"the stage(s) it starts from ({', '.join(identity['upstream'])}) were run again since"
+    else:
+        differ = sorted(set(before.get("command", [])) ^ set(identity["command"]))
+        what = f"its options changed (differing: {differ[:4]})"
+    raise UserError(f"pipeline: stage '{stage['name']}' was run earlier, but {what}; its results would be stale: remove "
+                    f"'{root / stage['name']}' to run it again, or restore the pipeline file and options")
 
 
 def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> list[dict]:
     results = []
     for stage in spec["stages"]:
         result_file = root / stage["name"] / "result.json"
+        identity = stage_identity(stage, root, extra or [])
+        _check_unchanged(stage, root, identity)
         if finished(result_file) is not None:
             print(f"[pipeline] {stage['name']}: finished earlier, skipped", flush=True)
         else:
+            (root / stage["name"]).mkdir(parents=True, exist_ok=True)
+            (root / stage["name"] / "stage.json").write_text(json.dumps(identity, indent=2))
             command = stage_command(stage, root, extra or [])
             resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)

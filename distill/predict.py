@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.export import load_export
-from distill.files import OutputLock, lock_path, write_atomically
+from distill.files import OutputLock, lock_path, make_folder, write_atomically
 from distill.images import IMG_EXTENSIONS, UnreadableImage, list_images, load_image
 
 __all__ = ["predict_folder", "main"]
@@ -34,6 +34,8 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise UserError(f"predict --images: '{images}' is not a folder")
+    if out.is_dir():
+        raise UserError(f"predict --out: '{out}' is a folder; give the path of a .csv file to write")
     if out.exists() and not overwrite:
         raise UserError(f"predict --out: '{out}' exists; pass --overwrite to replace it, or choose another --out")
     files = list_images(images)
@@ -43,7 +45,7 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     transform = create_transform(**resolve_data_config({}, model=model))
     top_k = min(top_k, model.num_classes)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "predict --out")
     failed = 0
     with OutputLock(lock_path(out), f"predict --out '{out}'"), write_atomically(out, ".tmp") as partial:
         with partial.open("w", newline="") as f:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill.errors import OneLineArgumentParser, UserError
+from distill.files import make_folder, write_atomically
 
 __all__ = ["read_runs", "summarize", "format_rows", "main"]
 
@@ -99,17 +100,25 @@ def report(root: str | Path) -> str:
     return format_rows(header, rows) + "\n(validation top-1 in %; cls/dist: the final epoch's class and distillation heads)"
 
 
-def plot(root: str | Path, out: str | Path) -> list[Path]:
-    """One PNG per run: validation accuracy per head (and EMA, teacher agreement); training loss parts."""
+def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """One PNG per run: validation accuracy per head (and EMA, teacher agreement); training loss parts.
+
+    An existing PNG of the same name (another run's plot) is replaced only with `overwrite`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out, "report --plot")
+    runs = read_runs(root)
+    targets = {label: out / f"{label.replace('/', '_')}.png" for label in runs}
+    existing = [str(path) for path in targets.values() if path.exists()]
+    if existing and not overwrite:
+        raise UserError(f"report --plot: {existing[0]} exists{f' (and {len(existing) - 1} more)' if existing[1:] else ''}; "
+                        "pass --overwrite to replace, or choose another --plot folder")
     written = []
-    for label, scalars in read_runs(root).items():
+    for label, scalars in runs.items():
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for tag in ("val/acc", "val/acc_cls", "val/acc_dist", "val_ema/acc", "val/teacher_agreement"):
             if scalars.get(tag):
@@ -125,8 +134,9 @@ def plot(root: str | Path, out: str | Path) -> list[Path]:
         right.legend(fontsize=8)
         figure.suptitle(label)
         figure.tight_layout()
-        path = out / f"{label.replace('/', '_')}.png"
-        figure.savefig(path, dpi=100)
+        path = targets[label]
+        with write_atomically(path, ".partial.png") as partial:
+            figure.savefig(partial, dpi=100)
         plt.close(figure)
         written.append(path)
     return written
@@ -136,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(prog="distill report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run's folder, a logger folder (runs/distill) or a pipeline's (runs/digits)")
     parser.add_argument("--plot", default=None, metavar="FOLDER", help="also write one PNG of curves per run here")
+    parser.add_argument("--overwrite", action="store_true", help="replace PNGs of the same names in --plot")
     args = parser.parse_args(argv)
     print(report(args.run_dir))
     if args.plot:
-        for path in plot(args.run_dir, args.plot):
+        for path in plot(args.run_dir, args.plot, args.overwrite):
             print(f"wrote {path}")

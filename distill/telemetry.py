@@ -29,6 +29,8 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from distill.ranges import NonNegativeInt  # noqa: E402
+
 __all__ = ["DistillationTelemetry", "attention_maps"]
 
 HP_METRICS = ("hp/best_acc", "hp/final_acc", "hp/final_acc_cls", "hp/final_acc_dist", "hp/final_teacher_agreement")
@@ -44,8 +46,8 @@ class DistillationTelemetry(pl.Callback):
         confusion_matrix: log a confusion matrix after each validation.
     """
 
-    def __init__(self, attention_every_n_epochs: int = 5, attention_images: int = 8, augmented_images: int = 32,
-                 confusion_matrix: bool = True) -> None:
+    def __init__(self, attention_every_n_epochs: NonNegativeInt = 5, attention_images: NonNegativeInt = 8,
+                 augmented_images: NonNegativeInt = 32, confusion_matrix: bool = True) -> None:
         self.attention_every_n_epochs = attention_every_n_epochs
         self.attention_images = attention_images
         self.augmented_images = augmented_images

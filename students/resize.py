@@ -61,6 +61,9 @@ def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dic
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
         raise UserError(f"{option}: '{path}' {what}; give best.ckpt or last.ckpt of a `distill fit` run")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option}: '{path}' is empty (a copy or a save that did not finish); give best.ckpt or "
+                        "last.ckpt of a `distill fit` run")
     try:
         # weights_only: pickled code is refused, not run; mmap: tensors are read only when used
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -50,8 +50,21 @@ def _create(model_name: str, img_size: Optional[int], **kwargs: Any) -> nn.Modul
             return timm.create_model(model_name, img_size=img_size, **kwargs)
         except TypeError as err:  # e.g. "ResNet.__init__() got an unexpected keyword argument 'img_size'"
             if "img_size" not in str(err):
-                raise
-    return timm.create_model(model_name, **kwargs)
+                raise _unsupported(model_name, err, kwargs) from err
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as err:
+        raise _unsupported(model_name, err, kwargs) from err
+
+
+def _unsupported(model_name: str, err: TypeError, kwargs: dict[str, Any]) -> Exception:
+    """A UserError naming the size option a timm architecture does not take; any other TypeError is a bug."""
+    named = [key for key in ("patch_size", "embed_dim", "depth", "num_heads", "depths", "window_size")
+             if key in kwargs and f"'{key}'" in str(err)]
+    if not named:
+        return err
+    return UserError(f"student '{model_name}' does not take {named[0]} (a {named[0]} of "
+                     f"{kwargs[named[0]]!r} is set); set student.{named[0]}: null for this architecture")
 
 
 class Student(nn.Module):

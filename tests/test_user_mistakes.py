@@ -76,8 +76,9 @@ def test_resuming_another_runs_checkpoint_into_a_folder_of_a_third_run_is_refuse
     assert snapshot(tmp_path / "ckpt") == before
 
 
-@pytest.mark.parametrize("content", [{"best.ckpt": b"weights"}, {"notes.txt": b"my notes", "model.onnx": b"x"}],
-                         ids=["run-folder", "notes-beside-an-export-file"])
+@pytest.mark.parametrize("content", [{"best.ckpt": b"weights"}, {"notes.txt": b"my notes", "model.onnx": b"x"},
+                                     {"config.json": b"{}", "model.safetensors": b"someone's model"}],
+                         ids=["run-folder", "notes-beside-an-export-file", "a-model-folder-with-export-names"])
 def test_export_overwrite_never_deletes_a_folder_that_is_not_an_export(tmp_path, capsys, earlier_run, content):
     out = tmp_path / "precious"
     out.mkdir()
@@ -85,7 +86,7 @@ def test_export_overwrite_never_deletes_a_folder_that_is_not_an_export(tmp_path,
         (out / name).write_bytes(data)
     line = run_cli_error(["export", "--ckpt", str(tmp_path / "ckpt" / "best.ckpt"), "--out", str(out), "--overwrite",
                           "--no-onnx", "--no-torchscript"], capsys)
-    foreign = "best.ckpt" if "best.ckpt" in content else "notes.txt"
+    foreign = "best.ckpt" if "best.ckpt" in content else "notes.txt" if "notes.txt" in content else "no export_report.json"
     assert f"'{out}' is not an export folder (it holds {foreign})" in line
     assert snapshot(out) == content
 
@@ -159,7 +160,7 @@ def test_a_teacher_that_is_not_finite_stops_the_run_naming_the_teacher(tmp_path,
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, capsys):
     line = run_cli_error([*distill_args(tmp_path), "--data.batch_size=2000"], capsys)
-    assert "data.batch_size 2000 is larger than the 1437 training images" in line
+    assert "data.batch_size 2000 is larger than the 1436 training images each of the 1 process(es)" in line
     assert not list((tmp_path / "ckpt").glob("*.ckpt"))
 
 
@@ -453,3 +454,147 @@ def test_a_lock_held_by_this_process_is_released_when_a_command_fails(tmp_path, 
     with OutputLock(tmp_path / "ckpt" / ".lock", "x"):
         pass
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by trying the tool as a hostile user (the list above was a sample)
+
+
+def test_a_diverged_student_is_never_saved_as_a_checkpoint(tmp_path, capsys):
+    # one step at an infinite rate: the loss of that step is finite, the weights after it are not
+    line = run_cli_error([*distill_args(tmp_path), "--trainer.max_steps=1", "--model.lr=inf", "--model.warmup_epochs=0"],
+                         capsys)
+    assert "training diverged: the student's weights hold NaN or inf at epoch 0" in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_resuming_from_a_checkpoint_file_with_other_hyper_parameters_is_refused(tmp_path, capsys, earlier_run):
+    args, before = earlier_run
+    line = run_cli_error([*args, f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}", "--trainer.max_epochs=2",
+                          "--model.alpha=0.9"], capsys)
+    assert "sets model.alpha=0.9 (the checkpoint has 0.5)" in line and "model.init_from" in line
+    assert snapshot(tmp_path / "ckpt") == before
+    cli_main([*args, f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}", "--trainer.max_epochs=2", "--model.alpha=0.5"])
+
+
+def test_an_existing_metrics_json_is_not_replaced_by_a_run_that_resumes_nothing(tmp_path, capsys):
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"mine": 1}')
+    line = run_cli_error([*distill_args(tmp_path), "--ckpt_path=last", f"--metrics_json={precious}"], capsys)
+    assert f"metrics_json: '{precious}' exists and this run resumes nothing" in line
+    assert precious.read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--seed_everything=-1", "seed_everything: -1 is out of range"),
+    ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches: 0 is out of range (accepted: 1 or more)"),
+    ("--trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch: 0 is out of range"),
+    ("--trainer.val_check_interval=0", "trainer.val_check_interval: 0 is out of range"),
+    ("--trainer.devices=0", "trainer: "),
+    ("--checkpoint.monitor=val/accc", "checkpoint.monitor: 'val/accc' is not a metric this run logs; did you mean 'val/acc'"),
+    ("--model.optimizer=adamww", "model.optimizer: 'adamww' is not a timm optimiser; did you mean adamw"),
+    ("--data.auto_augment=rand-x9", "data.auto_augment: 'rand-x9' is not a timm augmentation policy"),
+    ("--model.student.init_args.model_name=resnet10t", "student 'resnet10t' does not take patch_size"),
+    ("--telemetry.augmented_images=-1", "telemetry.augmented_images: -1 is out of range"),
+])
+def test_options_lightning_or_timm_would_reject_with_a_traceback_are_one_line(tmp_path, capsys, option, message):
+    line = run_cli_error([*distill_args(tmp_path), option], capsys)
+    assert message in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_a_symbolic_link_back_up_the_tree_does_not_repeat_images_under_another_class(tmp_path):
+    from distill.data import ImageDataModule
+
+    root = make_image_folder(tmp_path / "images")
+    (root / "train" / "cat" / "back").symlink_to(root / "train")  # a loop through every class
+    data = ImageDataModule(str(root), img_size=32, batch_size=2, num_workers=0, mixup=0, cutmix=0)
+    data.setup("fit")
+    assert len(data.train_set) == 18
+
+
+@pytest.mark.parametrize("command", ["export", "predict", "report"])
+def test_an_output_below_a_file_is_one_line(tmp_path, capsys, earlier_run, command):
+    blocker = tmp_path / "a_file.png"
+    blocker.write_bytes(b"not a folder")
+    if command == "export":
+        args = ["export", "--ckpt", str(tmp_path / "ckpt" / "best.ckpt"), "--out", str(blocker / "x")]
+        expected = "is a file, so"
+    elif command == "predict":
+        cli_main(["export", "--ckpt", str(tmp_path / "ckpt" / "best.ckpt"), "--out", str(tmp_path / "export"),
+                  "--no-onnx", "--no-torchscript"])
+        images = make_image_folder(tmp_path / "images", per_class=1) / "val"
+        args = ["predict", "--export", str(tmp_path / "export"), "--images", str(images), "--out", str(blocker / "p.csv")]
+        expected = "cannot create folder"
+    else:
+        args, expected = ["report", str(tmp_path / "runs"), "--plot", str(blocker / "plots")], "cannot create folder"
+    assert expected in run_cli_error(args, capsys)
+    assert blocker.read_bytes() == b"not a folder"
+
+
+def test_report_plots_do_not_replace_other_runs_plots_unless_asked(tmp_path, capsys, earlier_run):
+    plots = tmp_path / "plots"
+    cli_main(["report", str(tmp_path / "runs"), "--plot", str(plots)])
+    before = snapshot(plots)
+    assert "exists; pass --overwrite" in run_cli_error(["report", str(tmp_path / "runs"), "--plot", str(plots)], capsys)
+    assert snapshot(plots) == before
+    cli_main(["report", str(tmp_path / "runs"), "--plot", str(plots), "--overwrite"])
+
+
+def test_a_key_given_twice_in_a_config_is_named(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data:\n  batch_size: 16\nmodel:\n  lr: 0.001\ndata:\n  num_workers: 0\n")
+    line = run_cli_error([*distill_args(tmp_path), "--config", str(twice)], capsys)
+    assert f"{twice}: not valid YAML at line 5" in line and "the key 'data' is given twice (first at line 1)" in line
+
+
+def test_a_pipeline_stage_whose_options_or_upstream_changed_is_not_skipped_as_finished(tmp_path):
+    from distill.pipeline import _check_unchanged, stage_identity
+
+    teacher = {"name": "teacher", "config": "teacher.yaml"}
+    student = {"name": "distill", "config": "distill.yaml", "teacher_from": "teacher"}
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "result.json").write_text('{"steps": 3}')
+    for stage in (teacher, student):
+        (tmp_path / stage["name"]).mkdir(exist_ok=True)
+        (tmp_path / stage["name"] / "stage.json").write_text(json.dumps(stage_identity(stage, tmp_path, [])))
+        _check_unchanged(stage, tmp_path, stage_identity(stage, tmp_path, []))  # the same: fine
+    with pytest.raises(UserError, match=r"stage 'teacher' was run earlier, but its options changed .*--model.lr=0.1"):
+        _check_unchanged(teacher, tmp_path, stage_identity(teacher, tmp_path, ["--model.lr=0.1"]))
+    (tmp_path / "teacher" / "result.json").write_text('{"steps": 4}')  # the teacher stage was run again
+    with pytest.raises(UserError, match=r"stage 'distill' was run earlier, but the stage\(s\) it starts from"):
+        _check_unchanged(student, tmp_path, stage_identity(student, tmp_path, []))
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch):
+    import distill.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.cli, "make_cli", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "distill.yaml")])
+    assert exit_info.value.code == 130 and "interrupted (Ctrl+C)" in capsys.readouterr().err
+
+
+def test_the_name_digits_beside_a_folder_called_digits_warns_which_one_is_used(tmp_path, monkeypatch):
+    from distill.data import ImageDataModule
+
+    make_image_folder(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="'digits' is the bundled digits set, not the folder './digits'"):
+        data = ImageDataModule("digits", img_size=32, num_workers=0)
+    assert data.num_classes == 10 and len(ImageDataModule("./digits", img_size=32, num_workers=0).classes) == 3
+
+
+def test_an_image_of_absurd_aspect_ratio_is_unreadable_not_a_memory_bomb(tmp_path):
+    Image.fromarray(np.zeros((1, 5000, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(UnreadableImage, match="5000x1 pixels: an aspect ratio over 100:1"):
+        load_image(tmp_path / "strip.png")
+
+
+def test_distill_alone_lists_every_command(capsys):
+    cli_main([])
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("fit", "pipeline", "compare", "export", "predict", "cache-teacher", "report"))
