@@ -22,8 +22,8 @@ from tests.helpers import TINY_TEACHER, scalars, shrink
 ROOT = Path(__file__).resolve().parents[1]
 # the DeiT recipe's augmentation: RandAugment, random erasing, mixup and cutmix, all replayed
 AUGMENT = ["--data.auto_augment=rand-m9-mstd0.5-inc1", "--data.re_prob=0.25", "--data.mixup=0.8", "--data.cutmix=1.0"]
-# configs/distill.yaml's data with AUGMENT
-DATA = dict(img_size=32, scale=(0.5, 1.0), hflip=0.0, crop_pct=1.0, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+# configs/distill.yaml's data (it has AUGMENT)
+DATA = dict(img_size=32, scale=(0.08, 1.0), hflip=0.0, crop_pct=1.0, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
             mixup=0.8, cutmix=1.0)
 
 
