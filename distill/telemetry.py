@@ -188,23 +188,17 @@ def _enlarge(images: torch.Tensor, at_least: int = 96) -> torch.Tensor:
 
 
 def _confusion_figure(matrix: torch.Tensor, class_names: Optional[list[str]]) -> plt.Figure:
+    """torchmetrics' confusion-matrix plot of row-normalised rates, sized for the class count (ticks up to 50 classes,
+    values written in the cells up to 20)."""
     count = matrix.shape[0]
-    names = list(class_names or range(count))
     size = min(2 + 0.35 * count, 30)
     figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if count <= 50:
-        axes.set_xticks(range(count), names, rotation=90)
-        axes.set_yticks(range(count), names)
-    if count <= 20:
-        for (row, col), value in zip(torch.cartesian_prod(torch.arange(count), torch.arange(count)).tolist(),
-                                     matrix.flatten().tolist()):
-            if value >= 0.005:
-                axes.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                          color="white" if value > 0.5 else "black")
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    figure.tight_layout()
+    names = [str(name) for name in class_names] if class_names and count <= 50 else None
+    MulticlassConfusionMatrix(count).plot(val=(matrix * 100).round() / 100, ax=axes, add_text=count <= 20, labels=names,
+                                          cmap="Blues")
+    if count > 50:  # a thousand ticks are unreadable and slow to draw
+        axes.set_xticks([])
+        axes.set_yticks([])
     return figure
 
 

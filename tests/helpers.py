@@ -125,3 +125,32 @@ def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
 
 def nothing_written(tmp_path: Path) -> bool:
     return not list((tmp_path / "ckpt").glob("*.ckpt")) and not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+# The ImageNet recipe and the files layered on it, as a user passes them (several --config, merged in order).
+IMAGENET_RUNS = {
+    "deit_tiny": ("deit_distilled.yaml",),
+    "deit_small": ("deit_distilled.yaml", "deit_small.yaml"),
+    "deit_base": ("deit_distilled.yaml", "deit_base.yaml"),
+    "finetune_384": ("deit_distilled.yaml", "deit_base.yaml", "finetune_384.yaml"),
+    "swin_tiny": ("deit_distilled.yaml", "swin_tiny.yaml"),
+}
+
+
+def imagenet_configs(run: str) -> list[str]:
+    """The --config arguments of one ImageNet run."""
+    return [arg for name in IMAGENET_RUNS[run] for arg in ("--config", str(ROOT / "configs" / "imagenet" / name))]
+
+
+def merged_config(run: str) -> dict:
+    """The YAML of one ImageNet run's files merged key by key, later files winning (what jsonargparse does)."""
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    config: dict = {}
+    for name in IMAGENET_RUNS[run]:
+        config = merge(config, yaml.safe_load((ROOT / "configs" / "imagenet" / name).read_text()))
+    return config

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from distill.cli import make_cli
@@ -15,7 +14,17 @@ from distill.errors import UserError
 from distill.module import DistillationModule, scaled_lr
 from students import Student
 from teachers import Teacher
-from tests.helpers import TINY_STUDENT, TINY_SWIN, TINY_TEACHER, make_image_folder, scalars, shrink
+from tests.helpers import (
+    IMAGENET_RUNS,
+    TINY_STUDENT,
+    TINY_SWIN,
+    TINY_TEACHER,
+    imagenet_configs,
+    make_image_folder,
+    merged_config,
+    scalars,
+    shrink,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,12 +145,9 @@ def test_every_trainable_parameter_gets_a_gradient_so_ddp_finds_no_unused_ones(s
     assert not unused, unused  # what DDP (find_unused_parameters=False) would fail on
 
 
-IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
-
-
-def shrunk_imagenet(config: Path, tmp_path: Path, img_size: int = 32) -> list[str]:
-    """An ImageNet config made CPU-sized: generated 3-class data, a tiny student of the same family and teacher."""
-    student = yaml.safe_load(config.read_text())["model"]["student"]["init_args"]["model_name"]
+def shrunk_imagenet(run: str, tmp_path: Path, img_size: int = 32) -> list[str]:
+    """An ImageNet run made CPU-sized: generated 3-class data, a tiny student of the same family and teacher."""
+    student = merged_config(run)["model"]["student"]["init_args"]["model_name"]
     tiny = TINY_SWIN if student.startswith("swin") else TINY_STUDENT
     teacher = tmp_path / "teacher.safetensors"
     if not teacher.exists():
@@ -149,24 +155,29 @@ def shrunk_imagenet(config: Path, tmp_path: Path, img_size: int = 32) -> list[st
     images = tmp_path / "images"
     if not images.exists():
         make_image_folder(images)
-    return ["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
+    return [*imagenet_configs(run), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
             "--trainer.strategy=auto", "--trainer.precision=32", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--checkpoint.dirpath={tmp_path / config.stem}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--checkpoint.dirpath={tmp_path / run}",
             f"--data.dataset={images}", f"--data.img_size={img_size}", "--data.batch_size=4", "--data.num_workers=0",
             *[f"--model.student.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in tiny.items()],
             f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}"]
 
 
-@pytest.mark.parametrize("config", IMAGENET, ids=[c.name for c in IMAGENET])
-def test_each_imagenet_config_parses_instantiates_and_trains_a_few_steps_shrunk(config, tmp_path):
+@pytest.mark.parametrize("run", list(IMAGENET_RUNS))
+def test_each_imagenet_run_parses_instantiates_and_trains_a_few_steps_shrunk(run, tmp_path):
     extra = []
-    if config.name == "finetune_384.yaml":  # starts from a 224 px stage: make one (at 32 px), fine-tune at 48
-        make_cli(["fit", *shrunk_imagenet(IMAGENET[0], tmp_path)])
-        extra = [f"--model.init_from={tmp_path / IMAGENET[0].stem / 'best.ckpt'}", "--data.img_size=48"]
-    cli = make_cli(["fit", *shrunk_imagenet(config, tmp_path), *extra])
-    assert cli.trainer.global_step == 2 and (tmp_path / config.stem / "last.ckpt").is_file()
+    if run == "finetune_384":  # starts from a 224 px stage: make one (at 32 px), fine-tune at 48
+        make_cli(["fit", *shrunk_imagenet("deit_base", tmp_path)])
+        extra = [f"--model.init_from={tmp_path / 'deit_base' / 'best.ckpt'}", "--data.img_size=48"]
+    cli = make_cli(["fit", *shrunk_imagenet(run, tmp_path), *extra])
+    assert cli.trainer.global_step == 2 and (tmp_path / run / "last.ckpt").is_file()
     assert cli.model.hparams.num_classes == 3 and cli.model.teacher is not None
+    config = cli.config["fit"]  # the later files won where they set a value
+    expected = merged_config(run)
+    assert config.checkpoint.dirpath == str(tmp_path / run)
+    assert (config.model.lr, config.model.ema_decay, config.data.repeated_aug) == (
+        expected["model"]["lr"], expected["model"].get("ema_decay"), expected["data"]["repeated_aug"])
 
 
 RECIPE = {  # the reference DeiT recipe, as the shared reference notes list it
@@ -181,7 +192,7 @@ RECIPE = {  # the reference DeiT recipe, as the shared reference notes list it
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_the_deit_configs_fix_every_value_of_the_reference_recipe(size):
-    config = yaml.safe_load((ROOT / "configs" / "imagenet" / f"deit_{size}_distilled.yaml").read_text())
+    config = merged_config(f"deit_{size}")
     for section, values in RECIPE.items():
         assert {k: config[section][k] for k in values} == values, section
     student = config["model"]["student"]["init_args"]
@@ -193,7 +204,7 @@ def test_the_deit_configs_fix_every_value_of_the_reference_recipe(size):
 
 
 def test_the_384_fine_tune_is_the_reference_one_with_distillation():
-    config = yaml.safe_load((ROOT / "configs" / "imagenet" / "finetune_384.yaml").read_text())
+    config = merged_config("finetune_384")
     model, data = config["model"], config["data"]
     assert (data["img_size"], model["lr"], model["weight_decay"], config["trainer"]["max_epochs"]) == (384, 5e-6, 1e-8, 30)
     assert model["distillation"] == "hard" and model["init_from"].endswith("best.ckpt")

@@ -15,7 +15,7 @@ from distill.module import DistillationModule
 from students import Student
 from students.resize import adapt_student_state
 from teachers import Teacher
-from tests.helpers import TINY_SWIN, TINY_TEACHER, data_of, shrink, teacher_of, train_tiny
+from tests.helpers import TINY_SWIN, TINY_TEACHER, data_of, merged_config, shrink, teacher_of, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # patch 4 at 32 px: an 8x8 grid, then 4x4; window 4 divides both
@@ -110,15 +110,12 @@ def test_a_swin_stage_at_48_px_starts_close_to_where_the_32_px_stage_ended(train
     cli.trainer.fit(cli.model, cli.datamodule)  # and the stage trains at 48 px
 
 
-IMAGENET_SWIN = ROOT / "configs" / "imagenet" / "swin_tiny_distilled.yaml"
-
-
 def test_the_imagenet_swin_config_holds_the_swin_recipe():
-    import yaml
-    config = yaml.safe_load(IMAGENET_SWIN.read_text())
+    config = merged_config("swin_tiny")
     model, data = config["model"], config["data"]
     assert model["student"]["init_args"] == {"model_name": "swin_tiny_patch4_window7_224", "distill_head": True,
-                                             "drop_path_rate": 0.2}
+                                             "drop_path_rate": 0.2, "drop_rate": 0.0}
+    assert (model["lr_scale_batch"], model["ema_decay"], data["repeated_aug"]) == (None, None, 1)
     assert model["teacher"]["init_args"]["model_name"] == "regnety_160.deit_in1k"
     assert (model["distillation"], model["lr"], model["weight_decay"], model["warmup_epochs"]) == ("hard", 1e-3, 0.05, 20)
     assert (config["trainer"]["max_epochs"], data["img_size"], data["crop_pct"]) == (300, 224, 0.875)
