@@ -48,23 +48,28 @@ ROWS = {
 
 # ---------------------------------------------------------------------------------- the work
 class Bank(torch.utils.data.Dataset):
-    """A fixed bank of random images and labels (and, for the cache row, random cached top-k)."""
+    """A fixed bank of random images and labels: (image, label) pairs for the plain loops, or views as
+    `distill.data.SeededViews` gives them to `fit` (with random cached top-k for the cache rows)."""
 
-    def __init__(self, size: int, img_size: int, classes: int, cache: bool, top_k: int = 10) -> None:
+    def __init__(self, size: int, img_size: int, classes: int, cache: bool, top_k: int = 10, views: bool = True) -> None:
         g = torch.Generator().manual_seed(0)
         self.images = torch.randn(64, 3, img_size, img_size, generator=g)
         self.labels = torch.randint(0, classes, (64,), generator=g)
-        self.size, self.cache, self.classes, self.top_k = size, cache, classes, top_k
+        self.size, self.cache, self.classes, self.top_k, self.views = size, cache, classes, top_k, views
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> Any:
         image, label = self.images[i % 64], self.labels[i % 64]
-        if not self.cache:
+        if not self.views:
             return image, label
-        prob, index = torch.rand(self.classes).softmax(-1).topk(self.top_k)
-        return image, label, {"teacher_index": index, "teacher_prob": prob, "key": torch.tensor([0, i, 0])}
+        view = {"image": image, "target": label, "key": torch.tensor([0, i, 0]), "seed": torch.tensor(i)}
+        if self.cache:
+            prob, index = torch.rand(self.classes).softmax(-1).topk(self.top_k)
+            view.update(teacher_index=index, teacher_prob=prob,
+                        checksum=torch.tensor(0.0, dtype=torch.float64).view(torch.int64))
+        return view
 
 
 def student(args: argparse.Namespace) -> torch.nn.Module:
@@ -108,7 +113,7 @@ def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: boo
             cls_logits, dist_logits = model.forward_heads(images)
             return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_labels)
     loader = torch.utils.data.DataLoader(Bank((args.warmup + args.steps) * args.batch, args.img_size, args.classes,
-                                              False), batch_size=args.batch)
+                                              False, views=False), batch_size=args.batch)
     model.train()
     for i, (images, labels) in enumerate(loader):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -130,6 +135,7 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: s
             devices: int = 1, precision: str = "", compile: bool = False) -> dict[str, float]:
     import pytorch_lightning as pl
 
+    from distill.batch import TrainingBatch
     from distill.module import DistillationModule
     from teachers import Teacher
 
@@ -161,7 +167,7 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: s
         enable_progress_bar=False, limit_val_batches=0, callbacks=[Clock()], num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(Bank(steps * args.batch * devices, args.img_size, args.classes, cache),
-                                         batch_size=args.batch)
+                                         batch_size=args.batch, collate_fn=TrainingBatch.collate)
     trainer.fit(module, loader)
     return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"], "world": trainer.world_size,
             "rank": trainer.global_rank, "agreement": None if cache else teacher.fast_agreement,

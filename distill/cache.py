@@ -53,6 +53,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from distill.batch import TrainingBatch
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.files import OutputLock, free_bytes, lock_path
 
@@ -201,16 +202,16 @@ class TeacherCache:
                 "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64).view(torch.int64)}
 
     # ------------------------------------------------------------------ writing
-    def write(self, extras: dict[str, torch.Tensor], logits: torch.Tensor, checksums: torch.Tensor) -> None:
-        """Store the top-k of `logits` (B, C) for the views of a batch (`extras`: key, seed; data.SeededViews)."""
+    def write(self, key: torch.Tensor, seed: torch.Tensor, logits: torch.Tensor, checksums: torch.Tensor) -> None:
+        """Store the top-k of `logits` (B, C) for the views of a batch: their keys (B, 3) and seeds (B,)."""
         probs = logits.float().softmax(-1)
         values, indices = probs.topk(self.meta["top_k"], dim=-1)
-        epoch, index, repeat = extras["key"].cpu().numpy().T
+        epoch, index, repeat = key.cpu().numpy().T
         arrays = self.arrays
         arrays["index"][epoch, repeat, index] = indices.cpu().numpy().astype(arrays["index"].dtype)
         arrays["prob"][epoch, repeat, index] = values.cpu().numpy().astype(np.float16)
         arrays["checksum"][epoch, repeat, index] = checksums.cpu().numpy()
-        arrays["seed"][epoch, repeat, index] = extras["seed"].cpu().numpy().astype(np.uint32)
+        arrays["seed"][epoch, repeat, index] = seed.cpu().numpy().astype(np.uint32)
         arrays["done"][epoch, repeat, index] = True
 
     def flush(self) -> None:
@@ -312,7 +313,7 @@ class CacheWriter(pl.LightningModule):
         data = self.data
         return DataLoader(data.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
                           num_workers=data.num_workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), collate_fn=TrainingBatch.collate)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.data.on_before_batch_transfer(batch, dataloader_idx)
@@ -321,8 +322,7 @@ class CacheWriter(pl.LightningModule):
         return self.data.on_after_batch_transfer(batch, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
-        images, _, extras = batch
-        self.cache.write(extras, self.teacher(images), view_checksum(images))
+        self.cache.write(batch.key, batch.seed, self.teacher(batch.images), view_checksum(batch.images))
 
     def on_predict_end(self) -> None:
         self.cache.flush()

@@ -31,6 +31,7 @@ from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
+from distill.batch import TrainingBatch
 from distill.errors import UserError
 from distill.images import (
     IMG_EXTENSIONS,
@@ -157,10 +158,11 @@ class SeededViews(Dataset):
     Every random draw of the transform (crop, flip, RandAugment, random erasing) comes from
     generators seeded for that sample, so the view is the same in any worker, process or
     restart. Item `(epoch, index, repeat)` is another view of the same image (repeated
-    augmentation). An item is `(image, target, extras)`: extras holds the `key` tensor
-    (epoch, index, repeat) that mixup and the teacher cache use, the view's `seed`, and with a `cache`, the
-    teacher's cached top-k for that view (`teacher_index`, `teacher_prob`, `checksum`).
-    Plain integer indices pass through unseeded.
+    augmentation). An item is a dict of the fields of `distill.batch.TrainingBatch` for one view
+    (`TrainingBatch.collate` makes the batch): `image`, `target`, the `key` (epoch, index, repeat)
+    that mixup and the teacher cache use, the view's `seed`, and with a `cache`, the teacher's
+    cached top-k for that view (`teacher_index`, `teacher_prob`, `checksum`). Plain integer
+    indices pass through unseeded.
     """
 
     def __init__(self, dataset: Dataset, seed: int, cache: Optional[Any] = None) -> None:
@@ -176,10 +178,11 @@ class SeededViews(Dataset):
         with seeded(seed):
             image, target = self.dataset[key[1]]
         full_key = (*key, 0) if len(key) == 2 else key
-        extras = {"key": torch.tensor(full_key, dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
+        view = {"image": image, "target": target, "key": torch.tensor(full_key, dtype=torch.int64),
+                "seed": torch.tensor(seed, dtype=torch.int64)}
         if self.cache is not None:
-            extras.update(self.cache.entry(*full_key))
-        return image, target, extras
+            view.update(self.cache.entry(*full_key))
+        return view
 
 
 def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -477,6 +480,7 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            collate_fn=TrainingBatch.collate,
         )
 
     def train_sampler(self, world: int = 1, rank: int = 0) -> EpochSampler:
@@ -555,18 +559,16 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Training batches (they carry extras): draw each pair's mixup/cutmix parameters, on the CPU."""
-        if self.mixup_fn is not None and len(batch) == 3:
-            images, targets, extras = batch
-            extras["mixing"] = mixing_params(extras["key"], self.mixup_fn, tuple(images.shape), global_seed())
+        """Training batches: draw each pair's mixup/cutmix parameters, on the CPU."""
+        if self.mixup_fn is not None and isinstance(batch, TrainingBatch):
+            return batch.replace(mixing=mixing_params(batch.key, self.mixup_fn, tuple(batch.images.shape), global_seed()))
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Mixup/cutmix of each training pair, on the device: targets become (B, C) soft labels."""
-        if self.mixup_fn is not None and len(batch) == 3 and "mixing" in batch[2]:
-            images, targets, extras = batch
-            images, targets = apply_mixing(images, targets, extras.pop("mixing"), self.mixup_fn)
-            return images, targets, extras
+        if self.mixup_fn is not None and isinstance(batch, TrainingBatch) and batch.mixing is not None:
+            images, targets = apply_mixing(batch.images, batch.targets, batch.mixing, self.mixup_fn)
+            return batch.replace(images=images, targets=targets, mixing=None)
         return batch
 
 

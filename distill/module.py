@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.batch import TrainingBatch
 from distill.cache import cached_teacher_logits, view_checksum
 from distill.errors import UserError
 from distill.losses import DistillationLoss
@@ -181,15 +182,13 @@ class DistillationModule(pl.LightningModule):
         # a run resumed from a checkpoint takes exactly the steps an uninterrupted one takes
         torch.manual_seed(sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 2))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # targets: (B,) labels, or (B, C) soft labels after mixup/cutmix; extras: see data.SeededViews
-        images, targets, *rest = batch
-        extras = rest[0] if rest else {}
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch.images, batch.targets  # targets: (B,) labels, or (B, C) soft labels after mixing
         if self.loss.distillation == "none":
             teacher_logits = None
-        elif "teacher_index" in extras:  # the teacher cache: no teacher forward
-            teacher_logits = cached_teacher_logits(extras["teacher_index"], extras["teacher_prob"], self.hparams.num_classes)
-            self._verify_cache(images, teacher_logits, extras, batch_idx)
+        elif batch.cached:  # the teacher cache: no teacher forward
+            teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
+            self._verify_cache(images, teacher_logits, batch.checksum, batch_idx)
         elif self.hparams.teacher_cache:
             raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
                              "set data.teacher_cache (the two are linked by the distill CLI)")
@@ -207,8 +206,7 @@ class DistillationModule(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return parts["loss"]
 
-    def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, extras: dict[str, torch.Tensor],
-                      batch_idx: int) -> None:
+    def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
         """On a `teacher_cache_verify` fraction of batches: live teacher vs cache, replayed view vs cached view."""
         fraction = self.hparams.teacher_cache_verify
         # the same batch indices on every rank: the logged values are all-reduced (sync_dist) as they are logged
@@ -216,7 +214,7 @@ class DistillationModule(pl.LightningModule):
             return
         live = self.teacher(images)
         agreement = (live.argmax(-1) == cached.argmax(-1)).float().mean()
-        expected = extras["checksum"].cpu().view(torch.float64)  # float64 bits carried as int64 (see data.SeededViews)
+        expected = checksum.cpu().view(torch.float64)  # float64 bits carried as int64 (see distill.batch)
         match = torch.isclose(view_checksum(images).cpu(), expected, rtol=1e-9, atol=1e-6).to(images.device)
         self.log("train/cache_agreement", agreement, on_step=True, on_epoch=True, sync_dist=True)
         self.log("train/cache_view_match", match.double().mean().float(), on_step=True, on_epoch=True, sync_dist=True)

@@ -62,12 +62,12 @@ class DistillationTelemetry(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
         if trainer.global_step == 0 and batch_idx == 0 and self.augmented_images:
-            self._log_augmented(trainer, pl_module, batch[0])
+            self._log_augmented(trainer, pl_module, batch.images)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_start
-        images = batch[0].shape[0] * trainer.world_size
+        images = batch.images.shape[0] * trainer.world_size
         pl_module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

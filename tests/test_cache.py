@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from distill.batch import TrainingBatch
 from distill.cache import TeacherCache, cached_teacher_logits
 from distill.cli import cli_main, make_cli
 from distill.data import ImageDataModule
@@ -43,13 +44,14 @@ def cache(tmp_path, teacher_file, caplog) -> Path:
 
 def replayed_views(data: ImageDataModule, sampler, batch_size: int, workers: int, batches: int = 10**6) -> dict:
     """(epoch, index, repeat) -> the mixed view training sees, through the data module's batch hooks."""
-    loader = DataLoader(data.train_set, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    loader = DataLoader(data.train_set, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        collate_fn=TrainingBatch.collate)
     views = {}
     for step, batch in enumerate(loader):
         if step == batches:
             break
-        images, _, extras = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
-        views.update({tuple(key): image for key, image in zip(extras["key"].tolist(), images)})
+        batch = data.on_after_batch_transfer(data.on_before_batch_transfer(batch, 0), 0)
+        views.update({tuple(key): image for key, image in zip(batch.key.tolist(), batch.images)})
     return views
 
 

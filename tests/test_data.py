@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from distill.batch import TrainingBatch
 from distill.data import DigitsDataset, EpochSampler, ImageDataModule
 from distill.errors import UserError
 
@@ -19,26 +20,31 @@ def test_digits_split_is_fixed_stratified_and_upscaled():
 def test_datamodule_gives_normalised_tensors_at_the_configured_size(image_folder):
     data = ImageDataModule(str(image_folder), img_size=16, batch_size=4, num_workers=0, mixup=0, cutmix=0)
     data.setup("fit")
-    images, labels, extras = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))
+    images, labels = batch.images, batch.targets
     assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
-    assert extras["key"].shape == (4, 3)  # (epoch, index, repeat) of each view
+    assert batch.key.shape == (4, 3) and batch.seed.shape == (4,)  # (epoch, index, repeat) of each view, its seed
+    assert batch.teacher_index is None and batch.mixing is None
     assert data.class_names == ["cat", "dog", "fox"] and data.num_classes == 3
     assert images.min() < 0 < images.max()  # normalised, not raw [0, 1]
 
 
 def mix(data, images, labels, keys):
     """The data module's two batch hooks (before and after the device transfer) on a training batch."""
-    batch = data.on_before_batch_transfer((images.clone(), labels, {"key": torch.tensor(keys)}), 0)
-    return data.on_after_batch_transfer(batch, 0)
+    batch = TrainingBatch(images.clone(), labels, key=torch.tensor(keys), seed=torch.zeros(len(keys), dtype=torch.int64))
+    batch = data.on_before_batch_transfer(batch, 0)
+    assert batch.mixing.shape == (len(keys), 6)  # drawn before the transfer, on the CPU
+    batch = data.on_after_batch_transfer(batch, 0)
+    return batch.images, batch.targets, batch
 
 
 def test_mixup_mixes_fixed_pairs_seeded_by_the_pair_not_by_the_batch():
     data = ImageDataModule("digits", img_size=32, batch_size=8, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
     keys = [(0, 10 + i, 0) for i in range(8)]
-    mixed, targets, extras = mix(data, images, labels, keys)
+    mixed, targets, batch = mix(data, images, labels, keys)
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(-1), torch.ones(8))
-    assert set(extras) == {"key"} and not torch.equal(mixed, images)
+    assert batch.mixing is None and not torch.equal(mixed, images)  # the parameters are used up
     for j in (0, 2, 4, 6):  # each image is mixed with its pair partner only, with the pair's lam
         pair = labels[j:j + 2]
         assert torch.allclose(targets[j, pair].sum(), torch.tensor(0.92))  # on 0.91 + off 0.01 (smoothing 0.1)
@@ -51,7 +57,7 @@ def test_mixup_mixes_fixed_pairs_seeded_by_the_pair_not_by_the_batch():
     other, _, _ = mix(data, images, labels, [(1, 10 + i, 0) for i in range(8)])
     assert not torch.equal(other, mixed)  # another epoch: other draws
     same, plain = data.on_after_batch_transfer(data.on_before_batch_transfer((images, labels), 0), 0)
-    assert same is images and plain is labels  # validation batches (no extras) are never mixed
+    assert same is images and plain is labels  # validation batches (plain pairs) are never mixed
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -64,13 +70,13 @@ def test_augmented_views_depend_on_seed_epoch_and_index_only_not_on_workers(work
     data.setup("fit")
     loader = data.train_dataloader()
     loader.sampler.set_epoch(3)
-    images, labels, extras = next(iter(loader))
+    batch = next(iter(loader))
     keys = list(loader.sampler)[:16]
-    assert extras["key"].tolist() == [[*key, 0] for key in keys]
+    assert batch.key.tolist() == [[*key, 0] for key in keys]
     assert all(epoch == 3 for epoch, _ in keys)
-    expected = torch.stack([reference.train_set[key][0] for key in keys])
-    assert torch.equal(images, expected)
-    assert not torch.equal(reference.train_set[(4, keys[0][1])][0], expected[0])  # another epoch, another view
+    expected = torch.stack([reference.train_set[key]["image"] for key in keys])
+    assert torch.equal(batch.images, expected)
+    assert not torch.equal(reference.train_set[(4, keys[0][1])]["image"], expected[0])  # another epoch, another view
 
 
 def test_the_training_sampler_splits_each_epoch_across_ranks_without_overlap():

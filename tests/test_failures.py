@@ -170,7 +170,7 @@ def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path):
     messages = [str(w.message) for w in caught if "skipped unreadable image" in str(w.message)]
     assert sorted(m.split("'")[1] for m in messages) == sorted(str(p) for p in bad)
     assert "2 skipped so far" in messages[-1]
-    assert sum(len(b[1]) for b in batches) == 16  # 19 files, 2 unreadable: every batch still full (drop_last)
+    assert sum(len(b.targets) for b in batches) == 16  # 19 files, 2 unreadable: every batch still full (drop_last)
 
 
 def test_unreadable_image_with_bad_images_error_stops_naming_the_file(tmp_path, capsys):

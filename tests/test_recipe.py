@@ -68,9 +68,9 @@ def test_repeated_augmentation_spreads_each_images_copies_over_consecutive_ranks
     full = [ranks for ranks in ranks_of.values() if len(ranks) == 3]
     assert len(full) > 400  # the copies of an image are on different ranks (each sees its own view)
     epoch, index, _ = shares[0][0]
-    views = [data.train_set[(epoch, index, repeat)][0] for repeat in range(3)]
+    views = [data.train_set[(epoch, index, repeat)]["image"] for repeat in range(3)]
     assert not torch.equal(views[0], views[1])  # three augmentations of one image
-    assert torch.equal(data.train_set[(epoch, index, 1)][0], views[1])
+    assert torch.equal(data.train_set[(epoch, index, 1)]["image"], views[1])
 
 
 @pytest.mark.parametrize("preset", sorted(AUGREG_PRESETS))
