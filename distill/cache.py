@@ -3,6 +3,9 @@
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
     distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
 
+This module is the storage format (model-side: numpy and torch only); `distill.cache_writer`
+runs the teacher over the views (a Lightning `predict`), `distill.cache_teacher` is the command.
+
 In the DeiT recipe the frozen teacher costs more than the student. As in TinyViT, the cache
 stores, for every (epoch, sample) of the training schedule, the seed of its augmented view
 and the teacher's top-k probabilities on that view; training rebuilds the exact view (every
@@ -40,24 +43,16 @@ import errno
 import json
 import math
 import os
-import shutil
-import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler
+from pytorch_lightning.utilities import rank_zero_warn
 
-from distill.batch import TrainingBatch
-from distill.errors import OneLineArgumentParser, UserError, positive_int
-from distill.files import OutputLock, free_bytes, lock_path
+from distill.errors import UserError
 
-__all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "main"]
+__all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "library_versions", "FORMAT"]
 
 FORMAT = "distill-teacher-cache/1"
 ARRAYS = ("index", "prob", "seed", "checksum", "done")
@@ -246,169 +241,3 @@ def library_versions() -> dict[str, str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-class CacheSampler(DistributedSampler):
-    """Every unit (a view, or a mixing pair) of epochs 0..E-1, split over ranks, each once.
-
-    Lazy, one epoch at a time: a long schedule on a large dataset has billions of views.
-    """
-
-    def __init__(self, train_sampler: Any, epochs: int, num_replicas: int, rank: int) -> None:
-        super().__init__(train_sampler.dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.train_sampler, self.epochs = train_sampler, epochs
-        width = train_sampler.width
-        # per epoch: every pair (or view); with repeated augmentation, the first dataset's worth of
-        # units, which is all any world size trains on (EpochSampler.num_samples)
-        self.units = units = len(train_sampler.dataset) // width
-        self.views = epochs * units * width  # over all ranks
-        self.share = epochs * len(range(rank, units, num_replicas)) * width
-
-    def __iter__(self):  # type: ignore[override]
-        for epoch in range(self.epochs):
-            for unit in self.train_sampler.units(epoch)[: self.units][self.rank::self.num_replicas]:
-                yield from unit
-
-    def __len__(self) -> int:
-        return self.share
-
-
-class CacheWriter(pl.LightningModule):
-    """`trainer.predict` over every view of E epochs: mix as training does, run the teacher, store top-k."""
-
-    def __init__(self, data: Any, teacher: Any, epochs: int, top_k: int, out: Path, batch_size: int) -> None:
-        super().__init__()
-        self.data, self.epochs, self.top_k, self.out, self.batch_size = data, epochs, top_k, out, batch_size
-        object.__setattr__(self, "teacher", teacher)  # not a submodule, as in DistillationModule
-        self.cache: Optional[TeacherCache] = None
-        self.partial = Path(f"{out}.partial")
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CacheWriter":
-        super()._apply(fn, *args, **kwargs)
-        self.teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def setup(self, stage: str) -> None:
-        self.data.setup("fit")
-        train = self.data.train_set
-        sampler = self.data.train_sampler()
-        meta = {"format": FORMAT, "fingerprint": self.data.cache_fingerprint(train.dataset), "epochs": self.epochs,
-                "versions": library_versions(),
-                "repeats": sampler.num_repeats, "top_k": self.top_k, "teacher": self.teacher.config,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        if self.trainer.is_global_zero:
-            if self.partial.exists():
-                shutil.rmtree(self.partial)
-            try:
-                self.cache = TeacherCache.create(self.partial, meta)
-            except BaseException:
-                shutil.rmtree(self.partial, ignore_errors=True)  # a failed allocation leaves nothing behind
-                raise
-        self.trainer.strategy.barrier("teacher cache allocated")
-        if self.cache is None:
-            self.cache = TeacherCache(self.partial, json.loads((self.partial / "meta.json").read_text()), mode="r+")
-        self.sampler = CacheSampler(sampler, self.epochs, self.trainer.world_size, self.trainer.global_rank)
-
-    def predict_dataloader(self) -> DataLoader:
-        data = self.data
-        return DataLoader(data.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
-                          num_workers=data.num_workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available(), collate_fn=TrainingBatch.collate)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.data.on_before_batch_transfer(batch, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.data.on_after_batch_transfer(batch, dataloader_idx)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> None:
-        self.cache.write(batch.key, batch.seed, self.teacher(batch.images), view_checksum(batch.images))
-
-    def on_predict_end(self) -> None:
-        self.cache.flush()
-        self.trainer.strategy.barrier("teacher cache written")
-        if not self.trainer.is_global_zero:
-            return
-        written = int(np.count_nonzero(self.cache.arrays["done"]))
-        expected = self.sampler.views
-        if written != expected:
-            raise RuntimeError(f"teacher cache: {written} of {expected} entries written in '{self.partial}'")
-        if self.out.exists():
-            shutil.rmtree(self.out)  # --overwrite was given (checked before the build started)
-        self.partial.rename(self.out)
-
-
-def main(argv: list[str]) -> None:
-    """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
-    from distill.cli import make_cli
-
-    parser = OneLineArgumentParser(
-        prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
-        epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
-               "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
-    parser.add_argument("--epochs", type=positive_int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
-    parser.add_argument("--top_k", "--top-k", type=positive_int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
-    parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a shared filesystem with coherent memory maps, e.g. Lustre or GPFS, not NFS)")
-    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
-                        help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
-    args, rest = parser.parse_known_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
-    if out.exists() and not (out / "meta.json").is_file():
-        raise UserError(f"--out: '{out}' is not a teacher cache (no meta.json); --overwrite replaces only an earlier "
-                        "cache: choose another folder")
-    # one build per --out: the second is refused while the first holds the lock (rank 0 holds it for all ranks)
-    lock = OutputLock(lock_path(out), f"cache-teacher --out '{out}'")
-    if rank_zero_only.rank == 0:
-        lock.acquire()
-    try:
-        _build(out, args, rest, make_cli)
-    finally:
-        lock.release()
-
-
-def _build(out: Path, args: Any, rest: list[str], make_cli: Any) -> None:
-    cli = make_cli(rest, run=False)
-    model, data, config = cli.model, cli.datamodule, cli.config
-    teacher = model.teacher
-    if teacher is None:
-        raise UserError("model.teacher is null: a teacher cache needs the teacher of the config")
-    if data.teacher_cache:
-        raise UserError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
-    classes = data.num_classes
-    batch_size = args.batch_size or 4 * data.batch_size
-    if data.mixup_fn is not None and batch_size % 2:
-        raise UserError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
-    if not 1 <= args.top_k <= classes:
-        raise UserError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
-    data.setup("fit")
-    sampler = data.train_sampler()
-    train_images = len(data.train_set)
-    size = TeacherCache.nbytes(args.epochs, sampler.num_repeats, train_images, args.top_k, classes)
-    views = CacheSampler(sampler, args.epochs, 1, 0).views
-    rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
-                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
-                   f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
-    free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
-    if size > free:
-        raise UserError(f"--out: the cache needs {size / 2**30:.2f} GiB but the filesystem of '{out}' has "
-                        f"{free / 2**30:.2f} GiB free")
-    trainer_cfg = config["trainer"]
-    trainer = pl.Trainer(
-        accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", "auto"),
-        num_nodes=trainer_cfg.get("num_nodes", 1), strategy=trainer_cfg.get("strategy", "auto"),
-        precision=trainer_cfg.get("precision") or "32-true", logger=False, enable_checkpointing=False,
-        enable_model_summary=False, use_distributed_sampler=False,
-    )
-    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, batch_size)
-    started = time.monotonic()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="predict returned None")  # the writer stores, returns nothing
-        trainer.predict(writer, return_predictions=False)
-    if trainer.is_global_zero:
-        seconds = time.monotonic() - started
-        print(f"Teacher cache written to '{out}': {views} views in {seconds:.0f} s ({views / seconds:.0f} img/s)",
-              file=sys.stderr)
-

@@ -404,7 +404,7 @@ the project's own:
 # The commands outside LightningCLI: name -> module with a `main(argv)`; imported only when run.
 TOOLS = {
     "export": "distill.export",
-    "cache-teacher": "distill.cache",
+    "cache-teacher": "distill.cache_teacher",
     "report": "distill.report",
     "pipeline": "distill.pipeline",
     "compare": "distill.compare",

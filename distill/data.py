@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from distill.batch import TrainingBatch
+from distill.cache import TeacherCache
 from distill.errors import UserError
 from distill.images import (
     IMG_EXTENSIONS,
@@ -371,7 +372,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.teacher_cache = teacher_cache
-        self.cache: Optional[Any] = None  # the opened TeacherCache (distill/cache.py)
+        self.cache: Optional[TeacherCache] = None
         self._resume_at: tuple[int, int] = (0, 0)  # (epoch, batches of it done), from a checkpoint
 
     @property
@@ -445,7 +446,6 @@ class ImageDataModule(pl.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             train = self._dataset("train", self.train_transform())
             if self.teacher_cache:
-                from distill.cache import TeacherCache
                 self.cache = TeacherCache.open(self.teacher_cache, self.cache_fingerprint(train), self._epochs())
             self.train_set = SeededViews(train, global_seed(), self.cache)
         if self.val_set is None:

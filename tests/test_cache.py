@@ -197,7 +197,7 @@ def test_targets_from_top_k_spread_the_rest_evenly_and_keep_the_temperature_exac
 
 
 def test_with_repeated_augmentation_the_cache_holds_what_any_world_size_trains_on():
-    from distill.cache import CacheSampler
+    from distill.cache_writer import CacheSampler
     data = ImageDataModule("digits", batch_size=8, num_workers=0, repeated_aug=3, **DATA)
     data.setup("fit")
     cached = set(CacheSampler(data.train_sampler(), epochs=1, num_replicas=1, rank=0))
