@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,6 +193,10 @@ def _parallelism(jobs: str, count: int) -> tuple[int, int, int]:
     return parallel, max(1, cores // parallel), gpus
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # unwinds run_all's `finally`, which stops the runs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(
         prog="distill compare", description=__doc__.split("\n\n")[0],
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs, threads, gpus = _parallelism(args.jobs, len(runs))
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
     with OutputLock(out / ".lock", f"compare --out '{out}'"):
         check_same_options(runs)
         started = time.monotonic()

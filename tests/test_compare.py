@@ -73,3 +73,26 @@ def test_compare_mistakes_are_one_line(tmp_path, args, message):
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0], run.stderr
+
+
+def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_path):
+    import signal
+    import time
+
+    teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
+    out = tmp_path / "compare"
+    command = [sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
+               "--types", "none", "--seeds", "1", "--jobs", "1", "--out", str(out),
+               f"--model.teacher.init_args.weights={teacher}", f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+               *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.num_workers=0",
+               "--data.batch_size=16", "--trainer.max_epochs=500", "--trainer.limit_train_batches=2",
+               "--trainer.limit_val_batches=1"]
+    compare = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "none" / "seed_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and compare.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    compare.send_signal(signal.SIGTERM)  # preempted
+    assert compare.wait(timeout=120) == 143
+    log = (out / "none" / "seed_0" / "fit.log").read_text()
+    assert "stopped by SIGTERM; resume with the same command" in log  # the run was stopped, not orphaned
