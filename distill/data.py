@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -254,12 +255,17 @@ class CheckedImageFolder(ImageFolder):
     def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Any = None, is_valid_file: Any = None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """(path, class) of every image: hidden entries skipped, each real folder once (no symlink loops)."""
-        samples = []
+        samples, others = [], []
         for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
-            files = list_images(Path(directory) / name)
+            files = list_images(Path(directory) / name, others)
             if not files and not allow_empty:
                 raise FileNotFoundError(f"Found no valid file for the class {name}.")
             samples += [(str(path), index) for path in files]
+        if others:
+            kinds = sorted({f.suffix.lower() or f.name for f in others})
+            warnings.warn(f"data: left out {len(others)} file(s) under '{directory}' that are not images by their "
+                          f"extension ({', '.join(kinds[:5])}; e.g. '{sorted(others)[0]}'); accepted: "
+                          f"{' '.join(IMG_EXTENSIONS)}", stacklevel=2)
         return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -421,6 +427,11 @@ class ImageDataModule(pl.LightningDataModule):
     def _check_transform(self) -> None:
         """Build the training transform once now: a policy timm cannot parse is one line here, not a crash later."""
         try:
+            policy = self.hparams.auto_augment or ""
+            sections = policy.split("-")[1:] if policy.startswith(("rand", "augmix")) else []
+            # timm skips a section without a number ("rand-zz") silently; a typo should not mean "defaults"
+            if any(not re.fullmatch(r"[a-z]+[0-9.]+", section) for section in sections):
+                raise ValueError(f"sections are letters then a number (m9, n2, mstd0.5, inc1), got {sections}")
             self.train_transform()
         except (AssertionError, ValueError, KeyError, IndexError) as err:
             raise UserError(f"data.auto_augment: '{self.hparams.auto_augment}' is not a timm augmentation policy "

@@ -102,8 +102,9 @@ def is_image_file(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMG_EXTENSIONS) and not is_hidden(path, root)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every image file below `folder` (recursively, hidden entries skipped), sorted.
+def list_images(folder: str | os.PathLike, others: list[Path] | None = None) -> list[Path]:
+    """Every image file below `folder` (recursively, hidden entries skipped), sorted; `others`, when
+    given, receives the files left out for their extension (to tell the user, not to drop them silently).
 
     Symbolic links to folders are followed, each real folder once, never to a folder above
     `folder`: a link back up the tree (a loop) would otherwise list the same images again and
@@ -120,7 +121,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                 visited.add(real)
                 kept.append(name)
         dirs[:] = kept
-        found += [Path(current) / f for f in files if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+        visible = [Path(current) / f for f in files if not f.startswith(".")]
+        found += [f for f in visible if f.name.lower().endswith(IMG_EXTENSIONS)]
+        if others is not None:
+            others += [f for f in visible if not f.name.lower().endswith(IMG_EXTENSIONS)]
     return sorted(found)
 
 

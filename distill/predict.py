@@ -12,6 +12,7 @@ with --overwrite.
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import torch
@@ -38,9 +39,15 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
         raise UserError(f"predict --out: '{out}' is a folder; give the path of a .csv file to write")
     if out.exists() and not overwrite:
         raise UserError(f"predict --out: '{out}' exists; pass --overwrite to replace it, or choose another --out")
-    files = list_images(images)
+    others: list[Path] = []
+    files = list_images(images, others)
     if not files:
         raise UserError(f"predict --images: no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) under '{images}'")
+    if others:
+        kinds = sorted({f.suffix.lower() or f.name for f in others})
+        print(f"predict: left out {len(others)} file(s) under '{images}' that are not images by their extension "
+              f"({', '.join(kinds[:5])}; e.g. '{sorted(others)[0]}'); accepted: {' '.join(IMG_EXTENSIONS)}",
+              file=sys.stderr)
     model = load_export(export)
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     transform = create_transform(**resolve_data_config({}, model=model))

@@ -97,7 +97,12 @@ def report(root: str | Path) -> str:
         summary = summarize(scalars)
         rows.append((label, *(_cell(key, summary[key]) for _, key in COLUMNS[1:])))
     header = tuple(name for name, _ in COLUMNS)
-    return format_rows(header, rows) + "\n(validation top-1 in %; cls/dist: the final epoch's class and distillation heads)"
+    text = format_rows(header, rows) + "\n(validation top-1 in %; cls/dist: the final epoch's class and distillation heads)"
+    empty = [label for label, scalars in runs.items() if not scalars.get("val/acc")]
+    if empty:  # a row of dashes alone would not say why
+        text += (f"\nno validation figures in: {', '.join(empty)} (not validated yet, or its event files are "
+                 "damaged or cut short)")
+    return text
 
 
 def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:

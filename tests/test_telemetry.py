@@ -102,3 +102,12 @@ def test_report_on_a_folder_without_event_files_is_one_line(tmp_path, capsys):
         cli_main(["report", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no TensorBoard event files" in err[0]
+
+
+def test_report_names_a_run_whose_event_file_was_cut_short(run, tmp_path, capsys):
+    tmp, _, _ = run
+    events = next((tmp / "runs").rglob("events.out.tfevents.*"))
+    (tmp_path / "cut" / "version_0").mkdir(parents=True)
+    (tmp_path / "cut" / "version_0" / events.name).write_bytes(events.read_bytes()[:100])  # a copy that stopped early
+    cli_main(["report", str(tmp_path / "cut")])
+    assert "no validation figures in: version_0" in capsys.readouterr().out

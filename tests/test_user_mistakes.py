@@ -232,6 +232,18 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwa
     assert not [w for w in recwarn if "skipped unreadable image" in str(w.message)]
 
 
+def test_files_left_out_for_their_extension_are_named_not_dropped_silently(tmp_path):
+    from distill.data import ImageDataModule
+
+    root = make_image_folder(tmp_path / "images")
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "scan.gif")
+    (root / "train" / "dog" / "labels.txt").write_text("dog")
+    data = ImageDataModule(str(root), img_size=32, batch_size=2, num_workers=0, mixup=0, cutmix=0)
+    with pytest.warns(UserWarning, match=r"left out 2 file\(s\) under .*train.* \(\.gif, \.txt; e\.g\. .*scan\.gif"):
+        data.setup("fit")
+    assert len(data.train_set) == 18
+
+
 @pytest.mark.parametrize("option, value, accepted", [
     ("model.ema_decay", "1.5", "> 0 and < 1 or null"),
     ("model.label_smoothing", "1", ">= 0 and < 1"),
@@ -308,13 +320,16 @@ def test_predict_skips_an_unreadable_image_and_reports_it_in_the_csv_and_at_the_
               "--no-onnx", "--no-torchscript"])
     images = make_image_folder(tmp_path / "images", per_class=2) / "val"
     (images / "dog" / "0.png").write_bytes(b"truncated")
+    Image.new("RGB", (8, 8)).save(images / "cat" / "animated.gif")  # not an ImageFolder extension: left out, said
     out = tmp_path / "predictions.csv"
     cli_main(["predict", "--export", str(tmp_path / "export"), "--images", str(images), "--out", str(out)])
     rows = out.read_text().splitlines()
     assert len(rows) == 1 + 6 and rows[0].endswith(",error")
     bad = [r for r in rows if "dog/0.png" in r][0]
     assert bad.split(",")[-1].startswith("UnidentifiedImageError") and ",," in bad
-    assert "1 image(s) could not be read" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "1 image(s) could not be read" in printed.out
+    assert "left out 1 file(s)" in printed.err and "animated.gif" in printed.err
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -494,6 +509,7 @@ def test_an_existing_metrics_json_is_not_replaced_by_a_run_that_resumes_nothing(
     ("--checkpoint.monitor=val/accc", "checkpoint.monitor: 'val/accc' is not a metric this run logs; did you mean 'val/acc'"),
     ("--model.optimizer=adamww", "model.optimizer: 'adamww' is not a timm optimiser; did you mean adamw"),
     ("--data.auto_augment=rand-x9", "data.auto_augment: 'rand-x9' is not a timm augmentation policy"),
+    ("--data.auto_augment=rand-zz", "data.auto_augment: 'rand-zz' is not a timm augmentation policy"),
     ("--model.student.init_args.model_name=resnet10t", "student 'resnet10t' does not take patch_size"),
     ("--telemetry.augmented_images=-1", "telemetry.augmented_images: -1 is out of range"),
 ])
