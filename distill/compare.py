@@ -229,22 +229,25 @@ def main(argv: list[str] | None = None) -> None:
     jobs, threads, gpus = _parallelism(args.jobs, len(runs))
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
-    signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
-    with OutputLock(out / ".lock", f"compare --out '{out}'"):
-        check_same_options(runs)
-        started = time.monotonic()
-        runs = run_all(runs, jobs, threads, gpus)
-        summary = summarize_runs(runs, types)
-        table = format_table(summary)
-        wall = time.monotonic() - started
-        record = {"config": args.config, "extra": extra, "seeds": seeds, "jobs": jobs, "threads": threads,
-                  "wall_time_s": round(wall, 1), "summary": summary,
-                  "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
-        with write_atomically(out / "compare.json") as partial:
-            partial.write_text(json.dumps(record, indent=2))
-        command = " ".join(["distill compare", *(argv if argv is not None else sys.argv[2:])])
-        with write_atomically(out / "compare.md") as partial:
-            partial.write_text(f"`{command}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
-                               f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
+    previous = signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
+    try:
+        with OutputLock(out / ".lock", f"compare --out '{out}'"):
+            check_same_options(runs)
+            started = time.monotonic()
+            runs = run_all(runs, jobs, threads, gpus)
+            summary = summarize_runs(runs, types)
+            table = format_table(summary)
+            wall = time.monotonic() - started
+            record = {"config": args.config, "extra": extra, "seeds": seeds, "jobs": jobs, "threads": threads,
+                      "wall_time_s": round(wall, 1), "summary": summary,
+                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
+            with write_atomically(out / "compare.json") as partial:
+                partial.write_text(json.dumps(record, indent=2))
+            command = " ".join(["distill compare", *(argv if argv is not None else sys.argv[2:])])
+            with write_atomically(out / "compare.md") as partial:
+                partial.write_text(f"`{command}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
+                                   f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(table)
     print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'})")

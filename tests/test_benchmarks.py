@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_speed_prints_one_row_per_setting_with_the_ratio_to_the_plain_loop():
-    rows = "plain,timm_task,fit_fp32,fit_cache,fit_cache_ddp_2x1"
+    rows = "plain,timm_task,fit_cache_ddp_2x1"  # the three code paths: a plain loop, timm's task, fit (cache, DDP)
     run = subprocess.run(
         [sys.executable, "benchmarks/train_speed.py", "--student=deit_tiny", "--teacher=test_resnet", "--img-size=32",
          "--batch=4", "--classes=10", "--steps=2", "--warmup=1", f"--rows={rows}", "--threads=1"],

@@ -1,6 +1,7 @@
 """The teacher-output cache: exact replay of augmented (mixed) views, cached targets, refusals."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from distill.data import ImageDataModule
 from distill.losses import DistillationLoss
 from distill.seeding import sample_seed
 from teachers import Teacher
-from tests.helpers import TINY_TEACHER, scalars, shrink
+from tests.helpers import TINY_TEACHER, random_teacher_file, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 # the DeiT recipe's augmentation: RandAugment, random erasing, mixup and cutmix, all replayed
@@ -34,12 +35,20 @@ def common(tmp_path: Path, teacher_file: Path) -> list[str]:
             "--trainer.max_epochs=2", *AUGMENT]
 
 
-@pytest.fixture
-def cache(tmp_path, teacher_file, caplog) -> Path:
-    out = tmp_path / "cache"
-    cli_main(["cache-teacher", *common(tmp_path, teacher_file), "--epochs=2", "--top_k=3", f"--out={out}"])
-    assert "2872 views (2 epochs x 1437 images), top-3 of 10 classes; 0.1 MiB on disk" in caplog.text
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A cache of 2 epochs, built once for this file (the build is the slow part; tests get a copy)."""
+    tmp = tmp_path_factory.mktemp("cache_build")
+    out = tmp / "cache"
+    torch.manual_seed(0)  # the weights of the `teacher_file` fixture, which the tests run live
+    teacher = random_teacher_file(tmp, TINY_TEACHER, 10)
+    cli_main(["cache-teacher", *common(tmp, teacher), "--epochs=2", "--top_k=3", f"--out={out}"])
     return out
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path) -> Path:
+    return Path(shutil.copytree(built_cache, tmp_path / "cache"))
 
 
 def replayed_views(data: ImageDataModule, sampler, batch_size: int, workers: int, batches: int = 10**6) -> dict:
@@ -216,6 +225,7 @@ def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp
                           "--trainer.accelerator=cpu", "--trainer.devices=2", "--batch_size=32"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "2872 views (2 epochs x 1437 images), top-3 of 10 classes; 0.1 MiB on disk" in run.stdout + run.stderr
     for name in ("index", "seed", "done"):
         assert np.array_equal(np.load(out / f"{name}.npy"), np.load(cache / f"{name}.npy")), name
     assert np.allclose(np.load(out / "prob.npy"), np.load(cache / "prob.npy"), atol=1e-3)
