@@ -5,12 +5,10 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 from students import Student
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, make_image_folder
+from tests.helpers import TINY_STUDENT, make_image_folder, random_teacher_file
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -23,11 +21,7 @@ def student_factory():
 @pytest.fixture
 def teacher_file(tmp_path: Path) -> Path:
     """A random 10-class `test_resnet` saved as safetensors."""
-    torch.manual_seed(0)
-    model = timm.create_model(TINY_TEACHER, num_classes=10)
-    path = tmp_path / "teacher.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
+    return random_teacher_file(tmp_path, name="teacher.safetensors")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
@@ -61,8 +62,11 @@ def scalars(log_root: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def random_teacher_file(tmp_path: Path, model_name: str, num_classes: int) -> Path:
-    path = tmp_path / f"{model_name}_{num_classes}.safetensors"
+def random_teacher_file(folder: Path, model_name: str = TINY_TEACHER, num_classes: int = 10,
+                        name: str | None = None) -> Path:
+    """Random (seed 0, so the same in every test) weights of a timm model, as a safetensors teacher file."""
+    torch.manual_seed(0)
+    path = folder / (name or f"{model_name}_{num_classes}.safetensors")
     save_file(timm.create_model(model_name.split(".")[0], num_classes=num_classes).state_dict(), str(path))
     return path
 

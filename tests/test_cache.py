@@ -40,8 +40,7 @@ def built_cache(tmp_path_factory) -> Path:
     """A cache of 2 epochs, built once for this file (the build is the slow part; tests get a copy)."""
     tmp = tmp_path_factory.mktemp("cache_build")
     out = tmp / "cache"
-    torch.manual_seed(0)  # the weights of the `teacher_file` fixture, which the tests run live
-    teacher = random_teacher_file(tmp, TINY_TEACHER, 10)
+    teacher = random_teacher_file(tmp)  # the weights of the `teacher_file` fixture, which the tests run live
     cli_main(["cache-teacher", *common(tmp, teacher), "--epochs=2", "--top_k=3", f"--out={out}"])
     return out
 

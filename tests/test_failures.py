@@ -50,13 +50,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _teacher_file(folder: Path) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = folder / "teacher.safetensors"
-    save_file(timm.create_model(TINY_TEACHER, num_classes=10).state_dict(), str(path))
-    return path
+    return random_teacher_file(folder, name="teacher.safetensors")
 
 
 @pytest.mark.parametrize("signal_name, extra, saved_at", [

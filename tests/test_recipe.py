@@ -4,9 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 from distill.cli import make_cli
 from distill.data import AUGREG_PRESETS, EpochSampler, ImageDataModule
@@ -22,6 +20,7 @@ from tests.helpers import (
     imagenet_configs,
     make_image_folder,
     merged_config,
+    random_teacher_file,
     scalars,
     shrink,
 )
@@ -151,7 +150,7 @@ def shrunk_imagenet(run: str, tmp_path: Path, img_size: int = 32) -> list[str]:
     tiny = TINY_SWIN if student.startswith("swin") else TINY_STUDENT
     teacher = tmp_path / "teacher.safetensors"
     if not teacher.exists():
-        save_file(timm.create_model(TINY_TEACHER, num_classes=3).state_dict(), str(teacher))
+        random_teacher_file(tmp_path, num_classes=3, name=teacher.name)
     images = tmp_path / "images"
     if not images.exists():
         make_image_folder(images)

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distill.cli import cli_main, make_cli
 from distill.telemetry import attention_maps
-from tests.helpers import TINY_TEACHER, shrink, tiny_student
+from tests.helpers import TINY_TEACHER, random_teacher_file, shrink, tiny_student
 
 SCALARS = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",
            "val/acc", "val/acc_cls", "val/acc_dist", "val/acc_top5", "val/acc_cls_top5", "val/acc_dist_top5",
@@ -22,10 +22,7 @@ SCALARS = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "t
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, object, EventAccumulator]:
     tmp = tmp_path_factory.mktemp("telemetry")
-    torch.manual_seed(0)
-    import timm
-    from safetensors.torch import save_file
-    save_file(timm.create_model(TINY_TEACHER, num_classes=10).state_dict(), str(tmp / "teacher.safetensors"))
+    random_teacher_file(tmp, name="teacher.safetensors")
     args = [*shrink(tmp, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
             f"--model.teacher.init_args.weights={tmp / 'teacher.safetensors'}", "--trainer.max_epochs=2",
             "--model.ema_decay=0.9", "--telemetry.attention_every_n_epochs=1", "--telemetry.attention_images=4"]
