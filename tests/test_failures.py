@@ -1,5 +1,6 @@
 """Reliability: runs that are killed or preempted resume exactly; bad input is one clear line."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,16 @@ def fit_command(tmp_path: Path, teacher_file: Path, *extra: str) -> list[str]:
             f"--model.teacher.init_args.weights={teacher_file}", *extra]
 
 
+def _default_sigint() -> None:
+    # a shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # the child gets Ctrl+C's default behaviour whatever started pytest
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(command: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_sigint)
 
 
 def final_student(folder: Path) -> dict[str, torch.Tensor]:
