@@ -3,6 +3,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,15 +31,20 @@ def test_the_summary_is_mean_and_spread_over_seeds_with_gap_to_teacher_and_gain_
     assert "98.00 +- 1.41" in table and "+36.00" in table and "teacher" in table.splitlines()[-1]
 
 
-def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished_runs(tmp_path, capsys):
+def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    """`distill compare` of the real config over a tiny student and a random teacher, 2 steps an epoch."""
     teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
+    return [sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
+            "--out", str(out), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+            f"--model.teacher.init_args.weights={teacher}",
+            *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.num_workers=0",
+            "--data.batch_size=16", "--trainer.limit_train_batches=2", *extra]
+
+
+def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished_runs(tmp_path, capsys):
     out = tmp_path / "compare"
-    command = [sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
-               "--types", "none,hard", "--seeds", "2", "--jobs", "2", "--out", str(out),
-               f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}",
-               *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.num_workers=0",
-               "--data.batch_size=16", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-               "--trainer.limit_val_batches=2"]
+    command = tiny_compare(tmp_path, out, "--types", "none,hard", "--seeds", "2", "--jobs", "2", "--trainer.max_epochs=1",
+                           "--trainer.limit_val_batches=2")
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "4 runs (none, hard x seeds 0..1), 2 at a time, 1 thread(s) each" in first.stdout
@@ -78,14 +84,9 @@ def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_p
     import signal
     import time
 
-    teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
     out = tmp_path / "compare"
-    command = [sys.executable, "-m", "distill", "compare", "--config", str(ROOT / "configs" / "distill.yaml"),
-               "--types", "none", "--seeds", "1", "--jobs", "1", "--out", str(out),
-               f"--model.teacher.init_args.weights={teacher}", f"--model.teacher.init_args.model_name={TINY_TEACHER}",
-               *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.num_workers=0",
-               "--data.batch_size=16", "--trainer.max_epochs=500", "--trainer.limit_train_batches=2",
-               "--trainer.limit_val_batches=1"]
+    command = tiny_compare(tmp_path, out, "--types", "none", "--seeds", "1", "--jobs", "1", "--trainer.max_epochs=500",
+                           "--trainer.limit_val_batches=1")
     compare = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out / "none" / "seed_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
