@@ -306,8 +306,8 @@ def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str
     given = {}
     for index, arg in enumerate(argv):
         if arg.startswith("--model.") and "." not in arg[len("--model."):].split("=")[0]:
-            key, _, value = arg[len("--model."):].partition("=")
-            if not _ and index + 1 < len(argv):
+            key, equals, value = arg[len("--model."):].partition("=")
+            if not equals and index + 1 < len(argv):
                 value = argv[index + 1]
             given[key] = value
     differ = [f"model.{k}={v} (the checkpoint has {hparams[k]!r})" for k, v in given.items()

@@ -41,6 +41,7 @@ from distill.images import (
     display_name,
     find_classes,
     is_image_file,
+    left_out,
     list_images,
     load_image,
 )
@@ -262,10 +263,7 @@ class CheckedImageFolder(ImageFolder):
                 raise FileNotFoundError(f"Found no valid file for the class {name}.")
             samples += [(str(path), index) for path in files]
         if others:
-            kinds = sorted({f.suffix.lower() or f.name for f in others})
-            warnings.warn(f"data: left out {len(others)} file(s) under '{directory}' that are not images by their "
-                          f"extension ({', '.join(kinds[:5])}; e.g. '{sorted(others)[0]}'); accepted: "
-                          f"{' '.join(IMG_EXTENSIONS)}", stacklevel=2)
+            warnings.warn(f"data: {left_out(others, directory)}", stacklevel=2)
         return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int]:

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ["UnreadableImage", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
-           "display_name", "IMG_EXTENSIONS"]
+           "display_name", "IMG_EXTENSIONS", "left_out"]
 
 
 MAX_ASPECT = 100  # a longer side over 100x the shorter: not a picture to classify (and a memory bomb when resized)
@@ -126,6 +126,13 @@ def list_images(folder: str | os.PathLike, others: list[Path] | None = None) -> 
         if others is not None:
             others += [f for f in visible if not f.name.lower().endswith(IMG_EXTENSIONS)]
     return sorted(found)
+
+
+def left_out(others: list[Path], folder: str | os.PathLike) -> str:
+    """The sentence naming files `list_images` left out for their extension (count, kinds, an example)."""
+    kinds = sorted({f.suffix.lower() or f.name for f in others})
+    return (f"left out {len(others)} file(s) under '{folder}' that are not images by their extension "
+            f"({', '.join(kinds[:5])}; e.g. '{sorted(others)[0]}'); accepted: {' '.join(IMG_EXTENSIONS)}")
 
 
 def find_classes(folder: str | os.PathLike) -> tuple[list[str], dict[str, int]]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.export import load_export
 from distill.files import OutputLock, lock_path, make_folder, write_atomically
-from distill.images import IMG_EXTENSIONS, UnreadableImage, list_images, load_image
+from distill.images import IMG_EXTENSIONS, UnreadableImage, left_out, list_images, load_image
 
 __all__ = ["predict_folder", "main"]
 
@@ -44,10 +44,7 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
     if not files:
         raise UserError(f"predict --images: no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) under '{images}'")
     if others:
-        kinds = sorted({f.suffix.lower() or f.name for f in others})
-        print(f"predict: left out {len(others)} file(s) under '{images}' that are not images by their extension "
-              f"({', '.join(kinds[:5])}; e.g. '{sorted(others)[0]}'); accepted: {' '.join(IMG_EXTENSIONS)}",
-              file=sys.stderr)
+        print(f"predict: {left_out(others, images)}", file=sys.stderr)
     model = load_export(export)
     names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
     transform = create_transform(**resolve_data_config({}, model=model))
