@@ -89,8 +89,8 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> l
             while todo and slots:
                 run, slot = todo.pop(0), slots.pop(0)
                 run["folder"].mkdir(parents=True, exist_ok=True)
-                (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"],
-                                                                     "command": run["command"]}, indent=2))
+                with write_atomically(run["folder"] / "run.json") as partial:  # a kill never leaves half of it
+                    partial.write_text(json.dumps({"options": run["options"], "command": run["command"]}, indent=2))
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)

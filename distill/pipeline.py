@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from distill.errors import OneLineArgumentParser, UserError
 from distill.export import export_student
-from distill.files import OutputLock, load_yaml
+from distill.files import OutputLock, load_yaml, write_atomically
 from distill.report import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main"]
@@ -155,7 +155,8 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
             print(f"[pipeline] {stage['name']}: finished earlier, skipped", flush=True)
         else:
             (root / stage["name"]).mkdir(parents=True, exist_ok=True)
-            (root / stage["name"] / "stage.json").write_text(json.dumps(identity, indent=2))
+            with write_atomically(root / stage["name"] / "stage.json") as partial:  # a kill never leaves half of it
+                partial.write_text(json.dumps(identity, indent=2))
             command = stage_command(stage, root, extra or [])
             resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
