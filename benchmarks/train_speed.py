@@ -32,44 +32,64 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = {
-    "plain": "plain PyTorch loop, fp32 teacher (reference DeiT)",
-    "fit_fp32": "this project's fit, fp32 teacher",
-    "timm_task": "timm.task.TokenDistillationTask, fp32 teacher",
-    "fit": "this project's fit, default teacher (precision auto)",
-    "fit_compile": "this project's fit, default teacher + teacher.compile",
-    "fit_bf16": "fit as the DeiT-tiny config: bf16-mixed student, default teacher",
-    "fit_cache": "this project's fit, teacher cache",
-    "fit_cache_bf16": "fit, bf16-mixed student, teacher cache",
-    "fit_ddp_2x1": "fit, default teacher, DDP 2 processes x 1 thread",
-    "fit_cache_ddp_2x1": "fit, teacher cache, DDP 2 processes x 1 thread",
+ROWS = {  # name: (label, how the step is done: plain loop / timm task / fit, and its settings)
+    "plain": ("plain PyTorch loop, fp32 teacher (reference DeiT)", {"kind": "plain"}),
+    "plain_bf16": ("plain PyTorch loop, bf16 autocast (reference DeiT, AMP)", {"kind": "plain", "precision": "bf16-mixed"}),
+    "fit_fp32": ("this project's fit, fp32 teacher", {"teacher": "32"}),
+    "timm_task": ("timm.task.TokenDistillationTask, fp32 teacher", {"kind": "timm_task"}),
+    "timm_task_bf16": ("timm.task.TokenDistillationTask, bf16 autocast", {"kind": "timm_task", "precision": "bf16-mixed"}),
+    "fit": ("this project's fit, default teacher (precision auto)", {}),
+    "fit_compile": ("this project's fit, default teacher + teacher.compile", {"compile": True}),
+    "fit_bf16": ("fit as the DeiT-tiny config: bf16-mixed student, default teacher", {"precision": "bf16-mixed"}),
+    "fit_compile_bf16": ("fit, bf16-mixed student, default teacher + teacher.compile",
+                         {"precision": "bf16-mixed", "compile": True}),
+    "fit_cache": ("this project's fit, teacher cache", {"cache": True}),
+    "fit_cache_bf16": ("fit, bf16-mixed student, teacher cache", {"cache": True, "precision": "bf16-mixed"}),
+    "fit_ddp_2x1": ("fit, default teacher, DDP 2 processes x 1 thread", {"devices": 2}),
+    "fit_cache_ddp_2x1": ("fit, teacher cache, DDP 2 processes x 1 thread", {"cache": True, "devices": 2}),
 }
 
 
 # ---------------------------------------------------------------------------------- the work
 class Bank(torch.utils.data.Dataset):
-    """A fixed bank of random images and labels: (image, label) pairs for the plain loops, or views as
-    `distill.data.SeededViews` gives them to `fit` (with random cached top-k for the cache rows)."""
+    """`count` whole batches cut from one fixed bank of random images and labels (pinned on CUDA
+    machines, so the copy to the GPU is the only data cost): (images, labels) for the plain loops,
+    or the `distill.batch.TrainingBatch` that `fit` gets from `SeededViews` (with random cached
+    top-k for the cache rows). Whole batches: per-image collation would cost as much as a GPU step."""
 
-    def __init__(self, size: int, img_size: int, classes: int, cache: bool, top_k: int = 10, views: bool = True) -> None:
+    def __init__(self, count: int, batch: int, img_size: int, classes: int, cache: bool, views: bool = True,
+                 top_k: int = 10) -> None:
+        from distill.batch import TrainingBatch
         g = torch.Generator().manual_seed(0)
-        self.images = torch.randn(64, 3, img_size, img_size, generator=g)
-        self.labels = torch.randint(0, classes, (64,), generator=g)
-        self.size, self.cache, self.classes, self.top_k, self.views = size, cache, classes, top_k, views
+        pin = torch.cuda.is_available()
+        images = torch.randn(batch, 3, img_size, img_size, generator=g)
+        labels = torch.randint(0, classes, (batch,), generator=g)
+        self.count = count
+        if not views:
+            self.batch: Any = (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
+            return
+        fields: dict[str, Any] = {"key": torch.stack([torch.zeros(batch, dtype=torch.int64), torch.arange(batch),
+                                                      torch.zeros(batch, dtype=torch.int64)], 1),
+                                  "seed": torch.arange(batch)}
+        if cache:
+            prob, index = torch.rand(batch, classes, generator=g).softmax(-1).topk(top_k)
+            fields.update(teacher_index=index, teacher_prob=prob.half(),
+                          checksum=torch.zeros(batch, dtype=torch.float64).view(torch.int64))
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        self.batch = TrainingBatch(images=images, targets=labels, **fields)
 
     def __len__(self) -> int:
-        return self.size
+        return self.count
 
     def __getitem__(self, i: int) -> Any:
-        image, label = self.images[i % 64], self.labels[i % 64]
-        if not self.views:
-            return image, label
-        view = {"image": image, "target": label, "key": torch.tensor([0, i, 0]), "seed": torch.tensor(i)}
-        if self.cache:
-            prob, index = torch.rand(self.classes).softmax(-1).topk(self.top_k)
-            view.update(teacher_index=index, teacher_prob=prob,
-                        checksum=torch.tensor(0.0, dtype=torch.float64).view(torch.int64))
-        return view
+        return self.batch
+
+
+def loader(args: argparse.Namespace, count: int, cache: bool = False, views: bool = True
+           ) -> torch.utils.data.DataLoader:
+    bank = Bank(count, args.batch, args.img_size, args.classes, cache, views)
+    return torch.utils.data.DataLoader(bank, batch_size=None, collate_fn=lambda batch: batch)
 
 
 def student(args: argparse.Namespace) -> torch.nn.Module:
@@ -91,7 +111,13 @@ def timed(module: torch.nn.Module, clock: dict[str, float]) -> None:
     module.forward = wrapper
 
 
-def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: bool) -> dict[str, float]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: bool, precision: str
+              ) -> dict[str, float]:
     import timm
     torch.manual_seed(0)
     model = student(args).to(device)
@@ -112,52 +138,45 @@ def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: boo
                 teacher_labels = teacher(images).argmax(-1)
             cls_logits, dist_logits = model.forward_heads(images)
             return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_labels)
-    loader = torch.utils.data.DataLoader(Bank((args.warmup + args.steps) * args.batch, args.img_size, args.classes,
-                                              False, views=False), batch_size=args.batch)
     model.train()
-    for i, (images, labels) in enumerate(loader):
+    for i, (images, labels) in enumerate(loader(args, args.warmup + args.steps, views=False)):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = step(images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if i + 1 == args.warmup:  # timed from the end of the last warm-up step, as the fit rows
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start, clock["teacher"] = time.perf_counter(), 0.0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return {"seconds": time.perf_counter() - start, "teacher_s": clock["teacher"]}
 
 
-def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: str, cache: bool,
+def run_fit(args: argparse.Namespace, device: torch.device, teacher: str = "auto", cache: bool = False,
             devices: int = 1, precision: str = "", compile: bool = False) -> dict[str, float]:
     import pytorch_lightning as pl
 
-    from distill.batch import TrainingBatch
     from distill.module import DistillationModule
     from teachers import Teacher
 
     torch.manual_seed(0)
     # random weights: near-tied logits make the first-batch agreement check meaningless, so no fallback here
-    teacher = Teacher(args.teacher, weights="none", num_classes=args.classes, precision=teacher_precision,
-                      channels_last=teacher_precision != "32", compile=compile, fast_min_agreement=0.0)
+    frozen = Teacher(args.teacher, weights="none", num_classes=args.classes, precision=teacher,
+                     channels_last=teacher != "32", compile=compile, fast_min_agreement=0.0)
     clock = {"teacher": 0.0}
-    timed(teacher, clock)
-    module = DistillationModule(student(args), None if cache else teacher, num_classes=args.classes,
+    timed(frozen, clock)
+    module = DistillationModule(student(args), None if cache else frozen, num_classes=args.classes,
                                 img_size=args.img_size, teacher_cache="bench" if cache else None, warmup_epochs=0)
     marks: dict[str, float] = {}
 
     class Clock(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
             if trainer.global_step == args.warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 marks["start"], clock["teacher"] = time.perf_counter(), 0.0
             if trainer.global_step == args.warmup + args.steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 marks["end"] = time.perf_counter()
 
     steps = args.warmup + args.steps
@@ -166,52 +185,53 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher_precision: s
         precision=precision or args.precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, limit_val_batches=0, callbacks=[Clock()], num_sanity_val_steps=0,
     )
-    loader = torch.utils.data.DataLoader(Bank(steps * args.batch * devices, args.img_size, args.classes, cache),
-                                         batch_size=args.batch, collate_fn=TrainingBatch.collate)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader(args, steps, cache))
     return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"], "world": trainer.world_size,
-            "rank": trainer.global_rank, "agreement": None if cache else teacher.fast_agreement,
-            "teacher_dtype": None if cache else str(teacher.fast_dtype or torch.float32)}
+            "rank": trainer.global_rank, "agreement": None if cache else frozen.fast_agreement,
+            "teacher_dtype": None if cache else str(frozen.fast_dtype or torch.float32)}
 
 
 def measure(args: argparse.Namespace) -> None:
     """One row, in this process; prints one JSON line."""
     device = torch.device(args.device)
-    row = args.row
-    if row == "plain":
-        result = run_plain(args, device, use_timm_task=False)
-    elif row == "timm_task":
-        result = run_plain(args, device, use_timm_task=True)
-    elif row == "fit_fp32":
-        result = run_fit(args, device, "32", cache=False)
-    elif row == "fit":
-        result = run_fit(args, device, "auto", cache=False)
-    elif row == "fit_cache":
-        result = run_fit(args, device, "auto", cache=True)
-    elif row == "fit_compile":
-        result = run_fit(args, device, "auto", cache=False, compile=True)
-    elif row == "fit_bf16":
-        result = run_fit(args, device, "auto", cache=False, precision="bf16-mixed")
-    elif row == "fit_cache_bf16":
-        result = run_fit(args, device, "auto", cache=True, precision="bf16-mixed")
-    elif row == "fit_ddp_2x1":
-        result = run_fit(args, device, "auto", cache=False, devices=2)
-    elif row == "fit_cache_ddp_2x1":
-        result = run_fit(args, device, "auto", cache=True, devices=2)
+    if args.row not in ROWS:
+        raise SystemExit(f"--row: unknown row '{args.row}'; one of {', '.join(ROWS)}")
+    settings = dict(ROWS[args.row][1])
+    kind = settings.pop("kind", "fit")
+    if kind == "fit":
+        result = run_fit(args, device, **settings)
     else:
-        raise SystemExit(f"--row: unknown row '{row}'; one of {', '.join(ROWS)}")
+        result = run_plain(args, device, kind == "timm_task", settings.get("precision", args.precision))
     if result.get("rank", 0):
         return
     world = result.get("world", 1)
     memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    print(json.dumps({"row": row, "img_per_s": args.steps * args.batch * world / result["seconds"],
+    print(json.dumps({"row": args.row, "img_per_s": args.steps * args.batch * world / result["seconds"],
                       "teacher_s_per_step": result["teacher_s"] / args.steps, "step_s": result["seconds"] / args.steps,
                       "peak_mib": memory, "threads": torch.get_num_threads(), "world": world,
                       "agreement": result.get("agreement"), "teacher_dtype": result.get("teacher_dtype")}))
 
 
-def main() -> None:
+def measure_row(argv: list[str], row: str, threads: int, timeout: float | None = None) -> dict[str, Any] | None:
+    """Run one row in a fresh process (same threads, fresh memory); its result, or None (failure printed)."""
+    threads = 1 if row.endswith("ddp_2x1") else threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        run = subprocess.run([sys.executable, __file__, *argv, "--row", row], env=env, capture_output=True, text=True, check=False,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{row}: stopped after {timeout:.0f} s", file=sys.stderr, flush=True)
+        return None
+    lines = [line for line in run.stdout.splitlines() if line.startswith('{"row"')]
+    if run.returncode or not lines:
+        print(f"{row}: failed\n{run.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", default="deit_tiny")
     parser.add_argument("--teacher", default="regnety_160")
@@ -223,26 +243,24 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                         help="the student's precision (every row but the *_bf16 ones)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rows", default=",".join([*ROWS, "plain", "fit_fp32"]),  # repeats: the noise, averaged
+    parser.add_argument("--rows", default="plain,fit_fp32,timm_task,fit,fit_compile,fit_bf16,fit_cache,fit_cache_bf16,"
+                        "fit_ddp_2x1,fit_cache_ddp_2x1,plain,fit_fp32",  # repeats: the noise, averaged
                         help="comma-separated rows (repeats allowed) of: " + ", ".join(ROWS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of a 1-process row")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.row:
         return measure(args)
-
     results: list[dict[str, Any]] = []  # a row may be listed twice (repeats show the noise)
-    base = [sys.executable, __file__, *sys.argv[1:]]
     for row in args.rows.split(","):
-        threads = 1 if row.endswith("ddp_2x1") else args.threads
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        run = subprocess.run([*base, "--row", row], env=env, capture_output=True, text=True)
-        lines = [line for line in run.stdout.splitlines() if line.startswith('{"row"')]
-        if run.returncode or not lines:
-            print(f"{row}: failed\n{run.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(lines[-1]))
-        print(f"  measured {row}: {results[-1]['img_per_s']:.2f} img/s", file=sys.stderr, flush=True)
+        result = measure_row(sys.argv[1:], row, args.threads)
+        if result:
+            results.append(result)
+            print(f"  measured {row}: {result['img_per_s']:.2f} img/s", file=sys.stderr, flush=True)
 
     import pytorch_lightning as pl
     import timm
@@ -251,12 +269,12 @@ def main() -> None:
           f"Lightning {pl.__version__}, {args.steps} timed steps after {args.warmup}")
     plain = [r["img_per_s"] for r in results if r["row"] == "plain"]  # x plain: against their mean
     base_speed = sum(plain) / len(plain) if plain else None
-    width = max(len(ROWS[r["row"]]) for r in results) if results else 10
+    width = max(len(ROWS[r["row"]][0]) for r in results) if results else 10
     print(f"| {'setting':{width}s} | img/s | x plain | teacher s/step | step s | peak MiB |")
     print(f"|{'-' * (width + 2)}|------:|--------:|---------------:|-------:|---------:|")
     for r in results:
         ratio = f"{r['img_per_s'] / base_speed:7.2f}" if base_speed else "      -"
-        print(f"| {ROWS[r['row']]:{width}s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
+        print(f"| {ROWS[r['row']][0]:{width}s} | {r['img_per_s']:5.2f} | {ratio} | {r['teacher_s_per_step']:14.2f} | "
               f"{r['step_s']:6.2f} | {r['peak_mib']:8.0f} |")
     for r in results:
         if r.get("agreement") is not None:
