@@ -52,8 +52,8 @@ ROWS = {  # name: (label, how the step is done: plain loop / timm task / fit, an
 
 # ---------------------------------------------------------------------------------- the work
 class Bank(torch.utils.data.Dataset):
-    """`count` whole batches cut from one fixed bank of random images and labels (pinned on CUDA
-    machines, so the copy to the GPU is the only data cost): (images, labels) for the plain loops,
+    """The same batch of random images and labels, `count` times (pinned on CUDA machines, so the
+    copy to the GPU is the only data cost): (images, labels) for the plain loops,
     or the `distill.batch.TrainingBatch` that `fit` gets from `SeededViews` (with random cached
     top-k for the cache rows). Whole batches: per-image collation would cost as much as a GPU step."""
 

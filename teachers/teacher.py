@@ -51,7 +51,8 @@ class Teacher(nn.Module):
             Set it to run a teacher at its own resolution, e.g. during a hi-res fine-tune.
         precision: `auto` (bf16 where the hardware runs it natively, fp16 on GPUs without
             bf16, else fp32), `32`, `bf16` or `16` (weights and autocast).
-        channels_last: run convolutions in channels-last memory layout (faster on GPUs and oneDNN).
+        channels_last: run convolutions in channels-last memory layout (oneDNN; on an H200, RegNetY-16GF
+            in bf16 ran 7% slower in it: docs/speed.md).
         compile: `torch.compile` the teacher (first batches slower; pays off on long runs). On CPUs
             with inductor's weight freezing: RegNetY-16GF bf16 at 224, batch 16, 10.7 -> 12.5 img/s
             on this project's 2-core CPU after a 31 s compile.

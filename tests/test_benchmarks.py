@@ -1,20 +1,42 @@
-"""The benchmark scripts run (their figures are measured by hand, see README: not timed here)."""
+"""The benchmark scripts run (their figures are measured by hand, see docs/speed.md: not timed here)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def test_train_speed_prints_one_row_per_setting_with_the_ratio_to_the_plain_loop():
-    rows = "plain,timm_task,fit_cache_ddp_2x1"  # the three code paths: a plain loop, timm's task, fit (cache, DDP)
+    rows = "plain,fit_cache_ddp_2x1"  # the plain loop and fit (cache, DDP); gpu_check runs timm's task and fit
     run = subprocess.run(
         [sys.executable, "benchmarks/train_speed.py", "--student=deit_tiny", "--teacher=test_resnet", "--img-size=32",
          "--batch=4", "--classes=10", "--steps=2", "--warmup=1", f"--rows={rows}", "--threads=1"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows.split(","))  # header + one line per row: none failed
     assert table[1].split("|")[3].strip() == "1.00"  # the plain loop is the reference
-    assert "timm.task.TokenDistillationTask" in run.stdout and "DDP 2 processes x 1 thread" in run.stdout
+    assert "DDP 2 processes x 1 thread" in run.stdout
+
+
+def test_gpu_check_smoke_run_gives_every_row_its_throughput_teacher_share_and_mfu(tmp_path):
+    rows = "plain_bf16,timm_task_bf16,fit_bf16"  # the live-teacher paths: hand-written loop, timm's task, fit
+    out = tmp_path / "gpu_check.md"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--students=deit_tiny", f"--rows={rows}",
+         "--peak-tflops=1", f"--out={out}"],
+        cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| DeiT-Ti")]
+    assert [line.split("|")[2].strip() for line in table] == [
+        "plain PyTorch loop, bf16 autocast (reference DeiT, AMP)", "timm.task.TokenDistillationTask, bf16 autocast",
+        "fit as the DeiT-tiny config: bf16-mixed student, default teacher"]
+    cells = [[cell.strip() for cell in line.split("|")[4:10]] for line in table]
+    assert cells[0][1] == "1.00"  # the bf16 plain loop is the reference
+    for img_s, _, share, step_ms, peak_gib, mfu in cells:
+        assert float(img_s) > 0 and float(step_ms) > 0 and float(peak_gib) > 0
+        assert 0 < float(share.rstrip("%")) < 100 and 0 < float(mfu.rstrip("%"))  # the teacher ran; FLOPs counted
+    assert "DeiT-Ti 5.5M params" in run.stdout  # the student's size and FLOPs in the header
+    assert [line for line in out.read_text().splitlines() if line.startswith("| DeiT-Ti")] == table  # kept
