@@ -216,24 +216,34 @@ def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tens
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each image with its pair partner (rows 2j <-> 2j+1) as `params` say; soft targets (B, C).
 
-    timm's own blend (`x * lam + partner * (1 - lam)`; cutmix pastes the partner's box), done
-    per pair in one vectorised pass; targets are timm's smoothed one-hot, mixed by lam.
+    timm's blend (`lam * x + (1 - lam) * partner`; cutmix pastes the partner's box) per pair, on
+    the batch's images in place, as timm's `Mixup` does. Targets are timm's smoothed one-hot,
+    mixed by lam.
     """
-    batch, _, height, width = images.shape
-    partner = torch.arange(batch, device=images.device) ^ 1  # 0<->1, 2<->3, ...
-    params = params.to(images.device)
-    lam = params[:, 0].view(-1, 1, 1, 1).to(images.dtype)
-    rows = torch.arange(height, device=images.device).view(1, height, 1)
-    cols = torch.arange(width, device=images.device).view(1, 1, width)
-    y0, y1, x0, x1 = (params[:, i].view(-1, 1, 1) for i in range(2, 6))
-    in_box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (B, H, W)
-    cutmix = params[:, 1].view(-1, 1, 1, 1) > 0
-    weight = torch.where(cutmix, (~in_box).unsqueeze(1).to(images.dtype), lam)  # of the image itself
-    mixed = images * weight + images[partner] * (1 - weight)
+    rows = params.cpu()  # a few numbers: the boxes are sliced on the host
+    _mix_pairs(images, rows)
     off = mixup.label_smoothing / mixup.num_classes
     smoothed = one_hot(targets, mixup.num_classes, on_value=1.0 - mixup.label_smoothing + off, off_value=off)
-    lam_t = params[:, 0].view(-1, 1).to(smoothed.dtype)
-    return mixed, smoothed * lam_t + smoothed[partner] * (1 - lam_t)
+    lam = rows[:, 0].to(smoothed.device, smoothed.dtype).view(-1, 1)
+    partner = torch.arange(len(targets), device=targets.device) ^ 1  # 0<->1, 2<->3, ...
+    return images, smoothed * lam + smoothed[partner] * (1 - lam)
+
+
+def _mix_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
+    """In place: the blends of every pair in two passes (a loop over pairs would launch kernels by
+    the hundred per batch on a GPU, and costs as much on a CPU), then a box copy per cutmix pair."""
+    lam, cutmix = params[:, 0], params[:, 1] > 0
+    weight = torch.where(cutmix, torch.zeros_like(lam), 1.0 - lam)  # cutmix pairs keep their pixels here
+    weight = weight.to(images.device, images.dtype).view(-1, 2, 1, 1, 1)
+    pairs = images.unflatten(0, (-1, 2))
+    first, second = pairs[:, 0], pairs[:, 1]
+    original = first.clone()
+    first.lerp_(second, weight[:, 0])
+    second.lerp_(original, weight[:, 1])
+    for pair in cutmix[::2].nonzero().flatten().tolist():
+        y0, y1, x0, x1 = (int(v) for v in params[2 * pair, 2:6].tolist())
+        first[pair, :, y0:y1, x0:x1] = second[pair, :, y0:y1, x0:x1]
+        second[pair, :, y0:y1, x0:x1] = original[pair, :, y0:y1, x0:x1]
 
 
 class CheckedImageFolder(ImageFolder):

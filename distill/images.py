@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ["UnreadableImage", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
@@ -61,6 +61,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def _upright(image: Image.Image) -> Image.Image:
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+            return image  # stored upright: no copy (exif_transpose would copy every image)
         return ImageOps.exif_transpose(image) or image
     except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels are still fine, keep them as stored
         return image

@@ -60,6 +60,27 @@ def test_mixup_mixes_fixed_pairs_seeded_by_the_pair_not_by_the_batch():
     assert same is images and plain is labels  # validation batches (plain pairs) are never mixed
 
 
+def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
+    """Per-pair mixing is timm's batch Mixup applied to each pair alone (x with its partner, x.flip(0)),
+    under the pair's own seed: the same lam, the same cutmix box, the same targets."""
+    import numpy as np
+
+    from distill.seeding import global_seed, sample_seed
+    data = ImageDataModule("digits", img_size=32, batch_size=16, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    keys = [(2, 100 + i, 0) for i in range(16)]
+    mixed, targets, _ = mix(data, images, labels, keys)
+    kinds = set()
+    for j in range(0, 16, 2):
+        np.random.seed(sample_seed(global_seed(), 2, 100 + j, 101 + j, 0, 3))
+        expected, expected_targets = data.mixup_fn(images[j:j + 2].clone(), labels[j:j + 2])
+        assert torch.allclose(mixed[j:j + 2], expected, atol=1e-6), j
+        assert torch.allclose(targets[j:j + 2], expected_targets), j
+        kinds.add("cutmix" if torch.equal(mixed[j][images[j] != mixed[j]], images[j + 1][images[j] != mixed[j]])
+                  else "mixup")
+    assert kinds == {"cutmix", "mixup"}  # both kinds drawn among these pairs
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_augmented_views_depend_on_seed_epoch_and_index_only_not_on_workers(workers):
     # RandAugment + random erasing + random crop: every random draw of the transform is seeded per sample

@@ -214,6 +214,18 @@ def test_a_transparent_background_becomes_white_not_black(tmp_path):
     assert (pixels[0, 0] == 255).all() and (pixels[2, 2] == 0).all()
 
 
+def test_a_photo_taken_sideways_is_read_upright_by_its_exif_orientation(tmp_path):
+    stored = np.zeros((4, 6, 3), dtype=np.uint8)  # stored 6 wide, 4 high, a white top-left pixel
+    stored[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(stored).save(tmp_path / "sideways.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    upright, plain = np.asarray(load_image(tmp_path / "sideways.png")), np.asarray(load_image(tmp_path / "plain.png"))
+    assert upright.shape == (6, 4, 3) and (upright[0, -1] == 255).all()  # the top-left corner went top-right
+    assert np.array_equal(plain, stored)
+
+
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwarn):
     from distill.data import ImageDataModule
 
