@@ -40,3 +40,16 @@ def test_gpu_check_smoke_run_gives_every_row_its_throughput_teacher_share_and_mf
         assert 0 < float(share.rstrip("%")) < 100 and 0 < float(mfu.rstrip("%"))  # the teacher ran; FLOPs counted
     assert "DeiT-Ti 5.5M params" in run.stdout  # the student's size and FLOPs in the header
     assert [line for line in out.read_text().splitlines() if line.startswith("| DeiT-Ti")] == table  # kept
+
+
+def test_loader_speed_compares_both_loaders_with_and_without_mixing_on_jpegs_it_makes(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "benchmarks/loader_speed.py", f"--data={tmp_path / 'jpegs'}", "--images=16", "--classes=2",
+         "--img-size=32", "--batch=4", "--workers=0", "--repeats=2"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "img/s" not in line}
+    assert len(rows) == 4 and len(list((tmp_path / "jpegs" / "train").rglob("*.jpg"))) == 16
+    assert float(rows["this project + per-pair mixing (exact replay)"][2]) > 0  # the ratio to the reference
+    assert float(rows["reference + timm Mixup on the batch"][3]) > 0  # time spent mixing
