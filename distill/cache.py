@@ -14,18 +14,27 @@ sample), and mixing partners are fixed pairs: `distill.data.EpochSampler(pairs=T
 the student sees the image the teacher labelled, whatever the batch size, number of
 workers or processes. One cache serves every student, sweep and restart on the same data.
 
-Format: a folder, every array a NumPy `.npy` file (`np.load(path, mmap_mode="r")`), indexed
-[epoch, repeat, sample] (repeat is 0 without repeated augmentation):
+Format: a folder with `meta.json` and one shard folder per process of the build
+(`shard-00000-of-00002/`, ...): each process writes only its own shard, so no two processes
+write one file (safe on NFS and any shared filesystem). A shard holds, for each epoch, the views
+that process labelled, in its order; every array a NumPy `.npy` file (`np.load(path,
+mmap_mode="r")`) indexed [epoch, row]:
 
     meta.json     format version, the data fingerprint (file list hash, images, classes, seed,
                   transform options, mixing, repeated_aug), library versions, epochs, top_k,
-                  teacher config, array shapes and dtypes
-    index.npy     int16 / int32 (E, R, N, K)  the teacher's top-k classes, most probable first
-    prob.npy      float16 (E, R, N, K)         their softmax probabilities (temperature 1)
-    seed.npy      uint32 (E, R, N)             the seed of the view (before mixing)
-    checksum.npy  float64 (E, R, N)            a weighted pixel sum of the (mixed) view, checked
-                                               when training verifies the cache
-    done.npy      bool (E, R, N)               entry written (units a pair leaves out stay False)
+                  teacher config, the shards and their rows per epoch
+    view.npy      int32 / int64 (E, rows)       which view the row is: repeat * images + image
+    index.npy     int16 / int32 (E, rows, K)    the teacher's top-k classes, most probable first
+    prob.npy      float16 (E, rows, K)          their softmax probabilities (temperature 1)
+    seed.npy      uint32 (E, rows)              the seed of the view (before mixing)
+    checksum.npy  float64 (E, rows)             a weighted pixel sum of the (mixed) view, checked
+                                                when training verifies the cache
+    done.npy      bool (E, rows)                row written
+
+17 + 4k bytes per view (k = top_k; +2k above 32767 classes). A reader finds a view's shard and
+row from the `view` arrays of the epoch it reads (one pass over them per epoch and process).
+`distill cache-teacher --check DIR` checks a cache whole: every shard, every row written, every
+epoch's views each once.
 
 Distillation targets are rebuilt from the top-k as TinyViT does: the k probabilities as
 stored, the rest of the mass spread evenly over the other classes. Hard distillation uses
@@ -54,8 +63,8 @@ from distill.errors import UserError
 
 __all__ = ["TeacherCache", "cached_teacher_logits", "view_checksum", "library_versions", "FORMAT"]
 
-FORMAT = "distill-teacher-cache/1"
-ARRAYS = ("index", "prob", "seed", "checksum", "done")
+FORMAT = "distill-teacher-cache/2"
+ARRAYS = ("view", "index", "prob", "seed", "checksum", "done")
 
 
 def view_checksum(images: torch.Tensor) -> torch.Tensor:
@@ -83,55 +92,84 @@ def cached_teacher_logits(index: torch.Tensor, prob: torch.Tensor, num_classes: 
 
 
 class TeacherCache:
-    """A cache folder opened for reading (training) or writing (`distill cache-teacher`)."""
+    """A cache folder opened for reading (training), or one shard of it for writing (`distill cache-teacher`)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], mode: str = "r") -> None:
-        self.path, self.meta, self.mode = Path(path), meta, mode
-        self._arrays: Optional[dict[str, np.ndarray]] = None
+    def __init__(self, path: Path, meta: dict[str, Any], mode: str = "r", shard: Optional[int] = None) -> None:
+        self.path, self.meta, self.mode, self.shard = Path(path), meta, mode, shard
+        self._arrays: Optional[list[Optional[dict[str, np.ndarray]]]] = None
+        self._located: tuple[int, Optional[np.ndarray]] = (-1, None)  # (epoch, its view -> shard * stride + row)
 
     # ------------------------------------------------------------------ layout
     @staticmethod
-    def shapes(epochs: int, repeats: int, images: int, top_k: int, num_classes: int) -> dict[str, tuple[tuple, str]]:
+    def shapes(epochs: int, rows: int, top_k: int, num_classes: int, views: int) -> dict[str, tuple[tuple, str]]:
+        """The arrays of one shard: `rows` views per epoch, out of `views` (images x repeats) in all."""
         index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
-        rows = (epochs, repeats, images)
-        return {"index": ((*rows, top_k), index_dtype), "prob": ((*rows, top_k), "float16"),
-                "seed": (rows, "uint32"), "checksum": (rows, "float64"), "done": (rows, "bool")}
+        view_dtype = "int32" if views <= np.iinfo(np.int32).max else "int64"
+        return {"view": ((epochs, rows), view_dtype), "index": ((epochs, rows, top_k), index_dtype),
+                "prob": ((epochs, rows, top_k), "float16"), "seed": ((epochs, rows), "uint32"),
+                "checksum": ((epochs, rows), "float64"), "done": ((epochs, rows), "bool")}
 
     @classmethod
-    def nbytes(cls, epochs: int, repeats: int, images: int, top_k: int, num_classes: int) -> int:
+    def nbytes(cls, epochs: int, rows: int, top_k: int, num_classes: int, views: int) -> int:
         return sum(math.prod(shape) * np.dtype(dtype).itemsize
-                   for shape, dtype in cls.shapes(epochs, repeats, images, top_k, num_classes).values())
+                   for shape, dtype in cls.shapes(epochs, rows, top_k, num_classes, views).values())
+
+    def shard_shapes(self, shard: int) -> dict[str, tuple[tuple, str]]:
+        meta = self.meta
+        return self.shapes(meta["epochs"], meta["shard_rows"][shard], meta["top_k"], len(meta["fingerprint"]["classes"]),
+                           meta["repeats"] * meta["fingerprint"]["train_images"])
+
+    @staticmethod
+    def shard_name(shard: int, shards: int) -> str:
+        return f"shard-{shard:05d}-of-{shards:05d}"
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / self.shard_name(shard, self.meta["shards"])
 
     @classmethod
-    def create(cls, path: Path, meta: dict[str, Any]) -> "TeacherCache":
-        """Allocate the arrays (sparse files: disk fills as entries are written) and meta.json."""
+    def create_meta(cls, path: Path, meta: dict[str, Any]) -> None:
+        """The folder and meta.json (rank 0, before any shard); `meta` names the shards and their rows."""
         path.mkdir(parents=True, exist_ok=True)
-        shapes = cls.shapes(meta["epochs"], meta["repeats"], meta["fingerprint"]["train_images"], meta["top_k"],
-                            len(meta["fingerprint"]["classes"]))
-        meta = {**meta, "arrays": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in shapes.items()}}
-        for name, (shape, dtype) in shapes.items():
-            file = path / f"{name}.npy"
+        (path / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def create_shard(cls, path: Path, meta: dict[str, Any], shard: int) -> "TeacherCache":
+        """Allocate one shard's arrays (its process alone writes them)."""
+        cache = cls(path, meta, mode="r+", shard=shard)
+        folder = cache.shard_path(shard)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, (shape, dtype) in cache.shard_shapes(shard).items():
+            file = folder / f"{name}.npy"
             np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape).flush()
             _allocate(file)
-        (path / "meta.json").write_text(json.dumps(meta, indent=2))
-        return cls(path, meta, mode="r+")
+        return cache
+
+    @classmethod
+    def read_meta(cls, path: str | Path, option: str = "data.teacher_cache") -> dict[str, Any]:
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            partial = " (a build was interrupted: run distill cache-teacher again)" if Path(f"{path}.partial").exists() else ""
+            raise UserError(f"{option}: '{path}' is not a teacher cache (no meta.json){partial}; "
+                            "write one with distill cache-teacher")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{option}: '{meta_file}' is not readable JSON ({err}); rebuild the cache") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"{option}: '{path}' has format {found!r}, expected {FORMAT!r}; rebuild it with "
+                            "distill cache-teacher")
+        return meta
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: dict[str, Any], epochs: Optional[int]) -> "TeacherCache":
         """Open a finished cache for training; refuse one built for other data, transform or schedule."""
         path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            partial = " (a build was interrupted: run distill cache-teacher again)" if Path(f"{path}.partial").exists() else ""
-            raise UserError(f"data.teacher_cache: '{path}' is not a teacher cache (no meta.json){partial}; "
-                            "write one with distill cache-teacher")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"data.teacher_cache: '{meta_file}' is not readable JSON ({err}); rebuild the cache") from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise UserError(f"data.teacher_cache: '{path}' has format {found!r}, expected {FORMAT!r}")
+        if path.name.endswith(".partial"):
+            raise UserError(f"data.teacher_cache: '{path}' is an unfinished build (a killed or running "
+                            "distill cache-teacher); train from the folder it becomes when the build ends")
+        meta = cls.read_meta(path)
         saved = meta["fingerprint"]
         differ = [name for name in sorted(set(saved) | set(fingerprint)) if saved.get(name) != fingerprint.get(name)]
         if differ:
@@ -153,65 +191,123 @@ class TeacherCache:
         cache.check_arrays()
         return cache
 
-    def check_arrays(self) -> None:
-        """Every array file opens (a whole .npy) with the shape and dtype meta.json and the schedule imply."""
+    def check_arrays(self, option: str = "data.teacher_cache") -> None:
+        """Every shard's array files open (whole .npy files) with the shapes and dtypes meta.json implies."""
         meta = self.meta
         try:
-            expected = self.shapes(meta["epochs"], meta["repeats"], meta["fingerprint"]["train_images"], meta["top_k"],
-                                   len(meta["fingerprint"]["classes"]))
-        except (KeyError, TypeError) as err:
-            raise UserError(f"data.teacher_cache: '{self.path / 'meta.json'}' lacks {err}; rebuild the cache") from err
-        for name, (shape, dtype) in expected.items():
-            file = self.path / f"{name}.npy"
-            try:
-                array = np.load(file, mmap_mode="r")
-            except (OSError, ValueError, EOFError) as err:  # missing, truncated, not a .npy
-                raise UserError(f"data.teacher_cache: '{file}' cannot be read ({str(err).splitlines()[0][:120]}); "
-                                "the cache is damaged: rebuild it with distill cache-teacher") from err
-            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise UserError(f"data.teacher_cache: '{file}' holds {array.dtype} {tuple(array.shape)}, but meta.json "
-                                f"describes {dtype} {tuple(shape)} ({meta['epochs']} epochs, {meta['repeats']} repeats, "
-                                f"{meta['fingerprint']['train_images']} images, top-{meta['top_k']}); the cache was "
-                                "edited or damaged: rebuild it")
+            shards = [self.shard_shapes(shard) for shard in range(meta["shards"])]
+        except (KeyError, TypeError, IndexError) as err:
+            raise UserError(f"{option}: '{self.path / 'meta.json'}' lacks {err}; rebuild the cache") from err
+        for shard, expected in enumerate(shards):
+            for name, (shape, dtype) in expected.items():
+                file = self.shard_path(shard) / f"{name}.npy"
+                try:
+                    array = np.load(file, mmap_mode="r")
+                except (OSError, ValueError, EOFError) as err:  # missing, truncated, not a .npy
+                    raise UserError(f"{option}: '{file}' cannot be read ({str(err).splitlines()[0][:120]}); "
+                                    "the cache is damaged: rebuild it with distill cache-teacher") from err
+                if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise UserError(f"{option}: '{file}' holds {array.dtype} {tuple(array.shape)}, but meta.json "
+                                    f"describes {dtype} {tuple(shape)} ({meta['epochs']} epochs, "
+                                    f"{meta['shard_rows'][shard]} views an epoch in this shard, top-{meta['top_k']}); "
+                                    "the cache was edited or damaged: rebuild it")
 
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Memory-mapped arrays, opened on first use (in each DataLoader worker: memmaps do not pickle)."""
+    def check_complete(self) -> str:
+        """`distill cache-teacher --check`: every row written, every epoch's views each once over the shards."""
+        self.check_arrays("--check")
+        meta, views = self.meta, self.meta["repeats"] * self.meta["fingerprint"]["train_images"]
+        for shard in range(meta["shards"]):
+            done = self.shard_arrays(shard)["done"]
+            if not done.all():
+                epoch = int(np.nonzero(~done.all(axis=1))[0][0])
+                raise UserError(f"--check: '{self.shard_path(shard)}' has {int((~done).sum())} unwritten rows (the "
+                                f"first in epoch {epoch}): the build did not finish; rebuild the cache")
+        for epoch in range(meta["epochs"]):
+            seen = np.concatenate([self.shard_arrays(shard)["view"][epoch] for shard in range(meta["shards"])])
+            counts = np.bincount(seen.astype(np.int64), minlength=views)
+            if (counts > 1).any() or seen.min(initial=0) < 0 or seen.max(initial=0) >= views:
+                raise UserError(f"--check: epoch {epoch} of '{self.path}' holds a view twice or a view out of range "
+                                f"(view {int(np.argmax(counts > 1))}); the cache is damaged: rebuild it")
+        rows = sum(meta["shard_rows"]) * meta["epochs"]
+        size = sum(file.stat().st_size for file in self.path.rglob("*.npy"))
+        return (f"'{self.path}': complete, {rows} views ({meta['epochs']} epochs x {sum(meta['shard_rows'])}), "
+                f"{meta['shards']} shard(s), top-{meta['top_k']} of {len(meta['fingerprint']['classes'])} classes, "
+                f"{size / 2**20:.1f} MiB ({size / max(rows, 1):.0f} B per view)")
+
+    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """A shard's memory-mapped arrays, opened on first use (in each DataLoader worker: memmaps do not pickle)."""
         if self._arrays is None:
-            self._arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode=self.mode) for name in ARRAYS}
-        return self._arrays
+            self._arrays = [None] * self.meta["shards"]
+        if self._arrays[shard] is None:
+            mode = self.mode if shard == self.shard else "r"
+            self._arrays[shard] = {name: np.load(self.shard_path(shard) / f"{name}.npy", mmap_mode=mode)
+                                   for name in ARRAYS}
+        return self._arrays[shard]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_located": (-1, None)}
 
     # ------------------------------------------------------------------ reading
-    def entry(self, epoch: int, index: int, repeat: int) -> dict[str, torch.Tensor]:
-        """The teacher's cached top-k for view (epoch, index, repeat), as tensors for a batch."""
-        arrays = self.arrays
-        if epoch >= self.meta["epochs"] or not arrays["done"][epoch, repeat, index]:
+    def locate(self, epoch: int) -> np.ndarray:
+        """(views,) int64 for `epoch`: shard * stride + row of each view, -1 for a view not in the cache."""
+        if self._located[0] != epoch:
+            meta = self.meta
+            stride = max(meta["shard_rows"]) or 1
+            where = np.full(meta["repeats"] * meta["fingerprint"]["train_images"], -1, dtype=np.int64)
+            for shard in range(meta["shards"]):
+                arrays = self.shard_arrays(shard)
+                rows = np.nonzero(arrays["done"][epoch])[0]
+                where[arrays["view"][epoch][rows]] = shard * stride + rows
+            self._located = (epoch, where)
+        return self._located[1]  # type: ignore[return-value]
+
+    def row(self, epoch: int, index: int, repeat: int) -> dict[str, np.ndarray]:
+        """The stored fields of view (epoch, index, repeat) as NumPy values."""
+        found = -1
+        if epoch < self.meta["epochs"]:
+            found = int(self.locate(epoch)[repeat * self.meta["fingerprint"]["train_images"] + index])
+        if found < 0:
             raise UserError(f"data.teacher_cache: '{self.path}' has no entry for epoch {epoch}, image {index}, "
                              f"repeat {repeat}; it was built for {self.meta['epochs']} epochs: rebuild it")
-        return {"teacher_index": torch.from_numpy(np.array(arrays["index"][epoch, repeat, index], dtype=np.int64)),
-                "teacher_prob": torch.from_numpy(np.array(arrays["prob"][epoch, repeat, index], dtype=np.float32)),
+        shard, row = divmod(found, max(self.meta["shard_rows"]) or 1)
+        arrays = self.shard_arrays(shard)
+        return {name: arrays[name][epoch, row] for name in ("index", "prob", "seed", "checksum")}
+
+    def entry(self, epoch: int, index: int, repeat: int) -> dict[str, torch.Tensor]:
+        """The teacher's cached top-k for view (epoch, index, repeat), as tensors for a batch."""
+        row = self.row(epoch, index, repeat)
+        return {"teacher_index": torch.from_numpy(np.array(row["index"], dtype=np.int64)),
+                "teacher_prob": torch.from_numpy(np.array(row["prob"], dtype=np.float32)),
                 # float64 bits as int64: moves to any device (MPS has no float64) and is never cast by a precision plugin
-                "checksum": torch.tensor(float(arrays["checksum"][epoch, repeat, index]), dtype=torch.float64).view(torch.int64)}
+                "checksum": torch.tensor(float(row["checksum"]), dtype=torch.float64).view(torch.int64)}
 
     # ------------------------------------------------------------------ writing
-    def write(self, key: torch.Tensor, seed: torch.Tensor, logits: torch.Tensor, checksums: torch.Tensor) -> None:
-        """Store the top-k of `logits` (B, C) for the views of a batch: their keys (B, 3) and seeds (B,)."""
+    def write(self, first_row: int, key: torch.Tensor, seed: torch.Tensor, logits: torch.Tensor,
+              checksums: torch.Tensor) -> None:
+        """Store the top-k of `logits` (B, C) for a batch of views: this shard's rows `first_row` on (counted
+        over the epochs), their keys (B, 3: epoch, index, repeat) and seeds (B,)."""
         probs = logits.float().softmax(-1)
         values, indices = probs.topk(self.meta["top_k"], dim=-1)
         epoch, index, repeat = key.cpu().numpy().T
-        arrays = self.arrays
-        arrays["index"][epoch, repeat, index] = indices.cpu().numpy().astype(arrays["index"].dtype)
-        arrays["prob"][epoch, repeat, index] = values.cpu().numpy().astype(np.float16)
-        arrays["checksum"][epoch, repeat, index] = checksums.cpu().numpy()
-        arrays["seed"][epoch, repeat, index] = seed.cpu().numpy().astype(np.uint32)
-        arrays["done"][epoch, repeat, index] = True
+        rows_per_epoch = self.meta["shard_rows"][self.shard]
+        position = first_row + np.arange(len(epoch))
+        row_epoch, row = position // rows_per_epoch, position % rows_per_epoch
+        if not np.array_equal(row_epoch, epoch):  # the sampler's order is the shard's order: a bug otherwise
+            raise RuntimeError(f"teacher cache: shard {self.shard} expected epoch {row_epoch.tolist()} at rows "
+                               f"{position.tolist()}, got epoch {epoch.tolist()}")
+        arrays = self.shard_arrays(self.shard)
+        arrays["view"][epoch, row] = repeat * self.meta["fingerprint"]["train_images"] + index
+        arrays["index"][epoch, row] = indices.cpu().numpy().astype(arrays["index"].dtype)
+        arrays["prob"][epoch, row] = values.cpu().numpy().astype(np.float16)
+        arrays["checksum"][epoch, row] = checksums.cpu().numpy()
+        arrays["seed"][epoch, row] = seed.cpu().numpy().astype(np.uint32)
+        arrays["done"][epoch, row] = True
 
     def flush(self) -> None:
-        for array in (self._arrays or {}).values():
-            array.flush()
+        for arrays in self._arrays or []:
+            for array in (arrays or {}).values():
+                if isinstance(array, np.memmap) and array.mode != "r":
+                    array.flush()
 
 
 def _allocate(file: Path) -> None:

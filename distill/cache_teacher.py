@@ -2,6 +2,7 @@
 
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
     distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
+    distill cache-teacher --check runs/cache
 
 The format is described in `distill.cache`; the labelling is `distill.cache_writer.CacheWriter`.
 """
@@ -31,13 +32,22 @@ def main(argv: list[str]) -> None:
         prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
         epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
                "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
-    parser.add_argument("--epochs", type=positive_int, required=True, help="epochs of augmented views to label (the training run's max_epochs)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs of augmented views to label (the training run's max_epochs)")
     parser.add_argument("--top_k", "--top-k", type=positive_int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
-    parser.add_argument("--out", required=True, help="cache folder to write (multi-node: on a shared filesystem with coherent memory maps, e.g. Lustre or GPFS, not NFS)")
+    parser.add_argument("--out", help="cache folder to write (each process writes its own shard: any shared filesystem, NFS too)")
     parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
                         help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    parser.add_argument("--check", metavar="DIR", help="check that the cache in DIR is complete and consistent, and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.check:
+        if rest or args.out or args.epochs:
+            raise UserError("--check DIR takes no other option: it reads the cache alone")
+        print(TeacherCache(Path(args.check), TeacherCache.read_meta(args.check, "--check")).check_complete())
+        return
+    for name in ("epochs", "out"):
+        if getattr(args, name) is None:
+            raise UserError(f"--{name} is required (or --check DIR to check a cache)")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
@@ -71,8 +81,9 @@ def _build(out: Path, args: Any, rest: list[str]) -> None:
     data.setup("fit")
     sampler = data.train_sampler()
     train_images = len(data.train_set)
-    size = TeacherCache.nbytes(args.epochs, sampler.num_repeats, train_images, args.top_k, classes)
-    views = CacheSampler(sampler, args.epochs, 1, 0).views
+    whole = CacheSampler(sampler, args.epochs, 1, 0)  # the shards of a multi-process build add up to it
+    size = TeacherCache.nbytes(args.epochs, whole.rows, args.top_k, classes, sampler.num_repeats * train_images)
+    views = whole.views
     rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
                    f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
                    f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")

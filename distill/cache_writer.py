@@ -1,18 +1,17 @@
 """Writing a teacher cache: `trainer.predict` over every view of E epochs, mixed as training mixes them.
 
 The format is `distill.cache`; the command that calls this is `distill cache-teacher`
-(`distill.cache_teacher`). Under DDP each rank labels its own share of the views; rank 0
-allocates the files first, and renames `OUT.partial` to `OUT` once every entry is written.
+(`distill.cache_teacher`). Under DDP each rank labels its own share of the views into its own
+shard (no file is written by two processes); rank 0 writes meta.json first, and renames
+`OUT.partial` to `OUT` once every shard is complete.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -37,7 +36,8 @@ class CacheSampler(DistributedSampler):
         # units, which is all any world size trains on (EpochSampler.num_samples)
         self.units = units = len(train_sampler.dataset) // width
         self.views = epochs * units * width  # over all ranks
-        self.share = epochs * len(range(rank, units, num_replicas)) * width
+        self.rows = len(range(rank, units, num_replicas)) * width  # this rank's views per epoch
+        self.share = epochs * self.rows
 
     def __iter__(self):  # type: ignore[override]
         for epoch in range(self.epochs):
@@ -67,22 +67,25 @@ class CacheWriter(pl.LightningModule):
         self.data.setup("fit")
         train = self.data.train_set
         sampler = self.data.train_sampler()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
         meta = {"format": FORMAT, "fingerprint": self.data.cache_fingerprint(train.dataset), "epochs": self.epochs,
                 "versions": library_versions(),
                 "repeats": sampler.num_repeats, "top_k": self.top_k, "teacher": self.teacher.config,
+                "shards": world, "shard_rows": [CacheSampler(sampler, 1, world, r).rows for r in range(world)],
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         if self.trainer.is_global_zero:
             if self.partial.exists():
                 shutil.rmtree(self.partial)
-            try:
-                self.cache = TeacherCache.create(self.partial, meta)
-            except BaseException:
-                shutil.rmtree(self.partial, ignore_errors=True)  # a failed allocation leaves nothing behind
-                raise
+            TeacherCache.create_meta(self.partial, meta)
+        self.trainer.strategy.barrier("teacher cache meta written")
+        try:
+            self.cache = TeacherCache.create_shard(self.partial, meta, rank)
+        except BaseException:
+            shutil.rmtree(self.partial, ignore_errors=True)  # a failed allocation leaves nothing behind
+            raise
         self.trainer.strategy.barrier("teacher cache allocated")
-        if self.cache is None:
-            self.cache = TeacherCache(self.partial, json.loads((self.partial / "meta.json").read_text()), mode="r+")
-        self.sampler = CacheSampler(sampler, self.epochs, self.trainer.world_size, self.trainer.global_rank)
+        self.sampler = CacheSampler(sampler, self.epochs, world, rank)
+        self.written = 0
 
     def predict_dataloader(self) -> DataLoader:
         data = self.data
@@ -97,17 +100,18 @@ class CacheWriter(pl.LightningModule):
         return self.data.on_after_batch_transfer(batch, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
-        self.cache.write(batch.key, batch.seed, self.teacher(batch.images), view_checksum(batch.images))
+        self.cache.write(self.written, batch.key, batch.seed, self.teacher(batch.images), view_checksum(batch.images))
+        self.written += len(batch.key)
 
     def on_predict_end(self) -> None:
         self.cache.flush()
+        if self.written != self.sampler.share:
+            raise RuntimeError(f"teacher cache: rank {self.trainer.global_rank} wrote {self.written} of its "
+                               f"{self.sampler.share} views in '{self.partial}'")
         self.trainer.strategy.barrier("teacher cache written")
         if not self.trainer.is_global_zero:
             return
-        written = int(np.count_nonzero(self.cache.arrays["done"]))
-        expected = self.sampler.views
-        if written != expected:
-            raise RuntimeError(f"teacher cache: {written} of {expected} entries written in '{self.partial}'")
+        TeacherCache(self.partial, self.cache.meta).check_complete()  # every shard whole, every view once
         if self.out.exists():
             shutil.rmtree(self.out)  # --overwrite was given (checked before the build started)
         self.partial.rename(self.out)

@@ -86,13 +86,13 @@ def test_mixed_views_are_pixel_identical_whatever_the_workers_batch_size_or_rank
 def test_cached_targets_are_the_live_teachers_on_the_same_views(cache, teacher_file):
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["epochs"] == 2 and meta["top_k"] == 3 and meta["fingerprint"]["mixing"]["cutmix"] == 1.0
-    arrays = {name: np.load(cache / f"{name}.npy", mmap_mode="r") for name in ("index", "prob", "done")}
-    assert arrays["index"].shape == (2, 1, 1437, 3) and arrays["index"].dtype == np.int16
-    assert arrays["done"].sum() == 2 * 1436
-
+    shard = cache / "shard-00000-of-00001"  # one process built it: one shard
+    arrays = {name: np.load(shard / f"{name}.npy", mmap_mode="r") for name in ("index", "prob", "done")}
+    assert arrays["index"].shape == (2, 1436, 3) and arrays["index"].dtype == np.int16  # 718 pairs an epoch
+    assert arrays["done"].all()
     data = ImageDataModule("digits", batch_size=16, num_workers=0, **DATA)
     data.setup("fit")
-    TeacherCache.open(cache, data.cache_fingerprint(data.train_set.dataset), 2)  # the same data as the build
+    opened = TeacherCache.open(cache, data.cache_fingerprint(data.train_set.dataset), 2)  # the same data as the build
     sampler = data.train_sampler()
     sampler.set_epoch(1)
     views = replayed_views(data, sampler, 16, 0, batches=4)
@@ -100,13 +100,12 @@ def test_cached_targets_are_the_live_teachers_on_the_same_views(cache, teacher_f
     teacher = Teacher(TINY_TEACHER, weights=str(teacher_file), precision="32")
     teacher.set_input_normalization(data.mean, data.std)  # as DistillationModule does
     live = teacher(torch.stack([views[k] for k in keys])).softmax(-1)
-    e, i, r = (list(t) for t in zip(*keys))
-    cached_index = torch.from_numpy(arrays["index"][e, r, i].astype(np.int64))
-    cached_prob = torch.from_numpy(arrays["prob"][e, r, i].astype(np.float32))
+    rows = [opened.row(*key) for key in keys]
+    cached_index = torch.from_numpy(np.stack([row["index"] for row in rows]).astype(np.int64))
+    cached_prob = torch.from_numpy(np.stack([row["prob"] for row in rows]).astype(np.float32))
     assert torch.equal(cached_index[:, 0], live.argmax(-1))  # hard distillation: exactly the live argmax
     assert torch.allclose(cached_prob, live.gather(1, cached_index), atol=1e-3)  # fp16 probabilities
-    seeds = np.load(cache / "seed.npy", mmap_mode="r")
-    assert [int(seeds[1, 0, index]) for index in i] == [sample_seed(0, 1, index) for index in i]  # the views' seeds
+    assert [int(row["seed"]) for row in rows] == [sample_seed(0, 1, index) for _, index, _ in keys]  # their seeds
 
 
 def test_fit_from_the_cache_verifies_views_and_targets_against_the_live_teacher(cache, tmp_path, teacher_file):
@@ -119,7 +118,7 @@ def test_fit_from_the_cache_verifies_views_and_targets_against_the_live_teacher(
 
 
 def test_views_that_no_longer_replay_are_reported_when_verifying(cache, tmp_path, teacher_file):
-    checksums = np.load(cache / "checksum.npy", mmap_mode="r+")
+    checksums = np.load(cache / "shard-00000-of-00001" / "checksum.npy", mmap_mode="r+")
     checksums[0] += 1.0  # as if the transform had changed since the build
     checksums.flush()
     with pytest.warns(UserWarning, match="training views differ from the views the cache was built from"):
@@ -163,7 +162,7 @@ def test_a_cache_built_for_other_data_or_schedule_is_refused(cache, tmp_path, te
 
 def test_cache_teacher_refuses_to_overwrite_and_an_interrupted_build_is_not_a_cache(cache, tmp_path, teacher_file,
                                                                                   capsys):
-    before = (cache / "index.npy").read_bytes()
+    before = (cache / "shard-00000-of-00001" / "index.npy").read_bytes()
     for extra, message in ((f"--out={cache}", "exists; pass --overwrite"),
                            (f"--out={tmp_path / 'other'} --top_k=11", "--top_k must lie in 1..10"),
                            (f"--out={tmp_path / 'other'} --batch_size=7", "--batch_size must be even"),
@@ -171,12 +170,16 @@ def test_cache_teacher_refuses_to_overwrite_and_an_interrupted_build_is_not_a_ca
         with pytest.raises(SystemExit):
             cli_main(["cache-teacher", *common(tmp_path, teacher_file), "--epochs=2", *extra.split()])
         assert message in capsys.readouterr().err
-    assert (cache / "index.npy").read_bytes() == before and not (tmp_path / "other").exists()
+    assert (cache / "shard-00000-of-00001" / "index.npy").read_bytes() == before and not (tmp_path / "other").exists()
 
     (tmp_path / "half.partial").mkdir()  # what a killed build leaves
     with pytest.raises(SystemExit):
         cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={tmp_path / 'half'}"])
     assert "a build was interrupted" in capsys.readouterr().err
+    shutil.copytree(cache, tmp_path / "half.partial", dirs_exist_ok=True)  # its meta.json is written first
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={tmp_path / 'half.partial'}"])
+    assert "is an unfinished build" in capsys.readouterr().err
 
 
 def test_targets_from_top_k_spread_the_rest_evenly_and_keep_the_temperature_exact_among_the_top_k():
@@ -225,11 +228,30 @@ def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2872 views (2 epochs x 1437 images), top-3 of 10 classes; 0.1 MiB on disk" in run.stdout + run.stderr
-    for name in ("index", "seed", "done"):
-        assert np.array_equal(np.load(out / f"{name}.npy"), np.load(cache / f"{name}.npy")), name
-    assert np.allclose(np.load(out / "prob.npy"), np.load(cache / "prob.npy"), atol=1e-3)
-    assert np.allclose(np.load(out / "checksum.npy"), np.load(cache / "checksum.npy"), rtol=1e-9)
-    assert TeacherCache.open(out, json.loads((cache / "meta.json").read_text())["fingerprint"], 2).meta["epochs"] == 2
+    assert sorted(path.name for path in out.iterdir()) == ["meta.json", "shard-00000-of-00002", "shard-00001-of-00002"]
+    fingerprint = json.loads((cache / "meta.json").read_text())["fingerprint"]
+    one, two = TeacherCache.open(cache, fingerprint, 2), TeacherCache.open(out, fingerprint, 2)
+    assert sum(two.meta["shard_rows"]) == one.meta["shard_rows"][0] == 1436
+    for epoch in (0, 1):  # every view of the 1-process build, found in one of the 2-process build's shards
+        views = np.nonzero(one.locate(epoch) >= 0)[0]
+        assert len(views) == 1436 and np.array_equal(np.nonzero(two.locate(epoch) >= 0)[0], views)
+        for view in views:
+            a, b = one.row(epoch, int(view), 0), two.row(epoch, int(view), 0)
+            assert np.array_equal(a["index"], b["index"]) and a["seed"] == b["seed"], (epoch, view)
+            assert np.allclose(a["prob"], b["prob"], atol=1e-3) and np.isclose(a["checksum"], b["checksum"], rtol=1e-9)
+    # training from either build: the same weights, bit for bit (hard distillation reads the stored top-1)
+    weights = []
+    for source in (cache, out):
+        folder = tmp_path / f"fit_{source.name}"
+        cli_main(["fit", *common(tmp_path, teacher_file), f"--data.teacher_cache={source}", "--model.teacher=null",
+                  "--trainer.max_epochs=2", f"--checkpoint.dirpath={folder / 'ckpt'}",
+                  f"--trainer.logger.init_args.save_dir={folder / 'runs'}"])
+        weights.append(torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    check = subprocess.run([sys.executable, "-m", "distill", "cache-teacher", f"--check={out}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "complete, 2872 views (2 epochs x 1436), 2 shard(s)" in check.stdout, check.stderr
     # a DDP fit from the cache, verifying half the batches: every rank verifies the same ones (no hang)
     fit = subprocess.run([sys.executable, "-m", "distill", "fit", *common(tmp_path, teacher_file),
                           f"--data.teacher_cache={out}", "--model.teacher_cache_verify=0.5", "--trainer.strategy=ddp",
@@ -238,3 +260,26 @@ def test_a_two_process_ddp_build_writes_the_same_cache_as_one_process(cache, tmp
     assert fit.returncode == 0, fit.stderr[-3000:]
     matches = scalars(tmp_path / "runs")["train/cache_view_match_step"]
     assert 0 < len(matches) < 8 and set(matches) == {1.0}
+
+
+def test_check_finds_a_complete_cache_whole_and_names_an_unfinished_or_damaged_shard(cache, capsys):
+    cli_main(["cache-teacher", f"--check={cache}"])
+    assert "complete, 2872 views (2 epochs x 1436), 1 shard(s), top-3 of 10 classes" in capsys.readouterr().out
+    shard = cache / "shard-00000-of-00001"
+    done = np.load(shard / "done.npy", mmap_mode="r+")
+    done[1, 5] = False  # a row the build never wrote
+    done.flush()
+    with pytest.raises(SystemExit):
+        cli_main(["cache-teacher", f"--check={cache}"])
+    assert f"'{shard}' has 1 unwritten rows (the first in epoch 1)" in capsys.readouterr().err
+    done[1, 5] = True
+    done.flush()
+    view = np.load(shard / "view.npy", mmap_mode="r+")
+    view[0, 3] = view[0, 4]  # one view twice, another missing
+    view.flush()
+    with pytest.raises(SystemExit):
+        cli_main(["cache-teacher", f"--check={cache}"])
+    assert "epoch 0 of" in (err := capsys.readouterr().err) and "holds a view twice" in err
+    with pytest.raises(SystemExit):
+        cli_main(["cache-teacher", f"--check={cache}", "--epochs=2"])
+    assert "--check DIR takes no other option" in capsys.readouterr().err

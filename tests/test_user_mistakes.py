@@ -381,10 +381,10 @@ def test_a_damaged_teacher_cache_is_named_when_it_is_opened(tmp_path, capsys, da
         meta = json.loads((cache / "meta.json").read_text())
         meta["epochs"] = 3
         (cache / "meta.json").write_text(json.dumps(meta))
-        expected = "index.npy' holds int16 (1, 1, 1437, 2), but meta.json describes int16 (3, 1, 1437, 2)"
+        expected = "shard-00000-of-00001/view.npy' holds int32 (1, 1436), but meta.json describes int32 (3, 1436)"
     else:
-        data = (cache / "index.npy").read_bytes()
-        (cache / "index.npy").write_bytes(data[:200])
+        data = (cache / "shard-00000-of-00001" / "index.npy").read_bytes()
+        (cache / "shard-00000-of-00001" / "index.npy").write_bytes(data[:200])
         expected = "index.npy' cannot be read"
     line = run_cli_error([*args, f"--data.teacher_cache={cache}", "--model.teacher=null",
                           f"--checkpoint.dirpath={tmp_path / 'ckpt2'}"], capsys)
