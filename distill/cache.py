@@ -166,7 +166,7 @@ class TeacherCache:
     def open(cls, path: str | Path, fingerprint: dict[str, Any], epochs: Optional[int]) -> "TeacherCache":
         """Open a finished cache for training; refuse one built for other data, transform or schedule."""
         path = Path(path)
-        if path.name.endswith(".partial"):
+        if path.name.endswith(".partial") and path.is_dir():
             raise UserError(f"data.teacher_cache: '{path}' is an unfinished build (a killed or running "
                             "distill cache-teacher); train from the folder it becomes when the build ends")
         meta = cls.read_meta(path)
