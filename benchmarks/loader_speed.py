@@ -63,7 +63,8 @@ def reference_loader(args: argparse.Namespace):
                                  re_prob=RECIPE["re_prob"], re_mode=RECIPE["re_mode"], interpolation="bicubic")
     dataset = ImageFolder(str(args.data / "train"), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         pin_memory=torch.cuda.is_available())  # as the project's loader
     mixup = Mixup(mixup_alpha=RECIPE["mixup"], cutmix_alpha=RECIPE["cutmix"], label_smoothing=RECIPE["label_smoothing"],
                   num_classes=len(dataset.classes))
     return loader, (lambda batch: mixup(*batch))

@@ -224,10 +224,13 @@ class TeacherCache:
                                 f"first in epoch {epoch}): the build did not finish; rebuild the cache")
         for epoch in range(meta["epochs"]):
             seen = np.concatenate([self.shard_arrays(shard)["view"][epoch] for shard in range(meta["shards"])])
+            if seen.min(initial=0) < 0 or seen.max(initial=0) >= views:
+                raise UserError(f"--check: epoch {epoch} of '{self.path}' names a view out of 0..{views - 1}; the cache "
+                                "is damaged: rebuild it")
             counts = np.bincount(seen.astype(np.int64), minlength=views)
-            if (counts > 1).any() or seen.min(initial=0) < 0 or seen.max(initial=0) >= views:
-                raise UserError(f"--check: epoch {epoch} of '{self.path}' holds a view twice or a view out of range "
-                                f"(view {int(np.argmax(counts > 1))}); the cache is damaged: rebuild it")
+            if (counts > 1).any():
+                raise UserError(f"--check: epoch {epoch} of '{self.path}' holds a view twice (view "
+                                f"{int(np.argmax(counts > 1))}); the cache is damaged: rebuild it")
         rows = sum(meta["shard_rows"]) * meta["epochs"]
         size = sum(file.stat().st_size for file in self.path.rglob("*.npy"))
         return (f"'{self.path}': complete, {rows} views ({meta['epochs']} epochs x {sum(meta['shard_rows'])}), "

@@ -230,16 +230,17 @@ def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tens
 
 
 def _mix_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
-    """In place: the blends of every pair in two passes (a loop over pairs would launch kernels by
-    the hundred per batch on a GPU, and costs as much on a CPU), then a box copy per cutmix pair."""
+    """In place: the blends of every pair at once (a loop over pairs would launch kernels by the
+    hundred per batch on a GPU), then a box copy per cutmix pair. The arithmetic is timm's,
+    `x * lam + partner * (1 - lam)`, so that runs keep the pixels they had (not `lerp`)."""
     lam, cutmix = params[:, 0], params[:, 1] > 0
-    weight = torch.where(cutmix, torch.zeros_like(lam), 1.0 - lam)  # cutmix pairs keep their pixels here
+    weight = torch.where(cutmix, torch.ones_like(lam), lam)  # cutmix pairs keep their pixels here
     weight = weight.to(images.device, images.dtype).view(-1, 2, 1, 1, 1)
     pairs = images.unflatten(0, (-1, 2))
     first, second = pairs[:, 0], pairs[:, 1]
     original = first.clone()
-    first.lerp_(second, weight[:, 0])
-    second.lerp_(original, weight[:, 1])
+    first.mul_(weight[:, 0]).add_(second * (1 - weight[:, 0]))
+    second.mul_(weight[:, 1]).add_(original * (1 - weight[:, 1]))
     for pair in cutmix[::2].nonzero().flatten().tolist():
         y0, y1, x0, x1 = (int(v) for v in params[2 * pair, 2:6].tolist())
         first[pair, :, y0:y1, x0:x1] = second[pair, :, y0:y1, x0:x1]

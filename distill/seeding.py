@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 __all__ = ["global_seed", "sample_seed", "seeded"]
 
@@ -36,7 +37,7 @@ def seeded(seed: int) -> Iterator[None]:
     data worker's generators serve only the views, each seeded anew: saving and restoring them
     there (about 0.1 ms, mostly numpy's state) would be a cost with no reader.
     """
-    restore = torch.utils.data.get_worker_info() is None
+    restore = get_worker_info() is None
     states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state()) if restore else None
     random.seed(seed)
     np.random.seed(seed)

@@ -279,6 +279,11 @@ def test_check_finds_a_complete_cache_whole_and_names_an_unfinished_or_damaged_s
     with pytest.raises(SystemExit):
         cli_main(["cache-teacher", f"--check={cache}"])
     assert "epoch 0 of" in (err := capsys.readouterr().err) and "holds a view twice" in err
+    view[0, 3] = -1  # garbage
+    view.flush()
+    with pytest.raises(SystemExit):
+        cli_main(["cache-teacher", f"--check={cache}"])
+    assert "names a view out of 0..1436" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["cache-teacher", f"--check={cache}", "--epochs=2"])
     assert "--check DIR takes no other option" in capsys.readouterr().err

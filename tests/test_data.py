@@ -74,11 +74,17 @@ def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
     for j in range(0, 16, 2):
         np.random.seed(sample_seed(global_seed(), 2, 100 + j, 101 + j, 0, 3))
         expected, expected_targets = data.mixup_fn(images[j:j + 2].clone(), labels[j:j + 2])
-        assert torch.allclose(mixed[j:j + 2], expected, atol=1e-6), j
+        assert torch.allclose(mixed[j:j + 2], expected, atol=1e-6), j  # timm rounds lam as a double
         assert torch.allclose(targets[j:j + 2], expected_targets), j
         kinds.add("cutmix" if torch.equal(mixed[j][images[j] != mixed[j]], images[j + 1][images[j] != mixed[j]])
                   else "mixup")
     assert kinds == {"cutmix", "mixup"}  # both kinds drawn among these pairs
+    # the pixels runs have always had: x * lam + partner * (1 - lam) in float32, bit for bit
+    params = data.on_before_batch_transfer(TrainingBatch(images, labels, key=torch.tensor(keys),
+                                                         seed=torch.zeros(16, dtype=torch.int64)), 0).mixing
+    for j in range(16):
+        if params[j, 1] == 0:  # a mixup pair
+            assert torch.equal(mixed[j], images[j] * params[j, 0] + images[j ^ 1] * (1 - params[j, 0])), j
 
 
 @pytest.mark.parametrize("workers", [0, 2])
