@@ -6,6 +6,7 @@
     distill pipeline --config configs/pipeline.yaml       (distill/pipeline.py)
     distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
     distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
+    distill serve --export exports/student --port 8000                               (distill/serve.py)
     distill report runs/digits [--plot plots/]                                       (distill/report.py)
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache (distill/cache.py)
     distill compare --config configs/distill.yaml --seeds 5     (none / soft / hard x seeds: distill/compare.py)
@@ -398,6 +399,7 @@ the project's own:
   compare         the same student under none / soft / hard for several seeds: what the teacher adds
   export          the student alone: a timm folder, ONNX, TorchScript, each verified
   predict         --export DIR --images FOLDER: top-k classes per image to CSV
+  serve           --export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON
   cache-teacher   the teacher's outputs on every augmented view, to train without it
   report          a run's (or a pipeline's) figures from its TensorBoard files"""
 
@@ -408,6 +410,7 @@ TOOLS = {
     "report": "distill.report",
     "pipeline": "distill.pipeline",
     "compare": "distill.compare",
+    "serve": "distill.serve",
 }
 
 

@@ -464,14 +464,15 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_set is None:
-            train = self._dataset("train", self.train_transform())
+            train = self.split_dataset("train", self.train_transform())
             if self.teacher_cache:
                 self.cache = TeacherCache.open(self.teacher_cache, self.cache_fingerprint(train), self._epochs())
             self.train_set = SeededViews(train, global_seed(), self.cache)
         if self.val_set is None:
-            self.val_set = self._dataset("val", self.eval_transform())
+            self.val_set = self.split_dataset("val", self.eval_transform())
 
-    def _dataset(self, split: str, transform: Any) -> Dataset:
+    def split_dataset(self, split: str, transform: Any) -> Dataset:
+        """The `train` or `val` split of the dataset, each image through `transform`."""
         if self.dataset == DIGITS:
             return DigitsDataset(split, self.img_size, transform)
         folder = Path(self.dataset) / split

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-__all__ = ["UserError", "OneLineArgumentParser", "positive_int", "positive_float"]
+__all__ = ["UserError", "OneLineArgumentParser", "positive_int", "positive_float", "non_negative_float"]
 
 
 class UserError(Exception):
@@ -51,4 +51,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got '{text}'") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got '{text}'") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
     return value

@@ -22,25 +22,39 @@ import os
 import shutil
 import signal
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import timm
 import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from distill.errors import OneLineArgumentParser, UserError, positive_float
+from distill.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
 from distill.files import OutputLock, lock_path, replace_folder
+from distill.inference import load_export
+from distill.quantize import quantize_int8
 from students import Student
 from students.resize import EMA_PREFIX, read_student_checkpoint, student_state
 
-__all__ = ["export_student", "load_export", "load_student", "main"]
+__all__ = ["export_student", "load_export", "load_student", "main", "Int8", "INT8_FILE"]
 
 TOLERANCE = 1e-4
+INT8_FILE = "model.int8.onnx"
 # what an export folder holds; --overwrite replaces a folder holding nothing else
 EXPORT_FILES = {"config.json", "model.safetensors", "export_report.json", "model.onnx", "model.onnx.data",
-                "model.torchscript.pt", ".DS_Store"}
+                "model.torchscript.pt", INT8_FILE, ".DS_Store"}
+
+
+@dataclass(frozen=True)
+class Int8:
+    """What `--int8` asks: calibration images from the training split, the accepted top-1 drop in points, and the
+    dataset (None: the one recorded in the checkpoint)."""
+
+    calibration_images: int = 256
+    max_drop: float = 0.5
+    data: Optional[str] = None
 
 
 def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
@@ -57,16 +71,18 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
 
 def export_student(
     ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
-    tolerance: float = TOLERANCE, ema: bool = False,
+    tolerance: float = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None,
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input."""
     out = Path(out).absolute()  # `--out .` has no name of its own
+    if int8 is not None and not onnx:
+        raise UserError("export --int8 quantizes the ONNX model: drop --no-onnx")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"export --out: '{out.parent}' is a file, so '{out}' cannot be a folder")
     check_replaceable(out, overwrite)
     with OutputLock(lock_path(out), f"export --out '{out}'"):
         check_replaceable(out, overwrite)  # again, now that no other export can be writing it
-        return _export(ckpt, out, onnx, torchscript, tolerance, ema)
+        return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8)
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:
@@ -87,7 +103,8 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
                         "an earlier export or an empty folder: choose another --out")
 
 
-def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool) -> dict[str, Any]:
+def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
+            int8: Optional[Int8]) -> dict[str, Any]:
     student, checkpoint = load_student(ckpt, ema)
     model, data = student.fused_model(), _data_config(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -113,28 +130,15 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
             if not diff <= tolerance:  # also NaN: a diverged student's outputs
                 raise UserError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e} "
                                 "(raise --tolerance, or export without that format)")
+        if int8 is not None:
+            data = int8.data or str(checkpoint.get("datamodule_hyper_parameters", {}).get("dataset", ""))
+            report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, data, int8.calibration_images,
+                                                      int8.max_drop)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def load_export(folder: str | Path, option: str = "--export") -> nn.Module:
-    """The exported student as timm loads it, in eval mode; a folder that is not a whole export is a UserError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{option}: '{folder}' is not a folder; give the folder distill export wrote")
-    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
-    if missing:
-        raise UserError(f"{option}: '{folder}' has no {' or '.join(missing)}; it is not a (whole) export folder: "
-                        "run distill export again")
-    try:
-        return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()
-    except Exception as err:  # noqa: BLE001 - a truncated or edited file fails in many ways inside timm/safetensors
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"{option}: '{folder}' could not be loaded ({type(err).__name__}: {first}); its files are "
-                        "damaged: run distill export again") from err
 
 
 def _data_config(checkpoint: dict) -> dict[str, Any]:
@@ -192,10 +196,25 @@ def main(argv: list[str] | None = None) -> None:
                         help="replace an earlier export at --out (a folder holding anything else is never replaced)")
     parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
+    parser.add_argument("--int8", action="store_true",
+                        help=f"also write {INT8_FILE}: ONNX Runtime static INT8 quantization, checked on accuracy")
+    parser.add_argument("--calibration_images", type=positive_int, default=Int8.calibration_images,
+                        help="training images that calibrate the INT8 ranges")
+    parser.add_argument("--int8_max_drop", type=non_negative_float, default=Int8.max_drop,
+                        help="largest accepted drop of validation top-1 from fp32 ONNX to INT8, in points")
+    parser.add_argument("--data", default=None,
+                        help="the training data, for --int8 (default: the dataset recorded in the checkpoint)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
-    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema)
+    int8 = Int8(args.calibration_images, args.int8_max_drop, args.data) if args.int8 else None
+    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema,
+                            int8)
     for name, result in report["formats"].items():
+        if name == "int8":
+            print(f"{name:12s} top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX {100 * result['fp32_onnx_top1']:.2f}% "
+                  f"({result['drop_points']:+.2f} points drop, budget {result['max_drop_points']:g}; "
+                  f"{result['validation_images']} validation images)  ok")
+            continue
         print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")
     print(f"exported to {args.out} (report: {Path(args.out) / 'export_report.json'})")
 

@@ -17,14 +17,16 @@ three can never read a file differently.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
+from typing import IO, Optional
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["UnreadableImage", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
+__all__ = ["UnreadableImage", "TooManyPixels", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
            "display_name", "IMG_EXTENSIONS", "left_out"]
 
 
@@ -35,13 +37,20 @@ class UnreadableImage(Exception):
     """A file that is not a readable image; the message is the one-line reason."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as RGB (see the module docstring for odd modes); `UnreadableImage` if it is not one."""
+class TooManyPixels(UnreadableImage):
+    """An image whose header declares more pixels than the caller accepts (checked before decoding)."""
+
+
+def load_image(path: str | os.PathLike | IO[bytes], max_pixels: Optional[int] = None) -> Image.Image:
+    """The image at `path` (or in a binary file object) as RGB (see the module docstring for odd modes);
+    `UnreadableImage` if it is not one, `TooManyPixels` if its header declares over `max_pixels`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over the limit but under 2x: read it
             with Image.open(path) as image:
                 width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise TooManyPixels(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
                 if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
                     raise UnreadableImage(f"{width}x{height} pixels: an aspect ratio over {MAX_ASPECT}:1 (resizing "
                                           "its short side to the model's input would take gigabytes)")
@@ -55,7 +64,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                               "(PIL.Image.MAX_IMAGE_PIXELS); downscale it") from err
     except Exception as err:  # noqa: BLE001 - a file PIL cannot decode fails in many ways (OSError, SyntaxError,
         # struct.error, EOFError, ValueError...): whatever the decoder raised, this file is not a readable image
-        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        text = re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", text)[:120]  # PIL names a BytesIO by its repr
         raise UnreadableImage(f"{type(err).__name__}: {text}" if text else type(err).__name__) from err
 
 

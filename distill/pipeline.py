@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distill.errors import OneLineArgumentParser, UserError
-from distill.export import export_student
+from distill.export import Int8, export_student
 from distill.files import OutputLock, load_yaml, write_atomically
 from distill.report import format_rows
 
@@ -80,7 +80,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         seen.append(stage["name"])
     export = spec.get("export")
     if export is not None and not isinstance(export, dict):
-        raise UserError(f"pipeline '{path}': export must be a mapping (from:, onnx:, torchscript:), got {export!r}")
+        raise UserError(f"pipeline '{path}': export must be a mapping (from:, onnx:, torchscript:, int8:), got {export!r}")
+    unknown_export = set(export or {}) - {"from", "onnx", "torchscript", "int8"}
+    if unknown_export:
+        raise UserError(f"pipeline '{path}': export: unknown key(s) {sorted(unknown_export)}; accepted: from, onnx, "
+                        "torchscript, int8")
     if export and export.get("from") not in seen:
         raise UserError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
     return spec
@@ -177,7 +181,7 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
         else:
             best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
             export_student(best, out, onnx=export.get("onnx", True), torchscript=export.get("torchscript", True),
-                           overwrite=True)
+                           overwrite=True, int8=Int8() if export.get("int8") else None)
             print(f"[pipeline] export: {out} written and verified", flush=True)
     print(format_table(results), flush=True)
     return results

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
 from distill.errors import OneLineArgumentParser, UserError, positive_int
-from distill.export import load_export
 from distill.files import OutputLock, lock_path, make_folder, write_atomically
 from distill.images import IMG_EXTENSIONS, UnreadableImage, left_out, list_images, load_image
+from distill.inference import best_classes, export_transform, label_names, load_export
 
 __all__ = ["predict_folder", "main"]
 
@@ -46,8 +45,7 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
     if others:
         print(f"predict: {left_out(others, images)}", file=sys.stderr)
     model = load_export(export)
-    names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
-    transform = create_transform(**resolve_data_config({}, model=model))
+    names, transform = label_names(model), export_transform(model)
     top_k = min(top_k, model.num_classes)
     make_folder(out.parent, "predict --out")
     failed = 0
@@ -60,7 +58,7 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
     return len(files), failed
 
 
-def _predict_batch(model: torch.nn.Module, transform, chunk: list[Path], names: list[str], top_k: int, writer) -> int:
+def _predict_batch(model: torch.nn.Module, transform, chunk: list[Path], names: list[str], k: int, writer) -> int:
     """One CSV row per file of `chunk`; returns how many could not be read."""
     tensors, readable, errors = [], [], {}
     for path in chunk:
@@ -72,11 +70,11 @@ def _predict_batch(model: torch.nn.Module, transform, chunk: list[Path], names: 
     rows = {}
     if tensors:
         with torch.no_grad():
-            probs, indices = model(torch.stack(tensors)).softmax(-1).topk(top_k, dim=-1)
-        for path, p_row, i_row in zip(readable, probs.tolist(), indices.tolist()):
+            probs, indices = best_classes(model(torch.stack(tensors)), k)
+        for path, p_row, i_row in zip(readable, probs, indices):
             rows[path] = [v for i, p in zip(i_row, p_row) for v in (names[i], f"{p:.6f}")]
     for path in chunk:  # in file order
-        writer.writerow([str(path), *(rows.get(path) or [""] * (2 * top_k)), errors.get(path, "")])
+        writer.writerow([str(path), *(rows.get(path) or [""] * (2 * k)), errors.get(path, "")])
     return len(errors)
 
 

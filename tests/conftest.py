@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from students import Student
-from tests.helpers import TINY_STUDENT, make_image_folder, random_teacher_file
+from tests.helpers import TINY_STUDENT, make_image_folder, random_teacher_file, train_tiny
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -27,3 +27,10 @@ def teacher_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A tiny DeiT student distilled at 32 px on a generated 3-class folder, its teacher, and the data (shared:
+    tests write their exports and stages beside it, never into it)."""
+    return train_tiny(tmp_path_factory.mktemp("trained"))

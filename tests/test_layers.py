@@ -6,11 +6,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_SIDE = {"distill.errors", "distill.ranges", "distill.files", "distill.images", "distill.seeding", "distill.batch",
+MODEL_SIDE = {"distill.errors", "distill.inference", "distill.ranges", "distill.files", "distill.images", "distill.seeding", "distill.batch",
               "distill.cache", "distill.losses"}
 LIGHTNING = {"distill.data", "distill.module", "distill.callbacks", "distill.telemetry", "distill.cache_writer"}
 COMMANDS = {"distill.cli", "distill.__main__", "distill.pipeline", "distill.compare", "distill.export", "distill.predict",
-            "distill.report", "distill.cache_teacher"}
+            "distill.report", "distill.cache_teacher", "distill.serve", "distill.quantize"}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -22,15 +22,9 @@ from distill.export import export_student, load_student
 from distill.pipeline import load_spec, stage_command
 from students import Student
 from students.resize import adapt_student_state
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, shrink, teacher_of, train_tiny
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, shrink, teacher_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny DeiT student distilled at 32 px on a generated 3-class folder, its teacher, and the data."""
-    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 def test_resampling_keeps_both_prefix_tokens_and_interpolates_the_grid():

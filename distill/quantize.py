@@ -1,0 +1,120 @@
+"""INT8 ONNX for CPU serving: ONNX Runtime static quantization, calibrated on training images, checked on accuracy.
+
+Used by `distill export --int8`. The fp32 `model.onnx` of the export is quantized to
+`model.int8.onnx` in ONNX Runtime's QDQ format (activations uint8, weights int8 per output
+channel, MinMax calibration: the combination ORT recommends for x86 CPUs with VNNI).
+Calibration runs a configurable number of training images, chosen at random with a fixed
+seed, through the export's own evaluation preprocessing (the one `predict` and `serve`
+apply). The check is accuracy, not 1e-4 closeness (quantization moves every logit): top-1 on
+the whole validation split of the INT8 model against the fp32 ONNX model, and the export is
+refused when the drop exceeds the budget.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from distill.data import DIGITS, ImageDataModule
+from distill.errors import UserError
+from distill.inference import export_transform, label_names
+
+__all__ = ["quantize_int8", "onnx_top1"]
+
+BATCH = 32
+
+
+class _Batches(CalibrationDataReader):
+    """ONNX Runtime's calibration reader over batches of preprocessed images."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.batches: Iterator[Any] = iter(loader)
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        images, _ = next(self.batches, (None, None))
+        return None if images is None else {"images": images.numpy()}
+
+
+def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, data: str, calibration_images: int,
+                  max_drop: float, seed: int = 0) -> dict[str, Any]:
+    """Write `folder / out_name` from `folder / model.onnx`; returns the int8 entry of export_report.json.
+
+    `model` is the export as timm loads it (for its preprocessing and class names); `data` the
+    dataset the student was trained on (`digits` or a folder with train/ and val/). Raises
+    UserError when the INT8 top-1 is more than `max_drop` points below the fp32 ONNX model's.
+    """
+    transform, names = export_transform(model), label_names(model)
+    datamodule = _data(data, names, int(model.pretrained_cfg["input_size"][-1]))
+    train, val = datamodule.split_dataset("train", transform), datamodule.split_dataset("val", transform)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration_images]
+    prepared, quantized = folder / "model.prepared.onnx", folder / out_name
+    try:
+        with _root_logging_at(logging.ERROR):
+            quant_pre_process(str(folder / "model.onnx"), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared), str(quantized), _Batches(_loader(Subset(train, chosen.tolist()))),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
+    finally:
+        prepared.unlink(missing_ok=True)
+    fp32, int8 = onnx_top1(folder / "model.onnx", val), onnx_top1(quantized, val)
+    drop = 100.0 * (fp32 - int8)
+    entry = {"file": out_name, "calibration_images": len(chosen), "validation_images": len(val),
+             "fp32_onnx_top1": fp32, "int8_top1": int8, "drop_points": drop, "max_drop_points": max_drop,
+             "ok": drop <= max_drop}
+    if not drop <= max_drop:
+        raise UserError(f"export --int8: top-1 on the validation split drops {drop:.2f} points ({100 * fp32:.2f}% fp32 "
+                        f"-> {100 * int8:.2f}% INT8) > --int8_max_drop {max_drop:g}; try more --calibration_images, "
+                        "or serve the fp32 model (--backend onnx)")
+    return entry
+
+
+def onnx_top1(path: Path, dataset: Dataset) -> float:
+    """Top-1 accuracy of an ONNX model (input `images`) on a dataset of (preprocessed image, label)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    correct = 0
+    for images, labels in _loader(dataset):
+        logits = session.run(None, {"images": images.numpy()})[0]
+        correct += int((logits.argmax(1) == labels.numpy()).sum())
+    return correct / max(1, len(dataset))
+
+
+def _data(data: str, names: list[str], img_size: int) -> ImageDataModule:
+    """The dataset the student was trained on; a UserError naming --data when it is not there or not the same classes."""
+    if data != DIGITS and not Path(data).is_dir():
+        raise UserError(f"export --data: the training data '{data}' (recorded in the checkpoint) is not a folder here; "
+                        "pass --data DIR (its train/ calibrates, its val/ checks the accuracy)")
+    try:
+        datamodule = ImageDataModule(dataset=data, img_size=img_size, num_workers=0, auto_augment=None, mixup=0.0,
+                                     cutmix=0.0)
+    except UserError as err:
+        raise UserError(f"export --data: {err}") from err
+    if datamodule.class_names != names:
+        raise UserError(f"export --data: '{data}' has classes {datamodule.class_names[:5]}..., the student was trained on "
+                        f"{names[:5]}...; pass --data with the training data")
+    return datamodule
+
+
+def _loader(dataset: Dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=BATCH, shuffle=False, num_workers=0)
+
+
+@contextlib.contextmanager
+def _root_logging_at(level: int) -> Iterator[None]:
+    """ORT's quantizer logs a root-logger warning per 1-D weight it leaves alone (LayerNorm scales): hidden meanwhile."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(before, level))
+    try:
+        yield
+    finally:
+        root.setLevel(before)

@@ -1,0 +1,297 @@
+"""Serve an exported student over HTTP, on LitServe: dynamic batching, top-k JSON, a 4xx for bad input.
+
+    distill serve --export exports/student [--port 8000] [--backend torch|onnx|int8]
+    curl -F image=@digit.png http://127.0.0.1:8000/predict
+
+A request is a multipart/form-data upload with one file field named `image` (what `curl -F`,
+`requests.post(files=...)` and HTML forms send); the answer is JSON: the model's name, its
+version (the first 12 hex digits of the SHA-256 of its weights file), the backend and the
+top-k classes with their probabilities, best first. Only the export folder is needed: the
+preprocessing is the one `distill predict` applies (`distill.predict.export_transform`, from
+the export's config.json), so the two can never disagree. Images are read as training reads
+them (`distill.images.load_image`: 16-bit, float and transparent images converted by their
+range, EXIF orientation applied).
+
+Bad input is answered with a 4xx and a one-line `{"detail": ...}`, and the server goes on
+serving: a body that is not multipart/form-data (415), a body over --max_body_mb (413), no
+`image` file field (400), bytes that are not a readable image or a truncated one (400), an
+image whose header declares more than --max_pixels pixels (413, refused before decoding: a
+decompression bomb never reaches memory). A request that is rejected never fails the others
+batched with it. Nothing a request sends is used as a path. The server binds to loopback
+unless --host says otherwise; GET /health answers "ok" once the model is loaded, GET /info
+gives the model's name, version, classes and input size.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import litserve as ls
+import torch
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse
+
+from distill.errors import OneLineArgumentParser, UserError, positive_float, positive_int
+from distill.export import INT8_FILE
+from distill.images import TooManyPixels, UnreadableImage, load_image
+from distill.inference import best_classes, export_transform, label_names, load_export
+
+__all__ = ["StudentAPI", "RequestGate", "make_server", "main"]
+
+BACKENDS = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
+FIELD = "image"  # the multipart file field a request carries its image in
+
+
+@dataclass
+class Rejected:
+    """A request answered with a 4xx instead of a prediction (kept in the batch, so the others go on)."""
+
+    status: int
+    detail: str
+
+
+class StudentAPI(ls.LitAPI):
+    """The exported student behind LitServe: decode one upload, predict a batch, encode top-k JSON.
+
+    Decoding never raises: a bad upload becomes a `Rejected` that passes through the batch, so
+    one hostile request cannot fail the requests batched with it (LitServe answers a whole
+    batch with the error when one of its steps raises).
+    """
+
+    def __init__(self, export: str | Path, backend: str = "torch", top_k: int = 5, max_pixels: int = 40_000_000,
+                 threads: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.export, self.backend, self.top_k, self.max_pixels = Path(export), backend, top_k, max_pixels
+        self.threads = threads
+        self.metadata = describe_export(self.export, backend)  # checked here, before any worker starts
+
+    def setup(self, device: str) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model = load_export(self.export)
+        self.names, self.transform = label_names(model), export_transform(model)
+        self.device = torch.device(device)
+        if self.backend == "torch":
+            self.model = model.to(self.device)
+            self.run: Callable[[torch.Tensor], torch.Tensor] = self._run_torch
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            self.session = ort.InferenceSession(str(self.export / BACKENDS[self.backend]), options,
+                                                providers=["CPUExecutionProvider"])
+            self.run = self._run_onnx
+
+    def _run_torch(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(images.to(self.device)).cpu()
+
+    def _run_onnx(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+    def decode_request(self, request, **kwargs: Any) -> torch.Tensor | Rejected:  # LitServe reads the
+        # annotation of `request` as the route's body type: none means the raw request (form or JSON)
+        upload = request.get(FIELD) if hasattr(request, "get") else None
+        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+            return Rejected(400, f"expected a multipart/form-data upload with a file field '{FIELD}' "
+                                 f"(curl -F {FIELD}=@picture.png URL)")
+        try:
+            upload.file.seek(0)
+            image = load_image(io.BytesIO(upload.file.read()), max_pixels=self.max_pixels)
+        except TooManyPixels as err:
+            return Rejected(413, f"image too large: {err}")
+        except UnreadableImage as err:
+            return Rejected(400, f"not a readable image: {err}")
+        return self.transform(image)
+
+    def batch(self, inputs: list[Any]) -> list[Any]:
+        return inputs  # stacked in predict, around the rejected ones
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return output
+
+    def predict(self, inputs: Any, **kwargs: Any) -> Any:
+        batched = isinstance(inputs, list)
+        inputs = inputs if batched else [inputs]
+        images = [x for x in inputs if isinstance(x, torch.Tensor)]
+        answers: list[Any] = []
+        if images:
+            probs, indices = best_classes(self.run(torch.stack(images)), self.top_k)
+            answers = [[{"label": self.names[i], "probability": p} for p, i in zip(p_row, i_row)]
+                       for p_row, i_row in zip(probs, indices)]
+        found = iter(answers)
+        outputs = [x if isinstance(x, Rejected) else next(found) for x in inputs]
+        return outputs if batched else outputs[0]
+
+    def encode_response(self, output: Any, **kwargs: Any):  # a return annotation would be the
+        # route's response model: none lets a JSONResponse (a rejection) through as it is
+        if isinstance(output, Rejected):
+            return JSONResponse({"detail": output.detail}, status_code=output.status)
+        return {"model": self.metadata["model"], "version": self.metadata["version"], "backend": self.backend,
+                "predictions": output}
+
+
+def describe_export(export: Path, backend: str) -> dict[str, Any]:
+    """Name, version, classes and input size of an export folder; a UserError if it cannot serve `backend`."""
+    model = load_export(export)
+    served = export / BACKENDS[backend]
+    if not served.is_file():
+        how = {"onnx": "distill export (with --onnx, the default)", "int8": "distill export --int8"}[backend]
+        raise UserError(f"serve --backend {backend}: '{export}' has no {served.name}; write it with {how}")
+    weights = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()[:12]
+    config = json.loads((export / "config.json").read_text())
+    return {"model": config.get("architecture", type(model).__name__), "version": weights, "backend": backend,
+            "classes": label_names(model), "input_size": list(model.pretrained_cfg["input_size"])}
+
+
+class RequestGate:
+    """ASGI middleware in front of the prediction route: a 415 for a body that is not multipart/form-data, a
+    413 for one over `max_bytes` (counted as it arrives, whatever Content-Length claims), before anything is
+    parsed or queued. The other routes (/health, /info) pass through."""
+
+    def __init__(self, app: Any, path: str = "/predict", max_bytes: int = 16 << 20) -> None:
+        self.app, self.path, self.max_bytes = app, path, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            return await _reply(send, 415, f"expected Content-Type multipart/form-data with a file field '{FIELD}', "
+                                           f"got '{kind or 'none'}' (curl -F {FIELD}=@picture.png URL)")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _reply(send, 413, f"body of {int(declared)} bytes, over the limit of {self.max_bytes}")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await _reply(send, 413, f"body over the limit of {self.max_bytes} bytes")
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(send: Callable, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def make_server(export: str | Path, backend: str = "torch", max_batch_size: int = 16, batch_timeout: float = 0.005,
+                workers: int = 1, top_k: int = 5, max_pixels: int = 40_000_000, max_body_mb: float = 16.0,
+                accelerator: str = "auto", timeout: float = 30.0) -> ls.LitServer:
+    """The LitServer for an export folder (not started: call `.run(host=..., port=...)`)."""
+    if accelerator == "auto":
+        accelerator = "cuda" if backend == "torch" and torch.cuda.is_available() else "cpu"
+    if backend != "torch" and accelerator != "cpu":
+        raise UserError(f"serve --backend {backend} runs on the CPU (ONNX Runtime's CPU provider); "
+                        "use --backend torch for a GPU")
+    threads = max(1, (os.cpu_count() or 1) // workers) if accelerator == "cpu" else None
+    api = StudentAPI(export, backend, top_k, max_pixels, threads, max_batch_size=max_batch_size,
+                     batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
+    return ls.LitServer(
+        api, accelerator=accelerator, devices=1 if accelerator == "cpu" else "auto", workers_per_device=workers,
+        timeout=timeout, model_metadata=api.metadata,
+        middlewares=[(RequestGate, {"path": "/predict", "max_bytes": int(max_body_mb * (1 << 20))})],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineArgumentParser(prog="distill serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", required=True, help="folder written by `distill export`")
+    parser.add_argument("--host", choices=["127.0.0.1", "0.0.0.0", "::"], default="127.0.0.1",
+                        help="address to bind: loopback (the default), or every IPv4 / IPv6 interface")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port (1024-65535)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
+                        help="torch (the timm model), onnx (model.onnx) or int8 (model.int8.onnx, ONNX Runtime)")
+    parser.add_argument("--max_batch_size", type=positive_int, default=16,
+                        help="largest dynamic batch (1: no batching, each request alone)")
+    parser.add_argument("--batch_timeout", type=positive_float, default=0.005,
+                        help="seconds a batch waits to fill before it runs")
+    parser.add_argument("--workers", type=positive_int, default=1, help="inference processes (each holds the model)")
+    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per answer")
+    parser.add_argument("--max_pixels", type=positive_int, default=40_000_000,
+                        help="largest image accepted, in pixels (checked from its header, before decoding)")
+    parser.add_argument("--max_body_mb", type=positive_float, default=16.0, help="largest request body, in MiB")
+    parser.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the torch backend runs (auto: a GPU when there is one)")
+    args = parser.parse_args(argv)
+    _check_port(args.host, args.port)
+    server = make_server(args.export, args.backend, args.max_batch_size, args.batch_timeout, args.workers,
+                         args.top_k, args.max_pixels, args.max_body_mb, args.accelerator)
+    print(f"serving {server.model_metadata['model']} ({args.backend}, version {server.model_metadata['version']}) "
+          f"on http://{args.host}:{args.port}/predict; try: curl -F {FIELD}=@picture.png "
+          f"http://{args.host}:{args.port}/predict", flush=True)
+    # SIGTERM (docker stop, kill, a scheduler) shuts down as Ctrl+C does: LitServe stops its API server and
+    # inference processes on KeyboardInterrupt; the default action would leave them running, holding the port
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    logging.getLogger("litserve.server").addFilter(_ShutdownNoise())
+    server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    print("server stopped", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # an API server process forked from here, stopped by LitServe after its shutdown
+        raise SystemExit(0)
+    _ShutdownNoise.stopping = True
+    raise KeyboardInterrupt
+
+
+class _ShutdownNoise(logging.Filter):
+    """LitServe's worker-monitoring thread reads the process manager that LitServe's own shutdown has just closed,
+    and logs that as a crash with a traceback (litserve 0.2.19): once shutdown has begun, that record is noise."""
+
+    stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stopping and record.getMessage().startswith("Monitoring worker crashed"))
+
+
+_MAIN_PID = os.getpid()
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error for a port that cannot be bound (in use, or reserved), before any process starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"serve --port {port}: cannot listen on {host}:{port} ({err.strerror}); "
+                            "stop what uses it or choose another --port") from err
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port LitServe accepts (1024-65535)."""
+    if not text.isdigit() or not 1024 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1024 to 65535, got '{text}'")
+    return int(text)

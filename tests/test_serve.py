@@ -1,0 +1,240 @@
+"""`distill serve` over HTTP with a real client, and `distill export --int8`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+import distill.quantize
+from distill.errors import UserError
+from distill.export import INT8_FILE, Int8, export_student
+from distill.predict import predict_folder
+from distill.serve import StudentAPI
+from tests.helpers import run_cli_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def export(trained, tmp_path_factory) -> Path:
+    """The tiny student's export with an INT8 model calibrated on its training images."""
+    out = tmp_path_factory.mktemp("serve") / "export"
+    export_student(trained / "ckpt" / "best.ckpt", out, torchscript=False, int8=Int8(calibration_images=24))
+    return out
+
+
+def children_of(pid: int) -> set[int]:
+    """Every descendant process of `pid` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def describe(pid: int) -> str:
+    try:
+        state = (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return f"{pid} {state} {(Path(f'/proc/{pid}') / 'cmdline').read_bytes().replace(bytes(1), b' ')[:120]!r}"
+    except OSError:
+        return f"{pid} gone"
+
+
+def wait_gone(pids: set[int], seconds: float) -> list[int]:
+    """The processes of `pids` still running (zombies count as gone) after waiting up to `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        alive = [pid for pid in pids if " Z " not in describe(pid) and not describe(pid).endswith("gone")]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(trained, export, tmp_path):
+    val = trained / "images" / "val"
+    good = sorted(val.rglob("*.png"))[::4]  # 12 images of the 3 classes
+    deep = Image.fromarray((np.asarray(Image.open(good[0]).convert("L")).astype(np.uint16) * 257), mode="I;16")
+    (tmp_path / "images").mkdir()
+    deep.save(tmp_path / "images" / "deep16.png")  # 16-bit greyscale: converted by its range, as predict does
+    for path in good:
+        (tmp_path / "images" / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    predict_folder(export, tmp_path / "images", tmp_path / "pred.csv", top_k=3)
+    expected = {Path(row["path"]).name: row for row in csv.DictReader((tmp_path / "pred.csv").open())}
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "distill", "serve", "--export", str(export), "--port", str(port), "--top_k", "3",
+         "--max_pixels", "10000", "--max_body_mb", "0.25", "--batch_timeout", "0.2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if requests.get(f"{url}/health", timeout=2).text == "ok":
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "the server did not come up in 180 s"
+            time.sleep(0.5)
+        info = requests.get(f"{url}/info", timeout=10).json()["model"]
+        assert info["classes"] == ["cat", "dog", "fox"] and info["input_size"] == [3, 32, 32]
+
+        def ask(name: str, data: bytes) -> requests.Response:
+            return requests.post(f"{url}/predict", files={"image": (name, data, "image/png")}, timeout=60)
+
+        def same_as_predict(response: requests.Response, name: str) -> None:
+            assert response.status_code == 200, response.text
+            answer, row = response.json(), expected[name]
+            assert answer["model"] == info["model"] and answer["version"] == info["version"] and len(answer["version"]) == 12
+            assert [p["label"] for p in answer["predictions"]] == [row["class_1"], row["class_2"], row["class_3"]]
+            probs = [p["probability"] for p in answer["predictions"]]
+            assert np.allclose(probs, [float(row[f"prob_{i}"]) for i in (1, 2, 3)], atol=1e-5)
+
+        files = sorted((tmp_path / "images").iterdir())
+        bad = {"not_an_image.png": b"hello, this is text", "truncated.png": files[1].read_bytes()[:200]}
+        uploads = [(f.name, f.read_bytes()) for f in files] + list(bad.items())
+        with ThreadPoolExecutor(len(uploads)) as pool:  # together: dynamic batches mixing good and bad requests
+            answers = dict(zip([name for name, _ in uploads], pool.map(lambda u: ask(*u), uploads)))
+        for path in files:
+            same_as_predict(answers[path.name], path.name)
+        assert answers["not_an_image.png"].status_code == 400 and "not a readable image" in answers["not_an_image.png"].text
+        assert answers["truncated.png"].status_code == 400 and "truncated" in answers["truncated.png"].text
+
+        big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+        hostile = {
+            "a text field, no file": (lambda: requests.post(f"{url}/predict", files={"image": (None, "x")}, timeout=30), 400),
+            "a form, not multipart": (lambda: requests.post(f"{url}/predict", data={"image": "x"}, timeout=30), 415),
+            "another field name": (lambda: requests.post(f"{url}/predict", files={"photo": ("a.png", files[0].read_bytes())},
+                                                         timeout=30), 400),
+            "raw bytes, not multipart": (lambda: requests.post(f"{url}/predict", data=files[0].read_bytes(),
+                                                               headers={"Content-Type": "image/png"}, timeout=30), 415),
+            "JSON": (lambda: requests.post(f"{url}/predict", json={"image": "aGVsbG8="}, timeout=30), 415),
+            "over the pixel limit": (lambda: ask("bomb.png", png(Image.new("L", (200, 200)))), 413),
+            "over the body limit": (lambda: ask("big.png", png(Image.fromarray(big))), 413),
+        }
+        for what, (send, status) in hostile.items():
+            response = send()
+            assert response.status_code == status, (what, response.status_code, response.text)
+            detail = response.json()["detail"]
+            assert isinstance(detail, str) and "\n" not in detail, (what, detail)
+            same_as_predict(ask(files[0].name, files[0].read_bytes()), files[0].name)  # and the server goes on
+        traversal = ask("../../../escaped.png", files[0].read_bytes())  # a file name is never used as a path
+        same_as_predict(traversal, files[0].name)
+        assert not any(tmp_path.parent.rglob("escaped.png"))
+
+        workers = children_of(server.pid)
+        assert workers  # LitServe's API server and inference processes
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        out = server.stdout.read()
+        assert "server stopped" in out and "Traceback" not in out, out
+        assert not wait_gone(workers, 10), [describe(pid) for pid in wait_gone(workers, 0)]
+        with socket.socket() as probe:  # the port is free again for the next server (which binds as uvicorn does)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_int8_export_keeps_top1_within_budget_and_serves_the_same_classes(trained, export):
+    report = json.loads((export / "export_report.json").read_text())["formats"]["int8"]
+    assert report["ok"] and report["drop_points"] <= 0.5 and report["calibration_images"] == 24
+    assert report["validation_images"] == 48 and (export / INT8_FILE).stat().st_size < (export / "model.onnx").stat().st_size
+
+    images = sorted((trained / "images" / "val").rglob("*.png"))
+    top1 = {}
+    for backend in ("torch", "int8"):
+        api = StudentAPI(export, backend, top_k=1)
+        api.setup("cpu")
+        inputs = [api.decode_request({"image": UploadFile(io.BytesIO(p.read_bytes()), filename=p.name)}) for p in images]
+        top1[backend] = [answer[0]["label"] for answer in api.predict(inputs)]
+    agree = np.mean([a == b for a, b in zip(top1["torch"], top1["int8"])])
+    assert agree >= 0.95, agree
+
+
+def test_int8_over_its_accuracy_budget_is_refused_and_nothing_is_written(trained, tmp_path, monkeypatch):
+    scores = iter([0.9, 0.8])  # fp32 ONNX, then INT8: a 10-point drop
+    monkeypatch.setattr(distill.quantize, "onnx_top1", lambda path, dataset: next(scores))
+    with pytest.raises(UserError, match=r"drops 10.00 points \(90.00% fp32 -> 80.00% INT8\) > --int8_max_drop 0.5"):
+        export_student(trained / "ckpt" / "best.ckpt", tmp_path / "export", torchscript=False, int8=Int8(8))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "int8"], "has no model.int8.onnx; write it with distill export --int8"),
+    (["--port", "80"], "--port: expected a port from 1024 to 65535, got '80'"),
+    (["--host", "example.com"], "--host: invalid choice: 'example.com'"),
+    (["--max_batch_size", "0"], "--max_batch_size: expected an integer of 1 or more, got 0"),
+])
+def test_serve_mistakes_are_one_line(trained, tmp_path, capsys, args, message):
+    out = tmp_path / "export"
+    export_student(trained / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
+    assert message in run_cli_error(["serve", "--export", str(out), *args], capsys)
+
+
+def test_a_port_in_use_is_named_before_anything_starts(trained, tmp_path, capsys):
+    out = tmp_path / "export"
+    export_student(trained / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = run_cli_error(["serve", "--export", str(out), "--port", str(port)], capsys)
+    assert f"serve --port {port}: cannot listen on 127.0.0.1:{port}" in message
+
+
+def test_int8_needs_onnx_and_the_training_data(trained, tmp_path, capsys):
+    ckpt = str(trained / "ckpt" / "best.ckpt")
+    message = run_cli_error(["export", "--ckpt", ckpt, "--out", str(tmp_path / "a"), "--int8", "--no-onnx"], capsys)
+    assert "export --int8 quantizes the ONNX model: drop --no-onnx" in message
+    message = run_cli_error(["export", "--ckpt", ckpt, "--out", str(tmp_path / "b"), "--int8", "--data",
+                             str(tmp_path / "moved")], capsys)
+    assert f"export --data: the training data '{tmp_path / 'moved'}'" in message and "pass --data DIR" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_speed_benchmark_runs_its_rows_and_the_model_alone(export):
+    run = subprocess.run(
+        [sys.executable, "benchmarks/serve_speed.py", f"--export={export}", "--backends", "int8", "--batching", "on",
+         "--clients", "2", "--requests", "4", "--repeats", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| int8 ")]
+    assert len(rows) == 1 and float(rows[0][3]) > 0 and float(rows[0][4]) > 0  # req/s, p50 ms
+    alone = [line for line in run.stdout.splitlines() if line.startswith("| ONNX Runtime INT8 |")]
+    assert len(alone) == 1 and float(alone[0].split("|")[3].replace(",", "")) > 0
