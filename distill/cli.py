@@ -390,37 +390,34 @@ def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
     )
 
 
-COMMANDS_HELP = """usage: distill COMMAND [options]      (distill COMMAND --help lists a command's options)
-
-training (LightningCLI; also `lightning COMMAND`):
-  fit, validate, test, predict     --config configs/distill.yaml [--model.* --data.* --trainer.* ...]
-the project's own:
-  pipeline        teacher -> distillation -> hi-res fine-tune -> export, resumable
-  compare         the same student under none / soft / hard for several seeds: what the teacher adds
-  export          the student alone: a timm folder, ONNX, TorchScript, each verified
-  predict         --export DIR --images FOLDER: top-k classes per image to CSV
-  serve           --export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON
-  cache-teacher   the teacher's outputs on every augmented view, to train without it
-  report          a run's (or a pipeline's) figures from its TensorBoard files"""
-
-# The commands outside LightningCLI: name -> module with a `main(argv)`; imported only when run.
+# The commands outside LightningCLI, in the order `distill` lists them: name -> (module with a `main(argv)`,
+# imported only when run; the line of help). `predict --export` is the export's predict, `predict` alone LightningCLI's.
 TOOLS = {
-    "export": "distill.export",
-    "cache-teacher": "distill.cache_teacher",
-    "report": "distill.report",
-    "pipeline": "distill.pipeline",
-    "compare": "distill.compare",
-    "serve": "distill.serve",
+    "pipeline": ("distill.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
+    "compare": ("distill.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
+    "export": ("distill.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
+    "predict --export": ("distill.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
+    "serve": ("distill.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
+    "cache-teacher": ("distill.cache_teacher", "the teacher's outputs on every augmented view, to train without it"),
+    "report": ("distill.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
 }
+
+COMMANDS_HELP = "\n".join([
+    "usage: distill COMMAND [options]      (distill COMMAND --help lists a command's options)", "",
+    "training (LightningCLI; also `lightning COMMAND`):",
+    "  fit, validate, test, predict     --config configs/distill.yaml [--model.* --data.* --trainer.* ...]",
+    "the project's own:",
+    *(f"  {name.split()[0]:15s} {line}" for name, (_, line) in TOOLS.items()),
+])
 
 
 def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
     """The non-Lightning command named by argv, if any."""
-    name = argv[0] if argv else None
+    name = argv[0] if argv else ""
     if name == "predict" and any(a == "--export" or a.startswith("--export=") for a in argv):
-        name = "predict-export"  # `predict` on an export folder; without --export: LightningCLI's predict
-    module = {**TOOLS, "predict-export": "distill.predict"}.get(name or "")
-    return importlib.import_module(module).main if module else None
+        name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
+    entry = TOOLS.get(name)
+    return importlib.import_module(entry[0]).main if entry else None
 
 
 def cli_main(args: Optional[list[str]] = None) -> None:

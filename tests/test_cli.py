@@ -1,4 +1,5 @@
 """The `distill` / `lightning` commands: every config parses and instantiates, entry points print configs."""
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.cli import make_cli
+from distill.cli import TOOLS, cli_main, make_cli
 from distill.module import DistillationModule
 from tests.helpers import config_overrides
 
@@ -43,3 +44,11 @@ def test_each_entry_point_prints_the_config(command):
     printed = yaml.safe_load(out.stdout)
     assert printed["model"]["student"]["init_args"]["model_name"] == "resnet10t"
     assert printed["checkpoint"]["monitor"] == "val/acc"
+
+
+def test_every_command_of_the_table_is_listed_and_runs_its_module_main(capsys):
+    cli_main([])
+    listed = capsys.readouterr().out
+    for name, (module, line) in TOOLS.items():
+        assert f"  {name.split()[0]:15s} {line}" in listed
+        assert callable(importlib.import_module(module).main), module
