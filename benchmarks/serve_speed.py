@@ -2,13 +2,15 @@
 
     python benchmarks/serve_speed.py --export runs/digits/export        # about 3 minutes here
     python benchmarks/serve_speed.py --export DIR --backends int8 --clients 1 32 --requests 400
+    python benchmarks/serve_speed.py --url http://127.0.0.1:8000 --clients 8   # a server already running
 
 Part 1, the server: for each backend (torch, onnx, int8) with dynamic batching on
 (--max_batch_size 16, --batch_timeout 0.005) and off (--max_batch_size 1), one `distill serve`
 is started on a free loopback port, warmed up, and sent `--requests` uploads of the same PNG at
 each concurrency of `--clients` (each client a thread with its own HTTP session, sending its
 next request when the previous one is answered); then it is stopped. Throughput is requests
-answered per second of wall time; latency is each request's round trip, p50 and p99. The
+answered per second of wall time; latency is each request's round trip, p50 and p99 (`--url`:
+the same against a server already running, as it was started, and no server is started). The
 clients run on the same machine as the server and take CPU from it: on a 2-core machine the
 absolute figures are a floor, the comparisons between rows are the point. Every answer must
 be a 200 with the same top-1 class, or the run fails.
@@ -56,7 +58,8 @@ def start(export: Path, backend: str, batch: int, port: int) -> subprocess.Popen
     server = subprocess.Popen(
         [sys.executable, "-m", "distill", "serve", "--export", str(export), "--backend", backend, "--port", str(port),
          "--max_batch_size", str(batch)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True)  # its own process group: stop() can take its API server and workers down with it
     deadline = time.time() + 180
     while time.time() < deadline:
         if server.poll() is not None:
@@ -67,7 +70,7 @@ def start(export: Path, backend: str, batch: int, port: int) -> subprocess.Popen
         except requests.ConnectionError:
             pass
         time.sleep(0.3)
-    server.kill()
+    os.killpg(server.pid, signal.SIGKILL)
     raise SystemExit(f"serve --backend {backend} did not come up in 180 s")
 
 
@@ -76,7 +79,7 @@ def stop(server: subprocess.Popen) -> None:
     try:
         server.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def load(url: str, image: bytes, clients: int, total: int) -> tuple[float, list[float], set[str]]:
@@ -161,7 +164,8 @@ def model_speed(export: Path, backends: list[str], repeats: int, threads: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", type=Path, required=True, help="export folder (with model.onnx, model.int8.onnx)")
+    parser.add_argument("--export", type=Path, default=None, help="export folder (with model.onnx, model.int8.onnx)")
+    parser.add_argument("--url", default=None, help="load-test this running server instead of starting servers")
     parser.add_argument("--backends", nargs="+", choices=list(FILES), default=list(FILES))
     parser.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32], help="concurrent clients")
@@ -170,40 +174,53 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of part 2")
     parser.add_argument("--image", type=Path, default=None, help="PNG/JPEG to send (default: random, model size)")
     args = parser.parse_args()
-    missing = [b for b in args.backends if not (args.export / FILES[b]).is_file()]
+    if args.export is None and args.url is None:
+        parser.error("give --export DIR (servers are started on it), --url URL (a running server), or both")
+    missing = [b for b in args.backends if args.export and not (args.export / FILES[b]).is_file()]
     if missing:
-        raise SystemExit(f"{args.export} has no {', '.join(FILES[b] for b in missing)} (distill export --int8 writes all)")
+        raise SystemExit(f"{args.export} has no {', '.join(FILES[b] for b in missing)} "
+                         "(distill export --int8 writes all three)")
     if args.image:
         image = args.image.read_bytes()
     else:
-        side = load_export(args.export).pretrained_cfg["input_size"][-1]
+        side = (requests.get(f"{args.url}/info", timeout=30).json()["model"]["input_size"] if args.url else
+                load_export(args.export).pretrained_cfg["input_size"])[-1]
         pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         image = buffer.getvalue()
-    print(f"# serve_speed: {args.export}, {args.requests} requests a row, {os.cpu_count()} CPU cores "
+    print(f"# serve_speed: {args.url or args.export}, {args.requests} requests a row, {os.cpu_count()} CPU cores "
           f"(clients and server share them), torch {torch.__version__}", flush=True)
     print("| backend | dynamic batching | clients | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|", flush=True)
-    for backend in args.backends:
-        for batching in args.batching:
-            port = free_port()
-            server = start(args.export, backend, 16 if batching == "on" else 1, port)
-            url = f"http://127.0.0.1:{port}/predict"
-            try:
-                load(url, image, 4, 20)  # warm-up
-                labels: set[str] = set()
-                for clients in args.clients:
-                    rate, latencies, seen = load(url, image, clients, args.requests)
-                    labels |= seen
-                    print(f"| {backend} | {batching} | {clients} | {rate:,.0f} | {1000 * percentile(latencies, 50):.1f} "
-                          f"| {1000 * percentile(latencies, 99):.1f} |", flush=True)
-                if len(labels) != 1:
-                    raise SystemExit(f"{backend}: the same image got different top-1 classes {sorted(labels)}")
-            finally:
-                stop(server)
-    print()
-    print("\n".join(model_speed(args.export, args.backends, args.repeats, args.threads)))
+    if args.url:
+        backend = requests.get(f"{args.url}/info", timeout=30).json()["model"]["backend"]
+        load_rows(f"{args.url}/predict", image, args, backend, "as started")
+    else:
+        for backend in args.backends:
+            for batching in args.batching:
+                port = free_port()
+                server = start(args.export, backend, 16 if batching == "on" else 1, port)
+                try:
+                    load_rows(f"http://127.0.0.1:{port}/predict", image, args, backend, batching)
+                finally:
+                    stop(server)
+    if args.export:
+        print()
+        print("\n".join(model_speed(args.export, args.backends, args.repeats, args.threads)))
+
+
+def load_rows(url: str, image: bytes, args: argparse.Namespace, backend: str, batching: str) -> None:
+    """Part 1's rows for one server: a warm-up, then each concurrency of --clients."""
+    load(url, image, 4, 20)
+    labels: set[str] = set()
+    for clients in args.clients:
+        rate, latencies, seen = load(url, image, clients, args.requests)
+        labels |= seen
+        print(f"| {backend} | {batching} | {clients} | {rate:,.0f} | {1000 * percentile(latencies, 50):.1f} "
+              f"| {1000 * percentile(latencies, 99):.1f} |", flush=True)
+    if len(labels) != 1:
+        raise SystemExit(f"{backend}: the same image got different top-1 classes {sorted(labels)}")
 
 
 if __name__ == "__main__":

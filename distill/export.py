@@ -133,7 +133,7 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
         if int8 is not None:
             data = int8.data or str(checkpoint.get("datamodule_hyper_parameters", {}).get("dataset", ""))
             report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, data, int8.calibration_images,
-                                                      int8.max_drop)
+                                                      int8.max_drop, recorded=int8.data is None)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
                             int8)
     for name, result in report["formats"].items():
         if name == "int8":
-            print(f"{name:12s} top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX {100 * result['fp32_onnx_top1']:.2f}% "
+            print(f"{name:12s} top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX "
+                  f"{100 * result['fp32_onnx_top1']:.2f}% "
                   f"({result['drop_points']:+.2f} points drop, budget {result['max_drop_points']:g}; "
                   f"{result['validation_images']} validation images)  ok")
             continue

@@ -44,15 +44,16 @@ class _Batches(CalibrationDataReader):
 
 
 def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, data: str, calibration_images: int,
-                  max_drop: float, seed: int = 0) -> dict[str, Any]:
+                  max_drop: float, seed: int = 0, recorded: bool = False) -> dict[str, Any]:
     """Write `folder / out_name` from `folder / model.onnx`; returns the int8 entry of export_report.json.
 
     `model` is the export as timm loads it (for its preprocessing and class names); `data` the
-    dataset the student was trained on (`digits` or a folder with train/ and val/). Raises
+    dataset the student was trained on (`digits` or a folder with train/ and val/; `recorded`: read from the
+    checkpoint rather than given as --data, for the messages). Raises
     UserError when the INT8 top-1 is more than `max_drop` points below the fp32 ONNX model's.
     """
     transform, names = export_transform(model), label_names(model)
-    datamodule = _data(data, names, int(model.pretrained_cfg["input_size"][-1]))
+    datamodule = _data(data, names, int(model.pretrained_cfg["input_size"][-1]), recorded)
     train, val = datamodule.split_dataset("train", transform), datamodule.split_dataset("val", transform)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration_images]
     prepared, quantized = folder / "model.prepared.onnx", folder / out_name
@@ -88,19 +89,20 @@ def onnx_top1(path: Path, dataset: Dataset) -> float:
     return correct / max(1, len(dataset))
 
 
-def _data(data: str, names: list[str], img_size: int) -> ImageDataModule:
-    """The dataset the student was trained on; a UserError naming --data when it is not there or not the same classes."""
+def _data(data: str, names: list[str], img_size: int, recorded: bool) -> ImageDataModule:
+    """The dataset the student was trained on; a UserError naming --data if it is not there or has other classes."""
     if data != DIGITS and not Path(data).is_dir():
-        raise UserError(f"export --data: the training data '{data}' (recorded in the checkpoint) is not a folder here; "
-                        "pass --data DIR (its train/ calibrates, its val/ checks the accuracy)")
+        origin = "the training data recorded in the checkpoint" if recorded else "the training data"
+        raise UserError(f"export --data: {origin}, '{data}', is not a folder here; pass --data DIR (its train/ "
+                        "calibrates, its val/ checks the accuracy)")
     try:
         datamodule = ImageDataModule(dataset=data, img_size=img_size, num_workers=0, auto_augment=None, mixup=0.0,
                                      cutmix=0.0)
     except UserError as err:
         raise UserError(f"export --data: {err}") from err
     if datamodule.class_names != names:
-        raise UserError(f"export --data: '{data}' has classes {datamodule.class_names[:5]}..., the student was trained on "
-                        f"{names[:5]}...; pass --data with the training data")
+        raise UserError(f"export --data: '{data}' has classes {datamodule.class_names[:5]}..., the student was trained "
+                        f"on {names[:5]}...; pass --data with the training data")
     return datamodule
 
 
@@ -110,7 +112,7 @@ def _loader(dataset: Dataset) -> DataLoader:
 
 @contextlib.contextmanager
 def _root_logging_at(level: int) -> Iterator[None]:
-    """ORT's quantizer logs a root-logger warning per 1-D weight it leaves alone (LayerNorm scales): hidden meanwhile."""
+    """ORT's quantizer logs a root-logger warning per 1-D weight it leaves alone (LayerNorm scales): hidden here."""
     root = logging.getLogger()
     before = root.level
     root.setLevel(max(before, level))

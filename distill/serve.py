@@ -31,19 +31,28 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import litserve as ls
 import torch
-from starlette.datastructures import UploadFile
-from starlette.responses import JSONResponse
 
 from distill.errors import OneLineArgumentParser, UserError, positive_float, positive_int
 from distill.export import INT8_FILE
+from distill.files import OutputLock
 from distill.images import TooManyPixels, UnreadableImage, load_image
 from distill.inference import best_classes, export_transform, label_names, load_export
+
+try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
+    import litserve as ls
+    import python_multipart  # noqa: F401
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+    from starlette.responses import JSONResponse
+except ImportError as err:
+    raise UserError(f"distill serve needs LitServe and python-multipart: pip install 'deit-distill[serve]' "
+                    f"({err})") from err
 
 __all__ = ["StudentAPI", "RequestGate", "make_server", "main"]
 
@@ -102,8 +111,11 @@ class StudentAPI(ls.LitAPI):
 
     def decode_request(self, request, **kwargs: Any) -> torch.Tensor | Rejected:  # LitServe reads the
         # annotation of `request` as the route's body type: none means the raw request (form or JSON)
-        upload = request.get(FIELD) if hasattr(request, "get") else None
-        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+        uploads = request.getlist(FIELD) if hasattr(request, "getlist") else []
+        if len(uploads) > 1:
+            return Rejected(400, f"{len(uploads)} '{FIELD}' fields; send one image per request")
+        upload = uploads[0] if uploads else None
+        if not isinstance(upload, UploadFile):
             return Rejected(400, f"expected a multipart/form-data upload with a file field '{FIELD}' "
                                  f"(curl -F {FIELD}=@picture.png URL)")
         try:
@@ -149,6 +161,15 @@ def describe_export(export: Path, backend: str) -> dict[str, Any]:
     if not served.is_file():
         how = {"onnx": "distill export (with --onnx, the default)", "int8": "distill export --int8"}[backend]
         raise UserError(f"serve --backend {backend}: '{export}' has no {served.name}; write it with {how}")
+    if backend != "torch":
+        import onnxruntime as ort
+
+        try:
+            ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - a damaged model file fails inside ONNX Runtime in many ways
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(f"serve --backend {backend}: '{served}' could not be loaded ({type(err).__name__}: "
+                            f"{first}); run distill export again") from err
     weights = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()[:12]
     config = json.loads((export / "config.json").read_text())
     return {"model": config.get("architecture", type(model).__name__), "version": weights, "backend": backend,
@@ -168,6 +189,9 @@ class RequestGate:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":  # as the parser downstream matches it: lower case
+            scope = {**scope, "headers": [(k, b"multipart/form-data" + v[len(kind):]) if k.lower() == b"content-type"
+                                          else (k, v) for k, v in scope["headers"]]}
         if kind != "multipart/form-data":
             return await _reply(send, 415, f"expected Content-Type multipart/form-data with a file field '{FIELD}', "
                                            f"got '{kind or 'none'}' (curl -F {FIELD}=@picture.png URL)")
@@ -183,6 +207,9 @@ class RequestGate:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await _reply(send, 413, f"body over the limit of {self.max_bytes} bytes")
+        problem = await _malformed(scope, bytes(body))
+        if problem:
+            return await _reply(send, 400, f"malformed multipart/form-data body: {problem}")
         replayed = False
 
         async def replay() -> dict:
@@ -193,6 +220,21 @@ class RequestGate:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+async def _malformed(scope: dict, body: bytes) -> Optional[str]:
+    """Why a multipart body cannot be parsed (no boundary, a boundary that is not in it, garbage), or None: parsed
+    here once, the same way LitServe parses it, so that a bad body is a 400 and not the parser's error as a 500."""
+    async def stream() -> Any:
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(raw=scope["headers"]), stream()).parse()
+    except Exception as err:  # noqa: BLE001 - python-multipart and starlette raise several kinds for a bad body
+        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    await form.close()
+    return None
 
 
 async def _reply(send: Callable, status: int, detail: str) -> None:
@@ -216,7 +258,7 @@ def make_server(export: str | Path, backend: str = "torch", max_batch_size: int 
                      batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
     return ls.LitServer(
         api, accelerator=accelerator, devices=1 if accelerator == "cpu" else "auto", workers_per_device=workers,
-        timeout=timeout, model_metadata=api.metadata,
+        timeout=timeout, model_metadata=api.metadata, restart_workers=True,  # a worker that dies is replaced
         middlewares=[(RequestGate, {"path": "/predict", "max_bytes": int(max_body_mb * (1 << 20))})],
     )
 
@@ -242,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the torch backend runs (auto: a GPU when there is one)")
     args = parser.parse_args(argv)
     _check_port(args.host, args.port)
+    # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
+    # port started meanwhile would pass the check above and then wait forever for a socket it cannot have
+    try:
+        OutputLock(Path(tempfile.gettempdir()) / f"distill-serve-port-{args.port}.lock", f"port {args.port}").acquire()
+    except UserError as err:
+        raise UserError(f"serve --port {args.port}: another distill serve is starting or serving on port {args.port} "
+                        "(stop it or choose another --port)") from err
     server = make_server(args.export, args.backend, args.max_batch_size, args.batch_timeout, args.workers,
                          args.top_k, args.max_pixels, args.max_body_mb, args.accelerator)
     print(f"serving {server.model_metadata['model']} ({args.backend}, version {server.model_metadata['version']}) "
