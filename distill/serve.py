@@ -84,6 +84,9 @@ class StudentAPI(ls.LitAPI):
         self.metadata = describe_export(self.export, backend)  # checked here, before any worker starts
 
     def setup(self, device: str) -> None:
+        # Ctrl+C reaches every process of the terminal's group: the main process stops this one (SIGTERM) in order,
+        # a KeyboardInterrupt here would print a traceback of LitServe's loop instead
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
         model = load_export(self.export)
@@ -308,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    if os.getpid() != _MAIN_PID:  # an API server process forked from here, stopped by LitServe after its shutdown
-        raise SystemExit(0)
+    if os.getpid() != _MAIN_PID:  # a process LitServe forked from this one (its manager, the API server): the main
+        return  # process stops them in order; stopped by a signal meanwhile, the others would print tracebacks
     _ShutdownNoise.stopping = True
     raise KeyboardInterrupt
 
