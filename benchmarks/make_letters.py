@@ -27,10 +27,13 @@ FONTS = ["DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-Bold
          "cmr10", "cmss10", "cmti10", "cmtt10", "cmb10"]
 
 
-def render(letter: str, font: Path, size: int, rng: np.random.Generator) -> Image.Image:
-    """One letter: random font size, rotation, position, colours and noise, on a size x size canvas."""
+def render(letter: str, font: Path, size: int, rng: np.random.Generator, plain: bool = False) -> Image.Image:
+    """One letter: random font size, rotation, position, colours and noise (`plain`: black on white, no noise),
+    on a size x size canvas."""
     background = rng.integers(0, 256, 3)
     foreground = (background + rng.integers(90, 167, 3) * rng.choice([-1, 1], 3)) % 256  # readable contrast
+    if plain:
+        background, foreground = np.array([255, 255, 255]), np.array([0, 0, 0])
     canvas = Image.new("RGB", (2 * size, 2 * size), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(canvas)
     face = ImageFont.truetype(str(font), int(size * rng.uniform(0.55, 0.9)))
@@ -39,11 +42,11 @@ def render(letter: str, font: Path, size: int, rng: np.random.Generator) -> Imag
                            fillcolor=tuple(int(c) for c in background))
     dx, dy = rng.integers(-size // 8, size // 8 + 1, 2)
     image = canvas.crop((size // 2 + dx, size // 2 + dy, size // 2 + dx + size, size // 2 + dy + size))
-    pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 12, (size, size, 3))
+    pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 0 if plain else 12, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_letters(out: Path, train: int = 40, val: int = 15, size: int = 40, seed: int = 0) -> Path:
+def make_letters(out: Path, train: int = 40, val: int = 15, size: int = 40, seed: int = 0, plain: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     fonts = [FONT_DIR / f"{name}.ttf" for name in FONTS if (FONT_DIR / f"{name}.ttf").is_file()]
     for split, count in (("train", train), ("val", val)):
@@ -52,7 +55,7 @@ def make_letters(out: Path, train: int = 40, val: int = 15, size: int = 40, seed
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 font = fonts[int(rng.integers(len(fonts)))]
-                render(letter, font, size, rng).save(folder / f"{i:03d}.png")
+                render(letter, font, size, rng, plain).save(folder / f"{i:03d}.png")
     return out
 
 
@@ -63,11 +66,13 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=15, help="validation images per letter")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true", help="black letters on white, no noise (colours are random "
+                        "otherwise): tells colour invariance apart from shape learning")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: --out '{out}' exists; choose another folder")
-    make_letters(out, args.train, args.val, args.size, args.seed)
+    make_letters(out, args.train, args.val, args.size, args.seed, args.plain)
     print(f"wrote {26 * (args.train + args.val)} images to {out}")
 
 

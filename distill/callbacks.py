@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from distill.adapters import batches_done_this_epoch, dump_checkpoint, is_local_path
 from distill.errors import UserError
 from distill.files import replace_file
 
@@ -47,7 +47,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
         if not (stopped and self.save_last and not trainer.sanity_checking and trainer.state.fn == "fit"):
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done = batches_done_this_epoch(trainer)
         if done % trainer.accumulate_grad_batches and done < trainer.num_training_batches:
             # the accumulated gradients are not in a checkpoint: resume from the previous save instead
             rank_zero_info(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
@@ -66,7 +66,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         batches, so the barrier of `trainer.save_checkpoint` would wait forever."""
         path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
         self.last_model_path = path
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        checkpoint = dump_checkpoint(trainer, self.save_weights_only)
         if trainer.is_global_zero:
             partial = f"{path}.partial"
             try:
@@ -83,7 +83,7 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         _refuse_diverged(trainer, filepath)
-        if not _is_local_file_protocol(filepath):  # object stores write whole objects anyway
+        if not is_local_path(filepath):  # object stores write whole objects anyway
             return super()._save_checkpoint(trainer, filepath)
         partial = f"{filepath}.partial"
         try:

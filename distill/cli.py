@@ -44,6 +44,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from distill.adapters import option_names
 from distill.callbacks import BestAndLastCheckpoint
 from distill.data import ImageDataModule
 from distill.errors import UserError
@@ -77,7 +78,7 @@ class OneLineErrorParser(LightningArgumentParser):
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
         text = _out_of_range(text) or text
         typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
-        close = difflib.get_close_matches(typo.group(1), sorted(_option_names(self) | _option_names(parser)), n=1) if typo else []
+        close = difflib.get_close_matches(typo.group(1), sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
         source = _config_with_key(self.argv, typo.group(1)) if typo else None
         if source:
@@ -134,14 +135,6 @@ def _config_with_key(argv: list[str], dotted: str) -> Optional[str]:
         else:
             return name
     return None
-
-
-def _option_names(parser: LightningArgumentParser) -> set[str]:
-    names = {action.dest for action in parser._actions if action.dest and action.dest != "help"}
-    subcommands = getattr(parser, "_subcommands_action", None)
-    for sub in (subcommands._name_parser_map.values() if subcommands else []):
-        names |= _option_names(sub)
-    return names
 
 
 class DistillCLI(LightningCLI):

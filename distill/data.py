@@ -32,6 +32,7 @@ from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 
+from distill.adapters import batches_done_this_epoch, mixup_draw
 from distill.batch import TrainingBatch
 from distill.cache import TeacherCache
 from distill.errors import UserError
@@ -201,7 +202,7 @@ def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...]
         for j in range(0, len(rows) - 1, 2):
             (epoch, first, repeat), second = rows[j], rows[j + 1][1]
             np.random.seed(sample_seed(seed, epoch, first, second, repeat, 3))
-            lam, use_cutmix = mixup._params_per_batch()
+            lam, use_cutmix = mixup_draw(mixup)
             box = (0, 0, 0, 0)
             if use_cutmix and lam != 1.0:
                 box, lam = cutmix_bbox_and_lam(image_shape, lam, ratio_minmax=mixup.cutmix_minmax,
@@ -595,7 +596,7 @@ class ImageDataModule(pl.LightningDataModule):
 
 def _resume_position(trainer: pl.Trainer) -> tuple[int, int]:
     """(epoch, batches of it already trained) that a checkpoint saved now resumes from."""
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    done = batches_done_this_epoch(trainer)
     if done >= trainer.num_training_batches:  # saved at the end of the epoch: the next one starts afresh
         return trainer.current_epoch + 1, 0
     return trainer.current_epoch, done
