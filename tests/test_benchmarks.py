@@ -53,3 +53,17 @@ def test_loader_speed_compares_both_loaders_with_and_without_mixing_on_jpegs_it_
     assert len(rows) == 4 and len(list((tmp_path / "jpegs" / "train").rglob("*.jpg"))) == 16
     assert float(rows["this project + per-pair mixing (exact replay)"][2]) > 0  # the ratio to the reference
     assert float(rows["reference + timm Mixup on the batch"][3]) > 0  # time spent mixing
+
+
+def test_fit_probe_trains_without_augmentation_and_prints_both_losses(tmp_path):
+    from tests.helpers import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", per_class=4)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/fit_probe.py", f"--data={data}", "--model=deit_tiny_distilled_patch16_224",
+         '--model-args={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}', "--epochs=2",
+         "--conv-stem"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "12 training and 12 validation images, 3 classes (chance 33.33%" in run.stdout and "+ conv stem" in run.stdout
+    assert "epoch    2  training loss" in run.stdout and "validation top-1" in run.stdout
