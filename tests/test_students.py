@@ -1,12 +1,17 @@
 """Students: two heads in training, their average in eval, gradients reach both tokens."""
+from pathlib import Path
+
 import pytest
+import timm
 import torch
 
+from distill.cli import cli_main, make_cli
 from distill.errors import UserError
+from distill.export import export_student, load_student
 from distill.module import DistillationModule
 from students import Student
 from teachers import Teacher
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, tiny_student
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, shrink, tiny_student
 
 
 def test_distilled_student_returns_both_heads_in_training_and_their_average_in_eval():
@@ -97,3 +102,20 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_min_lr(student_factory)
     assert lrs[10] == pytest.approx((1e-6 + 1e-3) / 2, rel=0.05)  # halfway through warmup
     assert max(lrs) == pytest.approx(1e-3, rel=0.02) and lrs.index(max(lrs)) in (19, 20)
     assert lrs[-1] == pytest.approx(1e-5, rel=0.2) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+
+
+def test_the_hybrid_student_overlay_trains_and_exports_as_a_plain_timm_model(tmp_path, teacher_file):
+    overlay = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "students" / "hybrid.yaml")]
+    args = [*shrink(tmp_path, "distill.yaml"), *overlay, f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
+    student = make_cli(args, run=False).model.student  # the overlay on the recipe: its shape kept, its stem added
+    assert student.config["model_name"] == "vit_tiny_r_s16_p8_224" and student.config["embed_dim"] == 32
+    assert student.model.patch_embed.grid_size == (4, 4) and student.head_dist is not None
+    cli_main(["fit", *args])
+    out = tmp_path / "export"
+    export_student(tmp_path / "ckpt" / "best.ckpt", out, onnx=False, torchscript=False)
+    trained, _ = load_student(tmp_path / "ckpt" / "best.ckpt")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images)
+        assert torch.allclose(exported, trained(images), atol=1e-5)  # the two heads folded into one classifier
