@@ -40,21 +40,29 @@ from distill.report import format_rows
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
 
 
-def plan_runs(config: str, types: list[str], seeds: list[int], out: Path, extra: list[str]) -> list[dict[str, Any]]:
-    """One `distill fit` command per (type, seed), in the order they run (seed-major: a partial table is balanced)."""
+def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: Path,
+              extra: list[str]) -> list[dict[str, Any]]:
+    """One `distill fit` command per (type, seed), in the order they run (seed-major: a partial table is balanced).
+
+    `config`: one fit config, or several (a recipe, then overlays such as configs/students/hybrid.yaml), in order.
+    """
+    configs = [config] if isinstance(config, str) else list(config)
     runs = []
     for seed in seeds:
         for kind in types:
             folder = out / kind / f"seed_{seed}"
-            command = [sys.executable, "-m", "distill", "fit", "--config", config, f"--seed_everything={seed}",
+            # compare's own options last: a config overlay among `extra` (--config students/hybrid.yaml) must not
+            # move a run's outputs, seed or type
+            command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
+                       f"--seed_everything={seed}",
                        f"--model.distillation={kind}", f"--trainer.logger.init_args.save_dir={out}",
                        f"--trainer.logger.init_args.name={kind}/seed_{seed}",
                        f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--metrics_json={folder / 'result.json'}",
-                       "--trainer.enable_progress_bar=false", *extra]
+                       "--trainer.enable_progress_bar=false"]
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": kind, "seed": seed, "folder": folder, "command": command,
-                         "options": [config, *extra]})
+                         "options": [*configs, *extra]})
     return runs
 
 
@@ -201,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(
         prog="distill compare", description=__doc__.split("\n\n")[0],
         epilog="Every other option goes to each run's distill fit (e.g. --data.dataset, --trainer.max_epochs).")
-    parser.add_argument("--config", required=True, help="the fit config of the student and its teacher")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the fit config of the student and its teacher; again for an overlay, applied in order "
+                             "(--config configs/distill.yaml --config configs/students/hybrid.yaml)")
     parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per distillation type (0, 1, ...)")
     parser.add_argument("--first_seed", type=int, default=0, help="the first seed")
     parser.add_argument("--types", default="none,soft,hard",
@@ -217,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"compare --types: {args.types} names a type twice")
     if args.first_seed < 0:
         raise UserError(f"compare --first_seed must be 0 or more, got {args.first_seed}")
-    if not Path(args.config).is_file():
-        raise UserError(f"compare --config: '{args.config}' does not exist")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise UserError(f"compare --config: '{config}' does not exist")
     reserved = [a for a in extra if a.split("=")[0] in ("--seed_everything", "--model.distillation", "--metrics_json",
                                                        "--checkpoint.dirpath", "--ckpt_path")]
     if reserved:
@@ -238,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = summarize_runs(runs, types)
             table = format_table(summary)
             wall = time.monotonic() - started
-            record = {"config": args.config, "extra": extra, "seeds": seeds, "jobs": jobs, "threads": threads,
+            config = args.config if len(args.config) > 1 else args.config[0]
+            record = {"config": config, "extra": extra, "seeds": seeds, "jobs": jobs, "threads": threads,
                       "wall_time_s": round(wall, 1), "summary": summary,
                       "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
             with write_atomically(out / "compare.json") as partial:

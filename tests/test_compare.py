@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import cli_main
-from distill.compare import format_table, summarize_runs
+from distill.compare import format_table, plan_runs, summarize_runs
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, random_teacher_file, run_cli_error
 
 
@@ -96,3 +96,15 @@ def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_p
     assert compare.wait(timeout=120) == 143
     log = (out / "none" / "seed_0" / "fit.log").read_text()
     assert "stopped by SIGTERM; resume with the same command" in log  # the run was stopped, not orphaned
+
+
+def test_an_overlay_config_is_passed_in_order_and_cannot_move_a_runs_outputs(tmp_path):
+    overlay = str(ROOT / "configs" / "students" / "hybrid.yaml")  # it sets checkpoint.dirpath and the logger
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    (run,) = plan_runs([recipe, overlay], ["hard"], [3], tmp_path, ["--data.img_size=32"])
+    command = run["command"]
+    configs = [command[i + 1] for i, arg in enumerate(command) if arg == "--config"]
+    assert configs == [recipe, overlay]
+    dirpath = f"--checkpoint.dirpath={tmp_path / 'hard' / 'seed_3' / 'checkpoints'}"
+    assert command.index("--data.img_size=32") < command.index(dirpath)
+    assert command.index(overlay) < command.index("--seed_everything=3")  # compare's own options come last

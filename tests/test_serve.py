@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from sklearn.datasets import load_digits
 from starlette.datastructures import FormData, UploadFile
 
 import distill.quantize
@@ -92,6 +93,8 @@ def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(
     deep = Image.fromarray((np.asarray(Image.open(good[0]).convert("L")).astype(np.uint16) * 257), mode="I;16")
     (tmp_path / "images").mkdir()
     deep.save(tmp_path / "images" / "deep16.png")  # 16-bit greyscale: converted by its range, as predict does
+    scan = load_digits().images[-1] * 16  # a real digit scan (8x8, 0..256): resized by the export's preprocessing
+    Image.fromarray(scan.clip(0, 255).astype(np.uint8)).save(tmp_path / "images" / "digit.png")
     for path in good:
         (tmp_path / "images" / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
     predict_folder(export, tmp_path / "images", tmp_path / "pred.csv", top_k=3)
