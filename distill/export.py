@@ -34,7 +34,7 @@ from torch import nn
 from distill.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
 from distill.files import OutputLock, lock_path, replace_folder
 from distill.inference import load_export
-from distill.quantize import quantize_int8
+from distill.quantize import quantize_int8, training_data
 from students import Student
 from students.resize import EMA_PREFIX, read_student_checkpoint, student_state
 
@@ -107,6 +107,11 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
             int8: Optional[Int8]) -> dict[str, Any]:
     student, checkpoint = load_student(ckpt, ema)
     model, data = student.fused_model(), _data_config(checkpoint)
+    training = None
+    if int8 is not None:  # the data is checked before anything is written
+        source = int8.data or str(checkpoint.get("datamodule_hyper_parameters", {}).get("dataset", ""))
+        names = data["label_names"] or [str(i) for i in range(student.num_classes)]
+        training = training_data(source, names, int(data["input_size"][-1]), recorded=int8.data is None)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -131,9 +136,8 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
                 raise UserError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e} "
                                 "(raise --tolerance, or export without that format)")
         if int8 is not None:
-            data = int8.data or str(checkpoint.get("datamodule_hyper_parameters", {}).get("dataset", ""))
-            report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, data, int8.calibration_images,
-                                                      int8.max_drop, recorded=int8.data is None)
+            report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, training,
+                                                      int8.calibration_images, int8.max_drop)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from distill.data import DIGITS, ImageDataModule
 from distill.errors import UserError
-from distill.inference import export_transform, label_names
+from distill.inference import export_transform
 
-__all__ = ["quantize_int8", "onnx_top1"]
+__all__ = ["quantize_int8", "onnx_top1", "training_data"]
 
 BATCH = 32
 
@@ -43,17 +43,15 @@ class _Batches(CalibrationDataReader):
         return None if images is None else {"images": images.numpy()}
 
 
-def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, data: str, calibration_images: int,
-                  max_drop: float, seed: int = 0, recorded: bool = False) -> dict[str, Any]:
+def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodule: ImageDataModule,
+                  calibration_images: int, max_drop: float, seed: int = 0) -> dict[str, Any]:
     """Write `folder / out_name` from `folder / model.onnx`; returns the int8 entry of export_report.json.
 
-    `model` is the export as timm loads it (for its preprocessing and class names); `data` the
-    dataset the student was trained on (`digits` or a folder with train/ and val/; `recorded`: read from the
-    checkpoint rather than given as --data, for the messages). Raises
-    UserError when the INT8 top-1 is more than `max_drop` points below the fp32 ONNX model's.
+    `model` is the export as timm loads it (for its preprocessing); `datamodule` the data the student was
+    trained on (`training_data`). Raises UserError when the INT8 top-1 is more than `max_drop` points below the
+    fp32 ONNX model's.
     """
-    transform, names = export_transform(model), label_names(model)
-    datamodule = _data(data, names, int(model.pretrained_cfg["input_size"][-1]), recorded)
+    transform = export_transform(model)
     train, val = datamodule.split_dataset("train", transform), datamodule.split_dataset("val", transform)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration_images]
     prepared, quantized = folder / "model.prepared.onnx", folder / out_name
@@ -89,8 +87,9 @@ def onnx_top1(path: Path, dataset: Dataset) -> float:
     return correct / max(1, len(dataset))
 
 
-def _data(data: str, names: list[str], img_size: int, recorded: bool) -> ImageDataModule:
-    """The dataset the student was trained on; a UserError naming --data if it is not there or has other classes."""
+def training_data(data: str, names: list[str], img_size: int, recorded: bool) -> ImageDataModule:
+    """The dataset the student was trained on (`digits` or a folder with train/ and val/; `recorded`: read from the
+    checkpoint rather than given as --data); a UserError naming --data if it is not there or has other classes."""
     if data != DIGITS and not Path(data).is_dir():
         origin = "the training data recorded in the checkpoint" if recorded else "the training data"
         raise UserError(f"export --data: {origin}, '{data}', is not a folder here; pass --data DIR (its train/ "
