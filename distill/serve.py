@@ -192,9 +192,9 @@ class RequestGate:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":  # as the parser downstream matches it: lower case
-            scope = {**scope, "headers": [(k, b"multipart/form-data" + v[len(kind):]) if k.lower() == b"content-type"
-                                          else (k, v) for k, v in scope["headers"]]}
+        if kind == "multipart/form-data":  # as the parser downstream matches it: lower case, its parameters kept
+            scope = {**scope, "headers": [(k, b"multipart/form-data" + (v[v.index(b";"):] if b";" in v else b""))
+                                          if k.lower() == b"content-type" else (k, v) for k, v in scope["headers"]]}
         if kind != "multipart/form-data":
             return await _reply(send, 415, f"expected Content-Type multipart/form-data with a file field '{FIELD}', "
                                            f"got '{kind or 'none'}' (curl -F {FIELD}=@picture.png URL)")
@@ -256,7 +256,8 @@ def make_server(export: str | Path, backend: str = "torch", max_batch_size: int 
     if backend != "torch" and accelerator != "cpu":
         raise UserError(f"serve --backend {backend} runs on the CPU (ONNX Runtime's CPU provider); "
                         "use --backend torch for a GPU")
-    threads = max(1, (os.cpu_count() or 1) // workers) if accelerator == "cpu" else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers) if accelerator == "cpu" else None  # the cores this process may use, shared
     api = StudentAPI(export, backend, top_k, max_pixels, threads, max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
     return ls.LitServer(
