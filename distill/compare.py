@@ -44,14 +44,14 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
               extra: list[str]) -> list[dict[str, Any]]:
     """One `distill fit` command per (type, seed), in the order they run (seed-major: a partial table is balanced).
 
-    `config`: one fit config, or several (a recipe, then overlays such as configs/students/hybrid.yaml), in order.
+    `config`: one fit config, or several (a recipe, then overlays such as configs/students/deit.yaml), in order.
     """
     configs = [config] if isinstance(config, str) else list(config)
     runs = []
     for seed in seeds:
         for kind in types:
             folder = out / kind / f"seed_{seed}"
-            # compare's own options last: a config overlay among `extra` (--config students/hybrid.yaml) must not
+            # compare's own options last: a config overlay among `extra` (--config students/deit.yaml) must not
             # move a run's outputs, seed or type
             command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
                        f"--seed_everything={seed}",
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Every other option goes to each run's distill fit (e.g. --data.dataset, --trainer.max_epochs).")
     parser.add_argument("--config", required=True, action="append",
                         help="the fit config of the student and its teacher; again for an overlay, applied in order "
-                             "(--config configs/distill.yaml --config configs/students/hybrid.yaml)")
+                             "(--config configs/distill.yaml --config configs/students/deit.yaml)")
     parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per distillation type (0, 1, ...)")
     parser.add_argument("--first_seed", type=int, default=0, help="the first seed")
     parser.add_argument("--types", default="none,soft,hard",

@@ -14,6 +14,7 @@ from tests.helpers import config_overrides
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = [ROOT / "configs" / "pipeline.yaml"]
 CONFIGS = sorted(set(ROOT.glob("configs/*.yaml")) - set(PIPELINES))  # configs/imagenet/: tests of their own
+OVERLAYS = sorted(ROOT.glob("configs/students/*.yaml"))  # each applied on top of configs/distill.yaml
 BIN = Path(sys.executable).parent
 
 
@@ -24,6 +25,17 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes  # linked, not copied
     assert cli.model.hparams.img_size == cli.datamodule.img_size
     assert cli.datamodule.hparams.label_smoothing == cli.model.hparams.label_smoothing
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[c.name for c in OVERLAYS])
+def test_every_student_overlay_parses_on_the_recipe_and_keeps_its_recipe(overlay, tmp_path):
+    base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path)
+    cli = make_cli([*base[:2], "--config", str(overlay), *base[2:]], run=False)  # as a user types it
+    recipe, student = yaml.safe_load((ROOT / "configs/distill.yaml").read_text()), cli.model.student
+    assert student.config["embed_dim"] == recipe["model"]["student"]["init_args"]["embed_dim"]  # only the stem changes
+    assert student.model.patch_embed.grid_size == (4, 4)
+    assert cli.model.hparams.distillation == recipe["model"]["distillation"]
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
 
 

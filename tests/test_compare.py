@@ -99,7 +99,7 @@ def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_p
 
 
 def test_an_overlay_config_is_passed_in_order_and_cannot_move_a_runs_outputs(tmp_path):
-    overlay = str(ROOT / "configs" / "students" / "hybrid.yaml")  # it sets checkpoint.dirpath and the logger
+    overlay = str(ROOT / "configs" / "students" / "deit.yaml")  # it sets checkpoint.dirpath and the logger
     recipe = str(ROOT / "configs" / "distill.yaml")
     (run,) = plan_runs([recipe, overlay], ["hard"], [3], tmp_path, ["--data.img_size=32"])
     command = run["command"]

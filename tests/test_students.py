@@ -104,12 +104,12 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_min_lr(student_factory)
     assert lrs[-1] == pytest.approx(1e-5, rel=0.2) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
 
 
-def test_the_hybrid_student_overlay_trains_and_exports_as_a_plain_timm_model(tmp_path, teacher_file):
-    overlay = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "students" / "hybrid.yaml")]
-    args = [*shrink(tmp_path, "distill.yaml"), *overlay, f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-            f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
-    student = make_cli(args, run=False).model.student  # the overlay on the recipe: its shape kept, its stem added
-    assert student.config["model_name"] == "vit_tiny_r_s16_p8_224" and student.config["embed_dim"] == 32
+def test_the_recipes_student_trains_and_exports_as_a_plain_timm_model(tmp_path, teacher_file):
+    shrunk = shrink(tmp_path, "distill.yaml")
+    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's own student, full size
+    args = [*keep, f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
+    student = make_cli(args, run=False).model.student  # the convolutional stem in front of the transformer
+    assert student.config["model_name"] == "vit_tiny_r_s16_p8_224" and student.config["embed_dim"] == 128
     assert student.model.patch_embed.grid_size == (4, 4) and student.head_dist is not None
     cli_main(["fit", *args])
     out = tmp_path / "export"
