@@ -51,7 +51,7 @@ from distill.errors import UserError
 from distill.files import OutputLock, load_yaml, write_atomically
 from distill.module import DistillationModule
 from distill.telemetry import DistillationTelemetry
-from students.resize import read_student_checkpoint
+from distill.checkpoints import read_student_checkpoint
 
 __all__ = ["DistillCLI", "cli_main", "make_cli"]
 

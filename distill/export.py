@@ -36,7 +36,7 @@ from distill.files import OutputLock, lock_path, replace_folder
 from distill.inference import load_export
 from distill.quantize import quantize_int8, training_data
 from students import Student
-from students.resize import EMA_PREFIX, read_student_checkpoint, student_state
+from distill.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 
 __all__ = ["export_student", "load_export", "load_student", "main", "Int8", "INT8_FILE"]
 
@@ -62,7 +62,7 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
     checkpoint = read_student_checkpoint(ckpt, "export --ckpt")
     config = dict(checkpoint["student_config"], pretrained=False)  # weights come from the checkpoint
     student = Student(**config)
-    state = student_state(checkpoint, EMA_PREFIX if ema else "student.")
+    state = student_state(checkpoint, EMA if ema else STUDENT)
     if not state:
         raise UserError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
     student.load_state_dict(state)

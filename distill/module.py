@@ -36,7 +36,8 @@ from distill.ranges import (
     plain,
 )
 from distill.seeding import global_seed, sample_seed
-from students.resize import adapt_student_state, load_student_state
+from distill.checkpoints import load_student_state
+from students.resize import adapt_student_state
 from teachers import Teacher
 
 __all__ = ["DistillationModule", "scaled_lr"]

@@ -10,7 +10,6 @@ otherwise. (Swin's attention masks and position indices are rebuilt by the new m
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
@@ -18,10 +17,9 @@ from torch import nn
 
 from distill.errors import UserError
 
-__all__ = ["EMA_PREFIX", "adapt_student_state", "load_student_state", "read_student_checkpoint", "student_state"]
+__all__ = ["adapt_student_state"]
 
 HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
-EMA_PREFIX = "ema.module."  # the student's EMA copy in a checkpoint (model.ema_decay)
 
 
 def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
@@ -53,35 +51,3 @@ def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> d
     if dropped:
         warnings.warn(f"class count changed: heads re-initialised ({', '.join(dropped)})", stacklevel=2)
     return adapted
-
-
-def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dict:
-    """A checkpoint of this project (weights_only: nothing is unpickled); errors name the option and file."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise UserError(f"{option}: '{path}' {what}; give best.ckpt or last.ckpt of a `distill fit` run")
-    if path.stat().st_size == 0:
-        raise UserError(f"{option}: '{path}' is empty (a copy or a save that did not finish); give best.ckpt or "
-                        "last.ckpt of a `distill fit` run")
-    try:
-        # weights_only: pickled code is refused, not run; mmap: tensors are read only when used
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors of every kind
-        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project ({first})") from err
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not isinstance(checkpoint.get("student_config"), dict):
-        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project "
-                         "(expected best.ckpt or last.ckpt of a `distill fit` run)")
-    return checkpoint
-
-
-def load_student_state(path: str | Path, option: str = "model.init_from") -> dict[str, torch.Tensor]:
-    """The student's weights (keys without the `student.` prefix) from a checkpoint of this project."""
-    return student_state(read_student_checkpoint(path, option))
-
-
-def student_state(checkpoint: dict, prefix: str = "student.") -> dict[str, torch.Tensor]:
-    """The `student.`-prefixed weights of a checkpoint (or the EMA's, `ema.module.`), with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

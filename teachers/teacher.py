@@ -28,7 +28,7 @@ from torch import nn
 from distill.errors import UserError
 from distill.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import check_model_name
-from teachers.weights import extract_state_dict, read_weights_file
+from distill.checkpoints import extract_state_dict, read_weights_file
 
 __all__ = ["Teacher"]
 

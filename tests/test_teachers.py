@@ -31,12 +31,13 @@ def test_teacher_reads_its_class_count_and_weights_from_a_safetensors_file(teach
     assert torch.equal(teacher(images), reference(images))
 
 
-def test_teacher_loads_a_plain_and_a_nested_pytorch_state_dict(tmp_path, teacher_file):
+def test_teacher_loads_a_plain_a_nested_and_a_wrapped_pytorch_state_dict(tmp_path, teacher_file):
     from safetensors.torch import load_file
     state = load_file(str(teacher_file))
     torch.save(state, tmp_path / "plain.pth")
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "nested.pth")
-    for name in ("plain.pth", "nested.pth"):
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}}, tmp_path / "compiled.pth")
+    for name in ("plain.pth", "nested.pth", "compiled.pth"):
         teacher = Teacher(TINY_TEACHER, weights=str(tmp_path / name))
         assert torch.equal(teacher.model.fc.weight, state["fc.weight"])
 
