@@ -36,6 +36,7 @@ from distill.adapters import batches_done_this_epoch, mixup_draw
 from distill.batch import TrainingBatch
 from distill.cache import TeacherCache
 from distill.errors import UserError
+from distill.hf_data import HFImageDataset, is_hf_dataset, load_hf_splits
 from distill.images import (
     IMG_EXTENSIONS,
     UnreadableImage,
@@ -312,7 +313,9 @@ class ImageDataModule(pl.LightningDataModule):
     """Images and labels for the student and teacher, with the DeiT augmentation recipe.
 
     Args:
-        dataset: `digits` (bundled) or a folder with `train/` and `val/` class folders.
+        dataset: `digits` (bundled), a folder with `train/` and `val/` class folders, or a Hugging
+            Face `datasets` dataset on disk (a `save_to_disk` folder, or parquet files named after
+            their splits: train and validation or val; needs the extra `.[hf]`).
         img_size: training and evaluation resolution (linked to the student by the CLI).
         batch_size: images per process and step.
         num_workers: data-loading processes per training process.
@@ -338,6 +341,8 @@ class ImageDataModule(pl.LightningDataModule):
         augreg: an AugReg preset (none, light1, light2, medium1, medium2, strong1, strong2):
             RandAugment `rand-n2-mM` and mixup alpha as in "How to train your ViT?", replacing
             auto_augment, mixup, cutmix (0) and re_prob (0). null: those options as given.
+        image_column: the image column of a Hugging Face dataset.
+        label_column: its class column (a ClassLabel, whose names are used, or integers 0..N-1).
         teacher_cache: a teacher-output cache folder written by `distill cache-teacher` for this
             data, seed and transform: training reads the teacher's top-k for each replayed view
             from it and runs no teacher (set model.teacher: null, or keep it to verify the
@@ -369,6 +374,8 @@ class ImageDataModule(pl.LightningDataModule):
         repeated_aug: PositiveInt = 1,
         augreg: Optional[Literal["none", "light1", "light2", "medium1", "medium2", "strong1", "strong2"]] = None,
         teacher_cache: Optional[str] = None,
+        image_column: str = "image",
+        label_column: str = "label",
     ) -> None:
         super().__init__()
         # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
@@ -382,6 +389,7 @@ class ImageDataModule(pl.LightningDataModule):
                                 mixup=alpha, cutmix=0.0, re_prob=0.0)
         self.dataset, self.img_size, self.batch_size, self.num_workers = dataset, img_size, batch_size, num_workers
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.hf_splits: Optional[dict[str, Any]] = None  # a Hugging Face dataset's train and val splits
         self.classes = self._find_classes()
         self.mixup_fn = self._make_mixup()
         self._check_transform()
@@ -407,7 +415,12 @@ class ImageDataModule(pl.LightningDataModule):
                               f"write './{DIGITS}' to train on the folder", stacklevel=2)
             return [str(c) for c in range(10)]
         root = Path(self.dataset)
-        accepted = f"expected '{DIGITS}' or a folder with train/ and val/ class folders"
+        accepted = (f"expected '{DIGITS}', a folder with train/ and val/ class folders, or a Hugging Face dataset "
+                    "folder (save_to_disk or parquet files)")
+        if is_hf_dataset(root):
+            train, val, classes = load_hf_splits(root, self.hparams.image_column, self.hparams.label_column)
+            self.hf_splits = {"train": train, "val": val}
+            return classes
         if root.is_file():
             raise UserError(f"data.dataset: '{root}' is a file, not a folder; {accepted}")
         if not root.is_dir():
@@ -476,6 +489,10 @@ class ImageDataModule(pl.LightningDataModule):
         """The `train` or `val` split of the dataset, each image through `transform`."""
         if self.dataset == DIGITS:
             return DigitsDataset(split, self.img_size, transform)
+        if self.hf_splits is not None:
+            hp = self.hparams
+            return HFImageDataset(self.hf_splits[split], hp.image_column, hp.label_column, transform, hp.bad_images,
+                                  name=f"the {split} split of '{self.dataset}'")
         folder = Path(self.dataset) / split
         classes, _ = _classes_of(folder)
         try:
@@ -514,12 +531,14 @@ class ImageDataModule(pl.LightningDataModule):
         """What the training views depend on: a teacher cache is valid only for the same values.
 
         The training images by their file list (relative paths and classes: a copy of the
-        folder elsewhere is the same data), the transform's options and its timm repr, the
+        folder elsewhere is the same data) or a Hugging Face dataset's rows, the transform's options and its timm repr, the
         mixing options, repeated augmentation and the seed.
         """
         hp = self.hparams
         dataset = DIGITS
-        if self.dataset != DIGITS:
+        if isinstance(train, HFImageDataset):
+            dataset = train.fingerprint()
+        elif self.dataset != DIGITS:
             root = Path(self.dataset) / "train"
             listing = "\n".join(f"{Path(path).relative_to(root)}\t{target}" for path, target in train.samples)
             dataset = f"{len(train.samples)} files, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
