@@ -4,7 +4,7 @@
   - a folder written by `DatasetDict.save_to_disk` (`dataset_dict.json`, one folder per split), or
   - a folder of parquet files named after their split, as the Hub lays them out
     (`train-00000-of-00002.parquet`, `validation-00000-of-00001.parquet`, also under `data/`).
-The splits are `train` and `validation` (or `val`); `data.image_column` holds the images (an
+The splits are `train` and `validation` (or `val`, or else `test`, with a warning); `data.image_column` holds the images (an
 `Image` feature, or a dict with `bytes` / `path` as the Hub stores them) and `data.label_column`
 the classes (a `ClassLabel`, whose names become the class names, or integers 0..N-1).
 
@@ -28,7 +28,7 @@ from distill.images import UnreadableImage, load_image
 
 __all__ = ["HFImageDataset", "is_hf_dataset", "load_hf_splits"]
 
-VAL_SPLITS = ("validation", "val")
+VAL_SPLITS = ("validation", "val", "test")  # in this order: many Hub datasets have only train and test
 INSTALL = 'pip install -e ".[hf]" (the `datasets` library)'
 
 
@@ -70,8 +70,10 @@ def load_hf_splits(root: Path, image_column: str, label_column: str) -> tuple[An
     val_name = next((name for name in VAL_SPLITS if name in splits), None)
     if "train" not in splits or val_name is None:
         raise UserError(f"data.dataset: '{root}' has the splits {sorted(splits)}; expected train and "
-                        f"{' or '.join(VAL_SPLITS)}")
+                        f"one of {', '.join(VAL_SPLITS)}")
     train, val = splits["train"], splits[val_name]
+    if val_name == "test":
+        warnings.warn(f"data.dataset: '{root}' has no validation split; validating on its test split", stacklevel=2)
     for name, split in (("train", train), (val_name, val)):
         for option, column in (("data.image_column", image_column), ("data.label_column", label_column)):
             if column not in split.column_names:

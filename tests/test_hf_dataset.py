@@ -82,7 +82,7 @@ def test_a_wrong_column_is_one_line_naming_the_columns(hf_data, option, value, m
 def test_without_a_validation_split_the_splits_are_named(hf_data, tmp_path):
     only_train = tmp_path / "only_train"
     datasets.DatasetDict({"train": datasets.load_from_disk(str(hf_data["saved"]))["train"]}).save_to_disk(str(only_train))
-    with pytest.raises(UserError, match=r"has the splits \['train'\]; expected train and validation or val"):
+    with pytest.raises(UserError, match=r"has the splits \['train'\]; expected train and one of validation, val, test"):
         ImageDataModule(str(only_train))
 
 
