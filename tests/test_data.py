@@ -85,6 +85,11 @@ def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
     for j in range(16):
         if params[j, 1] == 0:  # a mixup pair
             assert torch.equal(mixed[j], images[j] * params[j, 0] + images[j ^ 1] * (1 - params[j, 0])), j
+    # the CPU mixes pair by pair, an accelerator all pairs at once: the same bits either way
+    from distill.data import _mix_all_pairs
+    batched = images.clone()
+    _mix_all_pairs(batched, params)
+    assert torch.equal(batched, mixed)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
