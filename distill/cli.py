@@ -235,7 +235,11 @@ class DistillCLI(LightningCLI):
         wall_time = time.monotonic() - self._fit_started
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         best = self.trainer.checkpoint_callback.best_model_path
-        self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        loggers, self.trainer.loggers = self.trainer.loggers, []  # not a point on the curves: `distill report`'s
+        try:                                                          # final figure is the last epoch's
+            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        finally:
+            self.trainer.loggers = loggers
         if self.trainer.is_global_zero:
             result = {
                 "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},

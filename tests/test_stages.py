@@ -22,7 +22,7 @@ from distill.export import export_student, load_student
 from distill.pipeline import load_spec, stage_command
 from students import Student
 from students.resize import adapt_student_state
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, shrink, teacher_of
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, scalars, shrink, teacher_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +189,7 @@ def test_a_pipeline_killed_in_a_stage_resumes_it_without_redoing_finished_stages
     assert (run_dir / "export" / "model.onnx").is_file() and (run_dir / "finetune_48" / "result.json").is_file()
     table = rerun.stdout[rerun.stdout.index("stage "):]
     assert all(name in table for name in ("teacher", "distill", "finetune_48")) and "48" in table
+    # one point per epoch on the curves: the best checkpoint's re-validation for result.json is not the last one
+    teacher = json.loads((run_dir / "teacher" / "result.json").read_text())
+    curve = scalars(run_dir / "teacher")["val/acc"]
+    assert len(curve) == teacher["epochs"] and curve[-1] == pytest.approx(teacher["final_metrics"]["val/acc"])
