@@ -39,7 +39,7 @@ from distill.errors import UserError
 from distill.hf_data import HFImageDataset, is_hf_dataset, load_hf_splits
 from distill.images import (
     IMG_EXTENSIONS,
-    UnreadableImage,
+    SkipsUnreadable,
     display_name,
     find_classes,
     is_image_file,
@@ -272,7 +272,7 @@ def _mix_all_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
         second[pair, :, y0:y1, x0:x1] = original[pair, :, y0:y1, x0:x1]
 
 
-class CheckedImageFolder(ImageFolder):
+class CheckedImageFolder(SkipsUnreadable, ImageFolder):
     """ImageFolder that reads files with `distill.images.load_image`, ignores hidden entries, and names
     unreadable files, then skips them or stops.
 
@@ -302,22 +302,12 @@ class CheckedImageFolder(ImageFolder):
             warnings.warn(f"data: {left_out(others, directory)}", stacklevel=2)
         return samples
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for attempt in range(min(len(self.samples), 100)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                image = self.loader(path)
-            except UnreadableImage as err:
-                if self.bad_images == "error":
-                    raise UserError(f"data: cannot read image '{path}' ({err}); fix or remove it, "
-                                    "or set data.bad_images=skip") from err
-                self.skipped += 1
-                warnings.warn(f"data: skipped unreadable image '{path}' ({err}); {self.skipped} skipped so far "
-                              "in this process", stacklevel=2)
-                continue
-            return (self.transform(image) if self.transform is not None else image), target
-        raise UserError(f"data: no readable image among 100 files from '{self.samples[index][0]}' on; "
-                        "check the dataset folder")
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return self.loader(path), target
+
+    def _describe(self, index: int) -> str:
+        return f"image '{self.samples[index][0]}'"
 
 
 # "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.

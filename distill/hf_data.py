@@ -24,7 +24,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from distill.errors import UserError
-from distill.images import UnreadableImage, load_image
+from distill.images import SkipsUnreadable, UnreadableImage, load_image
 
 __all__ = ["HFImageDataset", "is_hf_dataset", "load_hf_splits"]
 
@@ -103,7 +103,7 @@ def _class_names(train: Any, val: Any, label_column: str, root: Path) -> list[st
     return [str(index) for index in range(max(labels) + 1)]
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(SkipsUnreadable, Dataset):
     """One split: (transformed image, class) by row index. Unreadable images: as CheckedImageFolder (skip or stop)."""
 
     def __init__(self, split: Any, image_column: str, label_column: str, transform: Any = None,
@@ -128,7 +128,13 @@ class HFImageDataset(Dataset):
                 digest.update(file.read())
         return f"{len(self)} rows, sha256 {digest.hexdigest()[:16]}"
 
-    def _read(self, index: int) -> Any:
+    def _describe(self, index: int) -> str:
+        return f"image at row {index} of {self.name}"
+
+    def _read(self, index: int) -> tuple[Any, int]:
+        return self._decode(index), self.targets[index]
+
+    def _decode(self, index: int) -> Any:
         value = self.split[index][self.image_column]
         if isinstance(value, dict):  # {"bytes": ..., "path": ...}: bytes first, as datasets decodes it
             source: Any | None = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
@@ -140,19 +146,3 @@ class HFImageDataset(Dataset):
         if hasattr(value, "convert"):  # a PIL image already
             return value.convert("RGB")
         raise UnreadableImage(f"a {type(value).__name__} in the image column, not an image")
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        for attempt in range(min(len(self), 100)):
-            row = (index + attempt) % len(self)
-            try:
-                image = self._read(row)
-            except UnreadableImage as err:
-                if self.bad_images == "error":
-                    raise UserError(f"data: cannot read the image of row {row} of {self.name} ({err}); fix it, "
-                                    "or set data.bad_images=skip") from err
-                self.skipped += 1
-                warnings.warn(f"data: skipped the unreadable image of row {row} of {self.name} ({err}); "
-                              f"{self.skipped} skipped so far in this process", stacklevel=2)
-                continue
-            return (self.transform(image) if self.transform is not None else image), self.targets[row]
-        raise UserError(f"data: no readable image among 100 rows of {self.name} from row {index} on")

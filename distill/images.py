@@ -20,11 +20,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Any, Optional
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from distill.errors import UserError
 
 __all__ = ["UnreadableImage", "TooManyPixels", "load_image", "is_hidden", "is_image_file", "list_images", "find_classes",
            "display_name", "IMG_EXTENSIONS", "left_out"]
@@ -158,3 +160,39 @@ def find_classes(folder: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
 def display_name(name: str) -> str:
     """A folder name as text every writer accepts: undecodable bytes (a non-UTF-8 name) as \\xNN escapes."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+class SkipsUnreadable:
+    """For a dataset of images: `__getitem__` reads item `index`, or with `bad_images="skip"` the next readable
+    one (a warning names each skipped image and counts them per process); `"error"` stops, naming it.
+
+    The dataset sets `bad_images`, `skipped` and `transform`, and has `_read(index) -> (image, target)`
+    (raising `UnreadableImage`) and `_describe(index) -> str` ("image 'path'").
+    """
+
+    bad_images: str = "skip"
+    skipped: int = 0
+    transform: Any = None
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        count = len(self)  # type: ignore[arg-type]
+        for attempt in range(min(count, 100)):
+            row = (index + attempt) % count
+            try:
+                image, target = self._read(row)
+            except UnreadableImage as err:
+                if self.bad_images == "error":
+                    raise UserError(f"data: cannot read {self._describe(row)} ({err}); fix or remove it, "
+                                    "or set data.bad_images=skip") from err
+                self.skipped += 1
+                warnings.warn(f"data: skipped unreadable {self._describe(row)} ({err}); {self.skipped} skipped so far "
+                              "in this process", stacklevel=2)
+                continue
+            return (self.transform(image) if self.transform is not None else image), target
+        raise UserError(f"data: no readable image among 100 from {self._describe(index)} on; check the dataset")

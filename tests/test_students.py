@@ -1,5 +1,4 @@
 """Students: two heads in training, their average in eval, gradients reach both tokens."""
-from pathlib import Path
 
 import pytest
 import timm
