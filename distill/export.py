@@ -109,9 +109,12 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
     model, data = student.fused_model(), _data_config(checkpoint)
     training = None
     if int8 is not None:  # the data is checked before anything is written
-        source = int8.data or str(checkpoint.get("datamodule_hyper_parameters", {}).get("dataset", ""))
+        recorded = checkpoint.get("datamodule_hyper_parameters", {})
+        source = int8.data or str(recorded.get("dataset", ""))
         names = data["label_names"] or [str(i) for i in range(student.num_classes)]
-        training = training_data(source, names, int(data["input_size"][-1]), recorded=int8.data is None)
+        columns = {k: recorded[k] for k in ("image_column", "label_column") if k in recorded}  # a HF dataset's
+        training = training_data(source, names, int(data["input_size"][-1]), recorded=int8.data is None,
+                                 columns=columns)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

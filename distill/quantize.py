@@ -92,16 +92,18 @@ def onnx_top1(path: Path, dataset: Dataset) -> float:
     return correct / max(1, len(dataset))
 
 
-def training_data(data: str, names: list[str], img_size: int, recorded: bool) -> ImageDataModule:
-    """The dataset the student was trained on (`digits` or a folder with train/ and val/; `recorded`: read from the
-    checkpoint rather than given as --data); a UserError naming --data if it is not there or has other classes."""
+def training_data(data: str, names: list[str], img_size: int, recorded: bool,
+                  columns: dict[str, str] | None = None) -> ImageDataModule:
+    """The dataset the student was trained on (`digits`, a folder with train/ and val/, or a Hugging Face dataset,
+    read with the run's `columns`: image_column, label_column; `recorded`: read from the checkpoint rather than
+    given as --data); a UserError naming --data if it is not there or has other classes."""
     if data != DIGITS and not Path(data).is_dir():
         origin = "the training data recorded in the checkpoint" if recorded else "the training data"
         raise UserError(f"export --data: {origin}, '{data}', is not a folder here; pass --data DIR (its train/ "
                         "calibrates, its val/ checks the accuracy)")
     try:
         datamodule = ImageDataModule(dataset=data, img_size=img_size, num_workers=0, auto_augment=None, mixup=0.0,
-                                     cutmix=0.0)
+                                     cutmix=0.0, **(columns or {}))
     except UserError as err:
         raise UserError(f"export --data: {err}") from err
     if datamodule.class_names != names:

@@ -1,4 +1,5 @@
 """A Hugging Face `datasets` dataset on disk trains like a folder: its views replay, its teacher cache is accepted."""
+import json
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from distill.cli import cli_main
 from distill.data import ImageDataModule
+from distill.export import Int8, export_student
 from distill.errors import UserError
 from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
 
@@ -32,10 +34,13 @@ def hf_data(tmp_path_factory) -> dict[str, Path]:
     splits = datasets.DatasetDict({name: datasets.Dataset.from_dict(rows(folder, split), features=features)
                                    for name, split in (("train", "train"), ("validation", "val"))})
     splits.save_to_disk(str(tmp / "saved"))
+    renamed = datasets.DatasetDict({name: split.rename_columns({"image": "img", "label": "labels"})
+                                    for name, split in splits.items()})
+    renamed.save_to_disk(str(tmp / "renamed"))  # columns of its own, as a user's dataset may have
     (tmp / "parquet" / "data").mkdir(parents=True)
     for name, split in splits.items():
         split.to_parquet(str(tmp / "parquet" / "data" / f"{name}-00000-of-00001.parquet"))
-    return {"saved": tmp / "saved", "parquet": tmp / "parquet", "folder": folder}
+    return {"saved": tmp / "saved", "parquet": tmp / "parquet", "folder": folder, "renamed": tmp / "renamed"}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +50,8 @@ def hf_cache(tmp_path, monkeypatch):
 
 def test_a_saved_dataset_trains_from_its_teacher_cache_whose_views_replay_exactly(hf_data, tmp_path):
     teacher = random_teacher_file(tmp_path, num_classes=len(CLASSES))
-    args = [*shrink(tmp_path, "distill.yaml"), f"--data.dataset={hf_data['saved']}", "--data.batch_size=8",
+    args = [*shrink(tmp_path, "distill.yaml"), f"--data.dataset={hf_data['renamed']}", "--data.batch_size=8",
+            "--data.image_column=img", "--data.label_column=labels",
             f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}",
             "--model.teacher.init_args.precision=32", "--trainer.max_epochs=2"]
     cli_main(["cache-teacher", *args, "--epochs=2", "--top_k=2", f"--out={tmp_path / 'cache'}"])
@@ -54,11 +60,15 @@ def test_a_saved_dataset_trains_from_its_teacher_cache_whose_views_replay_exactl
               "--model.teacher_cache_verify=1.0"])
     logged = scalars(tmp_path / "runs")
     assert logged["train/cache_view_match_step"] == [1.0] * 6 and logged["train/cache_agreement_step"] == [1.0] * 6
-    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    # the INT8 export calibrates on the recorded dataset, read with the run's own column names
+    export_student(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export", torchscript=False,
+                   int8=Int8(calibration_images=8, max_drop=100.0))
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())["formats"]["int8"]
+    assert report["validation_images"] == 3 * 8 and report["calibration_images"] == 8
 
 
 def test_parquet_files_give_the_classes_and_views_of_the_saved_dataset_and_of_the_folder(hf_data):
-    modules = {name: ImageDataModule(str(hf_data[name]), num_workers=0, **AUGMENT) for name in hf_data}
+    modules = {name: ImageDataModule(str(hf_data[name]), num_workers=0, **AUGMENT) for name in ("saved", "parquet", "folder")}
     for data in modules.values():
         data.setup("fit")
     assert modules["saved"].class_names == modules["parquet"].class_names == list(CLASSES)
