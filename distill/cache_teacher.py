@@ -19,9 +19,9 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from distill.cache import TeacherCache
 from distill.cache_writer import CacheSampler, CacheWriter
-from distill.cli import make_cli
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.files import OutputLock, free_bytes, lock_path
+from distill.train import make_cli
 
 __all__ = ["main"]
 

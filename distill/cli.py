@@ -1,348 +1,71 @@
-"""The `distill` command (alias `lightning`): LightningCLI over DistillationModule + ImageDataModule.
+"""The `distill` command (alias `lightning`, `python -m distill`): one table of commands, and the one place
+that prints a user error.
 
-    distill fit --config configs/distill.yaml
-    distill fit --config configs/distill.yaml --print_config
-    distill validate --config configs/distill.yaml --ckpt_path runs/distill/checkpoints/best.ckpt
-    distill pipeline --config configs/pipeline.yaml       (distill/pipeline.py)
+    distill fit --config configs/distill.yaml                                        (distill/train.py, LightningCLI)
+    distill pipeline --config configs/pipeline.yaml                                  (distill/pipeline.py)
+    distill compare --config configs/distill.yaml --seeds 5                          (distill/compare.py)
     distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
     distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
     distill serve --export exports/student --port 8000                               (distill/serve.py)
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --out runs/cache (distill/cache_teacher.py)
     distill report runs/digits [--plot plots/]                                       (distill/report.py)
-    distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache (distill/cache.py)
-    distill compare --config configs/distill.yaml --seeds 5     (none / soft / hard x seeds: distill/compare.py)
 
-Shared values are linked, never copied: the data module gives the model its number of
-classes, class names, image size and normalisation; the model gives the data module its
-label smoothing (folded into mixup targets).
-
-Errors: bad input raises `distill.errors.UserError` where it is validated; this is the one
-place that prints it, as one line `error: ...` with exit code 2 (DISTILL_DEBUG=1 shows the
+Each command is a module with a `main(argv)`, imported only when it runs (`distill report` does not
+load Lightning). Bad input raises `distill.errors.UserError` where it is validated (the parsers
+too); `cli_main` prints it as one line `error: ...` with exit code 2 (DISTILL_DEBUG=1 shows the
 traceback). Every other exception is a bug and keeps its traceback.
-
-Outputs: `fit` never replaces what an earlier run wrote. A checkpoint folder that holds an
-earlier run's checkpoints is refused unless the run resumes it (`--ckpt_path last`), and a
-second `fit` writing into the same folder while the first runs is refused (a lock released
-when its holder exits, however it exits).
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import os
-import re
 import sys
-import tempfile
-import time
-import warnings
-from pathlib import Path
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
-import yaml
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from distill.errors import UsageError, UserError
+from distill.files import OutputLock
 
-from distill.adapters import option_names
-from distill.callbacks import BestAndLastCheckpoint
-from distill.data import ImageDataModule
-from distill.errors import UserError
-from distill.files import OutputLock, load_yaml, write_atomically
-from distill.module import DistillationModule
-from distill.telemetry import DistillationTelemetry
-from distill.checkpoints import read_student_checkpoint
+__all__ = ["COMMANDS", "TRAINING", "cli_main", "command_of"]
 
-__all__ = ["DistillCLI", "cli_main", "make_cli"]
-
-TRAINER_DEFAULTS = {
-    "default_root_dir": "runs",
-    "log_every_n_steps": 10,
-    "logger": {
-        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
-    },
+# Every command, in the order `distill` lists them: name -> (module with a `main(argv)`, imported only when run;
+# the line of help). `predict --export` is the export's predict, `predict` alone LightningCLI's.
+TRAINING = ("fit", "validate", "test", "predict")
+COMMANDS = {
+    **{name: ("distill.train", "LightningCLI (also `lightning COMMAND`): --config FILE [--model.* --data.* ...]")
+       for name in TRAINING},
+    "pipeline": ("distill.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
+    "compare": ("distill.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
+    "export": ("distill.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
+    "predict --export": ("distill.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
+    "serve": ("distill.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
+    "cache-teacher": ("distill.cache_teacher", "the teacher's outputs on every augmented view, to train without it"),
+    "report": ("distill.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
 }
 
-
-class OneLineErrorParser(LightningArgumentParser):
-    """A parser whose errors are one line naming the option (with a close match for a typo, the accepted
-    range for a number out of range), not jsonargparse's page of usage; DISTILL_DEBUG=1 restores the full output."""
-
-    argv: list[str] = []  # the command line, set by make_cli: to name the config file a bad key is in
-
-    def error(self, message: str, ex: Optional[Exception] = None) -> None:  # type: ignore[override]
-        if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        text = _out_of_range(text) or text
-        typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
-        close = difflib.get_close_matches(typo.group(1), sorted(option_names(self) | option_names(parser)), n=1) if typo else []
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        source = _config_with_key(self.argv, typo.group(1)) if typo else None
-        if source:
-            text = f"{source}: {text}"
-        sys.stderr.write(f"error: {text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)\n")
-        raise SystemExit(2)
+COMMANDS_HELP = "\n".join([
+    "usage: distill COMMAND [options]      (distill COMMAND --help lists a command's options)", "",
+    "training (LightningCLI; also `lightning COMMAND`):",
+    "  fit, validate, test, predict     --config configs/distill.yaml [--model.* --data.* --trainer.* ...]",
+    "the project's own:",
+    *(f"  {name.split()[0]:15s} {line}" for name, (_, line) in COMMANDS.items() if name not in TRAINING),
+])
 
 
-def _out_of_range(text: str) -> Optional[str]:
-    """jsonargparse's message for a value outside its range type, as `option: value is out of range (accepted: ...)`."""
-    found = re.search(r"(?:Not of type \w+: )?(\S+)? ?does not conform to restriction (.+?)(?:\. Got value| - | Given value|$)",
-                      text)
-    keys = re.findall(r'Parser key "([\w.]+)"', text)
-    if not found or not keys:
-        return None
-    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"  # a class's own option: model.student...
-    value, rule = found.groups()
-    rule = rule.strip().replace("v>=", ">= ").replace("v<=", "<= ").replace("v>", "> ").replace("v<", "< ")
-    if not value:
-        given = re.search(r"Given value: (\S+)", text)
-        value = given.group(1) if given else None
-    nullable = " or null" if "NoneType" in text else ""
-    return f"{key}: {value} is out of range (accepted: {rule}{nullable})" if value else f"{key}: out of range (accepted: {rule}{nullable})"
+def command_of(argv: list[str]) -> tuple[str, Callable[[list[str] | None], None]]:
+    """The command named by argv and its module's `main` (anything else goes to LightningCLI, which names it)."""
+    name = argv[0] if argv else ""
+    if name == "predict" and any(a == "--export" or a.startswith("--export=") for a in argv):
+        name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
+    if name not in COMMANDS and not name.startswith("-"):
+        close = difflib.get_close_matches(name, [n for n in COMMANDS if " " not in n], n=1)
+        raise UsageError(f"'{name}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
+                         "(`distill` alone lists them)")
+    module = COMMANDS[name][0] if name in COMMANDS else "distill.train"  # `--print_config` etc.: LightningCLI's
+    return name, importlib.import_module(module).main
 
 
-def _check_config_files(argv: list[str]) -> None:
-    """Each --config file must be readable YAML holding a mapping; errors name the file, line and column."""
-    files = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            continue  # jsonargparse names a missing file itself
-        content = load_yaml(path)
-        if not isinstance(content, dict):
-            got = "is empty" if content is None else f"holds a {type(content).__name__}"
-            raise UserError(f"{name}: a config must be a mapping of options (model:, data:, trainer:, ...) but the file "
-                            f"{got}")
-
-
-def _config_with_key(argv: list[str], dotted: str) -> Optional[str]:
-    """The --config file of `argv` that sets the dotted key, if any."""
-    files = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
-        try:
-            node = yaml.safe_load(Path(name).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        else:
-            return name
-    return None
-
-
-class DistillCLI(LightningCLI):
-    """LightningCLI with the argument links and default callbacks of a distillation run."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # best by validation accuracy of the averaged head, plus last (for --ckpt_path last)
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/acc",
-            "checkpoint.mode": "max",
-            "checkpoint.filename": "best",
-            "checkpoint.save_last": True,
-            "checkpoint.enable_version_counter": False,
-            "checkpoint.auto_insert_metric_name": False,
-        })
-        # throughput, pictures, HPARAMS (distill/telemetry.py)
-        parser.add_lightning_class_args(DistillationTelemetry, "telemetry")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.img_size")
-        parser.link_arguments("data.mean", "model.input_mean")
-        parser.link_arguments("data.std", "model.input_std")
-        parser.link_arguments("model.label_smoothing", "data.label_smoothing")
-        parser.link_arguments("data.teacher_cache", "model.teacher_cache")
-        parser.add_argument(
-            "--metrics_json", type=Optional[str], default=None,
-            help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
-                 "time to this JSON file (`distill pipeline` uses it to mark a stage finished)",
-        )
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """LightningCLI's parsing, then the checks Lightning leaves to a ZeroDivisionError or a traceback later."""
-        super().parse_arguments(parser, args)
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        _check_trainer_options(config)
-
-    def before_validate(self) -> None:
-        if not self.config[self.subcommand].get("ckpt_path"):
-            rank_zero_warn("validate without --ckpt_path measures the model as initialised (random weights); give "
-                           "--ckpt_path runs/.../best.ckpt to measure a trained one")
-
-    def before_fit(self) -> None:
-        self._fit_started = time.monotonic()
-        # fail now, not after the first epoch, when an output folder cannot be written
-        outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
-        checkpoint = self.trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.dirpath:
-            outputs["checkpoint.dirpath"] = checkpoint.dirpath
-        for logger in self.trainer.loggers:
-            if getattr(logger, "save_dir", None):
-                outputs["trainer.logger save_dir"] = logger.save_dir
-        metrics_json = self.config[self.subcommand].get("metrics_json")
-        if metrics_json:
-            if Path(metrics_json).is_dir():
-                raise UserError(f"metrics_json: '{metrics_json}' is a folder; give the path of a .json file to write")
-            outputs["metrics_json"] = str(Path(metrics_json).parent)
-        for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
-            _check_writable(option, folder)
-        if checkpoint is not None:
-            _check_monitor(checkpoint.monitor, self.model)
-        # rank 0 decides (under DDP the other ranks are started after it, or wait for it in the first collective)
-        if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath and "://" not in str(checkpoint.dirpath):
-            self._output_lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
-                                           f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
-            _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"), metrics_json)
-
-    def _parse_ckpt_path(self) -> None:
-        """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
-        so that a foreign or crafted file is one clear line; then LightningCLI reads its hparams."""
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path in ("best", "hpc", "registry"):
-            raise UserError(f"ckpt_path: '{path}' is not supported here; give 'last' (the checkpoint folder's "
-                            "last.ckpt) or the path of a .ckpt file")
-        if path and path != "last" and "://" not in str(path):
-            checkpoint = read_student_checkpoint(path, "ckpt_path")  # also: a path that does not exist is one line
-            _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
-        super()._parse_ckpt_path()
-
-    def after_fit(self) -> None:
-        trainer = self.trainer
-        if trainer.global_step == 0:  # nothing trained: not a finished run (the pipeline must not skip it)
-            raise UserError(
-                f"fit: the run took no optimiser step ({trainer.num_training_batches} training batches per epoch, "
-                f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}, "
-                f"trainer.limit_train_batches={trainer.limit_train_batches}); nothing was trained, so no result is "
-                "written: check data.batch_size against the training set and the trainer limits")
-        path = self.config[self.subcommand].get("metrics_json")
-        if path:
-            self._write_metrics(path)
-        lock = getattr(self, "_output_lock", None)
-        if lock is not None:
-            lock.release()
-
-    def _write_metrics(self, path: str) -> None:
-        """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
-        wall_time = time.monotonic() - self._fit_started
-        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        best = self.trainer.checkpoint_callback.best_model_path
-        loggers, self.trainer.loggers = self.trainer.loggers, []  # not a point on the curves: `distill report`'s
-        try:                                                          # final figure is the last epoch's
-            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
-        finally:
-            self.trainer.loggers = loggers
-        if self.trainer.is_global_zero:
-            result = {
-                "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},
-                "final_metrics": final, "best_checkpoint": best, "epochs": self.trainer.current_epoch,
-                "steps": self.trainer.global_step, "img_size": self.model.hparams.img_size,
-                "wall_time_s": round(wall_time, 1),
-            }
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with write_atomically(path) as partial:  # a stage is finished only once this file exists
-                partial.write_text(json.dumps(result, indent=2))
-
-
-def _refuse_earlier_run(dirpath: Path, ckpt_path: Optional[str], metrics_json: Optional[str]) -> None:
-    """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
-    earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
-    if metrics_json and Path(metrics_json).is_file() and not (ckpt_path and earlier):  # only the run resumed wrote it
-        if not earlier:
-            raise UserError(f"metrics_json: '{metrics_json}' exists and this run resumes nothing in '{dirpath}'; "
-                            "choose another metrics_json or remove it")
-        earlier.append(str(metrics_json))
-    if not earlier:
-        return
-    if not ckpt_path:
-        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds an earlier run's {', '.join(earlier)}; resume that run "
-                        "with --ckpt_path last, or write this one elsewhere with --checkpoint.dirpath DIR")
-    if ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).resolve().parent != dirpath.resolve():
-        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
-                        f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
-                        "folder) or to an empty folder")
-
-
-def _check_trainer_options(config: Any) -> None:
-    """The seed and the trainer's counts that Lightning would only reject with a ZeroDivisionError or ValueError."""
-    seed = config.get("seed_everything")
-    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
-        raise UserError(f"seed_everything: {seed} is out of range (accepted: 0 .. 4294967295, or true for a random one)")
-    trainer = config.get("trainer") or {}
-    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
-        value = trainer.get(key)
-        if isinstance(value, int) and value < 1:
-            raise UserError(f"trainer.{key}: {value} is out of range (accepted: 1 or more)")
-    interval = trainer.get("val_check_interval")
-    if isinstance(interval, (int, float)) and interval <= 0:
-        raise UserError(f"trainer.val_check_interval: {interval} is out of range (accepted: a fraction of an epoch "
-                        "in (0, 1], or a number of batches of 1 or more)")
-
-
-def _check_monitor(monitor: Optional[str], model: Any) -> None:
-    """checkpoint.monitor must name a metric validation logs (Lightning finds out only after the first epoch)."""
-    if not monitor:
-        return
-    names = {f"val/{name}" for name in model.val_metrics.keys(keep_base=True)} | {"val/loss"}
-    names |= {name.replace("val/", "val_ema/", 1) for name in names} if getattr(model, "ema", None) is not None else set()
-    if monitor not in names and not monitor.startswith("train/"):
-        close = difflib.get_close_matches(monitor, sorted(names), n=1)
-        raise UserError(f"checkpoint.monitor: '{monitor}' is not a metric this run logs"
-                        f"{f'; did you mean {close[0]!r}' if close else ''} (validation logs {', '.join(sorted(names)[:6])}, ...)")
-
-
-def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
-    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored."""
-    given = {}
-    for index, arg in enumerate(argv):
-        if arg.startswith("--model.") and "." not in arg[len("--model."):].split("=")[0]:
-            key, equals, value = arg[len("--model."):].partition("=")
-            if not equals and index + 1 < len(argv):
-                value = argv[index + 1]
-            given[key] = value
-    differ = [f"model.{k}={v} (the checkpoint has {hparams[k]!r})" for k, v in given.items()
-              if k in hparams and not _same_value(v, hparams[k])]
-    if not differ:
-        return
-    what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
-    raise UserError(f"ckpt_path: '{path}' sets {', '.join(differ[:3])}; {what}, so the command line's would be "
-                    "ignored: drop them, or start a new run from its weights with model.init_from")
-
-
-def _same_value(text: str, saved: Any) -> bool:
-    """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
-    if isinstance(saved, bool) or saved is None:
-        return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
-    if isinstance(saved, (int, float)):
-        try:
-            return float(text) == float(saved)
-        except ValueError:
-            return False
-    return text == str(saved) or yaml.safe_load(text) == saved
-
-
-def _check_writable(option: str, folder: str | os.PathLike) -> None:
-    """Create `folder` and write a probe file in it; a one-line error names the option otherwise."""
-    if "://" in str(folder):  # remote storage (s3://, gs://): checked by its own client
-        return
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check"):
-            pass
-    except OSError as err:
-        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
-                        "choose a folder you can write to") from err
-
-
-def _user_error(err: BaseException) -> Optional[UserError]:
+def _user_error(err: BaseException) -> UserError | None:
     """The `UserError` behind `err`: itself, or one it was explicitly raised from (`raise ... from`), if any.
 
     Only `__cause__` is followed: an exception raised *while handling* a UserError is a bug of its own.
@@ -365,91 +88,49 @@ def _one_line(err: BaseException) -> str:
     if lines[0].startswith("Caught ") and "Original Traceback" in text:  # torch's worker ExceptionWrapper
         last = [line for line in lines if line.strip()][-1].strip()
         name = f"{type(err).__name__}: "
-        last = last[len(name):] if last.startswith(name) else last
+        last = last.removeprefix(name)
         return last.split(": ", 1)[1] if last.startswith("distill.errors.UserError: ") else last
     return lines[0]
 
 
-def make_cli(args: Optional[list[str]] = None, run: bool = True) -> DistillCLI:
-    """The CLI with this project's defaults; `run=False` only parses and instantiates (tests)."""
-    OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
-    _check_config_files(OneLineErrorParser.argv)
-    return DistillCLI(
-        DistillationModule,
-        ImageDataModule,
-        args=args,
-        run=run,
-        seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # the module builds timm optimiser groups itself
-        parser_class=OneLineErrorParser,
-    )
+def _library_error(err: BaseException, module: str, name: str) -> bool:
+    """Whether `err` is the exception class `module.name` of a library, without importing the library: a command
+    that never loaded Lightning cannot have raised one of its exceptions."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(err, getattr(loaded, name))
 
 
-# The commands outside LightningCLI, in the order `distill` lists them: name -> (module with a `main(argv)`,
-# imported only when run; the line of help). `predict --export` is the export's predict, `predict` alone LightningCLI's.
-TOOLS = {
-    "pipeline": ("distill.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
-    "compare": ("distill.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
-    "export": ("distill.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
-    "predict --export": ("distill.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
-    "serve": ("distill.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
-    "cache-teacher": ("distill.cache_teacher", "the teacher's outputs on every augmented view, to train without it"),
-    "report": ("distill.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
-}
-
-COMMANDS_HELP = "\n".join([
-    "usage: distill COMMAND [options]      (distill COMMAND --help lists a command's options)", "",
-    "training (LightningCLI; also `lightning COMMAND`):",
-    "  fit, validate, test, predict     --config configs/distill.yaml [--model.* --data.* --trainer.* ...]",
-    "the project's own:",
-    *(f"  {name.split()[0]:15s} {line}" for name, (_, line) in TOOLS.items()),
-])
-
-
-def _tool(argv: list[str]) -> Optional[Callable[[list[str]], None]]:
-    """The non-Lightning command named by argv, if any."""
-    name = argv[0] if argv else ""
-    if name == "predict" and any(a == "--export" or a.startswith("--export=") for a in argv):
-        name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
-    entry = TOOLS.get(name)
-    return importlib.import_module(entry[0]).main if entry else None
-
-
-def cli_main(args: Optional[list[str]] = None) -> None:
+def cli_main(args: list[str] | None = None) -> None:
     """Entry point of `distill`, `lightning` and `python -m distill`; tests pass `args`."""
     argv = sys.argv[1:] if args is None else list(args)
     if not argv or argv[0] in ("-h", "--help"):
         print(COMMANDS_HELP)
         return
     try:
-        tool = _tool(argv)
-        if tool is not None:
-            tool(argv[1:])
+        name, main = command_of(argv)
+        if name in TRAINING or name not in COMMANDS:  # LightningCLI: the whole command line (from sys.argv when
+            main(None if args is None else argv)     # run from the shell: it warns about `args` otherwise)
         else:
-            with warnings.catch_warnings():
-                # our data module restores mid-epoch positions itself (see ImageDataModule.state_dict)
-                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-                # fit refuses a folder of an earlier run itself (before_fit); resuming into it is what was asked
-                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-                make_cli(args)
-    except SIGTERMException:  # preempted: Lightning stopped after a batch, last.ckpt was saved
-        print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
-        raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+            main(argv[1:])
     except KeyboardInterrupt:
         print("interrupted (Ctrl+C); what was being written was left as it was before", file=sys.stderr)
         raise SystemExit(130) from None
-    except MisconfigurationException as err:  # Lightning's own message for a bad trainer option: translated on purpose
-        if os.environ.get("DISTILL_DEBUG"):
-            raise
-        print(f"error: trainer: {_one_line(err)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as err:  # noqa: BLE001 - one line for bad input, tracebacks for bugs
+    except Exception as err:
+        if _library_error(err, "pytorch_lightning.utilities.exceptions", "SIGTERMException"):
+            # preempted: Lightning stopped after a batch, last.ckpt was saved
+            print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
+            raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+        if _library_error(err, "lightning_fabric.utilities.exceptions", "MisconfigurationException"):
+            # Lightning's own message for a bad trainer option: translated on purpose
+            if os.environ.get("DISTILL_DEBUG"):
+                raise
+            print(f"error: trainer: {_one_line(err)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
         user_error = _user_error(err)
         if user_error is None or os.environ.get("DISTILL_DEBUG"):
             raise
-        print(f"error: {_one_line(user_error)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        hint = "" if isinstance(user_error, UsageError) else "  (DISTILL_DEBUG=1 shows the traceback)"
+        print(f"error: {_one_line(user_error)}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         OutputLock.release_all()  # also when a test calls cli_main again in the same process

@@ -9,10 +9,9 @@ translates a library's error, chain that one (`raise UserError(...) from err`) s
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import NoReturn
 
-__all__ = ["UserError", "OneLineArgumentParser", "positive_int", "positive_float", "non_negative_float"]
+__all__ = ["OneLineArgumentParser", "UsageError", "UserError", "non_negative_float", "positive_float", "positive_int"]
 
 
 class UserError(Exception):
@@ -23,13 +22,17 @@ class UserError(Exception):
     """
 
 
+class UsageError(UserError):
+    """A command line the parser rejects (an unknown option, a missing one, a value of the wrong type): printed
+    with a pointer to `--help` instead of to the traceback, which would only show the parser."""
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands outside LightningCLI (export, predict, ...): a mistake is one line
-    `error: ...` naming the option, exit code 2, like every other bad input."""
+    """argparse for the commands outside LightningCLI (export, predict, ...): a mistake is a `UserError`
+    naming the option, printed by `distill.cli.cli_main` as one line like every other bad input."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        sys.stderr.write(f"error: {self.prog}: {message}  ({self.prog} --help lists the options)\n")
-        raise SystemExit(2)
+        raise UsageError(f"{self.prog}: {message}  ({self.prog} --help lists the options)")
 
 
 def positive_int(text: str) -> int:

@@ -31,12 +31,12 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from distill.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 from distill.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
 from distill.files import OutputLock, lock_path, replace_folder
 from distill.inference import load_export
 from distill.quantize import quantize_int8, training_data
 from students import Student
-from distill.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 
 __all__ = ["export_student", "load_export", "load_student", "main", "Int8", "INT8_FILE"]
 

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.batch import TrainingBatch
 from distill.cache import cached_teacher_logits, view_checksum
+from distill.checkpoints import load_student_state
 from distill.errors import UserError
 from distill.losses import DistillationLoss
 from distill.ranges import (
@@ -36,7 +37,6 @@ from distill.ranges import (
     plain,
 )
 from distill.seeding import global_seed, sample_seed
-from distill.checkpoints import load_student_state
 from students.resize import adapt_student_state
 from teachers import Teacher
 

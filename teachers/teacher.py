@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.checkpoints import extract_state_dict, read_weights_file
 from distill.errors import UserError
 from distill.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import check_model_name
-from distill.checkpoints import extract_state_dict, read_weights_file
 
 __all__ = ["Teacher"]
 

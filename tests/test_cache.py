@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader
 
 from distill.batch import TrainingBatch
 from distill.cache import TeacherCache, cached_teacher_logits
-from distill.cli import cli_main, make_cli
+from distill.cli import cli_main
 from distill.data import ImageDataModule
 from distill.losses import DistillationLoss
 from distill.seeding import sample_seed
+from distill.train import make_cli
 from teachers import Teacher
 from tests.helpers import TINY_TEACHER, random_teacher_file, scalars, shrink
 

@@ -7,8 +7,8 @@ import torch
 
 from distill.cli import cli_main
 from distill.data import ImageDataModule
-from distill.export import Int8, export_student
 from distill.errors import UserError
+from distill.export import Int8, export_student
 from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
 
 datasets = pytest.importorskip("datasets")

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.cli import make_cli
 from distill.data import AUGREG_PRESETS, EpochSampler, ImageDataModule
 from distill.errors import UserError
 from distill.module import DistillationModule, scaled_lr
+from distill.train import make_cli
 from students import Student
 from teachers import Teacher
 from tests.helpers import (

@@ -4,10 +4,11 @@ import pytest
 import timm
 import torch
 
-from distill.cli import cli_main, make_cli
+from distill.cli import cli_main
 from distill.errors import UserError
 from distill.export import export_student, load_student
 from distill.module import DistillationModule
+from distill.train import make_cli
 from students import Student
 from teachers import Teacher
 from tests.helpers import TINY_STUDENT, TINY_TEACHER, shrink, tiny_student

@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 
-from distill.cli import make_cli
 from distill.errors import UserError
 from distill.export import export_student
 from distill.module import DistillationModule
+from distill.train import make_cli
 from students import Student
 from students.resize import adapt_student_state
 from teachers import Teacher

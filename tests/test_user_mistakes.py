@@ -595,12 +595,12 @@ def test_a_pipeline_stage_whose_options_or_upstream_changed_is_not_skipped_as_fi
 
 
 def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch):
-    import distill.cli
+    import distill.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill.cli, "make_cli", interrupted)
+    monkeypatch.setattr(distill.train, "make_cli", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(ROOT / "configs" / "distill.yaml")])
     assert exit_info.value.code == 130 and "interrupted (Ctrl+C)" in capsys.readouterr().err
