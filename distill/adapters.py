@@ -3,7 +3,7 @@
 Each call below has no public equivalent (the reason is beside it); every other module calls
 these functions instead of the members. The hooks the project *overrides* in subclasses
 (Lightning's checkpoint callback and CLI, torch's `Module._apply`) cannot move here; they are
-listed in `OVERRIDDEN`. `tests/test_adapters.py` checks every entry against the installed
+listed in `OVERRIDDEN`. `tests/test_private_library_members.py` checks every entry against the installed
 libraries, so an upgrade that renames or removes one fails there, by name, and not in the
 middle of a user's run.
 """

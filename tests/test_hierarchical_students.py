@@ -121,4 +121,4 @@ def test_the_imagenet_swin_config_holds_the_swin_recipe():
     assert (config["trainer"]["max_epochs"], data["img_size"], data["crop_pct"]) == (300, 224, 0.875)
     assert (data["auto_augment"], data["mixup"], data["cutmix"], data["re_prob"]) == ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.25)
 
-    # that it parses, instantiates and trains (shrunk): tests/test_recipe.py, with the other ImageNet configs
+    # that it parses, instantiates and trains (shrunk): tests/test_deit_recipe.py, with the other ImageNet configs

@@ -1,6 +1,6 @@
 """The layout: imports go one way (commands -> Lightning pieces -> model-side pieces), with no cycles.
 
-`python tests/test_layers.py` prints the import graph.
+`python tests/test_imports_go_down_the_layers.py` prints the import graph.
 """
 import ast
 from pathlib import Path
@@ -41,7 +41,7 @@ def layer(module: str) -> int:
 
 def test_every_module_belongs_to_a_layer():
     unknown = [m for m in import_graph() if m.startswith("distill.") and m not in MODEL_SIDE | LIGHTNING | COMMANDS]
-    assert not unknown, f"add {unknown} to a layer in tests/test_layers.py"
+    assert not unknown, f"add {unknown} to a layer in tests/test_imports_go_down_the_layers.py"
 
 
 def test_imports_only_go_down_the_layers():
