@@ -115,11 +115,13 @@ def cli_main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted (Ctrl+C); what was being written was left as it was before", file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception as err:
-        if _library_error(err, "pytorch_lightning.utilities.exceptions", "SIGTERMException"):
+    except SystemExit as err:
+        if _library_error(err, "pytorch_lightning.utilities.exceptions", "SIGTERMException"):  # a SystemExit
             # preempted: Lightning stopped after a batch, last.ckpt was saved
             print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
             raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+        raise
+    except Exception as err:  # one line for bad input, tracebacks for bugs
         if _library_error(err, "lightning_fabric.utilities.exceptions", "MisconfigurationException"):
             # Lightning's own message for a bad trainer option: translated on purpose
             if os.environ.get("DISTILL_DEBUG"):
