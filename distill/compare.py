@@ -33,8 +33,8 @@ import torch
 
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.files import OutputLock, write_atomically
-from distill.losses import DISTILLATION_TYPES
 from distill.pipeline import finished
+from distill.ranges import DISTILLATION_TYPES
 from distill.report import format_rows
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]

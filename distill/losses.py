@@ -17,7 +17,7 @@ distill:
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,17 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from distill.errors import UserError
+from distill.ranges import (
+    DISTILLATION_TYPES,
+    ClosedUnitInterval,
+    Distillation,
+    HalfOpenUnitInterval,
+    KLNormalization,
+    PositiveFloat,
+)
 
 __all__ = ["DistillationLoss", "DISTILLATION_TYPES"]
 
-DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
 class DistillationLoss(nn.Module):
@@ -45,11 +52,11 @@ class DistillationLoss(nn.Module):
 
     def __init__(
         self,
-        distillation: Literal["none", "soft", "hard"] = "hard",
-        alpha: float = 0.5,
-        tau: float = 1.0,
-        label_smoothing: float = 0.1,
-        kl_normalization: Literal["batchmean", "reference"] = "batchmean",
+        distillation: Distillation = "hard",
+        alpha: ClosedUnitInterval = 0.5,
+        tau: PositiveFloat = 1.0,
+        label_smoothing: HalfOpenUnitInterval = 0.1,
+        kl_normalization: KLNormalization = "batchmean",
     ) -> None:
         super().__init__()
         if distillation not in DISTILLATION_TYPES:

@@ -8,7 +8,7 @@ the weights, so the student can be rebuilt (export) and the teacher re-created.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +29,9 @@ from distill.errors import UserError
 from distill.losses import DistillationLoss
 from distill.ranges import (
     ClosedUnitInterval,
+    Distillation,
     HalfOpenUnitInterval,
+    KLNormalization,
     NonNegativeFloat,
     OpenUnitInterval,
     PositiveFloat,
@@ -96,11 +98,11 @@ class DistillationModule(pl.LightningModule):
         img_size: PositiveInt = 224,
         input_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         input_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_DEFAULT_STD,
-        distillation: Literal["none", "soft", "hard"] = "hard",
+        distillation: Distillation = "hard",
         alpha: ClosedUnitInterval = 0.5,
         tau: PositiveFloat = 1.0,
         label_smoothing: HalfOpenUnitInterval = 0.1,
-        kl_normalization: Literal["batchmean", "reference"] = "batchmean",
+        kl_normalization: KLNormalization = "batchmean",
         optimizer: str = "adamw",
         lr: NonNegativeFloat = 5e-4,
         weight_decay: NonNegativeFloat = 0.05,

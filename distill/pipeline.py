@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distill.errors import OneLineArgumentParser, UserError
-from distill.export import Int8, export_student
 from distill.files import OutputLock, load_yaml, write_atomically
 from distill.report import format_rows
 
@@ -108,6 +107,14 @@ def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[s
     return [*args, *extra]
 
 
+def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[str]:
+    """The `distill export` command line of the pipeline's export (a process of its own, like a stage)."""
+    args = [sys.executable, "-m", "distill", "export", "--ckpt", str(best), "--out", str(out), "--overwrite"]
+    args += [] if export.get("onnx", True) else ["--no-onnx"]
+    args += [] if export.get("torchscript", True) else ["--no-torchscript"]
+    return args + (["--int8"] if export.get("int8") else [])
+
+
 def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
     """Run (or resume) every stage and the export; returns one result per stage."""
     spec = load_spec(config)
@@ -180,8 +187,14 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
             print(f"[pipeline] export: {out} exists, skipped", flush=True)
         else:
             best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
-            export_student(best, out, onnx=export.get("onnx", True), torchscript=export.get("torchscript", True),
-                           overwrite=True, int8=Int8() if export.get("int8") else None)
+            code = _run_stage(export_command(export, best, out))
+            if code in (143, -signal.SIGTERM):  # the half-built folder is removed by the export itself
+                print("[pipeline] export: stopped by SIGTERM; re-run the same command to export", file=sys.stderr,
+                      flush=True)
+                raise SystemExit(143)
+            if code != 0:
+                raise UserError(f"pipeline: the export failed (exit {code}, its error is above); fix it and re-run "
+                                "the same command (finished stages are skipped)")
             print(f"[pipeline] export: {out} written and verified", flush=True)
     print(format_table(results), flush=True)
     return results
