@@ -55,14 +55,23 @@ COMMANDS_HELP = "\n".join([
 def command_of(argv: list[str]) -> tuple[str, Callable[[list[str] | None], None]]:
     """The command named by argv and its module's `main` (anything else goes to LightningCLI, which names it)."""
     name = argv[0] if argv else ""
-    if name == "predict" and any(a == "--export" or a.startswith("--export=") for a in argv):
+    if name == "predict" and _given(argv, "--export"):
         name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
+    elif name == "predict" and not _given(argv, "--help", "-h") and (_given(argv, "--images")
+                                                                     or not _given(argv, "--config", "-c")):
+        raise UsageError("predict: give --export DIR --images FOLDER (a folder written by `distill export`), or "
+                         "--config FILE --ckpt_path CKPT for LightningCLI's predict on the validation split")
     if name not in COMMANDS and not name.startswith("-"):
         close = difflib.get_close_matches(name, [n for n in COMMANDS if " " not in n], n=1)
         raise UsageError(f"'{name}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
                          "(`distill` alone lists them)")
     module = COMMANDS[name][0] if name in COMMANDS else "distill.train"  # `--print_config` etc.: LightningCLI's
     return name, importlib.import_module(module).main
+
+
+def _given(argv: list[str], *options: str) -> bool:
+    """Whether the command line gives one of `options` (`--x value` or `--x=value`)."""
+    return any(a in options or a.split("=", 1)[0] in options for a in argv)
 
 
 def _user_error(err: BaseException) -> UserError | None:

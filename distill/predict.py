@@ -38,13 +38,13 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_
         raise UserError(f"predict --out: '{out}' is a folder; give the path of a .csv file to write")
     if out.exists() and not overwrite:
         raise UserError(f"predict --out: '{out}' exists; pass --overwrite to replace it, or choose another --out")
+    model = load_export(export)  # before the scan: a wrong --export is named at once, however large the folder
     others: list[Path] = []
     files = list_images(images, others)
     if not files:
         raise UserError(f"predict --images: no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) under '{images}'")
     if others:
         print(f"predict: {left_out(others, images)}", file=sys.stderr)
-    model = load_export(export)
     names, transform = label_names(model), export_transform(model)
     top_k = min(top_k, model.num_classes)
     make_folder(out.parent, "predict --out")

@@ -626,3 +626,13 @@ def test_distill_alone_lists_every_command(capsys):
     cli_main([])
     text = capsys.readouterr().out
     assert all(name in text for name in ("fit", "pipeline", "compare", "export", "predict", "cache-teacher", "report"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fitt", "--config", "configs/distill.yaml"], "'fitt' is not a command; did you mean 'fit'?"),
+    (["exprot", "--ckpt", "best.ckpt"], "'exprot' is not a command; did you mean 'export'?"),
+    (["predict", "--images", "photos"], "predict: give --export DIR --images FOLDER"),  # forgot --export
+    (["predict"], "or --config FILE --ckpt_path CKPT for LightningCLI's predict"),
+], ids=["typo-fit", "typo-export", "predict-without-export", "predict-alone"])
+def test_a_mistyped_or_incomplete_command_is_one_line_naming_what_is_accepted(args, message, capsys):
+    assert message in run_cli_error(args, capsys)
