@@ -65,7 +65,9 @@ def main(argv: list[str]) -> None:
 
 
 def _build(out: Path, args: Any, rest: list[str]) -> None:
-    cli = make_cli(rest, run=False)
+    with warnings.catch_warnings():  # the training options are `rest`, not the process's command line
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = make_cli(rest, run=False, prog="distill cache-teacher")
     model, data, config = cli.model, cli.datamodule, cli.config
     teacher = model.teacher
     if teacher is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable
@@ -53,20 +54,23 @@ COMMANDS_HELP = "\n".join([
 
 
 def command_of(argv: list[str]) -> tuple[str, Callable[[list[str] | None], None]]:
-    """The command named by argv and its module's `main` (anything else goes to LightningCLI, which names it)."""
-    name = argv[0] if argv else ""
-    if name == "predict" and _given(argv, "--export"):
+    """The command named by argv and its module's `main`; a name that is not a command is a `UsageError`."""
+    typed = argv[0] if argv else ""
+    if typed.startswith("-"):
+        raise UsageError(f"'{typed}' before the command: options go after it (distill COMMAND [options]; `distill` "
+                         "alone lists the commands)")
+    if typed not in COMMANDS or " " in typed:
+        close = difflib.get_close_matches(typed, [n for n in COMMANDS if " " not in n], n=1)
+        raise UsageError(f"'{typed}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
+                         "(`distill` alone lists them)")
+    name = typed
+    if typed == "predict" and _given(argv, "--export"):
         name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
-    elif name == "predict" and not _given(argv, "--help", "-h") and (_given(argv, "--images")
-                                                                     or not _given(argv, "--config", "-c")):
+    elif typed == "predict" and not _given(argv, "--help", "-h") and (_given(argv, "--images")
+                                                                      or not _given(argv, "--config", "-c")):
         raise UsageError("predict: give --export DIR --images FOLDER (a folder written by `distill export`), or "
                          "--config FILE --ckpt_path CKPT for LightningCLI's predict on the validation split")
-    if name not in COMMANDS and not name.startswith("-"):
-        close = difflib.get_close_matches(name, [n for n in COMMANDS if " " not in n], n=1)
-        raise UsageError(f"'{name}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
-                         "(`distill` alone lists them)")
-    module = COMMANDS[name][0] if name in COMMANDS else "distill.train"  # `--print_config` etc.: LightningCLI's
-    return name, importlib.import_module(module).main
+    return name, importlib.import_module(COMMANDS[name][0]).main
 
 
 def _given(argv: list[str], *options: str) -> bool:
@@ -115,20 +119,29 @@ def cli_main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(COMMANDS_HELP)
         return
+    if argv[0] == "--version":
+        print(f"distill {importlib.metadata.version('deit-distill')}")
+        return
     try:
         name, main = command_of(argv)
-        if name in TRAINING or name not in COMMANDS:  # LightningCLI: the whole command line (from sys.argv when
-            main(None if args is None else argv)     # run from the shell: it warns about `args` otherwise)
+        if name in TRAINING:  # LightningCLI: the whole command line (from sys.argv when run from the shell: it
+            main(None if args is None else argv)  # warns about `args` otherwise)
         else:
             main(argv[1:])
     except KeyboardInterrupt:
         print("interrupted (Ctrl+C); what was being written was left as it was before", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # `distill fit --help | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
     except SystemExit as err:
         if _library_error(err, "pytorch_lightning.utilities.exceptions", "SIGTERMException"):  # a SystemExit
             # preempted: Lightning stopped after a batch, last.ckpt was saved
             print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
             raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+        if isinstance(err.__context__, KeyboardInterrupt):  # Lightning's own Ctrl+C handling ends in exit(1)
+            print("interrupted (Ctrl+C); resume with the same command and --ckpt_path last", file=sys.stderr)
+            raise SystemExit(130) from None
         raise
     except Exception as err:  # one line for bad input, tracebacks for bugs
         if _library_error(err, "lightning_fabric.utilities.exceptions", "MisconfigurationException"):
@@ -138,8 +151,8 @@ def cli_main(args: list[str] | None = None) -> None:
             print(f"error: trainer: {_one_line(err)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
             raise SystemExit(2) from None
         user_error = _user_error(err)
-        if user_error is None or os.environ.get("DISTILL_DEBUG"):
-            raise
+        if user_error is None or (os.environ.get("DISTILL_DEBUG") and not isinstance(user_error, UsageError)):
+            raise  # DISTILL_DEBUG: the traceback of a failed check; a parser's refusal has none worth showing
         hint = "" if isinstance(user_error, UsageError) else "  (DISTILL_DEBUG=1 shows the traceback)"
         print(f"error: {_one_line(user_error)}{hint}", file=sys.stderr)
         raise SystemExit(2) from None

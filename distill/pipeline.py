@@ -84,6 +84,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     if unknown_export:
         raise UserError(f"pipeline '{path}': export: unknown key(s) {sorted(unknown_export)}; accepted: from, onnx, "
                         "torchscript, int8")
+    for key in ("onnx", "torchscript", "int8"):
+        if key in (export or {}) and not isinstance(export[key], bool):
+            raise UserError(f"pipeline '{path}': export.{key} must be true or false, got {export[key]!r}")
+    if export and export.get("int8") and not export.get("onnx", True):
+        raise UserError(f"pipeline '{path}': export.int8 quantizes the ONNX model: set export.onnx to true")
     if export and export.get("from") not in seen:
         raise UserError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
     return spec
@@ -177,8 +182,7 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
                       "re-run the same command to resume it", file=sys.stderr, flush=True)
                 raise SystemExit(143)
             if code != 0 or finished(result_file) is None:
-                raise UserError(f"pipeline: stage '{stage['name']}' failed (exit {code}, its error is above); "
-                                "fix it and re-run the same command to resume the stage")
+                _stop_after_failure(f"stage '{stage['name']}'", code, "to resume the stage")
         results.append({"stage": stage["name"], **json.loads(result_file.read_text())})
     export = spec.get("export")
     if export:
@@ -193,11 +197,18 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
                       flush=True)
                 raise SystemExit(143)
             if code != 0:
-                raise UserError(f"pipeline: the export failed (exit {code}, its error is above); fix it and re-run "
-                                "the same command (finished stages are skipped)")
+                _stop_after_failure("export", code, "(finished stages are skipped)")
             print(f"[pipeline] export: {out} written and verified", flush=True)
     print(format_table(results), flush=True)
     return results
+
+
+def _stop_after_failure(step: str, code: int, then: str) -> None:
+    """The step's process printed its own error (one `error:` line for bad input, a traceback for a bug): say which
+    step it was and leave with its exit code, without a second error line."""
+    print(f"[pipeline] {step} failed (exit {code}, its error is above); fix it and re-run the same command {then}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(code if code > 0 else 1)
 
 
 def finished(result_file: Path) -> Optional[dict[str, Any]]:

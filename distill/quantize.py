@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +23,11 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from distill.data import DIGITS, ImageDataModule
 from distill.errors import UserError
 from distill.inference import export_transform
+
+if TYPE_CHECKING:
+    from distill.data import ImageDataModule
 
 __all__ = ["quantize_int8", "onnx_top1", "training_data"]
 
@@ -97,6 +99,7 @@ def training_data(data: str, names: list[str], img_size: int, recorded: bool,
     """The dataset the student was trained on (`digits`, a folder with train/ and val/, or a Hugging Face dataset,
     read with the run's `columns`: image_column, label_column; `recorded`: read from the checkpoint rather than
     given as --data); a UserError naming --data if it is not there or has other classes."""
+    from distill.data import DIGITS, ImageDataModule  # Lightning: loaded only for --int8 (export starts faster)
     if data != DIGITS and not Path(data).is_dir():
         origin = "the training data recorded in the checkpoint" if recorded else "the training data"
         raise UserError(f"export --data: {origin}, '{data}', is not a folder here; pass --data DIR (its train/ "

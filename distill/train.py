@@ -331,8 +331,9 @@ def _check_writable(option: str, folder: str | os.PathLike) -> None:
                         "choose a folder you can write to") from err
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
-    """The CLI with this project's defaults; `run=False` only parses and instantiates (tests)."""
+def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill") -> DistillCLI:
+    """The CLI with this project's defaults; `run=False` only parses and instantiates (tests, cache-teacher).
+    `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
     _check_config_files(OneLineErrorParser.argv)
     return DistillCLI(
@@ -345,11 +346,13 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module builds timm optimiser groups itself
         parser_class=OneLineErrorParser,
+        parser_kwargs={"prog": prog},
     )
 
 
-def main(argv: list[str]) -> None:
-    """`distill fit|validate|test|predict ...`: LightningCLI with this project's defaults and checks."""
+def main(argv: list[str] | None) -> None:
+    """`distill fit|validate|test|predict ...` (None: the process's command line), LightningCLI with this project's
+    defaults and checks."""
     with warnings.catch_warnings():
         # our data module restores mid-epoch positions itself (see ImageDataModule.state_dict)
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -636,3 +637,28 @@ def test_distill_alone_lists_every_command(capsys):
 ], ids=["typo-fit", "typo-export", "predict-without-export", "predict-alone"])
 def test_a_mistyped_or_incomplete_command_is_one_line_naming_what_is_accepted(args, message, capsys):
     assert message in run_cli_error(args, capsys)
+
+
+@pytest.mark.parametrize("export, message", [
+    ({"from": "finetune_48", "int8": "false"}, "export.int8 must be true or false, got 'false'"),
+    ({"from": "finetune_48", "onnx": False, "int8": True}, "export.int8 quantizes the ONNX model: set export.onnx"),
+])
+def test_a_pipeline_export_that_cannot_work_is_refused_before_any_stage_trains(tmp_path, export, message):
+    spec = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    spec["export"] = export
+    for stage in spec["stages"]:
+        stage["config"] = str(ROOT / "configs" / stage["config"])
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=message):
+        load_spec(tmp_path / "pipeline.yaml")
+
+
+def test_a_failed_pipeline_stage_is_one_error_line_and_its_exit_code(tmp_path, monkeypatch, capsys):
+    import distill.pipeline
+
+    monkeypatch.setattr(distill.pipeline, "_run_stage", lambda command: 2)  # the stage printed its own error line
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pipeline", "--config", str(ROOT / "configs" / "pipeline.yaml"), "--root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" not in err and "[pipeline] stage 'teacher' failed (exit 2, its error is above)" in err
