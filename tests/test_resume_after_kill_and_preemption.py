@@ -40,7 +40,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     """The run in a process of its own (to be killed), with this process's thread count: the weights it
     trains are compared bit for bit with ones trained here."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
                           preexec_fn=_default_sigint)
 
 
