@@ -35,7 +35,7 @@ from distill.checkpoints import EMA, STUDENT, read_student_checkpoint, student_s
 from distill.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
 from distill.files import OutputLock, lock_path, replace_folder
 from distill.inference import load_export
-from distill.quantize import quantize_int8, training_data
+from distill.quantize import Int8Method, quantize_int8, training_data
 from students import Student
 
 __all__ = ["export_student", "load_export", "load_student", "main", "Int8", "INT8_FILE"]
@@ -49,12 +49,13 @@ EXPORT_FILES = {"config.json", "model.safetensors", "export_report.json", "model
 
 @dataclass(frozen=True)
 class Int8:
-    """What `--int8` asks: calibration images from the training split, the accepted top-1 drop in points, and the
-    dataset (None: the one recorded in the checkpoint)."""
+    """What `--int8` asks: calibration images from the training split (static only), the accepted top-1 drop in
+    points, the dataset (None: the one recorded in the checkpoint) and the method (distill/quantize.py)."""
 
     calibration_images: int = 256
     max_drop: float = 0.5
     data: Optional[str] = None
+    method: Int8Method = "dynamic"
 
 
 def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
@@ -140,7 +141,7 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
                                 "(raise --tolerance, or export without that format)")
         if int8 is not None:
             report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, training,
-                                                      int8.calibration_images, int8.max_drop)
+                                                      int8.calibration_images, int8.max_drop, method=int8.method)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:
@@ -204,21 +205,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
     parser.add_argument("--int8", action="store_true",
-                        help=f"also write {INT8_FILE}: ONNX Runtime static INT8 quantization, checked on accuracy")
+                        help=f"also write {INT8_FILE}: ONNX Runtime INT8 quantization, checked on accuracy")
+    parser.add_argument("--int8_method", choices=["dynamic", "static"], default=Int8.method,
+                        help="dynamic: activations quantized per batch at run time (fastest on CPU); static: QDQ "
+                             "graph with calibrated activation ranges")
     parser.add_argument("--calibration_images", type=positive_int, default=Int8.calibration_images,
-                        help="training images that calibrate the INT8 ranges")
+                        help="training images that calibrate the INT8 ranges (--int8_method static)")
     parser.add_argument("--int8_max_drop", type=non_negative_float, default=Int8.max_drop,
                         help="largest accepted drop of validation top-1 from fp32 ONNX to INT8, in points")
     parser.add_argument("--data", default=None,
                         help="the training data, for --int8 (default: the dataset recorded in the checkpoint)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
-    int8 = Int8(args.calibration_images, args.int8_max_drop, args.data) if args.int8 else None
+    int8 = Int8(args.calibration_images, args.int8_max_drop, args.data, args.int8_method) if args.int8 else None
     report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema,
                             int8)
     for name, result in report["formats"].items():
         if name == "int8":
-            print(f"{name:12s} top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX "
+            print(f"{name:12s} ({result['method']}) top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX "
                   f"{100 * result['fp32_onnx_top1']:.2f}% "
                   f"({result['drop_points']:+.2f} points drop, budget {result['max_drop_points']:g}; "
                   f"{result['validation_images']} validation images)  ok")

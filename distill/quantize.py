@@ -1,10 +1,13 @@
-"""INT8 ONNX for CPU serving: ONNX Runtime static quantization, calibrated on training images, checked on accuracy.
+"""INT8 ONNX for CPU serving: ONNX Runtime quantization of the matrix products, checked on accuracy.
 
-Used by `distill export --int8`. The fp32 `model.onnx` of the export is quantized to
-`model.int8.onnx` in ONNX Runtime's QDQ format (activations uint8, weights int8 per output
-channel, MinMax calibration: the combination ORT recommends for x86 CPUs with VNNI).
-Calibration runs a configurable number of training images, chosen at random with a fixed
-seed, through the export's own evaluation preprocessing (the one `predict` and `serve`
+Used by `distill export --int8`. The fp32 `model.onnx` of the export becomes `model.int8.onnx`;
+only MatMul and Gemm (where a ViT spends its time) are quantized, with int8 weights:
+- `dynamic` (the default): activations are quantized at run time from each batch's own range
+  (ONNX Runtime's recipe for transformers on CPU); nothing to calibrate.
+- `static`: activation ranges fixed in advance (QDQ format, uint8 activations, int8 weights per
+  output channel, MinMax calibration on a configurable number of training images, chosen at
+  random with a fixed seed), for runtimes that want a QDQ graph.
+Images go through the export's own evaluation preprocessing (the one `predict` and `serve`
 apply). The check is accuracy, not 1e-4 closeness (quantization moves every logit): top-1 on
 the whole validation split of the INT8 model against the fp32 ONNX model, and the export is
 refused when the drop exceeds the budget.
@@ -14,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -29,7 +32,7 @@ from distill.inference import export_transform
 if TYPE_CHECKING:
     from distill.data import ImageDataModule
 
-__all__ = ["quantize_int8", "onnx_top1", "training_data"]
+__all__ = ["quantize_int8", "onnx_top1", "training_data", "Int8Method", "QUANTIZED_OPS"]
 
 BATCH = 32
 
@@ -45,13 +48,16 @@ class _Batches(CalibrationDataReader):
         return None if images is None else {"images": images.numpy()}
 
 
-# The layers with weights, where a ViT spends its time. Not the rest: e.g. timm's "same" max-pool (the hybrid
-# student's stem) pads with -inf, which has no uint8 scale, and quantized it turns the whole model's output to noise.
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# The matrix products, where a ViT spends its time. Not the rest: timm's "same" max-pool (the hybrid student's
+# stem) pads with -inf, which has no uint8 scale, and quantized it turns the whole model's output to noise; a
+# quantized stem convolution (static) cost more in quantize/dequantize steps than it saved (docs/speed.md).
+QUANTIZED_OPS = ("MatMul", "Gemm")
+Int8Method = Literal["dynamic", "static"]
 
 
 def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodule: ImageDataModule,
-                  calibration_images: int, max_drop: float, seed: int = 0) -> dict[str, Any]:
+                  calibration_images: int, max_drop: float, seed: int = 0, method: Int8Method = "dynamic",
+                  ) -> dict[str, Any]:
     """Write `folder / out_name` from `folder / model.onnx`; returns the int8 entry of export_report.json.
 
     `model` is the export as timm loads it (for its preprocessing); `datamodule` the data the student was
@@ -61,20 +67,25 @@ def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodul
     transform = export_transform(model)
     train, val = datamodule.split_dataset("train", transform), datamodule.split_dataset("val", transform)
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration_images]
+    chosen = chosen if method == "static" else chosen[:0]
     prepared, quantized = folder / "model.prepared.onnx", folder / out_name
     try:
         with _root_logging_at(logging.ERROR):
             quant_pre_process(str(folder / "model.onnx"), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared), str(quantized), _Batches(_loader(Subset(train, chosen.tolist()))),
-                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
-            )
+            if method == "dynamic":
+                quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=list(QUANTIZED_OPS))
+            else:
+                quantize_static(
+                    str(prepared), str(quantized), _Batches(_loader(Subset(train, chosen.tolist()))),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
+                )
     finally:
         prepared.unlink(missing_ok=True)
     fp32, int8 = onnx_top1(folder / "model.onnx", val), onnx_top1(quantized, val)
     drop = 100.0 * (fp32 - int8)
-    entry = {"file": out_name, "calibration_images": len(chosen), "validation_images": len(val),
+    entry = {"file": out_name, "method": method, "calibration_images": len(chosen), "validation_images": len(val),
              "fp32_onnx_top1": fp32, "int8_top1": int8, "drop_points": drop, "max_drop_points": max_drop,
              "ok": drop <= max_drop}
     if not drop <= max_drop:

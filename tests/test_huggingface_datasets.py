@@ -62,7 +62,7 @@ def test_a_saved_dataset_trains_from_its_teacher_cache_whose_views_replay_exactl
     assert logged["train/cache_view_match_step"] == [1.0] * 6 and logged["train/cache_agreement_step"] == [1.0] * 6
     # the INT8 export calibrates on the recorded dataset, read with the run's own column names
     export_student(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export", torchscript=False,
-                   int8=Int8(calibration_images=8, max_drop=100.0))
+                   int8=Int8(calibration_images=8, max_drop=100.0, method="static"))
     report = json.loads((tmp_path / "export" / "export_report.json").read_text())["formats"]["int8"]
     assert report["validation_images"] == 3 * 8 and report["calibration_images"] == 8
 
