@@ -122,6 +122,7 @@ def cli_main(args: list[str] | None = None) -> None:
     if argv[0] == "--version":
         print(f"distill {importlib.metadata.version('deit-distill')}")
         return
+    name = ""
     try:
         name, main = command_of(argv)
         if name in TRAINING:  # LightningCLI: the whole command line (from sys.argv when run from the shell: it
@@ -139,7 +140,8 @@ def cli_main(args: list[str] | None = None) -> None:
             # preempted: Lightning stopped after a batch, last.ckpt was saved
             print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
             raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
-        if isinstance(err.__context__, KeyboardInterrupt):  # Lightning's own Ctrl+C handling ends in exit(1)
+        if name in TRAINING and err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
+            # Lightning's own Ctrl+C handling during fit ends in exit(1)
             print("interrupted (Ctrl+C); resume with the same command and --ckpt_path last", file=sys.stderr)
             raise SystemExit(130) from None
         raise

@@ -37,7 +37,6 @@ from distill.ranges import (
 __all__ = ["DistillationLoss", "DISTILLATION_TYPES"]
 
 
-
 class DistillationLoss(nn.Module):
     """Base loss plus none | soft | hard distillation; returns the total and its parts.
 

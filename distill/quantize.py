@@ -65,9 +65,8 @@ def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodul
     fp32 ONNX model's.
     """
     transform = export_transform(model)
-    train, val = datamodule.split_dataset("train", transform), datamodule.split_dataset("val", transform)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration_images]
-    chosen = chosen if method == "static" else chosen[:0]
+    val = datamodule.split_dataset("val", transform)
+    chosen: list[int] = []  # calibration images (static only)
     prepared, quantized = folder / "model.prepared.onnx", folder / out_name
     try:
         with _root_logging_at(logging.ERROR):
@@ -76,8 +75,11 @@ def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodul
                 quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8,
                                  op_types_to_quantize=list(QUANTIZED_OPS))
             else:
+                train = datamodule.split_dataset("train", transform)
+                generator = torch.Generator().manual_seed(seed)
+                chosen = torch.randperm(len(train), generator=generator)[:calibration_images].tolist()
                 quantize_static(
-                    str(prepared), str(quantized), _Batches(_loader(Subset(train, chosen.tolist()))),
+                    str(prepared), str(quantized), _Batches(_loader(Subset(train, chosen))),
                     quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
                 )
@@ -90,8 +92,9 @@ def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodul
              "ok": drop <= max_drop}
     if not drop <= max_drop:
         raise UserError(f"export --int8: top-1 on the validation split drops {drop:.2f} points ({100 * fp32:.2f}% fp32 "
-                        f"-> {100 * int8:.2f}% INT8) > --int8_max_drop {max_drop:g}; try more --calibration_images, "
-                        "or serve the fp32 model (--backend onnx)")
+                        f"-> {100 * int8:.2f}% INT8) > --int8_max_drop {max_drop:g}; "
+                        + ("try more --calibration_images, " if method == "static" else "")
+                        + "or serve the fp32 model (--backend onnx)")
     return entry
 
 

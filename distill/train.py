@@ -56,8 +56,9 @@ TRAINER_DEFAULTS = {
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """A parser whose errors are a `UsageError` (one line, printed by `cli_main`) naming the option (with a close match for a typo, the accepted
-    range for a number out of range), not jsonargparse's page of usage; DISTILL_DEBUG=1 restores the full output."""
+    """A parser whose errors are a `UsageError` (one line, printed by `cli_main`) naming the option, with a close
+    match for a typo and the accepted range for a number out of range, not jsonargparse's page of usage;
+    DISTILL_DEBUG=1 restores the full output."""
 
     argv: ClassVar[list[str]] = []  # the command line, set by make_cli: to name the config file a bad key is in
 
