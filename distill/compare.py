@@ -33,7 +33,7 @@ import torch
 
 from distill.errors import OneLineArgumentParser, UserError, positive_int
 from distill.files import OutputLock, write_atomically
-from distill.pipeline import finished
+from distill.identity import describe_differences, finished, intended_options, trained_something
 from distill.ranges import DISTILLATION_TYPES
 from distill.report import format_rows
 
@@ -47,6 +47,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     `config`: one fit config, or several (a recipe, then overlays such as configs/students/deit.yaml), in order.
     """
     configs = [config] if isinstance(config, str) else list(config)
+    options = intended_options(configs, None, extra)  # by content: config files, and any file an option names
     runs = []
     for seed in seeds:
         for kind in types:
@@ -61,13 +62,14 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
                        "--trainer.enable_progress_bar=false"]
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
-            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command,
-                         "options": [*configs, *extra]})
+            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command, "options": options})
     return runs
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:
-    """A run folder is reused (skipped or resumed) only for the options it was started with (its run.json)."""
+    """A run folder is reused (skipped or resumed) only if it was made from the options it would be made from now
+    (its run.json: the merged options by content, not the paths or command line that named them); a folder in which
+    nothing was trained (a run that failed on a bad option) is started again."""
     for run in runs:
         record = run["folder"] / "run.json"
         if not run["folder"].exists():
@@ -75,12 +77,35 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
         if not record.is_file():
             raise UserError(f"compare --out: '{run['folder']}' exists but was not written by compare (no run.json); "
                             "choose another --out")
-        before = json.loads(record.read_text()).get("options")
+        if not trained_something(run["folder"]):
+            continue
+        try:
+            before = json.loads(record.read_text()).get("options")
+        except (OSError, ValueError, AttributeError):
+            before = None
         if before != run["options"]:
-            differ = sorted(set(before or []) ^ set(run["options"]))
-            raise UserError(f"compare --out: '{run['folder']}' was run with other options (differing: {differ[:4]}); "
-                            "its result would not be this comparison's: choose another --out, or repeat the same "
-                            "options to resume it")
+            what = (describe_differences(before, run["options"]) + ", as then -> now" if isinstance(before, dict)
+                    else "its run.json does not record them by content: an earlier version of distill")
+            raise UserError(f"compare --out: '{run['folder']}' was run with other options ({what}); its result would "
+                            "not be this comparison's: choose another --out, or repeat the same options to resume it")
+
+
+def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: bool) -> None:
+    """compare.md / compare.json are replaced only by the same comparison (the same options, at least its runs) or
+    with --overwrite: a comparison of other types or seeds into the same --out does not relabel an earlier table."""
+    try:
+        before = json.loads((out / "compare.json").read_text()).get("made_from")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if overwrite or (isinstance(before, dict) and before.get("options") == made_from["options"]
+                     and {tuple(r) for r in before.get("runs", [])} <= {tuple(r) for r in made_from["runs"]}):
+        return
+    shown = f" ({', '.join(sorted({r[0] for r in before['runs']}))} x {len({r[1] for r in before['runs']})} seed(s))" \
+        if isinstance(before, dict) and before.get("runs") else ""
+    raise UserError(f"compare --out: '{out / 'compare.md'}' holds the table of another comparison{shown}; choose "
+                    "another --out, or pass --overwrite to replace that table (the runs it counted are kept)")
 
 
 def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> list[dict[str, Any]]:
@@ -218,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"distillation types to compare, comma-separated ({', '.join(DISTILLATION_TYPES)})")
     parser.add_argument("--jobs", default="auto", help="runs at once: auto (one per GPU, else one per CPU core) or N")
     parser.add_argument("--out", default="runs/compare", help="output folder (re-running resumes it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT/compare.md and compare.json written by another comparison (other types, "
+                             "seeds or options); finished runs are never replaced")
     args, extra = parser.parse_known_args(argv)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     unknown = [t for t in types if t not in DISTILLATION_TYPES]
@@ -244,13 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with OutputLock(out / ".lock", f"compare --out '{out}'"):
             check_same_options(runs)
+            made_from = {"options": runs[0]["options"], "runs": [[r["type"], r["seed"]] for r in runs]}
+            check_table_replaceable(out, made_from, args.overwrite)
             started = time.monotonic()
             runs = run_all(runs, jobs, threads, gpus)
             summary = summarize_runs(runs, types)
             table = format_table(summary)
             wall = time.monotonic() - started
             config = args.config if len(args.config) > 1 else args.config[0]
-            record = {"config": config, "extra": extra, "seeds": seeds, "jobs": jobs, "threads": threads,
+            record = {"config": config, "extra": extra, "made_from": made_from, "seeds": seeds, "jobs": jobs, "threads": threads,
                       "wall_time_s": round(wall, 1), "summary": summary,
                       "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
             with write_atomically(out / "compare.json") as partial:

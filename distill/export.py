@@ -17,6 +17,7 @@ own files) or empty; a second export writing the same folder at the same time is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from torch import nn
 from distill.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 from distill.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
 from distill.files import OutputLock, lock_path, replace_folder
+from distill.identity import describe_differences, file_digest
 from distill.inference import load_export
 from distill.quantize import Int8Method, quantize_int8, training_data
 from students import Student
@@ -80,18 +82,58 @@ def export_student(
         raise UserError("export --int8 quantizes the ONNX model: drop --no-onnx")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"export --out: '{out.parent}' is a file, so '{out}' cannot be a folder")
-    check_replaceable(out, overwrite)
+    made_from = export_identity(ckpt, onnx, torchscript, tolerance, ema, int8)
     with OutputLock(lock_path(out), f"export --out '{out}'"):
-        check_replaceable(out, overwrite)  # again, now that no other export can be writing it
-        return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8)
+        remove_leftovers(out)
+        current = current_export(out, made_from)
+        if current is not None:  # made from this checkpoint's bytes with these options, its files intact
+            return {**current, "kept": True}
+        check_replaceable(out, overwrite, made_from)
+        return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8, made_from)
 
 
-def check_replaceable(out: Path, overwrite: bool) -> None:
+def export_identity(ckpt: str | Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
+                    int8: Optional[Int8]) -> dict[str, Any]:
+    """What an export is made from: the checkpoint's content and the options that shape the folder."""
+    read_student_checkpoint(ckpt, "export --ckpt")  # a missing or foreign file is one line before it is hashed
+    options = {"onnx": onnx, "torchscript": torchscript, "tolerance": tolerance, "ema": ema,
+               "int8": None if int8 is None else dataclasses.asdict(int8)}
+    return {"checkpoint": file_digest(ckpt), "options": options}
+
+
+def current_export(out: Path, made_from: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The report of the export at `out` if it was made from `made_from` and its files are the ones it wrote."""
+    try:
+        report = json.loads((out / "export_report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("made_from") != made_from or not isinstance(report.get("files"), dict):
+        return None
+    try:
+        intact = all(file_digest(out / name) == digest for name, digest in report["files"].items())
+    except OSError:
+        return None
+    return report if intact else None
+
+
+def remove_leftovers(out: Path) -> None:
+    """Folders of exports to `out` that were killed (SIGKILL, power loss) before they could clean up. Called under
+    `out`'s lock, so no live export is building them; a previous export set aside and never replaced is put back."""
+    for partial in out.parent.glob(f".{out.name}.tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in sorted(out.parent.glob(f".{out.name}.old*")):
+        if not out.exists() and old.is_dir():
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(out: Path, overwrite: bool, made_from: Optional[dict[str, Any]] = None) -> None:
     """`out` may be written: it does not exist, or `overwrite` and it is an earlier export or empty."""
     if not out.exists():
         return
     if not overwrite:
-        raise UserError(f"export: '{out}' already exists; pass --overwrite to replace it")
+        raise UserError(f"export: '{out}' already exists{_why_stale(out, made_from)}; pass --overwrite to replace it")
     if not out.is_dir():
         raise UserError(f"export --out: '{out}' is a file, not an export folder; choose another --out")
     held = sorted(p.name for p in out.iterdir())
@@ -104,8 +146,24 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
                         "an earlier export or an empty folder: choose another --out")
 
 
+def _why_stale(out: Path, made_from: Optional[dict[str, Any]]) -> str:
+    """Why the existing export at `out` is not the one asked for (`current_export` said it is not)."""
+    try:
+        report = json.loads((out / "export_report.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    before = report.get("made_from") if isinstance(report, dict) else None
+    if made_from is None or not isinstance(before, dict):
+        return ""
+    if before.get("checkpoint") != made_from["checkpoint"]:
+        return " (made from another checkpoint: its content differs)"
+    if before.get("options") != made_from["options"]:
+        return f" (made with other options: {describe_differences(before.get('options') or {}, made_from['options'])})"
+    return " (its files changed since it was written)"
+
+
 def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
-            int8: Optional[Int8]) -> dict[str, Any]:
+            int8: Optional[Int8], made_from: dict[str, Any]) -> dict[str, Any]:
     student, checkpoint = load_student(ckpt, ema)
     model, data = student.fused_model(), _data_config(checkpoint)
     training = None
@@ -142,6 +200,8 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
         if int8 is not None:
             report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, training,
                                                       int8.calibration_images, int8.max_drop, method=int8.method)
+        report["made_from"] = made_from  # what `current_export` compares before keeping this folder
+        report["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:
@@ -220,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     int8 = Int8(args.calibration_images, args.int8_max_drop, args.data, args.int8_method) if args.int8 else None
     report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema,
                             int8)
+    if report.get("kept"):
+        print(f"export: '{args.out}' is already the export of '{args.ckpt}' with these options (same checkpoint "
+              "content, files intact): kept")
+        return
     for name, result in report["formats"].items():
         if name == "int8":
             print(f"{name:12s} ({result['method']}) top-1 {100 * result['int8_top1']:.2f}% vs fp32 ONNX "

@@ -6,19 +6,22 @@ Each stage is a `distill fit` in its own process (so a stage can run under DDP a
 of one stage leaves the others' files alone) writing under `<root>/<name>/<stage>/`:
 TensorBoard logs, `checkpoints/{best,last}.ckpt` and, once finished, `result.json`
 (the best checkpoint's validation metrics). Running the same command again skips stages
-with a `result.json`, resumes a stage that has a `last.ckpt` from it, and starts the others.
+with a `result.json`, resumes a stage that has a `last.ckpt` from it, and starts the others,
+but only a stage made from what it would be made from now (`stage.json`: its merged options
+and its upstream checkpoints by content; a changed stage is refused, naming what changed). The
+export is redone when its checkpoint (by content) or its options changed, and kept otherwise.
 A stage can take its teacher from an earlier stage's best checkpoint (`teacher_from`) and
 start its student from another's (`init_from`: position embeddings resampled when the
 image size changes). See configs/pipeline.yaml for the format.
 
 Paths: a stage's `config` is relative to the pipeline file (the command works from any
-folder); outputs go under `root` relative to the current folder, like `distill fit`'s. A stage
+folder); outputs go under `root` relative to the current folder, like `distill fit`'s (the same
+root reached from another folder is the same pipeline). A stage
 counts as finished only when its `result.json` says it trained (steps > 0) and its best
 checkpoint exists; two pipelines writing the same root at once are refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -28,9 +31,10 @@ from typing import Any, Optional
 
 from distill.errors import OneLineArgumentParser, UserError
 from distill.files import OutputLock, load_yaml, write_atomically
+from distill.identity import describe_differences, differences, finished, intended_options, trained_something
 from distill.report import format_rows
 
-__all__ = ["run_pipeline", "load_spec", "main"]
+__all__ = ["run_pipeline", "load_spec", "main", "finished"]
 
 STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
 # set by the pipeline for each stage (its folder, its result file, its resume point)
@@ -123,7 +127,7 @@ def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[
 def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
     """Run (or resume) every stage and the export; returns one result per stage."""
     spec = load_spec(config)
-    root = Path(root or spec.get("root", "runs")) / spec["name"]
+    root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
     reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
     if reserved:
         raise UserError(f"pipeline: {reserved[0]} is set by the pipeline for each stage; leave it out")
@@ -134,31 +138,42 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
 
 
 def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[str, Any]:
-    """What a stage's result depends on: its fit options and the results of the stages it starts from."""
-    command = [a for a in stage_command(stage, root, extra)[3:] if not a.startswith("--ckpt_path=")]
-    upstream = {}
-    for ref in ("teacher_from", "init_from"):
+    """What a stage's result is made from: the merged options of its fit (its config file's content, its overrides,
+    the options given to every stage) with the checkpoints of the stages it starts from by their content; neither
+    the paths that named them nor the folder the pipeline runs from (distill/identity.py)."""
+    arguments = list(extra)
+    for ref, key in (("teacher_from", "model.teacher.init_args.weights"), ("init_from", "model.init_from")):
         if stage.get(ref):
-            result = root / stage[ref] / "result.json"
-            upstream[stage[ref]] = hashlib.sha256(result.read_bytes()).hexdigest()[:16] if result.is_file() else None
-    return {"command": command, "upstream": upstream}
+            arguments.append(f"--{key}={root / stage[ref] / 'checkpoints' / 'best.ckpt'}")
+    return {"options": intended_options([stage["config"]], stage.get("overrides"), arguments)}
 
 
 def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
-    """A stage is skipped or resumed only with the options and upstream results it was started with."""
-    record = root / stage["name"] / "stage.json"
-    if not record.is_file():
+    """A stage is skipped or resumed only if it was made from the options and upstream results it would be made
+    from now; a folder in which nothing was trained is simply started again."""
+    folder = root / stage["name"]
+    record = folder / "stage.json"
+    if not record.is_file() or not trained_something(folder):
         return
-    before = json.loads(record.read_text())
-    if before == identity:
+    try:
+        before = json.loads(record.read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before == identity["options"]:
         return
-    if before.get("upstream") != identity["upstream"]:
-        what = f"the stage(s) it starts from ({', '.join(identity['upstream'])}) were run again since"
+    if not isinstance(before, dict):
+        what = "its stage.json does not record what it was made from (an earlier version of distill, or edited)"
     else:
-        differ = sorted(set(before.get("command", [])) ^ set(identity["command"]))
-        what = f"its options changed (differing: {differ[:4]})"
-    raise UserError(f"pipeline: stage '{stage['name']}' was run earlier, but {what}; its results would be stale: remove "
-                    f"'{root / stage['name']}' to run it again, or restore the pipeline file and options")
+        changed = {line.split(":")[0] for line in differences(before, identity["options"])}
+        upstream = {f"model.{k}" for k in ("teacher.init_args.weights", "init_from")}
+        refs = [stage[r] for r in ("teacher_from", "init_from") if stage.get(r)]
+        if changed <= upstream and refs:
+            what = f"the stage(s) it starts from ({', '.join(dict.fromkeys(refs))}) were trained again since"
+        else:
+            what = f"its options changed ({describe_differences(before, identity['options'])}, as then -> now)"
+    raise UserError(f"pipeline: stage '{stage['name']}' in '{folder}' was made earlier, but {what}; its results would "
+                    "not be this pipeline's: restore the options, write this pipeline elsewhere (--root DIR), or remove "
+                    f"'{folder}' to train the stage again (its results are then lost)")
 
 
 def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> list[dict]:
@@ -183,22 +198,17 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
                 raise SystemExit(143)
             if code != 0 or finished(result_file) is None:
                 _stop_after_failure(f"stage '{stage['name']}'", code, "to resume the stage")
-        results.append({"stage": stage["name"], **json.loads(result_file.read_text())})
+        results.append({"stage": stage["name"], **finished(result_file)})
     export = spec.get("export")
-    if export:
-        out = root / "export"
-        if (out / "export_report.json").is_file():
-            print(f"[pipeline] export: {out} exists, skipped", flush=True)
-        else:
-            best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
-            code = _run_stage(export_command(export, best, out))
-            if code in (143, -signal.SIGTERM):  # the half-built folder is removed by the export itself
-                print("[pipeline] export: stopped by SIGTERM; re-run the same command to export", file=sys.stderr,
-                      flush=True)
-                raise SystemExit(143)
-            if code != 0:
-                _stop_after_failure("export", code, "(finished stages are skipped)")
-            print(f"[pipeline] export: {out} written and verified", flush=True)
+    if export:  # `distill export` keeps an export made from the same checkpoint (by content) with the same options
+        best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
+        code = _run_stage(export_command(export, best, root / "export"))
+        if code in (143, -signal.SIGTERM):  # the half-built folder is removed by the export itself
+            print("[pipeline] export: stopped by SIGTERM; re-run the same command to export", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(143)
+        if code != 0:
+            _stop_after_failure("export", code, "(finished stages are skipped)")
     print(format_table(results), flush=True)
     return results
 
@@ -209,17 +219,6 @@ def _stop_after_failure(step: str, code: int, then: str) -> None:
     print(f"[pipeline] {step} failed (exit {code}, its error is above); fix it and re-run the same command {then}",
           file=sys.stderr, flush=True)
     raise SystemExit(code if code > 0 else 1)
-
-
-def finished(result_file: Path) -> Optional[dict[str, Any]]:
-    """The stage's result if it finished: its result.json says it trained and its best checkpoint exists."""
-    try:
-        result = json.loads(result_file.read_text())
-    except (OSError, ValueError):
-        return None
-    trained = result.get("steps", 1) > 0  # result files of older versions have no step count
-    best = result.get("best_checkpoint")
-    return result if trained and best and Path(best).is_file() else None
 
 
 def _run_stage(command: list[str]) -> int:

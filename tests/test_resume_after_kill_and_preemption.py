@@ -249,7 +249,7 @@ def test_resuming_with_a_checkpoint_of_another_student_is_refused(tmp_path, caps
     last = tmp_path / "ckpt" / "last.ckpt"
     before = last.read_bytes()
     line = run_cli_error([*distill_args(tmp_path), "--model.student.init_args.depth=3", f"--ckpt_path={last}"], capsys)
-    assert "ckpt_path: the checkpoint is of another student (depth: 2 in the checkpoint, 3 here)" in line
+    assert "was saved by a run with other options (model.student.init_args.depth: 2 -> 3" in line
     assert last.read_bytes() == before
 
 

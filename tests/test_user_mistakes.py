@@ -577,24 +577,6 @@ def test_a_key_given_twice_in_a_config_is_named(tmp_path, capsys):
     assert f"{twice}: not valid YAML at line 5" in line and "the key 'data' is given twice (first at line 1)" in line
 
 
-def test_a_pipeline_stage_whose_options_or_upstream_changed_is_not_skipped_as_finished(tmp_path):
-    from distill.pipeline import _check_unchanged, stage_identity
-
-    teacher = {"name": "teacher", "config": "teacher.yaml"}
-    student = {"name": "distill", "config": "distill.yaml", "teacher_from": "teacher"}
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "result.json").write_text('{"steps": 3}')
-    for stage in (teacher, student):
-        (tmp_path / stage["name"]).mkdir(exist_ok=True)
-        (tmp_path / stage["name"] / "stage.json").write_text(json.dumps(stage_identity(stage, tmp_path, [])))
-        _check_unchanged(stage, tmp_path, stage_identity(stage, tmp_path, []))  # the same: fine
-    with pytest.raises(UserError, match=r"stage 'teacher' was run earlier, but its options changed .*--model.lr=0.1"):
-        _check_unchanged(teacher, tmp_path, stage_identity(teacher, tmp_path, ["--model.lr=0.1"]))
-    (tmp_path / "teacher" / "result.json").write_text('{"steps": 4}')  # the teacher stage was run again
-    with pytest.raises(UserError, match=r"stage 'distill' was run earlier, but the stage\(s\) it starts from"):
-        _check_unchanged(student, tmp_path, stage_identity(student, tmp_path, []))
-
-
 def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch):
     import distill.train
 

@@ -1,0 +1,290 @@
+"""A result is identified by what it was made from (content, not paths or command lines), and an output whose
+source changed is redone or refused, never skipped in silence. The cases, as users met them:
+
+- fit: `--ckpt_path last` with a changed option, and a resume after the config file was edited, are refused
+  (the checkpoint records the resolved options); the same options resume.
+- pipeline: a stage is the same from another folder or by another spelling of the config's path; an edited
+  stage config, changed overrides, or a retrained upstream stage is refused naming what changed; a stage that
+  failed on a bad option (nothing trained) starts again; the export runs again after a stage was retrained.
+- export: one made from the same checkpoint bytes with the same options is kept; another checkpoint or other
+  options is refused without --overwrite (replaced with it); leftovers of a killed export are cleaned.
+- compare: an edited config file is refused for runs made from the old one; a run that failed on a bad option
+  does not block the fixed command; another comparison into the same --out does not replace the table.
+- fit's outputs: without a logger each run's config.yaml is beside its checkpoints (not one `runs/config.yaml`
+  replaced by every run); no `runs/` in the current folder when outputs go elsewhere; a failed fit leaves no
+  empty checkpoint or TensorBoard folders.
+
+Every refusal: exit code 2, one `error:` line, earlier outputs byte-identical.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import distill.module
+import distill.pipeline
+from distill.cli import cli_main
+from distill.compare import check_same_options, plan_runs
+from distill.errors import UserError
+from distill.export import export_student
+from distill.identity import intended_options
+from distill.pipeline import _check_unchanged, stage_identity
+from tests.helpers import ROOT, distill_args, run_cli_error
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: a resumed run continues the run its checkpoint was saved by
+
+
+@pytest.fixture(scope="module")
+def finished_fit(tmp_path_factory) -> tuple[list[str], Path]:
+    """A tiny fit without a logger, run from its own folder, whose options partly come from a config file of the
+    user's (mine.yaml). Tests leave it as they found it."""
+    folder = tmp_path_factory.mktemp("fit")
+    mine = folder / "mine.yaml"
+    mine.write_text("model:\n  lr: 0.001\n")
+    args = [*distill_args(folder), "--config", str(mine), "--trainer.logger=false"]
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        cli_main(args)
+    finally:
+        os.chdir(cwd)
+    return args, mine
+
+
+def test_resuming_with_ckpt_path_last_and_a_changed_option_is_refused(capsys, finished_fit):
+    args, mine = finished_fit
+    ckpt = mine.parent / "ckpt"
+    before = snapshot(ckpt)
+    line = run_cli_error([*args, "--ckpt_path", "last", "--model.lr", "0.01"], capsys)
+    assert f"ckpt_path: 'last' ({ckpt / 'last.ckpt'}) was saved by a run with other options" in line
+    assert "model.lr: 0.001 -> 0.01" in line and "--model.init_from" in line
+    assert snapshot(ckpt) == before
+
+
+def test_resuming_after_the_config_file_was_edited_is_refused(capsys, finished_fit):
+    args, mine = finished_fit
+    ckpt = mine.parent / "ckpt"
+    before = snapshot(ckpt)
+    mine.write_text("model:\n  lr: 0.002\n")  # the same path, other content
+    try:
+        line = run_cli_error([*args, f"--ckpt_path={ckpt / 'last.ckpt'}"], capsys)
+    finally:
+        mine.write_text("model:\n  lr: 0.001\n")
+    assert "was saved by a run with other options (model.lr: 0.001 -> 0.002" in line
+    assert snapshot(ckpt) == before
+
+
+def test_a_teacher_file_is_the_same_teacher_under_another_path(tmp_path, finished_fit):
+    args, mine = finished_fit
+    weights = next(a for a in args if a.startswith("--model.teacher.init_args.weights="))
+    copy = tmp_path / "teacher.safetensors"
+    shutil.copy(weights.split("=", 1)[1], copy)
+    moved = [a if a != weights else f"--model.teacher.init_args.weights={copy}" for a in args]
+    before = {p.name: p.read_bytes() for p in (mine.parent / "ckpt").glob("*.ckpt")}
+    cli_main([*moved, "--ckpt_path", "last"])  # resumed (at its last epoch already: nothing more to train)
+    assert {p.name: p.read_bytes() for p in (mine.parent / "ckpt").glob("*.ckpt")} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# fit's own outputs
+
+
+def test_without_a_logger_the_runs_config_is_beside_its_checkpoints_and_no_runs_folder_is_made(finished_fit):
+    folder = finished_fit[1].parent  # the fit ran from here, its outputs elsewhere
+    assert f"dirpath: {folder / 'ckpt'}" in (folder / "ckpt" / "config.yaml").read_text()
+    assert not (folder / "runs").exists()  # neither one config.yaml every run replaces nor an empty runs/
+
+
+def test_a_failed_fit_leaves_no_empty_output_folders(tmp_path, capsys, monkeypatch):
+    def fails(self) -> None:
+        raise UserError("the data moved away")
+
+    monkeypatch.setattr(distill.module.DistillationModule, "on_fit_start", fails)
+    args = distill_args(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "the data moved away" in run_cli_error(args, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no ckpt/, no runs/distill/version_0/
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline: a stage is its merged options and its upstream checkpoints, by content
+
+
+def copy_configs(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("teacher.yaml", "distill.yaml"):
+        shutil.copy(ROOT / "configs" / name, folder / name)
+    return folder
+
+
+def finished_stage(root: Path, stage: dict, extra: list[str] = ()) -> None:
+    """A stage folder as a finished `distill fit` leaves it (result.json, best.ckpt) and its stage.json."""
+    folder = root / stage["name"]
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "best.ckpt").write_bytes(f"weights of {stage['name']}".encode())
+    (folder / "result.json").write_text(json.dumps({"steps": 3, "best_checkpoint": str(folder / "checkpoints" / "best.ckpt")}))
+    (folder / "stage.json").write_text(json.dumps(stage_identity(stage, root, list(extra))))
+
+
+def test_a_pipeline_stage_is_the_same_from_another_folder_or_path_spelling(tmp_path, monkeypatch):
+    configs = copy_configs(tmp_path / "pipe")
+    root = tmp_path / "runs"
+    absolute = {"name": "teacher", "config": str(configs / "teacher.yaml")}
+    finished_stage(root, absolute)
+    monkeypatch.chdir(tmp_path / "pipe")
+    relative = {"name": "teacher", "config": os.path.join("..", "pipe", "teacher.yaml")}
+    _check_unchanged(relative, root, stage_identity(relative, root, []))  # not refused: the same content
+
+
+def test_a_pipeline_stage_whose_config_file_or_overrides_changed_is_refused(tmp_path):
+    configs = copy_configs(tmp_path / "pipe")
+    root = tmp_path / "runs"
+    stage = {"name": "teacher", "config": str(configs / "teacher.yaml"), "overrides": {"trainer.max_epochs": 8}}
+    finished_stage(root, stage)
+    edited = yaml.safe_load((configs / "teacher.yaml").read_text())
+    edited["model"]["lr"] = 0.5
+    (configs / "teacher.yaml").write_text(yaml.safe_dump(edited))  # edited in place: the same path
+    with pytest.raises(UserError, match=r"stage 'teacher' .* its options changed \(model.lr: .* -> 0.5, as then"):
+        _check_unchanged(stage, root, stage_identity(stage, root, []))
+    shutil.copy(ROOT / "configs" / "teacher.yaml", configs / "teacher.yaml")
+    _check_unchanged(stage, root, stage_identity(stage, root, []))  # restored: the same again
+    with pytest.raises(UserError, match=r"trainer.max_epochs: 8 -> 9"):
+        _check_unchanged(stage, root, stage_identity({**stage, "overrides": {"trainer.max_epochs": 9}}, root, []))
+    with pytest.raises(UserError, match=r"model.lr: .* -> 0.1"):
+        _check_unchanged(stage, root, stage_identity(stage, root, ["--model.lr", "0.1"]))
+
+
+def test_a_stage_after_its_upstream_was_trained_again_is_refused_and_one_that_trained_nothing_restarts(tmp_path):
+    configs = copy_configs(tmp_path / "pipe")
+    root = tmp_path / "runs"
+    teacher = {"name": "teacher", "config": str(configs / "teacher.yaml")}
+    student = {"name": "distill", "config": str(configs / "distill.yaml"), "teacher_from": "teacher"}
+    finished_stage(root, teacher)
+    finished_stage(root, student)
+    _check_unchanged(student, root, stage_identity(student, root, []))
+    (root / "teacher" / "checkpoints" / "best.ckpt").write_bytes(b"weights of a retrained teacher")
+    with pytest.raises(UserError, match=r"stage 'distill' .* the stage\(s\) it starts from \(teacher\) were trained "
+                                        r"again since"):
+        _check_unchanged(student, root, stage_identity(student, root, []))
+    shutil.rmtree(root / "distill" / "checkpoints")
+    (root / "distill" / "result.json").unlink()  # a stage that failed on a bad option: stage.json and nothing else
+    _check_unchanged(student, root, stage_identity(student, root, ["--model.lr", "0.1"]))
+
+
+def test_the_pipeline_runs_the_export_again_for_the_stage_it_exports(tmp_path, monkeypatch, capsys):
+    configs = copy_configs(tmp_path / "pipe")
+    spec = {"name": "p", "stages": [{"name": "teacher", "config": "teacher.yaml"}],
+            "export": {"from": "teacher", "torchscript": False}}
+    (configs / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    finished_stage(tmp_path / "p", {"name": "teacher", "config": str(configs / "teacher.yaml")})
+    (tmp_path / "p" / "export").mkdir()
+    (tmp_path / "p" / "export" / "export_report.json").write_text("{}")  # an export of other weights
+    commands = []
+    monkeypatch.setattr(distill.pipeline, "_run_stage", lambda command: commands.append(command) or 0)
+    cli_main(["pipeline", "--config", str(configs / "pipeline.yaml"), "--root", str(tmp_path)])
+    assert "teacher: finished earlier, skipped" in capsys.readouterr().out
+    (export,) = commands  # `distill export` decides by content whether the folder is current (tests below)
+    assert export[3:5] == ["export", "--ckpt"] and "--overwrite" in export and "--no-torchscript" in export
+
+
+# ---------------------------------------------------------------------------------------------
+# export: current only if made from the checkpoint's bytes with the same options
+
+
+def test_an_export_is_kept_when_current_and_redone_or_refused_when_its_source_changed(trained, tmp_path, capsys):
+    out, best = tmp_path / "export", trained / "ckpt" / "best.ckpt"
+    copy = tmp_path / "copy_of_best.ckpt"
+    shutil.copy(best, copy)
+    export_student(best, out, onnx=False, torchscript=False)
+    before = snapshot(out)
+    cli_main(["export", "--ckpt", str(copy), "--out", str(out), "--no-onnx", "--no-torchscript"])
+    assert "is already the export of" in capsys.readouterr().out and snapshot(out) == before  # same bytes, other path
+    line = run_cli_error(["export", "--ckpt", str(trained / "ckpt" / "last.ckpt"), "--out", str(out), "--no-onnx",
+                          "--no-torchscript"], capsys)
+    assert "already exists (made from another checkpoint: its content differs); pass --overwrite" in line
+    line = run_cli_error(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx"], capsys)
+    assert "already exists (made with other options: torchscript: false -> true); pass --overwrite" in line
+    assert snapshot(out) == before
+    report = export_student(trained / "ckpt" / "last.ckpt", out, onnx=False, torchscript=False, overwrite=True)
+    assert report["checkpoint"].endswith("last.ckpt") and snapshot(out) != before
+
+
+def test_an_export_whose_files_changed_is_not_current_and_a_killed_exports_leftovers_are_removed(trained, tmp_path,
+                                                                                                  capsys):
+    out, best = tmp_path / "export", trained / "ckpt" / "best.ckpt"
+    export_student(best, out, onnx=False, torchscript=False)
+    (out / "model.safetensors").write_bytes(b"replaced by hand")
+    (tmp_path / ".export.tmp424242").mkdir()  # a SIGKILLed export's half-built folder
+    (tmp_path / ".export.tmp424242" / "model.safetensors").write_bytes(b"half")
+    line = run_cli_error(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript"], capsys)
+    assert "already exists (its files changed since it was written); pass --overwrite" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: a run folder is its merged options by content
+
+
+def test_compare_refuses_runs_made_from_a_config_file_since_edited(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    shutil.copy(ROOT / "configs" / "distill.yaml", recipe)
+    (run,) = plan_runs(str(recipe), ["none"], [0], tmp_path / "c", [])
+    (run["folder"] / "checkpoints").mkdir(parents=True)
+    (run["folder"] / "checkpoints" / "last.ckpt").write_bytes(b"an interrupted run")
+    (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
+    check_same_options([run])
+    recipe.write_text(recipe.read_text().replace("lr: 1.0e-3", "lr: 5.0e-4"))
+    with pytest.raises(UserError, match=r"was run with other options \(model.lr: 0.001 -> 0.0005, as then -> now\)"):
+        check_same_options(plan_runs(str(recipe), ["none"], [0], tmp_path / "c", []))
+
+
+def test_compare_after_a_run_that_failed_on_a_bad_option_accepts_the_fixed_command(tmp_path):
+    (run,) = plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", ["--model.lrr=1"])
+    run["folder"].mkdir(parents=True)
+    (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
+    (run["folder"] / "fit.log").write_text("error: model.lrr ...")  # nothing trained
+    check_same_options(plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", []))
+
+
+def fake_finished_runs(out: Path, types: list[str], seeds: list[int], config: str) -> None:
+    for run in plan_runs(config, types, seeds, out, []):
+        (run["folder"] / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run["folder"] / "checkpoints" / "best.ckpt").write_bytes(b"w")
+        (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
+        (run["folder"] / "result.json").write_text(json.dumps({
+            "steps": 2, "best_checkpoint": str(run["folder"] / "checkpoints" / "best.ckpt"), "wall_time_s": 1.0,
+            "final_metrics": {"val/acc": 0.5}, "metrics": {"val/acc": 0.6, "val/teacher_acc": 0.9}}))
+
+
+def test_another_comparison_into_the_same_out_does_not_replace_its_table(tmp_path, capsys):
+    config, out = str(ROOT / "configs" / "distill.yaml"), tmp_path / "c"
+    fake_finished_runs(out, ["none", "soft"], [0, 1], config)
+    compare = ["compare", "--config", config, "--out", str(out), "--jobs", "1"]
+    cli_main([*compare, "--types", "none", "--seeds", "1"])
+    cli_main([*compare, "--types", "none,soft", "--seeds", "2"])  # the same comparison, more runs: its table
+    before = snapshot(out)
+    line = run_cli_error([*compare, "--types", "soft", "--seeds", "2"], capsys)
+    assert f"compare --out: '{out / 'compare.md'}' holds the table of another comparison (none, soft x 2 seed(s))" in line
+    assert snapshot(out) == before
+    cli_main([*compare, "--types", "soft", "--seeds", "2", "--overwrite"])
+    assert json.loads((out / "compare.json").read_text())["made_from"]["runs"] == [["soft", 0], ["soft", 1]]
+
+
+def test_intended_options_merge_configs_by_content_then_overrides_then_arguments(tmp_path):
+    base, overlay = tmp_path / "base.yaml", tmp_path / "overlay.yaml"
+    base.write_text("model:\n  lr: 0.001\n  student:\n    class_path: A\n    init_args: {depth: 6}\ndata:\n  img_size: 32\n")
+    overlay.write_text("model:\n  student:\n    class_path: B\n")
+    options = intended_options([base, overlay], {"data.img_size": 48}, ["--model.lr", "2e-3", "--trainer.devices=2"])
+    assert (options["model.lr"], options["model.student.class_path"]) == (0.002, "B")
+    assert (options["data.img_size"], options["trainer.devices"]) == (48, 2)
+    assert intended_options([base], None, ["--model.lr=0.002"]) == intended_options([base], None, ["--model.lr=2e-3"])
