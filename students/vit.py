@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from functools import partial
 from typing import Any, Optional, Union
 
 import timm
@@ -22,6 +23,7 @@ from torch import nn
 
 from distill.errors import UserError
 from distill.ranges import HalfOpenUnitInterval, PositiveInt, plain
+from students.checks import check_built, check_options, explain_build_error
 
 __all__ = ["Student", "DEIT_VARIANTS", "check_model_name"]
 
@@ -44,6 +46,19 @@ def check_model_name(model_name: str, option: str, aliases: tuple[str, ...] = ()
 
 
 def _create(model_name: str, img_size: Optional[int], **kwargs: Any) -> nn.Module:
+    """Create a timm model (a DEIT_VARIANTS name or timm's); a size combination timm asserts on (or trips over)
+    is a one-line UserError."""
+    timm_name = DEIT_VARIANTS.get(model_name, model_name)
+    try:
+        return _create_sized(timm_name, img_size, **kwargs)
+    except (AssertionError, IndexError, TypeError) as err:
+        refusal = explain_build_error(err, model_name, img_size, kwargs, partial(_create_sized, timm_name, img_size))
+        if refusal is err:
+            raise
+        raise refusal from err
+
+
+def _create_sized(model_name: str, img_size: Optional[int], **kwargs: Any) -> nn.Module:
     """Create a timm model, giving `img_size` only to architectures that take one (ViTs do, convnets do not)."""
     if img_size is not None:
         try:
@@ -122,14 +137,12 @@ class Student(nn.Module):
         arch_args = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, depths=depths,
                          window_size=window_size)
         arch_args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in arch_args.items() if v is not None}
-        if embed_dim is not None and isinstance(num_heads, int) and embed_dim % num_heads:
-            raise UserError(f"student: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        check_options(model_name, arch_args)
         self.model = _create(
-            timm_name, img_size, pretrained=pretrained, num_classes=num_classes,
+            model_name, img_size, pretrained=pretrained, num_classes=num_classes,
             drop_path_rate=drop_path_rate, drop_rate=drop_rate, **arch_args,
         )
-        _check_patch_grid(self.model, model_name)
-        _check_windows(self.model, model_name, img_size)
+        check_built(self.model, model_name, img_size, window_size)
         self.distilled = isinstance(self.model, VisionTransformerDistilled)
         if self.distilled:
             self.model.set_distilled_training(True)
@@ -198,37 +211,3 @@ def _plain(value: Any) -> Any:
     """Lists (YAML) and tuples alike as lists of built-in numbers: checkpoint configs stay plain data."""
     value = plain(value)
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _check_windows(model: nn.Module, model_name: str, img_size: Optional[int]) -> None:
-    """Swin-style models: every stage's patch grid must be a multiple of its attention window."""
-    stages = getattr(model, "layers", None)
-    info = getattr(model, "feature_info", None)
-    if img_size is None or stages is None or not info:
-        return
-    for index, (stage, stage_info) in enumerate(zip(stages, info)):
-        blocks = getattr(stage, "blocks", [])
-        window = getattr(blocks[0], "window_size", None) if len(blocks) else None
-        if window is None:
-            continue
-        window = (window, window) if isinstance(window, int) else tuple(window)
-        grid = img_size // stage_info["reduction"]
-        if grid % window[0]:
-            size = stage_info["reduction"] * window[0]
-            raise UserError(
-                f"student '{model_name}': at image size {img_size} stage {index} has a {grid}x{grid} patch grid, "
-                f"not a multiple of its window {window[0]}; use an image size that is a multiple of {size} "
-                f"(data.img_size) or another student.window_size"
-            )
-
-
-def _check_patch_grid(model: nn.Module, model_name: str) -> None:
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or getattr(patch_embed, "img_size", None) is None:
-        return
-    img, patch = tuple(patch_embed.img_size), tuple(patch_embed.patch_size)
-    if any(i % p for i, p in zip(img, patch)):
-        raise UserError(
-            f"student '{model_name}': image size {img[0]} is not divisible by patch size {patch[0]}; "
-            f"use an image size that is a multiple of {patch[0]} (data.img_size) or another student.patch_size"
-        )
