@@ -11,15 +11,17 @@ student-teacher agreement, epochs and wall time (first to last event).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import quote
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill.errors import OneLineArgumentParser, UserError
 from distill.files import make_folder, write_atomically
 
-__all__ = ["read_runs", "summarize", "format_rows", "main"]
+__all__ = ["read_runs", "summarize", "format_rows", "plot_names", "main"]
 
 EVENTS = "events.out.tfevents.*"
 
@@ -106,9 +108,10 @@ def report(root: str | Path) -> str:
 
 
 def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
-    """One PNG per run: validation accuracy per head (and EMA, teacher agreement); training loss parts.
+    """One PNG per run (named by `plot_names`): validation accuracy per head (and EMA, teacher agreement); training
+    loss parts.
 
-    An existing PNG of the same name (another run's plot) is replaced only with `overwrite`.
+    An existing PNG of the same name (an earlier call's plot) is replaced only with `overwrite`.
     """
     import matplotlib
 
@@ -117,7 +120,7 @@ def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Pat
 
     out = make_folder(out, "report --plot")
     runs = read_runs(root)
-    targets = {label: out / f"{label.replace('/', '_')}.png" for label in runs}
+    targets = {label: out / name for label, name in plot_names(list(runs)).items()}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
         raise UserError(f"report --plot: {existing[0]} exists{f' (and {len(existing) - 1} more)' if existing[1:] else ''}; "
@@ -145,6 +148,16 @@ def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Pat
         plt.close(figure)
         written.append(path)
     return written
+
+
+def plot_names(labels: list[str]) -> dict[str, str]:
+    """A PNG file name per run label, one file per run: the label with '/' as '_' (`teacher/version_0` ->
+    `teacher_version_0.png`); where that is not unique (`teacher_version_0` is a run too) or the label holds a '%',
+    the label URL-encoded instead (`teacher%2Fversion_0.png`), which never equals another label's name."""
+    flat = {label: label.replace("/", "_") for label in labels}
+    clashes = Counter(flat.values())
+    return {label: (name if clashes[name] == 1 and "%" not in label else quote(label, safe="")) + ".png"
+            for label, name in flat.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,14 +16,23 @@ Bad input is answered with a 4xx and a one-line `{"detail": ...}`, and the serve
 serving: a body that is not multipart/form-data (415), a body over --max_body_mb (413), no
 `image` file field (400), bytes that are not a readable image or a truncated one (400), an
 image whose header declares more than --max_pixels pixels (413, refused before decoding: a
-decompression bomb never reaches memory). A request that is rejected never fails the others
+decompression bomb never reaches memory; so is one over PIL's own decompression-bomb limit,
+which --max_pixels may not exceed). A request that is rejected never fails the others
 batched with it. Nothing a request sends is used as a path. The server binds to loopback
 unless --host says otherwise; GET /health answers "ok" once the model is loaded, GET /info
 gives the model's name, version, classes and input size.
+
+Everything is checked before "serving ..." is printed: the export folder whole
+(`distill.inference.load_export`; an ONNX / INT8 model's input and output shapes against its
+config.json), an --accelerator this machine has, the port. Every process LitServe starts (its
+process manager, API servers and inference processes) is killed by the kernel when the
+`distill serve` process ends, however it ends (SIGKILL, the OOM killer): none is left holding
+the port or the model.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import io
 import json
@@ -31,18 +40,21 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from PIL import Image
 
 from distill.errors import OneLineArgumentParser, UserError, positive_float, positive_int
 from distill.export import INT8_FILE
 from distill.files import OutputLock
 from distill.images import TooManyPixels, UnreadableImage, load_image
-from distill.inference import best_classes, export_transform, label_names, load_export
+from distill.inference import (CONFIG, EXPORT_AGAIN, best_classes, export_transform, label_names, load_export,
+                               read_config)
 
 try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
     import litserve as ls
@@ -54,10 +66,12 @@ except ImportError as err:
     raise UserError(f"distill serve needs LitServe and python-multipart: pip install 'deit-distill[serve]' "
                     f"({err})") from err
 
-__all__ = ["StudentAPI", "RequestGate", "make_server", "main"]
+__all__ = ["StudentAPI", "RequestGate", "make_server", "main", "onnx_session", "accelerators_here", "die_with_parent"]
 
 BACKENDS = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 FIELD = "image"  # the multipart file field a request carries its image in
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -81,9 +95,12 @@ class StudentAPI(ls.LitAPI):
         super().__init__(**kwargs)
         self.export, self.backend, self.top_k, self.max_pixels = Path(export), backend, top_k, max_pixels
         self.threads = threads
+        self.parent = os.getpid()  # the process LitServe starts the inference processes from
         self.metadata = describe_export(self.export, backend)  # checked here, before any worker starts
 
     def setup(self, device: str) -> None:
+        if os.getpid() != self.parent:  # an inference process (spawned): it must not outlive the server
+            die_with_parent(self.parent)
         # Ctrl+C reaches every process of the terminal's group: the main process stops this one (SIGTERM) in order,
         # a KeyboardInterrupt here would print a traceback of LitServe's loop instead
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -96,13 +113,7 @@ class StudentAPI(ls.LitAPI):
             self.model = model.to(self.device)
             self.run: Callable[[torch.Tensor], torch.Tensor] = self._run_torch
         else:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            self.session = ort.InferenceSession(str(self.export / BACKENDS[self.backend]), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = onnx_session(self.export / BACKENDS[self.backend], model, self.threads)
             self.run = self._run_onnx
 
     def _run_torch(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,6 +138,10 @@ class StudentAPI(ls.LitAPI):
         except TooManyPixels as err:
             return Rejected(413, f"image too large: {err}")
         except UnreadableImage as err:
+            if isinstance(err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+                # PIL refused the header's size before the check above could (over 2x PIL.Image.MAX_IMAGE_PIXELS)
+                return Rejected(413, f"image too large: {err.__cause__}; this server accepts at most "
+                                     f"{self.max_pixels} pixels")
             return Rejected(400, f"not a readable image: {err}")
         return self.transform(image)
 
@@ -165,18 +180,46 @@ def describe_export(export: Path, backend: str) -> dict[str, Any]:
         how = {"onnx": "distill export (with --onnx, the default)", "int8": "distill export --int8"}[backend]
         raise UserError(f"serve --backend {backend}: '{export}' has no {served.name}; write it with {how}")
     if backend != "torch":
-        import onnxruntime as ort
-
-        try:
-            ort.InferenceSession(str(served), providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - a damaged model file fails inside ONNX Runtime in many ways
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise UserError(f"serve --backend {backend}: '{served}' could not be loaded ({type(err).__name__}: "
-                            f"{first}); run distill export again") from err
-    weights = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()[:12]
-    config = json.loads((export / "config.json").read_text())
+        onnx_session(served, model)
+    weights = hashlib.sha256((export / BACKENDS["torch"]).read_bytes()).hexdigest()[:12]
+    config = read_config(export)
     return {"model": config.get("architecture", type(model).__name__), "version": weights, "backend": backend,
             "classes": label_names(model), "input_size": list(model.pretrained_cfg["input_size"])}
+
+
+def onnx_session(path: Path, model: torch.nn.Module, threads: Optional[int] = None) -> Any:
+    """An ONNX Runtime session (CPU) of an export's `model.onnx` / `model.int8.onnx`, checked against the export's
+    config.json (`model`, from `load_export`): one input `images` of [batch, *input_size], [batch, num_classes]
+    out. A file that does not load or does not agree is a UserError naming it, the field and both values."""
+    import onnxruntime as ort  # only for --backend onnx / int8
+
+    option = f"serve --backend {'int8' if path.name == INT8_FILE else 'onnx'}"
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - a damaged model file fails inside ONNX Runtime in many ways
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{option}: '{path}' could not be loaded ({type(err).__name__}: {first}); "
+                        f"{EXPORT_AGAIN}") from err
+    config = path.parent / CONFIG
+    size, classes = list(model.pretrained_cfg["input_size"]), model.num_classes
+    inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
+    if len(inputs) != 1 or inputs[0][0] != "images" or not _fits(inputs[0][1], size):
+        shown = ", ".join(f"'{name}' {shape}" for name, shape in inputs)
+        raise UserError(f"{option}: '{path}' takes {shown}, but '{config}' input_size is {size} (expected one input "
+                        f"'images' of [batch, {', '.join(map(str, size))}]); {EXPORT_AGAIN}")
+    outputs = [list(o.shape) for o in session.get_outputs()]
+    if not outputs or not _fits(outputs[0], [classes]):
+        raise UserError(f"{option}: '{path}' gives {outputs[0] if outputs else 'no output'}, but '{config}' "
+                        f"num_classes is {classes} (expected [batch, {classes}]); {EXPORT_AGAIN}")
+    return session
+
+
+def _fits(shape: list[Any], size: list[int]) -> bool:
+    """An ONNX shape (dimensions as numbers, or names where dynamic) is [batch, *size]."""
+    return len(shape) == len(size) + 1 and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], size))
 
 
 class RequestGate:
@@ -253,16 +296,26 @@ def make_server(export: str | Path, backend: str = "torch", max_batch_size: int 
     """The LitServer for an export folder (not started: call `.run(host=..., port=...)`)."""
     if accelerator == "auto":
         accelerator = "cuda" if backend == "torch" and torch.cuda.is_available() else "cpu"
+    here = accelerators_here()
+    if accelerator not in here:
+        raise UserError(f"serve --accelerator {accelerator}: torch finds no {accelerator} device on this machine "
+                        f"(it has: {', '.join(f'{name} ({what})' for name, what in here.items())}); accepted here: "
+                        f"{', '.join(['auto', *here])}")
     if backend != "torch" and accelerator != "cpu":
         raise UserError(f"serve --backend {backend} runs on the CPU (ONNX Runtime's CPU provider); "
                         "use --backend torch for a GPU")
+    bomb = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None  # PIL refuses a header over it
+    if bomb and max_pixels > bomb:
+        raise UserError(f"serve --max_pixels {max_pixels}: over PIL's decompression-bomb limit of {bomb} pixels "
+                        f"(2 x PIL.Image.MAX_IMAGE_PIXELS), which refuses larger images first; accepted: 1 to {bomb}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers) if accelerator == "cpu" else None  # the cores this process may use, shared
     api = StudentAPI(export, backend, top_k, max_pixels, threads, max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
     return ls.LitServer(
-        api, accelerator=accelerator, devices=1 if accelerator == "cpu" else "auto", workers_per_device=workers,
-        timeout=timeout, model_metadata=api.metadata, restart_workers=True,  # a worker that dies is replaced
+        api, accelerator=accelerator, devices=torch.cuda.device_count() if accelerator == "cuda" else 1,
+        workers_per_device=workers, timeout=timeout, model_metadata=api.metadata,
+        restart_workers=True,  # a worker that dies is replaced
         middlewares=[(RequestGate, {"path": "/predict", "max_bytes": int(max_body_mb * (1 << 20))})],
     )
 
@@ -284,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_pixels", type=positive_int, default=40_000_000,
                         help="largest image accepted, in pixels (checked from its header, before decoding)")
     parser.add_argument("--max_body_mb", type=positive_float, default=16.0, help="largest request body, in MiB")
-    parser.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where the torch backend runs (auto: a GPU when there is one)")
+    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                        help="where the torch backend runs (auto: a CUDA GPU when there is one; cuda and mps only "
+                             "where torch finds one)")
     args = parser.parse_args(argv)
     _check_port(args.host, args.port)
     # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
@@ -307,8 +361,52 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     logging.getLogger("litserve.server").addFilter(_ShutdownNoise())
+    # LitServe forks its process manager and API servers from this process (the inference processes are spawned:
+    # StudentAPI.setup); killed by SIGKILL or the OOM killer, this process could not stop them, and they would go on
+    # holding the port and the model: the kernel kills each of them when this process ends
+    forks = _ForkedChildrenDieWithParent()
+    os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     print("server stopped", flush=True)
+
+
+def accelerators_here() -> dict[str, str]:
+    """The accelerators torch can use on this machine, each with what it has: {"cpu": "16 cores", "cuda": ...}."""
+    found = {"cpu": f"{os.cpu_count() or 1} cores"}
+    if torch.cuda.is_available():
+        found["cuda"] = f"{torch.cuda.device_count()} GPU(s)"
+    if torch.backends.mps.is_available():
+        found["mps"] = "Apple GPU"
+    return found
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux `PR_SET_PDEATHSIG`), and
+    end now if `parent` has already gone (then no signal would come). Elsewhere a no-op.
+
+    The thread, not the process: LitServe starts the inference processes from its main thread, and restarts a
+    dead one from its worker-monitoring thread, which runs until the server shuts down. SIGKILL, because an
+    orphan has nobody left to answer and its API server's graceful shutdown would keep the port for 30 s."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class _ForkedChildrenDieWithParent:
+    """`os.register_at_fork` hooks: each process forked from here on dies with the process that forked it."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+
+    def before(self) -> None:
+        self.parent = os.getpid()  # the forking process (a child forking a grandchild is its parent)
+
+    def after_in_child(self) -> None:
+        die_with_parent(self.parent)
 
 
 def _interrupt(signum: int, frame: object) -> None:
