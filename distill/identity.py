@@ -22,21 +22,32 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import yaml
 
 from distill.files import load_yaml
 
-__all__ = ["LEFT_OUT", "file_digest", "options_identity", "intended_options", "differences", "describe_differences",
-           "trained_something", "finished"]
+__all__ = [
+    "LEFT_OUT",
+    "describe_differences",
+    "differences",
+    "file_digest",
+    "finished",
+    "intended_options",
+    "options_identity",
+    "trained_something",
+]
 
-# Options that say where outputs go, how a run is watched or on which hardware kind it runs, never what it
-# computes (views replay exactly whatever the worker count: docs/reliability.md). A key or any key below it.
+# Options that say where outputs go, how a run is watched or stopped, or on which hardware kind it runs, never what
+# it computes (views replay exactly whatever the worker count: docs/reliability.md). A key or any key below it.
+# `trainer.callbacks` are the user's observers (a learning-rate monitor added on resume, a time limit).
 LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint.dirpath", "trainer.default_root_dir",
-            "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-            "trainer.log_every_n_steps", "trainer.accelerator", "trainer.strategy", "data.num_workers", "telemetry")
+            "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+            "trainer.log_every_n_steps", "trainer.profiler", "trainer.max_time", "trainer.accelerator",
+            "trainer.strategy", "data.num_workers", "telemetry")
 
 _CHUNK = 1 << 20
 _UNSET = object()
@@ -183,7 +194,7 @@ def trained_something(folder: Path) -> bool:
     return (folder / "result.json").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
 
 
-def finished(result_file: Path) -> Optional[dict[str, Any]]:
+def finished(result_file: Path) -> dict[str, Any] | None:
     """The stage's result if it finished: its result.json says it trained and its best checkpoint exists."""
     try:
         result = json.loads(result_file.read_text())

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from distill.errors import OneLineArgumentParser, UserError
 from distill.files import OutputLock, load_yaml, write_atomically

@@ -45,7 +45,7 @@ from distill.checkpoints import read_student_checkpoint
 from distill.data import ImageDataModule
 from distill.errors import UsageError, UserError
 from distill.files import OutputLock, load_yaml, write_atomically
-from distill.identity import describe_differences, options_identity
+from distill.identity import describe_differences, file_digest, options_identity
 from distill.module import DistillationModule
 from distill.telemetry import DistillationTelemetry
 
@@ -219,6 +219,10 @@ class DistillCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else None
         if subcommand == "fit":  # what this run is made from, before LightningCLI lays a checkpoint's values over it
             self.run_options = options_identity(config.as_dict())
+            cache = (config.get("data") or {}).get("teacher_cache")
+            cache = Path(str(cache)) / "meta.json" if cache else None
+            if cache is not None and cache.is_file():  # a teacher cache is its teacher, data fingerprint and shards: its meta.json's content
+                self.run_options["data.teacher_cache"] = file_digest(cache)
         resolved = _last_checkpoint(config) if path == "last" else path
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line

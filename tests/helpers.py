@@ -4,6 +4,9 @@ The tests run the real configs with overrides (big_vision's "run locally" switch
 """
 from __future__ import annotations
 
+import io
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +161,53 @@ def merged_config(run: str) -> dict:
     for name in IMAGENET_RUNS[run]:
         config = merge(config, yaml.safe_load((ROOT / "configs" / "imagenet" / name).read_text()))
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers and processes (tests of distill serve)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def children_of(pid: int) -> set[int]:
+    """Every descendant process of `pid` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def describe(pid: int) -> str:
+    try:
+        state = (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return f"{pid} {state} {(Path(f'/proc/{pid}') / 'cmdline').read_bytes().replace(bytes(1), b' ')[:120]!r}"
+    except OSError:
+        return f"{pid} gone"
+
+
+def wait_gone(pids: set[int], seconds: float) -> list[int]:
+    """The processes of `pids` still running (zombies count as gone) after waiting up to `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        alive = [pid for pid in pids if " Z " not in describe(pid) and not describe(pid).endswith("gone")]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -42,8 +42,7 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.cli import cli_main
 from distill.export import export_student
 from distill.serve import Rejected, StudentAPI, accelerators_here
-from tests.helpers import run_cli_error
-from tests.test_serving_and_int8 import children_of, describe, free_port, png, wait_gone
+from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,9 @@ from distill.export import INT8_FILE, Int8, export_student
 from distill.files import OutputLock
 from distill.predict import predict_folder
 from distill.serve import StudentAPI
-from tests.helpers import run_cli_error
+from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -51,40 +39,6 @@ def export(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve") / "export"
     export_student(trained / "ckpt" / "best.ckpt", out, torchscript=False, int8=Int8())  # dynamic: the default
     return out
-
-
-def children_of(pid: int) -> set[int]:
-    """Every descendant process of `pid` (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def describe(pid: int) -> str:
-    try:
-        state = (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        return f"{pid} {state} {(Path(f'/proc/{pid}') / 'cmdline').read_bytes().replace(bytes(1), b' ')[:120]!r}"
-    except OSError:
-        return f"{pid} gone"
-
-
-def wait_gone(pids: set[int], seconds: float) -> list[int]:
-    """The processes of `pids` still running (zombies count as gone) after waiting up to `seconds`."""
-    deadline = time.time() + seconds
-    while True:
-        alive = [pid for pid in pids if " Z " not in describe(pid) and not describe(pid).endswith("gone")]
-        if not alive or time.time() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(trained, export, tmp_path):
