@@ -34,7 +34,8 @@ mmap_mode="r")`) indexed [epoch, row]:
 17 + 4k bytes per view (k = top_k; +2k above 32767 classes). A reader finds a view's shard and
 row from the `view` arrays of the epoch it reads (one pass over them per epoch and process).
 `distill cache-teacher --check DIR` checks a cache whole: every shard, every row written, every
-epoch's views each once.
+epoch's views each once, every value usable (classes in range and distinct, probabilities finite,
+in [0, 1], sorted, summing to at most 1; checksums finite).
 
 Distillation targets are rebuilt from the top-k as TinyViT does: the k probabilities as
 stored, the rest of the mass spread evenly over the other classes. Hard distillation uses
@@ -44,7 +45,9 @@ and renamed when complete: a killed build leaves no half-written cache and an ex
 is replaced only with --overwrite. The files are allocated in full before the build starts,
 so a disk that cannot hold the cache is an error then, not a crash (SIGBUS) hours later; a
 second build onto the same --out is refused while the first runs. Opening a cache checks
-every array's shape and dtype against meta.json, so an edited or truncated file is named.
+every array's shape and dtype against meta.json, and the classes, probabilities and checksums of
+the epochs the run trains are in range and finite, so an edited, truncated or garbled file is
+named before the first epoch.
 """
 from __future__ import annotations
 
@@ -189,6 +192,7 @@ class TeacherCache:
                             f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")
         cache = cls(path, meta)
         cache.check_arrays()
+        cache.check_values(epochs=epochs)  # before any epoch: a class out of range would crash the loss mid-run
         return cache
 
     def check_arrays(self, option: str = "data.teacher_cache") -> None:
@@ -212,6 +216,24 @@ class TeacherCache:
                                     f"{meta['shard_rows'][shard]} views an epoch in this shard, top-{meta['top_k']}); "
                                     "the cache was edited or damaged: rebuild it")
 
+    def check_values(self, option: str = "data.teacher_cache", epochs: Optional[int] = None,
+                     whole: bool = False) -> None:
+        """The stored values usable, in the first `epochs` epochs (all by default): every class in 0..C-1,
+        probabilities and checksums finite. `whole` (`--check`) adds: probabilities in [0, 1], most probable first,
+        summing to at most 1, and k different classes in a row. One epoch of one shard in memory at a time."""
+        meta, classes = self.meta, len(self.meta["fingerprint"]["classes"])
+        for shard in range(meta["shards"]):
+            arrays = self.shard_arrays(shard)
+            for epoch in range(meta["epochs"] if epochs is None else min(epochs, meta["epochs"])):
+                found = _first_bad_value(arrays, epoch, classes, whole)
+                if found is not None:
+                    name, (row, k), what, accepted = found
+                    repeat, image = divmod(int(arrays["view"][epoch, row]), meta["fingerprint"]["train_images"])
+                    entry = f"epoch {epoch}, row {row} (image {image}{f', repeat {repeat}' if repeat else ''})"
+                    raise UserError(f"{option}: '{self.shard_path(shard) / name}.npy' holds {what} at {entry}"
+                                    f"{f', top-{k + 1}' if k is not None else ''} (accepted: {accepted}); the cache "
+                                    "is damaged: rebuild it with distill cache-teacher")
+
     def check_complete(self) -> str:
         """`distill cache-teacher --check`: every row written, every epoch's views each once over the shards."""
         self.check_arrays("--check")
@@ -231,6 +253,7 @@ class TeacherCache:
             if (counts > 1).any():
                 raise UserError(f"--check: epoch {epoch} of '{self.path}' holds a view twice (view "
                                 f"{int(np.argmax(counts > 1))}); the cache is damaged: rebuild it")
+        self.check_values("--check", whole=True)
         rows = sum(meta["shard_rows"]) * meta["epochs"]
         size = sum(file.stat().st_size for file in self.path.rglob("*.npy"))
         return (f"'{self.path}': complete, {rows} views ({meta['epochs']} epochs x {sum(meta['shard_rows'])}), "
@@ -311,6 +334,41 @@ class TeacherCache:
             for array in (arrays or {}).values():
                 if isinstance(array, np.memmap) and array.mode != "r":
                     array.flush()
+
+
+def _first_bad_value(arrays: dict[str, np.ndarray], epoch: int, classes: int,
+                     whole: bool) -> Optional[tuple[str, tuple[int, Optional[int]], str, str]]:
+    """(array, (row, k or None for the whole row), what it holds, what is accepted) of the first bad value of
+    `epoch`, or None. A cheap test of the whole epoch first (min/max, isfinite); positions only when it fails."""
+    index, prob, checksum = (arrays[name][epoch] for name in ("index", "prob", "checksum"))  # (rows, K), (rows,)
+    if not (index.min(initial=0) >= 0 and index.max(initial=0) < classes):
+        row, k = np.argwhere((index < 0) | (index >= classes))[0].tolist()
+        return "index", (row, k), f"the class {index[row, k]}", f"0..{classes - 1}"
+    if not np.isfinite(prob).all():
+        row, k = np.argwhere(~np.isfinite(prob))[0].tolist()
+        return "prob", (row, k), f"the probability {prob[row, k]!s}", "a finite number in 0..1"
+    if not np.isfinite(checksum).all():
+        row = int(np.flatnonzero(~np.isfinite(checksum))[0])
+        return "checksum", (row, None), f"the view checksum {checksum[row]}", "a finite number"
+    if not whole:
+        return None
+    for bad, what, accepted in (((prob < 0) | (prob > 1), "", "0..1"),
+                                (np.diff(prob, axis=-1, prepend=1.0) > 0, " above the one before it",
+                                 "most probable first")):
+        if bad.any():
+            row, k = np.argwhere(bad)[0].tolist()
+            return "prob", (row, k), f"the probability {prob[row, k]!s}{what}", accepted
+    total = prob.astype(np.float32).sum(-1)
+    if (total > 1.01).any():  # fp16 rounds each of the k probabilities by at most 2^-11 of itself
+        row = int(np.flatnonzero(total > 1.01)[0])
+        return "prob", (row, None), f"probabilities summing to {total[row]:.3f}", "at most 1"
+    ordered = np.sort(index, axis=-1)
+    twice = np.argwhere(ordered[:, 1:] == ordered[:, :-1])
+    if len(twice):
+        row, k = twice[0].tolist()
+        k = int(np.flatnonzero(index[row] == ordered[row, k])[1])  # its second place in the row
+        return "index", (row, k), f"the class {index[row, k]} twice", f"{index.shape[-1]} different classes"
+    return None
 
 
 def _allocate(file: Path) -> None:
