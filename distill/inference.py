@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+import students  # noqa: F401 - registers this project's architectures with timm (students.hybrid)
 from distill.errors import UserError
 
 __all__ = ["load_export", "read_config", "export_transform", "label_names", "best_classes", "CONFIG", "WEIGHTS",

@@ -1,4 +1,6 @@
 """Students: two heads in training, their average in eval, gradients reach both tokens."""
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -11,7 +13,7 @@ from distill.module import DistillationModule
 from distill.train import make_cli
 from students import Student
 from teachers import Teacher
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, shrink, tiny_student
+from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, shrink, tiny_student
 
 
 def test_distilled_student_returns_both_heads_in_training_and_their_average_in_eval():
@@ -119,3 +121,28 @@ def test_the_recipes_student_trains_and_exports_as_a_plain_timm_model(tmp_path, 
     with torch.no_grad():
         exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images)
         assert torch.allclose(exported, trained(images), atol=1e-5)  # the two heads folded into one classifier
+
+
+def test_the_stem_deit_student_has_both_tokens_trains_and_exports_to_every_format(tmp_path, teacher_file):
+    shrunk = shrink(tmp_path, "distill.yaml")
+    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's width and depth
+    args = [*keep[:2], "--config", str(ROOT / "configs" / "students" / "deit_stem.yaml"), *keep[2:],
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
+    student = make_cli(args, run=False).model.student
+    assert student.distilled and student.model.num_prefix_tokens == 2  # a class token and a distillation token
+    assert type(student.model.patch_embed).__name__ == "HybridEmbed" and student.model.patch_embed.grid_size == (4, 4)
+    cli_main(["fit", *args])
+    out = tmp_path / "export"
+    report = export_student(tmp_path / "ckpt" / "best.ckpt", out)  # ONNX and TorchScript checked against PyTorch
+    assert set(report["formats"]) == {"timm", "onnx", "torchscript"}
+    trained, _ = load_student(tmp_path / "ckpt" / "best.ckpt")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cls_logits, dist_logits, _ = trained.forward_with_tokens(images)
+    torch.save(images, tmp_path / "images.pt")
+    # another program: `import students` registers the architecture, then timm builds the export alone
+    code = ("import sys, torch, timm, students\n"
+            f"model = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"
+            f"torch.save(model(torch.load('{tmp_path / 'images.pt'}')), '{tmp_path / 'out.pt'}')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=300)
+    loaded = torch.load(tmp_path / "out.pt")
+    assert torch.allclose(loaded, (cls_logits + dist_logits) / 2, atol=1e-5)  # the average of the two heads
