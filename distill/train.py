@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,11 +32,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import yaml
-from pytorch_lightning import Callback
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from distill.adapters import option_names
 from distill.callbacks import BestAndLastCheckpoint
@@ -45,8 +41,16 @@ from distill.checkpoints import read_student_checkpoint
 from distill.data import ImageDataModule
 from distill.errors import UsageError, UserError
 from distill.files import OutputLock, load_yaml, write_atomically
-from distill.identity import describe_differences, file_digest, options_identity
+from distill.identity import file_digest, options_identity
 from distill.module import DistillationModule
+from distill.run_records import (
+    RecordRunOptions,
+    RemoveUnusedOutputs,
+    SaveConfigBesideRun,
+    first_missing,
+    last_checkpoint,
+    refuse_changed_options,
+)
 from distill.telemetry import DistillationTelemetry
 
 __all__ = ["DistillCLI", "main", "make_cli"]
@@ -198,7 +202,7 @@ class DistillCLI(LightningCLI):
         for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
             _check_writable(option, folder)
         log_dirs = [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
-        new = {_first_missing(folder) for folder in [*outputs.values(), *log_dirs] if "://" not in str(folder)}
+        new = {first_missing(folder) for folder in [*outputs.values(), *log_dirs] if "://" not in str(folder)}
         self.trainer.callbacks.append(RemoveUnusedOutputs(sorted(folder for folder in new if folder is not None)))
         if checkpoint is not None:
             _check_monitor(checkpoint.monitor, self.model)
@@ -221,13 +225,13 @@ class DistillCLI(LightningCLI):
             self.run_options = options_identity(config.as_dict())
             cache = (config.get("data") or {}).get("teacher_cache")
             cache = Path(str(cache)) / "meta.json" if cache else None
-            if cache is not None and cache.is_file():  # a teacher cache is its teacher, data fingerprint and shards: its meta.json's content
+            if cache is not None and cache.is_file():  # a teacher cache is its meta.json: teacher, data, shards
                 self.run_options["data.teacher_cache"] = file_digest(cache)
-        resolved = _last_checkpoint(config) if path == "last" else path
+        resolved = last_checkpoint(config) if path == "last" else path
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
             if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
-                _refuse_changed_options(checkpoint["run_options"], self.run_options, path, resolved)
+                refuse_changed_options(checkpoint["run_options"], self.run_options, path, resolved)
             else:  # another command evaluates the checkpoint; or a checkpoint of an earlier version of this project
                 _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
         super()._parse_ckpt_path()
@@ -267,53 +271,6 @@ class DistillCLI(LightningCLI):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with write_atomically(path) as partial:  # a stage is finished only once this file exists
                 partial.write_text(json.dumps(result, indent=2))
-
-
-class SaveConfigBesideRun(SaveConfigCallback):
-    """LightningCLI's config.yaml in the logger's version folder; without a logger beside the run's checkpoints, not in
-    `trainer.default_root_dir`, where every run without a logger would replace the previous run's file."""
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        checkpoint = trainer.checkpoint_callback
-        if trainer.loggers or self.already_saved or checkpoint is None:
-            super().setup(trainer, pl_module, stage)
-            return
-        folder = Path(checkpoint.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        if trainer.is_global_zero:  # the folder is this run's alone: fit refuses one holding another run's files
-            folder.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=self.multifile)
-        self.already_saved = True
-
-
-class RecordRunOptions(Callback):
-    """Writes the run's options (`distill.identity.options_identity`) into every checkpoint, so that resuming it
-    with other options is refused whatever names the checkpoint (a path, `last`) or its config files."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint["run_options"] = self.options
-
-
-def _last_checkpoint(config: Any) -> str | None:
-    """The file `--ckpt_path last` resumes (the newest `last*.ckpt` of checkpoint.dirpath), if there is one."""
-    dirpath = (config.get("checkpoint") or {}).get("dirpath")
-    if not dirpath or "://" in str(dirpath) or not Path(dirpath).is_dir():
-        return None
-    found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1]) if found else None
-
-
-def _refuse_changed_options(saved: dict[str, Any], now: dict[str, Any], path: str, resolved: str) -> None:
-    """A run resumes only with the options it was started with (config files compared by content, not path)."""
-    if saved == now:
-        return
-    named = f"'{path}' ({resolved})" if path != resolved else f"'{path}'"
-    raise UserError(f"ckpt_path: {named} was saved by a run with other options ({describe_differences(saved, now)}, "
-                    "as checkpoint -> now); a resumed run continues that run: restore those options, or start a new "
-                    "run from its weights with --model.init_from and another --checkpoint.dirpath")
 
 
 def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
@@ -409,45 +366,6 @@ def _check_writable(option: str, folder: str | os.PathLike) -> None:
     except OSError as err:
         raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
                         "choose a folder you can write to") from err
-
-
-class RemoveUnusedOutputs(Callback):
-    """A fit that fails leaves no empty output folders: those it created (checkpoint folder, TensorBoard version folder,
-    their new parents) are removed if they hold nothing but its lock, config.yaml / hparams.yaml and TensorBoard files
-    without a single scalar. Not on SIGTERM or Ctrl+C, which save a last.ckpt to resume from."""
-
-    def __init__(self, folders: list[Path]) -> None:
-        self.folders = folders
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not trainer.is_global_zero:
-            return
-        OutputLock.release_all()  # the checkpoint folder's lock file goes first
-        for folder in self.folders:
-            files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else None
-            if files is not None and all(p.name in ("config.yaml", "hparams.yaml") or _events_without_scalars(p)
-                                         for p in files):
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _first_missing(folder: str | os.PathLike) -> Path | None:
-    """The outermost folder of `folder`'s path that does not exist yet (what writing `folder` creates)."""
-    path, missing = Path(folder).absolute(), None
-    while not path.exists() and path != path.parent:
-        path, missing = path.parent, path
-    return missing
-
-
-def _events_without_scalars(path: Path) -> bool:
-    """A TensorBoard event file holding no curve point: only the HPARAMS session and its `hp/` placeholders, written
-    when its logger started (distill/telemetry.py), before any step."""
-    if not path.name.startswith("events.out.tfevents."):
-        return False
-    try:
-        tags = {value.tag for event in EventFileLoader(str(path)).Load() for value in event.summary.value}
-    except Exception:  # unreadable: not ours to judge, keep it
-        return False
-    return all(tag.startswith(("hp/", "_hparams_/")) for tag in tags)
 
 
 def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill") -> DistillCLI:
