@@ -31,16 +31,12 @@ the port or the model.
 """
 from __future__ import annotations
 
-import argparse
-import ctypes
 import hashlib
 import io
 import json
 import logging
 import os
 import signal
-import socket
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +49,22 @@ from distill.errors import OneLineArgumentParser, UserError, positive_float, pos
 from distill.export import INT8_FILE
 from distill.files import OutputLock
 from distill.images import TooManyPixels, UnreadableImage, load_image
-from distill.inference import (CONFIG, EXPORT_AGAIN, best_classes, export_transform, label_names, load_export,
-                               read_config)
+from distill.inference import (
+    CONFIG,
+    EXPORT_AGAIN,
+    best_classes,
+    export_transform,
+    label_names,
+    load_export,
+    read_config,
+)
+from distill.serving_host import (
+    ForkedChildrenDieWithParent,
+    accelerators_here,
+    check_port,
+    die_with_parent,
+    port_number,
+)
 
 try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
     import litserve as ls
@@ -71,7 +81,6 @@ __all__ = ["StudentAPI", "RequestGate", "make_server", "main", "onnx_session", "
 BACKENDS = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 FIELD = "image"  # the multipart file field a request carries its image in
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the torch backend runs (auto: a CUDA GPU when there is one; cuda and mps only "
                              "where torch finds one)")
     args = parser.parse_args(argv)
-    _check_port(args.host, args.port)
+    check_port(args.host, args.port)
     # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
     # port started meanwhile would pass the check above and then wait forever for a socket it cannot have
     try:
@@ -364,49 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     # LitServe forks its process manager and API servers from this process (the inference processes are spawned:
     # StudentAPI.setup); killed by SIGKILL or the OOM killer, this process could not stop them, and they would go on
     # holding the port and the model: the kernel kills each of them when this process ends
-    forks = _ForkedChildrenDieWithParent()
+    forks = ForkedChildrenDieWithParent()
     os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
     server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     print("server stopped", flush=True)
-
-
-def accelerators_here() -> dict[str, str]:
-    """The accelerators torch can use on this machine, each with what it has: {"cpu": "16 cores", "cuda": ...}."""
-    found = {"cpu": f"{os.cpu_count() or 1} cores"}
-    if torch.cuda.is_available():
-        found["cuda"] = f"{torch.cuda.device_count()} GPU(s)"
-    if torch.backends.mps.is_available():
-        found["mps"] = "Apple GPU"
-    return found
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when the thread that started it ends (Linux `PR_SET_PDEATHSIG`), and
-    end now if `parent` has already gone (then no signal would come). Elsewhere a no-op.
-
-    The thread, not the process: LitServe starts the inference processes from its main thread, and restarts a
-    dead one from its worker-monitoring thread, which runs until the server shuts down. SIGKILL, because an
-    orphan has nobody left to answer and its API server's graceful shutdown would keep the port for 30 s."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-class _ForkedChildrenDieWithParent:
-    """`os.register_at_fork` hooks: each process forked from here on dies with the process that forked it."""
-
-    def __init__(self) -> None:
-        self.parent = os.getpid()
-
-    def before(self) -> None:
-        self.parent = os.getpid()  # the forking process (a child forking a grandchild is its parent)
-
-    def after_in_child(self) -> None:
-        die_with_parent(self.parent)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -427,22 +397,3 @@ class _ShutdownNoise(logging.Filter):
 
 
 _MAIN_PID = os.getpid()
-
-
-def _check_port(host: str, port: int) -> None:
-    """A one-line error for a port that cannot be bound (in use, or reserved), before any process starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise UserError(f"serve --port {port}: cannot listen on {host}:{port} ({err.strerror}); "
-                            "stop what uses it or choose another --port") from err
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port LitServe accepts (1024-65535)."""
-    if not text.isdigit() or not 1024 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1024 to 65535, got '{text}'")
-    return int(text)

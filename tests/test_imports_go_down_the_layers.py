@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_SIDE = {"distill.errors", "distill.checkpoints", "distill.hf_data", "distill.inference", "distill.adapters", "distill.ranges", "distill.files", "distill.identity", "distill.images", "distill.seeding", "distill.batch",
+MODEL_SIDE = {"distill.errors", "distill.checkpoints", "distill.hf_data", "distill.inference", "distill.adapters", "distill.ranges", "distill.files", "distill.identity", "distill.serving_host", "distill.images", "distill.seeding", "distill.batch",
               "distill.cache", "distill.losses"}
 LIGHTNING = {"distill.run_records", "distill.data", "distill.module", "distill.callbacks", "distill.telemetry", "distill.cache_writer"}
 COMMANDS = {"distill.cli", "distill.train", "distill.__main__", "distill.pipeline", "distill.compare", "distill.export", "distill.predict",
