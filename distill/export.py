@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import importlib.metadata
 import json
 import os
 import shutil
@@ -74,10 +76,15 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
 
 def export_student(
     ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
-    tolerance: float = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None,
+    tolerance: float = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None, keep_current: bool = False,
 ) -> dict[str, Any]:
-    """Write the export folder and return its report; raises before writing anything on bad input."""
-    out = Path(out).absolute()  # `--out .` has no name of its own
+    """Write the export folder and return its report; raises before writing anything on bad input.
+
+    An export at `out` made from the same checkpoint content with the same options (`current_export`) is kept
+    (`"kept": True` in the report) unless `overwrite` without `keep_current` asks to rebuild it; another export is
+    replaced only with `overwrite`.
+    """
+    out = Path(os.path.abspath(out))  # `--out .` has no name of its own; `a/../b` is shown as `b`
     if int8 is not None and not onnx:
         raise UserError("export --int8 quantizes the ONNX model: drop --no-onnx")
     if out.parent.exists() and not out.parent.is_dir():
@@ -86,7 +93,7 @@ def export_student(
     with OutputLock(lock_path(out), f"export --out '{out}'"):
         remove_leftovers(out)
         current = current_export(out, made_from)
-        if current is not None:  # made from this checkpoint's bytes with these options, its files intact
+        if current is not None and (keep_current or not overwrite):  # same checkpoint bytes and options, files intact
             return {**current, "kept": True}
         check_replaceable(out, overwrite, made_from)
         return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8, made_from)
@@ -94,23 +101,37 @@ def export_student(
 
 def export_identity(ckpt: str | Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
                     int8: Optional[Int8]) -> dict[str, Any]:
-    """What an export is made from: the checkpoint's content and the options that shape the folder."""
+    """What an export is made from: the checkpoint's content, the options that shape the folder, and the versions of
+    the libraries that write and check it (an upgrade exports again)."""
     read_student_checkpoint(ckpt, "export --ckpt")  # a missing or foreign file is one line before it is hashed
-    options = {"onnx": onnx, "torchscript": torchscript, "tolerance": tolerance, "ema": ema,
-               "int8": None if int8 is None else dataclasses.asdict(int8)}
-    return {"checkpoint": file_digest(ckpt), "options": options}
+    quantized = None
+    if int8 is not None:
+        quantized = dataclasses.asdict(int8)
+        if int8.method == "dynamic":  # nothing is calibrated
+            del quantized["calibration_images"]
+        if int8.data and Path(int8.data).exists():
+            quantized["data"] = str(Path(int8.data).resolve())
+    options = {"onnx": onnx, "torchscript": torchscript, "tolerance": tolerance, "ema": ema, "int8": quantized}
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "timm", "onnx", "onnxruntime")}
+    return {"checkpoint": file_digest(ckpt), "options": options, "versions": versions}
 
 
 def current_export(out: Path, made_from: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The report of the export at `out` if it was made from `made_from` and its files are the ones it wrote."""
+    """The report of the export at `out` if it was made from `made_from` and holds exactly the files it wrote."""
     try:
         report = json.loads((out / "export_report.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(report, dict) or report.get("made_from") != made_from or not isinstance(report.get("files"), dict):
+    if not isinstance(report, dict) or report.get("made_from") != made_from:
+        return None
+    files = report.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        return None
+    held = {p.name for p in out.iterdir()} - {"export_report.json", ".DS_Store"}
+    if held != set(files):  # a file added (a stray model.int8.onnx that serve would load) or removed
         return None
     try:
-        intact = all(file_digest(out / name) == digest for name, digest in report["files"].items())
+        intact = all(file_digest(out / name) == digest for name, digest in files.items())
     except OSError:
         return None
     return report if intact else None
@@ -119,9 +140,10 @@ def current_export(out: Path, made_from: dict[str, Any]) -> Optional[dict[str, A
 def remove_leftovers(out: Path) -> None:
     """Folders of exports to `out` that were killed (SIGKILL, power loss) before they could clean up. Called under
     `out`'s lock, so no live export is building them; a previous export set aside and never replaced is put back."""
-    for partial in out.parent.glob(f".{out.name}.tmp*"):
+    name = glob.escape(out.name)
+    for partial in out.parent.glob(f".{name}.tmp*"):
         shutil.rmtree(partial, ignore_errors=True)
-    for old in sorted(out.parent.glob(f".{out.name}.old*")):
+    for old in sorted(out.parent.glob(f".{name}.old*")):
         if not out.exists() and old.is_dir():
             os.replace(old, out)
         else:
@@ -159,7 +181,10 @@ def _why_stale(out: Path, made_from: Optional[dict[str, Any]]) -> str:
         return " (made from another checkpoint: its content differs)"
     if before.get("options") != made_from["options"]:
         return f" (made with other options: {describe_differences(before.get('options') or {}, made_from['options'])})"
-    return " (its files changed since it was written)"
+    if before.get("versions") != made_from["versions"]:
+        changed = describe_differences(before.get("versions") or {}, made_from["versions"])
+        return f" (made by other library versions: {changed})"
+    return " (its files changed since it was written, or were added or removed)"
 
 
 def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
@@ -261,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=True,
                         help="also write model.torchscript.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier export at --out (a folder holding anything else is never replaced)")
+                        help="replace an earlier export at --out, even one made from the same checkpoint and options "
+                             "(a folder holding anything else is never replaced)")
+    parser.add_argument("--overwrite_stale", action="store_true",
+                        help="replace an earlier export only if it was made from another checkpoint (by content), "
+                             "other options or other library versions; keep a current one (distill pipeline does this)")
     parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
     parser.add_argument("--int8", action="store_true",
@@ -278,8 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
     int8 = Int8(args.calibration_images, args.int8_max_drop, args.data, args.int8_method) if args.int8 else None
-    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite, args.tolerance, args.ema,
-                            int8)
+    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite or args.overwrite_stale,
+                            args.tolerance, args.ema, int8, keep_current=args.overwrite_stale and not args.overwrite)
     if report.get("kept"):
         print(f"export: '{args.out}' is already the export of '{args.ckpt}' with these options (same checkpoint "
               "content, files intact): kept")

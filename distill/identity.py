@@ -6,7 +6,8 @@ command that would reuse (skip or resume) them compares it with the identity of 
 - `options_identity`: resolved options as flat dotted keys (`model.lr: 0.001`), without the options that
   say where outputs go or how a run is watched (`LEFT_OUT`); an option naming an existing file (teacher
   weights, `model.init_from`) stands for the file's content (`sha256:...`), so the same file under another
-  path, or the same folder reached from another working folder, is the same run.
+  path is the same run; one naming an existing folder stands for its absolute path (the same data folder
+  named relative to another working folder is the same), a teacher cache for its meta.json (`CONTENT_OF`).
 - `intended_options`: the same for a `distill fit` command that has not run yet (config files merged in
   order, then `key: value` overrides, then `--key=value` arguments), for the drivers (pipeline, compare) that
   must decide before starting a process (they import neither jsonargparse nor Lightning: 0.4 s to start).
@@ -41,13 +42,20 @@ __all__ = [
     "trained_something",
 ]
 
-# Options that say where outputs go, how a run is watched or stopped, or on which hardware kind it runs, never what
-# it computes (views replay exactly whatever the worker count: docs/reliability.md). A key or any key below it.
-# `trainer.callbacks` are the user's observers (a learning-rate monitor added on resume, a time limit).
-LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint.dirpath", "trainer.default_root_dir",
+# Options that say where outputs go, how a run is watched, checked or stopped, or on which hardware kind it runs,
+# never what it computes (views replay exactly whatever the worker count: docs/reliability.md). A key or any key
+# below it. `trainer.callbacks` are taken as observers (a learning-rate monitor added on resume, the tests' signal
+# senders): a callback that changes training (StochasticWeightAveraging, EarlyStopping) is the user's to keep.
+# `model.teacher_cache` is linked from `data.teacher_cache`, which counts by content.
+LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint", "trainer.default_root_dir",
             "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-            "trainer.log_every_n_steps", "trainer.profiler", "trainer.max_time", "trainer.accelerator",
-            "trainer.strategy", "data.num_workers", "telemetry")
+            "trainer.enable_checkpointing", "trainer.log_every_n_steps", "trainer.profiler", "trainer.max_time",
+            "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.num_sanity_val_steps",
+            "trainer.detect_anomaly", "trainer.enable_autolog_hparams", "trainer.accelerator", "trainer.strategy",
+            "data.num_workers", "telemetry", "model.teacher_cache", "model.teacher_cache_verify",
+            "model.finite_check_every")
+# A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
+CONTENT_OF = {"data.teacher_cache": "meta.json"}
 
 _CHUNK = 1 << 20
 _UNSET = object()
@@ -75,13 +83,16 @@ def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON value for an option's value; a string naming an existing file is that file's content digest."""
+    """A JSON value for an option's value; a string naming an existing file is that file's content digest, one
+    naming an existing folder its absolute path."""
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bool):
         text = os.fspath(value)
         if text and "://" not in text and "\n" not in text and len(text) < 4096:
             try:
                 if Path(text).is_file():
                     return file_digest(text)
+                if Path(text).is_dir():
+                    return str(Path(text).resolve())
             except OSError:
                 pass
         return text
@@ -101,6 +112,9 @@ def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
     """Flat, JSON-comparable identity of nested (or dotted) options, `LEFT_OUT` removed."""
     flat: dict[str, Any] = {}
     _flatten(options, "", flat)
+    for key, name in CONTENT_OF.items():
+        if isinstance(flat.get(key), (str, os.PathLike)) and (Path(flat[key]) / name).is_file():
+            flat[key] = Path(flat[key]) / name
     return {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
 
 
@@ -111,9 +125,12 @@ def _parse_arguments(arguments: Iterable[str]) -> list[tuple[str, Any]]:
     while index < len(items):
         arg = items[index]
         index += 1
+        if arg == "-c" or arg.startswith("-c="):  # jsonargparse's short form of --config
+            arg = "--config" + arg[2:]
         if not arg.startswith("--"):
             continue
         key, equals, value = arg[2:].partition("=")
+        key = key.removesuffix("+")  # `--trainer.callbacks+=...` appends to the list it names
         if not equals:
             if index < len(items) and not items[index].startswith("--"):
                 value, index = items[index], index + 1
@@ -150,8 +167,9 @@ def intended_options(configs: Iterable[str | os.PathLike], overrides: Mapping[st
             if isinstance(content, Mapping):
                 merge_mapping(content)
             return
-        for old in [k for k in flat if k == key or k.startswith(key + ".")]:
-            del flat[old]  # a value given again replaces what was below it (a new class_path and its init_args)
+        if not (isinstance(value, Mapping) and value):  # a mapping merges into what is there, as jsonargparse does;
+            for old in [k for k in flat if k == key or k.startswith(key + ".")]:  # any other value replaces it
+                del flat[old]
         _flatten(value, key, flat)
         for name in [k for k in flat if k == key or k.startswith(key + ".")]:
             flat[name] = _number(flat[name])

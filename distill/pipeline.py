@@ -118,7 +118,7 @@ def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[s
 
 def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[str]:
     """The `distill export` command line of the pipeline's export (a process of its own, like a stage)."""
-    args = [sys.executable, "-m", "distill", "export", "--ckpt", str(best), "--out", str(out), "--overwrite"]
+    args = [sys.executable, "-m", "distill", "export", "--ckpt", str(best), "--out", str(out), "--overwrite_stale"]
     args += [] if export.get("onnx", True) else ["--no-onnx"]
     args += [] if export.get("torchscript", True) else ["--no-torchscript"]
     return args + (["--int8"] if export.get("int8") else [])
@@ -145,7 +145,8 @@ def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[
     for ref, key in (("teacher_from", "model.teacher.init_args.weights"), ("init_from", "model.init_from")):
         if stage.get(ref):
             arguments.append(f"--{key}={root / stage[ref] / 'checkpoints' / 'best.ckpt'}")
-    return {"options": intended_options([stage["config"]], stage.get("overrides"), arguments)}
+    refs = {ref: stage[ref] for ref in ("teacher_from", "init_from") if stage.get(ref)}
+    return {"options": intended_options([stage["config"]], stage.get("overrides"), arguments), "from": refs}
 
 
 def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
@@ -156,13 +157,16 @@ def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]
     if not record.is_file() or not trained_something(folder):
         return
     try:
-        before = json.loads(record.read_text()).get("options")
+        recorded = json.loads(record.read_text())
+        before, refs_before = recorded.get("options"), recorded.get("from", {})
     except (OSError, ValueError, AttributeError):
-        before = None
-    if before == identity["options"]:
+        before, refs_before = None, None
+    if before == identity["options"] and refs_before == identity["from"]:
         return
     if not isinstance(before, dict):
         what = "its stage.json does not record what it was made from (an earlier version of distill, or edited)"
+    elif refs_before != identity["from"]:
+        what = f"it started from other stages then ({refs_before} -> {identity['from']})"
     else:
         changed = {line.split(":")[0] for line in differences(before, identity["options"])}
         upstream = {f"model.{k}" for k in ("teacher.init_args.weights", "init_from")}
@@ -171,9 +175,9 @@ def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]
             what = f"the stage(s) it starts from ({', '.join(dict.fromkeys(refs))}) were trained again since"
         else:
             what = f"its options changed ({describe_differences(before, identity['options'])}, as then -> now)"
-    raise UserError(f"pipeline: stage '{stage['name']}' in '{folder}' was made earlier, but {what}; its results would "
-                    "not be this pipeline's: restore the options, write this pipeline elsewhere (--root DIR), or remove "
-                    f"'{folder}' to train the stage again (its results are then lost)")
+    raise UserError(f"pipeline: stage '{stage['name']}' in '{folder}' was made earlier, but {what}; its results "
+                    "would not be this pipeline's: restore the options, write this pipeline elsewhere (--root DIR), or "
+                    f"remove '{folder}' to train the stage again (its results are then lost)")
 
 
 def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> list[dict]:

@@ -75,22 +75,43 @@ def refuse_changed_options(saved: dict[str, Any], now: dict[str, Any], path: str
 
 
 class RemoveUnusedOutputs(Callback):
-    """A fit that fails leaves no empty output folders: those it created (checkpoint folder, TensorBoard version folder,
-    their new parents) are removed if they hold nothing but its lock, config.yaml / hparams.yaml and TensorBoard files
-    without a single scalar. Not on SIGTERM or Ctrl+C, which save a last.ckpt to resume from."""
+    """A fit that fails leaves no empty output folders: each folder it was to write and that did not exist before
+    (the checkpoint folder, the TensorBoard version folder, metrics_json's folder) is removed if it holds nothing but
+    config.yaml / hparams.yaml and TensorBoard files without a single curve point, and so are the parents it created,
+    if they are then empty (another run may be writing beside it). Not on SIGTERM or Ctrl+C, which save a last.ckpt to
+    resume from.
 
-    def __init__(self, folders: list[Path]) -> None:
-        self.folders = folders
+    Args:
+        folders: the output folders; those that exist already are left alone.
+        lock: the checkpoint folder's lock of this run, released first (its file is in that folder).
+    """
+
+    def __init__(self, folders: list[str | os.PathLike], lock: OutputLock | None = None) -> None:
+        made = [(Path(folder).absolute(), first_missing(folder)) for folder in folders if "://" not in str(folder)]
+        self.made = [(leaf, top) for leaf, top in made if top is not None]
+        self.lock = lock
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not trainer.is_global_zero:
-            return
-        OutputLock.release_all()  # the checkpoint folder's lock file goes first
-        for folder in self.folders:
-            files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else None
-            if files is not None and all(p.name in ("config.yaml", "hparams.yaml") or _events_without_scalars(p)
-                                         for p in files):
-                shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.is_global_zero:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the unused folders now (also for a failure outside `trainer.fit`)."""
+        if self.lock is not None:
+            self.lock.release()
+        for leaf, top in self.made:
+            files = [p for p in leaf.rglob("*") if p.is_file()] if leaf.is_dir() else None
+            if files is None or not all(p.name in ("config.yaml", "hparams.yaml") or _events_without_scalars(p)
+                                        for p in files):
+                continue
+            shutil.rmtree(leaf, ignore_errors=True)
+            for parent in leaf.parents:  # up to the outermost folder this run created, while empty
+                if not (parent == top or top in parent.parents):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: another run writes there
+                    break
 
 
 def first_missing(folder: str | os.PathLike) -> Path | None:

@@ -41,13 +41,12 @@ from distill.checkpoints import read_student_checkpoint
 from distill.data import ImageDataModule
 from distill.errors import UsageError, UserError
 from distill.files import OutputLock, load_yaml, write_atomically
-from distill.identity import file_digest, options_identity
+from distill.identity import options_identity
 from distill.module import DistillationModule
 from distill.run_records import (
     RecordRunOptions,
     RemoveUnusedOutputs,
     SaveConfigBesideRun,
-    first_missing,
     last_checkpoint,
     refuse_changed_options,
 )
@@ -179,11 +178,7 @@ class DistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._fit_started = time.monotonic()
-        options = dict(getattr(self, "run_options", {}))
-        seed = self.config[self.subcommand].get("seed_everything")
-        if "seed_everything" in options and isinstance(seed, int) and not isinstance(seed, bool):
-            options["seed_everything"] = int(seed)  # `true` drew a seed: resuming needs that one (docs/reliability.md)
-        self.trainer.callbacks.append(RecordRunOptions(options))
+        self.trainer.callbacks.append(RecordRunOptions(getattr(self, "run_options", {})))
         # fail now, not after the first epoch, when an output folder cannot be written
         outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
         checkpoint = self.trainer.checkpoint_callback
@@ -201,16 +196,22 @@ class DistillCLI(LightningCLI):
             del outputs["trainer.default_root_dir"]  # nothing is written there: no `runs/` made in the current folder
         for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
             _check_writable(option, folder)
-        log_dirs = [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
-        new = {first_missing(folder) for folder in [*outputs.values(), *log_dirs] if "://" not in str(folder)}
-        self.trainer.callbacks.append(RemoveUnusedOutputs(sorted(folder for folder in new if folder is not None)))
         if checkpoint is not None:
             _check_monitor(checkpoint.monitor, self.model)
+        leaves = [folder for option, folder in outputs.items() if option != "trainer.logger save_dir"]
+        leaves += [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
+        self._unused = RemoveUnusedOutputs(leaves)  # taken before anything is written
+        self.trainer.callbacks.append(self._unused)
         # rank 0 decides (under DDP the other ranks are started after it, or wait for it in the first collective)
         if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath and "://" not in str(checkpoint.dirpath):
-            self._output_lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
-                                           f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
-            _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"), metrics_json)
+            self._output_lock = self._unused.lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
+                                                               f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
+            try:
+                _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"),
+                                    metrics_json)
+            except UserError:
+                self._unused.remove()  # the lock made the folder: a refused run leaves none
+                raise
 
     def _parse_ckpt_path(self) -> None:
         """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
@@ -223,10 +224,6 @@ class DistillCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else None
         if subcommand == "fit":  # what this run is made from, before LightningCLI lays a checkpoint's values over it
             self.run_options = options_identity(config.as_dict())
-            cache = (config.get("data") or {}).get("teacher_cache")
-            cache = Path(str(cache)) / "meta.json" if cache else None
-            if cache is not None and cache.is_file():  # a teacher cache is its meta.json: teacher, data, shards
-                self.run_options["data.teacher_cache"] = file_digest(cache)
         resolved = last_checkpoint(config) if path == "last" else path
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
@@ -239,6 +236,8 @@ class DistillCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.global_step == 0:  # nothing trained: not a finished run (the pipeline must not skip it)
+            if trainer.is_global_zero:
+                self._unused.remove()
             raise UserError(
                 f"fit: the run took no optimiser step ({trainer.num_training_batches} training batches per epoch, "
                 f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}, "

@@ -194,7 +194,7 @@ def test_the_pipeline_runs_the_export_again_for_the_stage_it_exports(tmp_path, m
     cli_main(["pipeline", "--config", str(configs / "pipeline.yaml"), "--root", str(tmp_path)])
     assert "teacher: finished earlier, skipped" in capsys.readouterr().out
     (export,) = commands  # `distill export` decides by content whether the folder is current (tests below)
-    assert export[3:5] == ["export", "--ckpt"] and "--overwrite" in export and "--no-torchscript" in export
+    assert export[3:5] == ["export", "--ckpt"] and "--overwrite_stale" in export and "--no-torchscript" in export
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_an_export_whose_files_changed_is_not_current_and_a_killed_exports_lefto
     (tmp_path / ".export.tmp424242").mkdir()  # a SIGKILLed export's half-built folder
     (tmp_path / ".export.tmp424242" / "model.safetensors").write_bytes(b"half")
     line = run_cli_error(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript"], capsys)
-    assert "already exists (its files changed since it was written); pass --overwrite" in line
+    assert "already exists (its files changed since it was written, or were added or removed); pass" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
@@ -288,3 +288,58 @@ def test_intended_options_merge_configs_by_content_then_overrides_then_arguments
     assert (options["model.lr"], options["model.student.class_path"]) == (0.002, "B")
     assert (options["data.img_size"], options["trainer.devices"]) == (48, 2)
     assert intended_options([base], None, ["--model.lr=0.002"]) == intended_options([base], None, ["--model.lr=2e-3"])
+
+
+def test_a_data_folder_is_the_same_named_from_another_folder_and_an_overlay_or_nested_override_counts(tmp_path,
+                                                                                                     monkeypatch):
+    (tmp_path / "A" / "images").mkdir(parents=True)
+    (tmp_path / "B").mkdir()
+    monkeypatch.chdir(tmp_path / "A")
+    here = intended_options([], None, ["--data.dataset=images"])
+    monkeypatch.chdir(tmp_path / "B")
+    assert intended_options([], None, ["--data.dataset", "../A/images"]) == here
+    assert intended_options([], None, [f"--data.dataset={tmp_path / 'A' / 'images'}"]) == here
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    overlay = intended_options([recipe], None, ["-c", str(ROOT / "configs" / "students" / "deit.yaml")])
+    assert overlay != intended_options([recipe]) and overlay["model.student.init_args.model_name"] == "deit_tiny"
+    nested = intended_options([recipe], {"model.student.init_args": {"depth": 2}})
+    assert nested["model.student.init_args.depth"] == 2 and nested["model.student.init_args.embed_dim"] == 128
+
+
+def test_a_failed_fit_removes_only_its_own_folders_and_the_parents_it_made_while_empty(tmp_path):
+    from distill.run_records import RemoveUnusedOutputs
+
+    shared = tmp_path / "sweep"  # made by whichever of two runs started first
+    mine, theirs = shared / "lr1" / "version_0", shared / "lr2" / "version_0"
+    unused = RemoveUnusedOutputs([mine, tmp_path / "ckpt"])
+    for folder in (mine, theirs, tmp_path / "ckpt"):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("a run's config")
+    unused.remove()
+    assert not mine.exists() and not (shared / "lr1").exists() and not (tmp_path / "ckpt").exists()
+    assert (theirs / "config.yaml").is_file()  # the other run's folder and the parent they share stay
+
+
+def test_a_fit_that_trains_nothing_leaves_no_empty_folders(tmp_path, capsys):
+    args = distill_args(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "took no optimiser step" in run_cli_error([*args, "--trainer.max_steps=0"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_overwrite_rebuilds_a_current_export_and_a_stray_file_makes_it_stale(trained, tmp_path, capsys):
+    out, best = tmp_path / "model[v2]", trained / "ckpt" / "best.ckpt"  # a name with glob characters
+    export_student(best, out, onnx=False, torchscript=False)
+    first = json.loads((out / "export_report.json").read_text())
+    assert set(first["files"]) == {"config.json", "model.safetensors"} and "torch" in first["made_from"]["versions"]
+    (tmp_path / ".model2.tmp999").mkdir()  # not this export's leftover: another folder's
+    (out / "model.int8.onnx").write_bytes(b"a stray model serve --backend int8 would load")
+    line = run_cli_error(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript"], capsys)
+    assert "(its files changed since it was written, or were added or removed)" in line
+    cli_main(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript", "--overwrite_stale"])
+    assert not (out / "model.int8.onnx").exists() and (tmp_path / ".model2.tmp999").is_dir()
+    cli_main(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript", "--overwrite_stale"])
+    assert "is already the export of" in capsys.readouterr().out  # current: kept
+    before = (out / "export_report.json").stat().st_mtime_ns
+    cli_main(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript", "--overwrite"])
+    assert (out / "export_report.json").stat().st_mtime_ns != before  # asked for: built again
