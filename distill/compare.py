@@ -99,11 +99,14 @@ def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: boo
         return
     except (OSError, ValueError, AttributeError):
         before = None
-    if overwrite or (isinstance(before, dict) and before.get("options") == made_from["options"]
-                     and {tuple(r) for r in before.get("runs", [])} <= {tuple(r) for r in made_from["runs"]}):
+    try:
+        counted = {(str(kind), int(seed)) for kind, seed in before["runs"]} if isinstance(before, dict) else None
+    except (KeyError, TypeError, ValueError):  # a compare.json edited by hand: another table
+        counted = None
+    if overwrite or (counted is not None and before.get("options") == made_from["options"]
+                     and counted <= {(kind, seed) for kind, seed in made_from["runs"]}):
         return
-    shown = f" ({', '.join(sorted({r[0] for r in before['runs']}))} x {len({r[1] for r in before['runs']})} seed(s))" \
-        if isinstance(before, dict) and before.get("runs") else ""
+    shown = f" ({', '.join(sorted({r[0] for r in counted}))} x {len({r[1] for r in counted})} seed(s))" if counted else ""
     raise UserError(f"compare --out: '{out / 'compare.md'}' holds the table of another comparison{shown}; choose "
                     "another --out, or pass --overwrite to replace that table (the runs it counted are kept)")
 
