@@ -80,3 +80,17 @@ def test_every_command_of_the_table_is_listed_and_runs_its_module_main(capsys):
         assert name in TRAINING or f"  {name.split()[0]:15s} {line}" in listed
         assert callable(importlib.import_module(module).main), module
     assert "fit, validate, test, predict" in listed
+
+
+def test_the_recipes_table_says_what_the_configs_do():
+    """docs/recipes.md's table of configs states epochs and distillation type: read them back from the files."""
+    rows = {line.split("|")[1].strip(): line for line in (ROOT / "docs" / "recipes.md").read_text().splitlines()
+            if line.startswith("| `configs/")}
+    recipe = yaml.safe_load((ROOT / "configs" / "distill.yaml").read_text())
+    row = rows["`configs/distill.yaml`"]
+    assert f"{recipe['model']['distillation']} distillation" in row and f"{recipe['trainer']['max_epochs']} epochs" in row
+    teacher = yaml.safe_load((ROOT / "configs" / "teacher.yaml").read_text())
+    assert f"{teacher['trainer']['max_epochs']} epochs" in rows["`configs/teacher.yaml`"]
+    stages = {s["name"]: s for s in yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())["stages"]}
+    epochs = [stages[name]["overrides"]["trainer.max_epochs"] for name in ("distill", "finetune_48")]
+    assert f"{epochs[0]} (32 px) and {epochs[1]} (48 px)" in rows["`configs/pipeline.yaml`"]
