@@ -9,10 +9,12 @@ Every row runs in its own process (same threads, fresh memory) on the same synth
 bank (random images, labels; random weights: speed does not depend on them), so the rows
 differ only in how the step is done. Throughput counts the wall time of `--steps` full
 steps after `--warmup` steps (data fetch, hooks, logging, optimiser included). The teacher
-column is the time spent in the teacher's forward, per step; memory is the process's peak
-RSS (CPU) or peak allocated memory (GPU). The cache row reads the teacher's top-k from the
-batch, as `fit --data.teacher_cache` does (the augmentation a real run adds is the same for
-every row and not measured here).
+column is the time spent in the teacher's forward, per step (on a GPU timed by events in the
+stream, so the step never waits for it); memory is the process's peak RSS (CPU) or peak
+allocated memory (GPU). The cache row reads the teacher's top-k from the batch, as
+`fit --data.teacher_cache` does (the augmentation a real run adds is the same for every row and
+not measured here). `--profile-steps N` runs `torch.profiler` over N more steps after the timed
+ones (`gpu_check.py` prints what it found: kernel launches, host-device waits, device idle time).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,14 @@ ROWS = {  # name: (label, how the step is done: plain loop / timm task / fit, an
     "fit_cache_bf16": ("fit, bf16-mixed student, teacher cache", {"cache": True, "precision": "bf16-mixed"}),
     "fit_ddp_2x1": ("fit, default teacher, DDP 2 processes x 1 thread", {"devices": 2}),
     "fit_cache_ddp_2x1": ("fit, teacher cache, DDP 2 processes x 1 thread", {"cache": True, "devices": 2}),
+    "fit_fused_bf16": ("fit, bf16-mixed student, default teacher, fused AdamW (model.fused_optimizer)",
+                       {"precision": "bf16-mixed", "fused_optimizer": True}),
+    "fit_nchw_bf16": ("fit, bf16-mixed student, default teacher in NCHW (teacher.channels_last: false)",
+                      {"precision": "bf16-mixed", "channels_last": False}),
+    "fit_student_compile_bf16": ("fit, bf16-mixed student + model.compile, default teacher",
+                                 {"precision": "bf16-mixed", "compile_student": True}),
+    "fit_cache_student_compile_bf16": ("fit, bf16-mixed student + model.compile, teacher cache",
+                                       {"cache": True, "precision": "bf16-mixed", "compile_student": True}),
 }
 
 
@@ -97,18 +107,97 @@ def student(args: argparse.Namespace) -> torch.nn.Module:
     return Student(args.classes, args.img_size, model_name=args.student)
 
 
-def timed(module: torch.nn.Module, clock: dict[str, float]) -> None:
-    """Accumulate the wall time of `module`'s forward into clock['teacher']."""
-    forward = module.forward
+class TeacherClock:
+    """The time spent in a module's forward, summed over the steps since `reset`. On a GPU it is the stream's time
+    between two events recorded around the call, read at the end: the step itself never waits for it."""
 
-    def wrapper(*a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        out = forward(*a, **k)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        clock["teacher"] += time.perf_counter() - start
-        return out
-    module.forward = wrapper
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.spans: list[tuple[Any, Any]] = []
+        self.host_s = 0.0
+        forward = module.forward
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if torch.cuda.is_available():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = forward(*a, **k)
+                end.record()
+                self.spans.append((start, end))
+                return out
+            began = time.perf_counter()
+            out = forward(*a, **k)
+            self.host_s += time.perf_counter() - began
+            return out
+        module.forward = wrapper
+
+    def reset(self) -> None:
+        self.spans, self.host_s = [], 0.0
+
+    def seconds(self) -> float:
+        """After a synchronisation: the total since `reset`."""
+        return self.host_s + sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+
+
+class StepProfile:
+    """`torch.profiler` over a few steps (after the timed ones: its overhead stays out of them), summarised per step:
+    the device's kernel launches, the host's waits for the device (synchronisations, copies back), the aten ops the
+    host dispatched, the reads of a scalar (`.item()`, `bool(t)`, ...; on a CPU, of host tensors too: the optimiser's
+    step counters) and the share of the wall time the device ran nothing."""
+
+    LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+    WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+    def __init__(self, device: torch.device, steps: int, table: Optional[Path] = None, trace: bool = False) -> None:
+        self.device, self.steps, self.table, self.trace = device, steps, table, trace
+        self.profiler: Any = None
+        self.began = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+        sync(self.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.profiler = profile(activities=activities)
+        self.profiler.__enter__()
+        self.began = time.perf_counter()
+
+    def stop(self) -> None:
+        sync(self.device)
+        wall = time.perf_counter() - self.began
+        self.profiler.__exit__(None, None, None)
+        self.summary = summarize(self.profiler.events(), wall, self.steps, self.device.type == "cuda")
+        if self.table:  # the ops by their own time, device first
+            self.table.parent.mkdir(parents=True, exist_ok=True)
+            sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
+            self.table.with_suffix(".txt").write_text(f"{self.steps} steps, {wall * 1e3:.1f} ms wall\n{table}\n")
+            if self.trace:  # for Perfetto or chrome://tracing
+                self.profiler.export_chrome_trace(str(self.table.with_suffix(".json.gz")))
+
+
+def summarize(events: Any, wall_s: float, steps: int, cuda: bool) -> dict[str, Any]:
+    """Per step: what the profiler saw (see `StepProfile`); None where only a GPU can tell."""
+    def top_level_op(event: Any) -> bool:
+        return event.name.startswith("aten::") and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+    summary: dict[str, Any] = {
+        "step_ms": wall_s / steps * 1e3,
+        "ops": sum(top_level_op(e) for e in events) / steps,
+        "scalar_reads": sum(e.name == "aten::_local_scalar_dense" for e in events) / steps,
+        "launches": None, "waits": None, "copies_back": None, "device_ms": None, "idle": None}
+    if not cuda:
+        return summary
+    from torch.autograd import DeviceType
+    on_device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in on_device:  # the union of the device's intervals (streams may overlap)
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    summary.update(
+        launches=sum(e.name.startswith(StepProfile.LAUNCHES) for e in events) / steps,
+        waits=sum(e.name in StepProfile.WAITS for e in events) / steps,
+        copies_back=sum(e.device_type == DeviceType.CUDA and "DtoH" in e.name for e in events) / steps,
+        device_ms=busy_us / 1e3 / steps, idle=max(0.0, 1 - busy_us / 1e6 / wall_s))
+    return summary
 
 
 def sync(device: torch.device) -> None:
@@ -116,14 +205,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def profile_of(args: argparse.Namespace, device: torch.device) -> Optional[StepProfile]:
+    if not args.profile_steps:
+        return None
+    table = Path(args.profile_dir) / f"{args.student}_{args.row}" if args.profile_dir else None
+    return StepProfile(device, args.profile_steps, table, args.profile_trace)
+
+
 def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: bool, precision: str
-              ) -> dict[str, float]:
+              ) -> dict[str, Any]:
     import timm
     torch.manual_seed(0)
     model = student(args).to(device)
     teacher = timm.create_model(args.teacher, num_classes=args.classes).to(device).eval().requires_grad_(False)
-    clock = {"teacher": 0.0}
-    timed(teacher, clock)
+    clock = TeacherClock(teacher)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
     if use_timm_task:
         from timm.task import TokenDistillationTask
@@ -139,7 +234,9 @@ def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: boo
             cls_logits, dist_logits = model.forward_heads(images)
             return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_labels)
     model.train()
-    for i, (images, labels) in enumerate(loader(args, args.warmup + args.steps, views=False)):
+    profile = profile_of(args, device)
+    began = time.perf_counter()
+    for i, (images, labels) in enumerate(loader(args, args.warmup + args.steps + args.profile_steps, views=False)):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = step(images, labels)
@@ -148,13 +245,24 @@ def run_plain(args: argparse.Namespace, device: torch.device, use_timm_task: boo
         optimizer.step()
         if i + 1 == args.warmup:  # timed from the end of the last warm-up step, as the fit rows
             sync(device)
-            start, clock["teacher"] = time.perf_counter(), 0.0
-    sync(device)
-    return {"seconds": time.perf_counter() - start, "teacher_s": clock["teacher"]}
+            start = time.perf_counter()
+            warmup_s = start - began
+            clock.reset()
+        if i + 1 == args.warmup + args.steps:
+            sync(device)
+            end = time.perf_counter()
+            teacher_s = clock.seconds()
+            if profile:
+                profile.start()
+    if profile:
+        profile.stop()
+    return {"seconds": end - start, "teacher_s": teacher_s, "warmup_s": warmup_s,
+            "profile": profile.summary if profile else None}
 
 
 def run_fit(args: argparse.Namespace, device: torch.device, teacher: str = "auto", cache: bool = False,
-            devices: int = 1, precision: str = "", compile: bool = False) -> dict[str, float]:
+            devices: int = 1, precision: str = "", compile: bool = False, compile_student: bool = False,
+            fused_optimizer: bool = False, channels_last: Optional[bool] = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     from distill.module import DistillationModule
@@ -163,32 +271,44 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher: str = "auto
     torch.manual_seed(0)
     # random weights: near-tied logits make the first-batch agreement check meaningless, so no fallback here
     frozen = Teacher(args.teacher, weights="none", num_classes=args.classes, precision=teacher,
-                     channels_last=teacher != "32", compile=compile, fast_min_agreement=0.0)
-    clock = {"teacher": 0.0}
-    timed(frozen, clock)
+                     channels_last=teacher != "32" if channels_last is None else channels_last, compile=compile,
+                     fast_min_agreement=0.0)
+    clock = TeacherClock(frozen)
     module = DistillationModule(student(args), None if cache else frozen, num_classes=args.classes,
-                                img_size=args.img_size, teacher_cache="bench" if cache else None, warmup_epochs=0)
+                                img_size=args.img_size, teacher_cache="bench" if cache else None, warmup_epochs=0,
+                                compile=compile_student, fused_optimizer=fused_optimizer)
     marks: dict[str, float] = {}
+    profile = profile_of(args, device)
 
     class Clock(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
+            marks["began"] = time.perf_counter()
+
         def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
             if trainer.global_step == args.warmup:
                 sync(device)
-                marks["start"], clock["teacher"] = time.perf_counter(), 0.0
+                marks["start"] = time.perf_counter()
+                clock.reset()
             if trainer.global_step == args.warmup + args.steps:
                 sync(device)
-                marks["end"] = time.perf_counter()
+                marks["end"], marks["teacher"] = time.perf_counter(), clock.seconds()
+                if profile:
+                    profile.start()
+            if profile and trainer.global_step == args.warmup + args.steps + args.profile_steps:
+                profile.stop()
 
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + args.profile_steps
     trainer = pl.Trainer(
         accelerator=device.type, devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
         precision=precision or args.precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=False, limit_val_batches=0, callbacks=[Clock()], num_sanity_val_steps=0,
     )
     trainer.fit(module, loader(args, steps, cache))
-    return {"seconds": marks["end"] - marks["start"], "teacher_s": clock["teacher"], "world": trainer.world_size,
-            "rank": trainer.global_rank, "agreement": None if cache else frozen.fast_agreement,
-            "teacher_dtype": None if cache else str(frozen.fast_dtype or torch.float32)}
+    return {"seconds": marks["end"] - marks["start"], "teacher_s": marks["teacher"], "world": trainer.world_size,
+            "warmup_s": marks["start"] - marks["began"], "rank": trainer.global_rank,
+            "agreement": None if cache else frozen.fast_agreement,
+            "teacher_dtype": None if cache else str(frozen.fast_dtype or torch.float32),
+            "profile": profile.summary if profile else None}
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -209,8 +329,9 @@ def measure(args: argparse.Namespace) -> None:
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     print(json.dumps({"row": args.row, "img_per_s": args.steps * args.batch * world / result["seconds"],
                       "teacher_s_per_step": result["teacher_s"] / args.steps, "step_s": result["seconds"] / args.steps,
-                      "peak_mib": memory, "threads": torch.get_num_threads(), "world": world,
-                      "agreement": result.get("agreement"), "teacher_dtype": result.get("teacher_dtype")}))
+                      "warmup_s": result["warmup_s"], "peak_mib": memory, "threads": torch.get_num_threads(),
+                      "world": world, "agreement": result.get("agreement"),
+                      "teacher_dtype": result.get("teacher_dtype"), "profile": result.get("profile")}))
 
 
 def measure_row(argv: list[str], row: str, threads: int, timeout: float | None = None) -> dict[str, Any] | None:
@@ -247,6 +368,10 @@ def parser() -> argparse.ArgumentParser:
                         "fit_ddp_2x1,fit_cache_ddp_2x1,plain,fit_fp32",  # repeats: the noise, averaged
                         help="comma-separated rows (repeats allowed) of: " + ", ".join(ROWS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of a 1-process row")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="torch.profiler over this many steps after the timed ones (0: none)")
+    parser.add_argument("--profile-dir", help="write each row's profiler table here (<student>_<row>.txt)")
+    parser.add_argument("--profile-trace", action="store_true", help="and its trace (.json.gz)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     return parser
 

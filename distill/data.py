@@ -220,13 +220,14 @@ def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tens
 
     timm's blend (`lam * x + (1 - lam) * partner`; cutmix pastes the partner's box) per pair, on
     the batch's images in place, as timm's `Mixup` does. Targets are timm's smoothed one-hot,
-    mixed by lam.
+    mixed by lam. `params` is best left on the host (the data module keeps it there): the boxes are
+    sliced there, and a copy back from the device would wait for it.
     """
-    rows = params.cpu()  # a few numbers: the boxes are sliced on the host
+    rows = params.cpu()  # a few numbers
     _mix_pairs(images, rows)
     off = mixup.label_smoothing / mixup.num_classes
     smoothed = one_hot(targets, mixup.num_classes, on_value=1.0 - mixup.label_smoothing + off, off_value=off)
-    lam = rows[:, 0].to(smoothed.device, smoothed.dtype).view(-1, 1)
+    lam = rows[:, 0].to(smoothed.device, smoothed.dtype, non_blocking=True).view(-1, 1)  # queued, not waited for
     partner = torch.arange(len(targets), device=targets.device) ^ 1  # 0<->1, 2<->3, ...
     return images, smoothed * lam + smoothed[partner] * (1 - lam)
 
@@ -235,7 +236,8 @@ def _mix_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
     """In place: each pair blended (`x * lam + partner * (1 - lam)` in float32, timm's arithmetic, not
     `lerp`: runs keep the pixels they had) or its cutmix box swapped. On the CPU pair by pair (a pair's
     two images stay in the cache: 3x faster than whole-batch passes there); elsewhere all pairs at
-    once (a loop would launch kernels by the hundred per batch on a GPU). Both give the same bits."""
+    once, boxes included (a loop would launch kernels by the hundred per batch on a GPU). Both give the
+    same bits."""
     if images.device.type == "cpu":
         _mix_each_pair(images, params)
     else:
@@ -258,18 +260,26 @@ def _mix_each_pair(images: torch.Tensor, params: torch.Tensor) -> None:
 
 
 def _mix_all_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
+    """Every pair in a few whole-batch kernels: the blend, then each cutmix box as a mask (selection: exact bits)."""
     lam, cutmix = params[:, 0], params[:, 1] > 0
     weight = torch.where(cutmix, torch.ones_like(lam), lam)  # cutmix pairs keep their pixels here
-    weight = weight.to(images.device, images.dtype).view(-1, 2, 1, 1, 1)
-    pairs = images.unflatten(0, (-1, 2))
+    weight = weight.to(images.device, images.dtype, non_blocking=True).view(-1, 2, 1, 1, 1)
+    pairs = images.unflatten(0, (-1, 2))  # (P, 2, 3, H, W)
     first, second = pairs[:, 0], pairs[:, 1]
     original = first.clone()
     first.mul_(weight[:, 0]).add_(second * (1 - weight[:, 0]))
     second.mul_(weight[:, 1]).add_(original * (1 - weight[:, 1]))
-    for pair in cutmix[::2].nonzero().flatten().tolist():
-        y0, y1, x0, x1 = (int(v) for v in params[2 * pair, 2:6].tolist())
-        first[pair, :, y0:y1, x0:x1] = second[pair, :, y0:y1, x0:x1]
-        second[pair, :, y0:y1, x0:x1] = original[pair, :, y0:y1, x0:x1]
+    if not bool(cutmix.any()):  # a host tensor: no wait
+        return
+    boxes = params[::2, 2:6].to(torch.int64).to(images.device, non_blocking=True)  # (P, 4): y0, y1, x0, x1
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    inside_y = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])  # (P, H); empty for mixup pairs (box 0, 0, 0, 0)
+    inside_x = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])  # (P, W)
+    box = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (P, 1, H, W)
+    pasted = torch.where(box, second, first)
+    second.copy_(torch.where(box, original, second))
+    first.copy_(pasted)
 
 
 class CheckedImageFolder(SkipsUnreadable, ImageFolder):
@@ -617,6 +627,13 @@ class ImageDataModule(pl.LightningDataModule):
         if self.mixup_fn is not None and isinstance(batch, TrainingBatch):
             return batch.replace(mixing=mixing_params(batch.key, self.mixup_fn, tuple(batch.images.shape), global_seed()))
         return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Every tensor to the device but the mixing parameters: the mixing reads them on the host."""
+        if isinstance(batch, TrainingBatch) and batch.mixing is not None:
+            moved = super().transfer_batch_to_device(batch.replace(mixing=None), device, dataloader_idx)
+            return moved.replace(mixing=batch.mixing)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Mixup/cutmix of each training pair, on the device: targets become (B, C) soft labels."""

@@ -14,9 +14,13 @@ distill:
   - none: no teacher. The distillation head then learns the labels too (base loss), so the
     averaged inference output is never half an untrained head, a pitfall of the reference
     code where `head_dist` gets no gradient but is still averaged in at evaluation.
+
+`LossRecord` keeps the parts of each training batch on the device until the host reads them,
+every few steps, in one copy (a training step reads nothing from the device: docs/speed.md).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,7 +38,7 @@ from distill.ranges import (
     PositiveFloat,
 )
 
-__all__ = ["DistillationLoss", "DISTILLATION_TYPES"]
+__all__ = ["DistillationLoss", "LossRecord", "DISTILLATION_TYPES"]
 
 
 class DistillationLoss(nn.Module):
@@ -107,3 +111,41 @@ class DistillationLoss(nn.Module):
         )
         denom = student_logits.numel() if self.kl_normalization == "reference" else student_logits.shape[0]
         return kl * (self.tau**2) / denom
+
+
+class LossRecord:
+    """Each training batch's loss parts, kept on the device until the host needs them.
+
+    Reading a device value (`.item()`, `bool(t)`, a progress bar's number) makes the host wait until the device
+    has run everything queued before it; done every step, the device idles while the host prepares the next one.
+    The parts of each batch are stacked on the device (one kernel) and read in one copy when a check or a log
+    needs them.
+    """
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self.rows: list[torch.Tensor] = []  # (batches, P) float32 since the last check, on the device
+        self.where: list[tuple[int, int, int]] = []  # (epoch, global step, batch) of each row
+        self.last_read: tuple[tuple[int, int, int], dict[str, float]] = ((0, 0, 0), {})
+
+    def add(self, parts: dict[str, torch.Tensor], where: tuple[int, int, int]) -> None:
+        self.names = tuple(parts)
+        self.rows.append(torch.stack([v.detach().float() for v in parts.values()])[None])  # (1, P)
+        self.where.append(where)
+        if len(self.rows) >= 256:  # a long wait between checks: one tensor, not hundreds of small allocations
+            self.rows = [torch.cat(self.rows)]
+
+    def latest(self) -> dict[str, float]:
+        """The latest batch's parts (one read from the device, none if the last check just read it)."""
+        if self.rows:
+            self.last_read = (self.where[-1], dict(zip(self.names, self.rows[-1][-1].tolist())))
+        return self.last_read[1]
+
+    def first_non_finite(self) -> Optional[tuple[tuple[int, int, int], dict[str, float]]]:
+        """Reads every batch since the last call (one copy) and forgets them: the first whose loss is NaN or inf."""
+        if not self.rows:
+            return None
+        read = [dict(zip(self.names, row)) for row in torch.cat(self.rows).tolist()]  # (N, P) in one copy
+        where, self.rows, self.where = self.where, [], []
+        self.last_read = (where[-1], read[-1])
+        return next(((w, parts) for w, parts in zip(where, read) if not math.isfinite(parts["loss"])), None)

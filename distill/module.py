@@ -8,6 +8,7 @@ the weights, so the student can be rebuilt (export) and the teacher re-created.
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2, get_optimizer_class, list_optimizers
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -26,7 +27,7 @@ from distill.batch import TrainingBatch
 from distill.cache import cached_teacher_logits, view_checksum
 from distill.checkpoints import load_student_state
 from distill.errors import UserError
-from distill.losses import DistillationLoss
+from distill.losses import DistillationLoss, LossRecord
 from distill.ranges import (
     ClosedUnitInterval,
     Distillation,
@@ -42,7 +43,7 @@ from distill.seeding import global_seed, sample_seed
 from students.resize import adapt_student_state
 from teachers import Teacher
 
-__all__ = ["DistillationModule", "scaled_lr"]
+__all__ = ["DistillationModule", "scaled_lr", "writes_step_logs"]
 
 StudentFactory = Callable[[int, int], nn.Module]  # (num_classes, img_size) -> student
 
@@ -87,6 +88,13 @@ class DistillationModule(pl.LightningModule):
             real teacher (model.teacher) also runs: logs `train/cache_agreement` (top-1 agreement
             of cached and live teacher) and `train/cache_view_match` (views replayed pixel-exact);
             0: the teacher is not kept in memory at all.
+        finite_check_every: check that the loss is finite every this many optimiser steps (and at the end of
+            every epoch, before validation and checkpoints): the check reads the loss from the device, which
+            makes the host wait for it; the error still names the first step whose loss was not finite.
+        compile: `torch.compile` the student's training forward (and so its backward); the first steps are
+            slower while it compiles; validation runs uncompiled. Results differ from eager within float rounding.
+        fused_optimizer: torch's fused kernel for the optimiser step (adamw, adam, sgd, ...: the optimisers that
+            take `fused`); off: torch's default (one kernel per operation for all tensors on a GPU, a loop on a CPU).
     """
 
     def __init__(
@@ -115,6 +123,9 @@ class DistillationModule(pl.LightningModule):
         ema_decay: Optional[OpenUnitInterval] = None,
         teacher_cache: Optional[str] = None,
         teacher_cache_verify: ClosedUnitInterval = 0.0,
+        finite_check_every: PositiveInt = 10,
+        compile: bool = False,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
         # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
@@ -136,6 +147,9 @@ class DistillationModule(pl.LightningModule):
             close = difflib.get_close_matches(optimizer.lower(), list_optimizers(), n=3)
             raise UserError(f"model.optimizer: '{optimizer}' is not a timm optimiser"
                             f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (DeiT: adamw)")
+        if fused_optimizer and "fused" not in inspect.signature(get_optimizer_class(optimizer.lower())).parameters:
+            raise UserError(f"model.fused_optimizer: '{optimizer}' has no fused kernel (torch's adamw, adam, sgd have "
+                            "one); set model.fused_optimizer: false")
         self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         _check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
@@ -146,7 +160,10 @@ class DistillationModule(pl.LightningModule):
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self._fast_path_logged = False
         self._view_mismatch_warned = False
-        self._ema_step = -1
+        self._step_before = 0  # global_step when the batch started: did the batch take an optimiser step?
+        self._lr = 0.0  # the learning rate of the batch's step, logged after it
+        self._losses = LossRecord()  # each batch's loss parts, on the device until read
+        self._compiled_heads = torch.compile(self.student.forward_heads) if compile else None  # at its first call
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
         self.val_metrics = self._metrics("val/")
@@ -197,16 +214,17 @@ class DistillationModule(pl.LightningModule):
                              "set data.teacher_cache (the two are linked by the distill CLI)")
         else:
             teacher_logits = self.teacher(images)
-        cls_logits, dist_logits = self.student.forward_heads(images)
+        forward_heads = self.student.forward_heads if self._compiled_heads is None else self._compiled_heads
+        cls_logits, dist_logits = forward_heads(images)
         parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
-        self._check_finite(parts, batch_idx)
+        # nothing is read from the device here: the parts are read, checked and logged in on_train_batch_end
+        self._losses.add(parts, (self.current_epoch, self.global_step, batch_idx))
+        self._step_before, self._lr = self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"]
         if self.teacher is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
             self._fast_path_logged = True
             rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
                            f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
-            self.log("train/teacher_fast_agreement", self.teacher.fast_agreement, on_step=True, on_epoch=False)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+            self.log("train/teacher_fast_agreement", _host(self.teacher.fast_agreement), on_step=True, on_epoch=False)
         return parts["loss"]
 
     def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
@@ -227,23 +245,43 @@ class DistillationModule(pl.LightningModule):
                            "views the cache was built from (the transform code or a library version changed since): "
                            "the cached targets label other images; rebuild the cache with distill cache-teacher")
 
-    def _check_finite(self, parts: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Stop on a NaN/inf loss, naming the step and the parts; every DDP rank stops together."""
-        finite = bool(torch.isfinite(parts["loss"]).item())
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = self.global_step != self._step_before  # not a batch that only accumulated gradients
+        if self.ema is not None and stepped:  # once per optimiser step
+            self.ema.update(self.student, step=self.global_step)
+        last = batch_idx + 1 >= self.trainer.num_training_batches  # before validation and the epoch's checkpoints
+        every = self.hparams.finite_check_every
+        if last or (stepped and self.global_step % every == 0):
+            self._check_finite()
+        if last or writes_step_logs(self.trainer, stepped):
+            # host values: the progress bar reads every logged value at every batch, a device value would make it wait
+            parts = {f"train/{k}": _host(v) for k, v in self._losses.latest().items()}
+            self.log_dict(parts, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/lr", _host(self._lr), on_step=True, on_epoch=False)
+
+    def on_train_end(self) -> None:
+        self._check_finite()  # the steps since the last check (a run stopped by max_steps mid-epoch)
+
+    def on_validation_start(self) -> None:
+        self._check_finite()  # before a validation inside the epoch (val_check_interval) and its checkpoint
+
+    def _check_finite(self) -> None:
+        """Stop on a NaN/inf loss among the batches since the last check, naming the first; every DDP rank stops
+        together (each calls this at the same batch)."""
+        first = self._losses.first_non_finite()
+        finite = first is None
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            raise UserError(
-                f"non-finite loss at epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx}): {values}; "
-                "check the data for NaNs, or start from the last checkpoint's weights with a lower rate (model.init_from=<last.ckpt> "
-                "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)"
-            )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None and self.global_step != self._ema_step:  # once per optimiser step
-            self._ema_step = self.global_step
-            self.ema.update(self.student, step=self.global_step)
+        if finite:
+            return
+        (epoch, step, batch_idx), parts = first or self._losses.last_read
+        values = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        where = "" if first else " on another process"
+        raise UserError(
+            f"non-finite loss{where} at epoch {epoch}, step {step} (batch {batch_idx}): {values}; check the data for "
+            "NaNs, or start from the last checkpoint's weights with a lower rate (model.init_from=<last.ckpt> "
+            "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)"
+        )
 
     def on_validation_epoch_start(self) -> None:
         # fresh metric states: ones made under `trainer.validate` (inference mode) cannot be
@@ -297,8 +335,9 @@ class DistillationModule(pl.LightningModule):
         hp = self.hparams
         scale = self._lr_scale()
         # timm's param groups: no weight decay on 1-d params (norms, biases) and no_weight_decay()
+        fused = {"fused": True} if hp.fused_optimizer else {}  # else torch's default: foreach on a GPU
         optimizer = create_optimizer_v2(
-            self.student, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps,
+            self.student, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps, **fused,
         )
         # linear warmup, then a cosine from exactly `lr` down to `min_lr` at the last step
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -339,6 +378,8 @@ class DistillationModule(pl.LightningModule):
         Not hyper-parameters: LightningCLI re-applies those as constructor arguments on
         `validate --ckpt_path`, and these are not constructor arguments.
         """
+        if self.trainer.world_size == 1:  # no collective: under DDP a stop signal saves from one rank alone
+            self._check_finite()  # no checkpoint of the steps after a non-finite loss (the weights are garbage)
         checkpoint["student_config"] = dict(getattr(self.student, "config", {}))
         checkpoint["teacher_config"] = dict(self.teacher.config) if self.teacher is not None else None
 
@@ -360,6 +401,26 @@ class DistillationModule(pl.LightningModule):
                 f"Teacher: {self.teacher.model_name} ({params:.1f}M params, frozen, eval mode, "
                 f"{self.teacher.num_classes} classes, not saved in checkpoints)"
             )
+
+
+def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
+    """Whether Lightning writes the values logged for this batch to the loggers, asked after the batch's step.
+
+    Its rule from public state: every `log_every_n_steps` optimiser steps (0: never), every step of a
+    `fast_dev_run`, and when the run stops; a value logged on another step is replaced before anyone reads it.
+    """
+    if not stepped:
+        return False
+    if trainer.fast_dev_run:
+        return True
+    every = trainer.log_every_n_steps
+    return bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
+
+
+def _host(value: float) -> torch.Tensor:
+    """A value to `self.log` from the host: Lightning keeps a logged tensor where it is, and turns every progress-bar
+    value into a number after every batch; a device tensor there would make the host wait for the device."""
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def scaled_lr(lr: float, batch_size: int, devices: int, num_nodes: int, accumulate: int, base: int) -> float:

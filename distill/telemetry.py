@@ -1,6 +1,7 @@
 """What a distillation user watches in TensorBoard beyond the losses and accuracies the module logs.
 
-- `train/img_per_s` (all processes together, also in the progress bar) and `train/epoch_time_s`;
+- `train/img_per_s` (all processes together, also in the progress bar), over the steps since the
+  previous logged value, and `train/epoch_time_s`;
 - `train/augmented_views`: the first training batch as the student and teacher see it (after
   mixup/cutmix), once, to check the augmentation;
 - `val/confusion_matrix`: per validation epoch, rows normalised, class names on the axes;
@@ -29,6 +30,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from distill.module import writes_step_logs  # noqa: E402
 from distill.ranges import NonNegativeInt  # noqa: E402
 
 __all__ = ["DistillationTelemetry", "attention_maps"]
@@ -53,22 +55,38 @@ class DistillationTelemetry(pl.Callback):
         self.augmented_images = augmented_images
         self.confusion_matrix = confusion_matrix
         self._matrix: Optional[MulticlassConfusionMatrix] = None
-        self._step_start = self._epoch_start = 0.0
+        self._epoch_start = 0.0
+        self._window_start, self._window_images, self._step_before = 0.0, 0, 0  # since the last img/s logged
 
     # ------------------------------------------------------------------ throughput
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start = time.perf_counter()
+        self._epoch_start = self._window_start = time.perf_counter()
+        self._window_images = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
+        self._step_before = trainer.global_step
         if trainer.global_step == 0 and batch_idx == 0 and self.augmented_images:
             self._log_augmented(trainer, pl_module, batch.images)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        seconds = time.perf_counter() - self._step_start
-        images = batch.images.shape[0] * trainer.world_size
-        pl_module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        """Images per second over the steps since the last logged value, on the steps Lightning writes: a step's own
+        time on the host says nothing on an accelerator, where the host only queues the work."""
+        self._window_images += batch.images.shape[0] * trainer.world_size
+        if not writes_step_logs(trainer, trainer.global_step != self._step_before):
+            return
+        accelerator = torch.accelerator.current_accelerator(check_available=True)
+        if accelerator is not None and pl_module.device.type == accelerator.type:  # the module reads here anyway
+            torch.accelerator.synchronize(pl_module.device)
+        now = time.perf_counter()
+        rate = self._window_images / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_images = now, 0
+        # a host tensor: the progress bar turns its values into numbers at every batch (a device one would wait)
+        pl_module.log("train/img_per_s", torch.tensor(rate), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window_start = time.perf_counter()  # validation inside an epoch is not training throughput
+        self._window_images = 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("train/epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True)
