@@ -53,7 +53,7 @@ LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint",
             "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.num_sanity_val_steps",
             "trainer.detect_anomaly", "trainer.enable_autolog_hparams", "trainer.accelerator", "trainer.strategy",
             "data.num_workers", "telemetry", "model.teacher_cache", "model.teacher_cache_verify",
-            "model.finite_check_every")
+            "model.finite_check_every", "model.compile", "model.fused_optimizer")
 # A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
 CONTENT_OF = {"data.teacher_cache": "meta.json"}
 

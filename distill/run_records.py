@@ -64,8 +64,14 @@ def last_checkpoint(config: Any) -> str | None:
     return str(found[-1]) if found else None
 
 
+# How long a run goes: resuming with more epochs or steps continues the same run (its schedule as restored).
+LONGER = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trainer.min_steps")
+
+
 def refuse_changed_options(saved: dict[str, Any], now: dict[str, Any], path: str, resolved: str) -> None:
-    """A run resumes only with the options it was started with (config files compared by content, not path)."""
+    """A run resumes only with the options it was started with (config files compared by content, not path), except
+    its length (`LONGER`)."""
+    saved, now = ({k: v for k, v in options.items() if k not in LONGER} for options in (saved, now))
     if saved == now:
         return
     named = f"'{path}' ({resolved})" if path != resolved else f"'{path}'"
