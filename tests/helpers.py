@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import timm
 import torch
 import yaml
@@ -211,3 +212,17 @@ def wait_gone(pids: set[int], seconds: float) -> list[int]:
         if not alive or time.time() > deadline:
             return alive
         time.sleep(0.2)
+
+
+def wait_healthy(server, url: str, seconds: float) -> None:
+    """Wait for a `distill serve` process to answer `GET /health` with ok (it must not exit meanwhile)."""
+    deadline = time.time() + seconds
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            if requests.get(f"{url}/health", timeout=2).text == "ok":
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, f"the server did not come up in {seconds:.0f} s"
+        time.sleep(0.3)

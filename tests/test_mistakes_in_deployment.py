@@ -24,7 +24,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.cli import cli_main
 from distill.export import export_student
 from distill.serve import Rejected, StudentAPI, accelerators_here
-from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone
+from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +206,7 @@ def test_killing_the_server_with_sigkill_takes_its_processes_along_and_frees_the
                               start_new_session=True)
     children: set[int] = set()
     try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if requests.get(f"{url}/health", timeout=2).text == "ok":
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline, "the server did not come up in 120 s"
-            time.sleep(0.3)
+        wait_healthy(server, url, 120)
         bomb = requests.post(f"{url}/predict", files={"image": ("bomb.png", png_declaring(20_000, 9_000))}, timeout=30)
         assert bomb.status_code == 413 and "image too large" in bomb.json()["detail"], bomb.text
         children = children_of(server.pid)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from distill.export import INT8_FILE, Int8, export_student
 from distill.files import OutputLock
 from distill.predict import predict_folder
 from distill.serve import StudentAPI
-from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone
+from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,16 +60,7 @@ def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(
          "--max_pixels", "10000", "--max_body_mb", "0.25", "--batch_timeout", "0.2"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if requests.get(f"{url}/health", timeout=2).text == "ok":
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline, "the server did not come up in 180 s"
-            time.sleep(0.5)
+        wait_healthy(server, url, 180)
         info = requests.get(f"{url}/info", timeout=10).json()["model"]
         assert len(info["version"]) == 12  # the weights' SHA-256, shortened
         assert info["classes"] == ["cat", "dog", "fox"] and info["input_size"] == [3, 32, 32]
