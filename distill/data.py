@@ -21,32 +21,25 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data.mixup import cutmix_bbox_and_lam, one_hot
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset
 
-from distill.adapters import batches_done_this_epoch, mixup_draw
+from distill.adapters import batches_done_this_epoch
 from distill.batch import TrainingBatch
 from distill.cache import TeacherCache
 from distill.errors import UserError
 from distill.hf_data import HFImageDataset, is_hf_dataset, load_hf_splits
+from distill.image_folder import CheckedImageFolder, classes_of
 from distill.images import (
     IMG_EXTENSIONS,
-    SkipsUnreadable,
     display_name,
-    find_classes,
     is_image_file,
-    left_out,
-    list_images,
-    load_image,
 )
+from distill.mixing import apply_mixing, mixing_params
 from distill.ranges import (
     ClosedUnitInterval,
     HalfOpenUnitInterval,
@@ -57,267 +50,12 @@ from distill.ranges import (
     UnitIntervalOpenAtZero,
     plain,
 )
-from distill.seeding import global_seed, sample_seed, seeded
+from distill.seeding import global_seed
+from distill.views import DigitsDataset, EpochSampler, SeededViews
 
 __all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews"]
 
 DIGITS = "digits"
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as RGB PIL images.
-
-    The split is fixed (stratified, 20% validation, seed 0: 1437 train / 360 val) so that
-    every run and every stage is measured on the same images. Images are upscaled once to
-    `img_size` (bicubic); the random transforms then work at that size.
-    """
-
-    def __init__(self, split: str, img_size: int, transform: Optional[Any] = None) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        indices = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(indices, test_size=0.2, stratify=digits.target, random_state=0)
-        chosen = train_idx if split == "train" else val_idx
-        pixels = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
-        self.images = [Image.fromarray(p).convert("RGB").resize((img_size, img_size), Image.BICUBIC) for p in pixels]
-        self.targets = digits.target[chosen].tolist()
-        self.classes = [str(c) for c in digits.target_names]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), self.targets[index]
-
-
-class EpochSampler(DistributedSampler):
-    """Shuffles by (seed, epoch), gives each rank its share, and yields `(epoch, index)` keys.
-
-    A `DistributedSampler` (Lightning leaves those in place under DDP and calls `set_epoch`)
-    that also passes the epoch to the dataset, so that `SeededViews` can seed each view from
-    (seed, epoch, index) even inside persistent workers. `resume(epoch, samples)` skips the
-    samples already trained on when a run restarts from a mid-epoch checkpoint.
-
-    `num_repeats > 1` is DeiT's repeated augmentation (its `RASampler`): each index of the
-    shuffled epoch appears `num_repeats` times in a row, so consecutive copies land on
-    consecutive ranks (each rank sees its own augmented view, `(epoch, index, repeat)`), and
-    each rank keeps `len(dataset) // num_replicas` samples, so an epoch stays one dataset
-    long. (The reference also rounds that down to a multiple of 256 images; not done here.)
-
-    `pairs=True` (mixup/cutmix on): the shuffled epoch is cut into fixed pairs (TinyViT's
-    fixed mixing partners) and a pair is never split between ranks or batches (batches are
-    even), so a mixed image depends on (seed, epoch, pair) only, not on the batch size or the
-    number of processes. That is what lets a teacher cache replay it exactly.
-    """
-
-    def __init__(
-        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-        num_repeats: int = 1, pairs: bool = False,
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        if num_repeats < 1:
-            raise UserError(f"data.repeated_aug must be 1 (off) or more, got {num_repeats}")
-        self.num_repeats, self.width = num_repeats, 2 if pairs else 1
-        units = len(dataset) // self.width * num_repeats  # type: ignore[arg-type]
-        if num_repeats > 1:  # an epoch stays one dataset long
-            self.num_samples = len(dataset) // num_replicas // self.width * self.width  # type: ignore[arg-type]
-        else:  # every unit, padded so that each rank gets as many
-            self.num_samples = -(-units // num_replicas) * self.width
-        self._resume_at: tuple[int, int] = (-1, 0)
-
-    def resume(self, epoch: int, samples: int) -> None:
-        """On the next pass over `epoch`, skip its first `samples` samples (already trained on)."""
-        self._resume_at = (epoch, samples)
-
-    def units(self, epoch: int) -> list[tuple[int, ...]]:
-        """The epoch's units in order: one key, or the two keys of a mixing pair."""
-        size = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:  # DistributedSampler's own order: randperm seeded by seed + epoch
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        else:
-            order = list(range(size))
-        groups = [order[i:i + self.width] for i in range(0, size - size % self.width, self.width)]
-        if self.num_repeats == 1:
-            return [tuple((epoch, index) for index in group) for group in groups]
-        return [tuple((epoch, index, repeat) for index in group) for group in groups for repeat in range(self.num_repeats)]
-
-    def __iter__(self) -> Iterator[tuple[int, ...]]:  # type: ignore[override]
-        epoch = self.epoch
-        units = self.units(epoch)
-        total = -(-len(units) // self.num_replicas) * self.num_replicas
-        units += units[: total - len(units)]  # pad so that every rank gets as many
-        keys = [key for unit in units[self.rank:total:self.num_replicas] for key in unit][: self.num_samples]
-        if self._resume_at[0] == epoch:
-            keys = keys[self._resume_at[1]:]
-        self._resume_at = (-1, 0)
-        return iter(keys)
-
-
-class SeededViews(Dataset):
-    """A training set whose item `(epoch, index)` is the view seeded by (seed, epoch, index).
-
-    Every random draw of the transform (crop, flip, RandAugment, random erasing) comes from
-    generators seeded for that sample, so the view is the same in any worker, process or
-    restart. Item `(epoch, index, repeat)` is another view of the same image (repeated
-    augmentation). An item is a dict of the fields of `distill.batch.TrainingBatch` for one view
-    (`TrainingBatch.collate` makes the batch): `image`, `target`, the `key` (epoch, index, repeat)
-    that mixup and the teacher cache use, the view's `seed`, and with a `cache`, the teacher's
-    cached top-k for that view (`teacher_index`, `teacher_prob`, `checksum`). Plain integer
-    indices pass through unseeded.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, cache: Optional[Any] = None) -> None:
-        self.dataset, self.seed, self.cache = dataset, seed, cache
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: Any) -> Any:
-        if not isinstance(key, tuple):
-            return self.dataset[key]
-        seed = sample_seed(self.seed, *key)  # key: (epoch, index) or (epoch, index, repeat)
-        with seeded(seed):
-            image, target = self.dataset[key[1]]
-        full_key = (*key, 0) if len(key) == 2 else key
-        view = {"image": image, "target": target, "key": torch.tensor(full_key, dtype=torch.int64),
-                "seed": torch.tensor(seed, dtype=torch.int64)}
-        if self.cache is not None:
-            view.update(self.cache.entry(*full_key))
-        return view
-
-
-def mixing_params(keys: torch.Tensor, mixup: Mixup, image_shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Per-sample mixup/cutmix parameters (B, 6: lam, cutmix, y0, y1, x0, x1) of a batch of pairs.
-
-    Rows 2j and 2j+1 are a fixed pair (`EpochSampler(pairs=True)`); the pair's draws come from
-    timm's `Mixup` (its distributions and options) under a seed of (seed, the pair's keys).
-    """
-    rows = keys.tolist()
-    params = [[1.0, 0.0, 0, 0, 0, 0]] * len(rows)
-    state = np.random.get_state()  # timm draws from numpy's global generator only; seeded per pair, restored after
-    try:
-        for j in range(0, len(rows) - 1, 2):
-            (epoch, first, repeat), second = rows[j], rows[j + 1][1]
-            np.random.seed(sample_seed(seed, epoch, first, second, repeat, 3))
-            lam, use_cutmix = mixup_draw(mixup)
-            box = (0, 0, 0, 0)
-            if use_cutmix and lam != 1.0:
-                box, lam = cutmix_bbox_and_lam(image_shape, lam, ratio_minmax=mixup.cutmix_minmax,
-                                               correct_lam=mixup.correct_lam)
-            params[j] = params[j + 1] = [lam, float(use_cutmix), *box]
-    finally:
-        np.random.set_state(state)
-    return torch.tensor(params, dtype=torch.float32)  # not float64: some devices (MPS) have none
-
-
-def apply_mixing(images: torch.Tensor, targets: torch.Tensor, params: torch.Tensor, mixup: Mixup
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix each image with its pair partner (rows 2j <-> 2j+1) as `params` say; soft targets (B, C).
-
-    timm's blend (`lam * x + (1 - lam) * partner`; cutmix pastes the partner's box) per pair, on
-    the batch's images in place, as timm's `Mixup` does. Targets are timm's smoothed one-hot,
-    mixed by lam. `params` is best left on the host (the data module keeps it there): the boxes are
-    sliced there, and a copy back from the device would wait for it.
-    """
-    rows = params.cpu()  # a few numbers
-    _mix_pairs(images, rows)
-    off = mixup.label_smoothing / mixup.num_classes
-    smoothed = one_hot(targets, mixup.num_classes, on_value=1.0 - mixup.label_smoothing + off, off_value=off)
-    lam = rows[:, 0].to(smoothed.device, smoothed.dtype, non_blocking=True).view(-1, 1)  # queued, not waited for
-    partner = torch.arange(len(targets), device=targets.device) ^ 1  # 0<->1, 2<->3, ...
-    return images, smoothed * lam + smoothed[partner] * (1 - lam)
-
-
-def _mix_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
-    """In place: each pair blended (`x * lam + partner * (1 - lam)` in float32, timm's arithmetic, not
-    `lerp`: runs keep the pixels they had) or its cutmix box swapped. On the CPU pair by pair (a pair's
-    two images stay in the cache: 3x faster than whole-batch passes there); elsewhere all pairs at
-    once, boxes included (a loop would launch kernels by the hundred per batch on a GPU). Both give the
-    same bits."""
-    if images.device.type == "cpu":
-        _mix_each_pair(images, params)
-    else:
-        _mix_all_pairs(images, params)
-
-
-def _mix_each_pair(images: torch.Tensor, params: torch.Tensor) -> None:
-    for j, (lam, cutmix, y0, y1, x0, x1) in enumerate(params[::2].tolist()):
-        first, second = images[2 * j], images[2 * j + 1]
-        if cutmix > 0:
-            box = (slice(None), slice(int(y0), int(y1)), slice(int(x0), int(x1)))
-            pasted = second[box].clone()
-            second[box] = first[box]
-            first[box] = pasted
-        elif lam != 1.0:
-            weight = torch.tensor(lam, dtype=images.dtype)  # the batched path's float32 weight
-            blended = first * weight + second * (1 - weight)
-            second.mul_(weight).add_(first * (1 - weight))
-            first.copy_(blended)
-
-
-def _mix_all_pairs(images: torch.Tensor, params: torch.Tensor) -> None:
-    """Every pair in a few whole-batch kernels: the blend, then each cutmix box as a mask (selection: exact bits)."""
-    lam, cutmix = params[:, 0], params[:, 1] > 0
-    weight = torch.where(cutmix, torch.ones_like(lam), lam)  # cutmix pairs keep their pixels here
-    weight = weight.to(images.device, images.dtype, non_blocking=True).view(-1, 2, 1, 1, 1)
-    pairs = images.unflatten(0, (-1, 2))  # (P, 2, 3, H, W)
-    first, second = pairs[:, 0], pairs[:, 1]
-    original = first.clone()
-    first.mul_(weight[:, 0]).add_(second * (1 - weight[:, 0]))
-    second.mul_(weight[:, 1]).add_(original * (1 - weight[:, 1]))
-    if not bool(cutmix.any()):  # a host tensor: no wait
-        return
-    boxes = params[::2, 2:6].to(torch.int64).to(images.device, non_blocking=True)  # (P, 4): y0, y1, x0, x1
-    rows = torch.arange(images.shape[-2], device=images.device)
-    cols = torch.arange(images.shape[-1], device=images.device)
-    inside_y = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])  # (P, H); empty for mixup pairs (box 0, 0, 0, 0)
-    inside_x = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])  # (P, W)
-    box = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (P, 1, H, W)
-    pasted = torch.where(box, second, first)
-    second.copy_(torch.where(box, original, second))
-    first.copy_(pasted)
-
-
-class CheckedImageFolder(SkipsUnreadable, ImageFolder):
-    """ImageFolder that reads files with `distill.images.load_image`, ignores hidden entries, and names
-    unreadable files, then skips them or stops.
-
-    `bad_images="skip"`: a warning names the file and the reason, and the next readable image of
-    the split stands in for it (a count of skipped files per process is kept in the message);
-    `"error"`: stop with a `UserError` naming the file.
-    """
-
-    def __init__(self, root: str, transform: Any = None, bad_images: str = "skip") -> None:
-        super().__init__(root, transform=transform, loader=load_image)
-        self.bad_images, self.skipped = bad_images, 0
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return find_classes(directory)
-
-    @staticmethod
-    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Any = None, is_valid_file: Any = None,
-                     allow_empty: bool = False) -> list[tuple[str, int]]:
-        """(path, class) of every image: hidden entries skipped, each real folder once (no symlink loops)."""
-        samples, others = [], []
-        for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
-            files = list_images(Path(directory) / name, others)
-            if not files and not allow_empty:
-                raise FileNotFoundError(f"Found no valid file for the class {name}.")
-            samples += [(str(path), index) for path in files]
-        if others:
-            warnings.warn(f"data: {left_out(others, directory)}", stacklevel=2)
-        return samples
-
-    def _read(self, index: int) -> tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        return self.loader(path), target
-
-    def _describe(self, index: int) -> str:
-        return f"image '{self.samples[index][0]}'"
 
 
 # "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.
@@ -451,8 +189,8 @@ class ImageDataModule(pl.LightningDataModule):
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise UserError(f"data.dataset: '{root}' has no {split}/ folder; {accepted}")
-        train_classes, _ = _classes_of(root / "train")
-        val_classes, _ = _classes_of(root / "val")
+        train_classes, _ = classes_of(root / "train")
+        val_classes, _ = classes_of(root / "val")
         if train_classes != val_classes:
             only = sorted(set(train_classes) ^ set(val_classes))[:5]
             raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
@@ -517,7 +255,7 @@ class ImageDataModule(pl.LightningDataModule):
             return HFImageDataset(self.hf_splits[split], hp.image_column, hp.label_column, transform, hp.bad_images,
                                   name=f"the {split} split of '{self.dataset}'")
         folder = Path(self.dataset) / split
-        classes, _ = _classes_of(folder)
+        classes, _ = classes_of(folder)
         try:
             return CheckedImageFolder(str(folder), transform=transform, bad_images=self.hparams.bad_images)
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
@@ -651,8 +389,3 @@ def _resume_position(trainer: pl.Trainer) -> tuple[int, int]:
     return trainer.current_epoch, done
 
 
-def _classes_of(folder: Path) -> tuple[list[str], dict[str, int]]:
-    try:
-        return find_classes(str(folder))
-    except FileNotFoundError as err:
-        raise UserError(f"data.dataset: '{folder}' holds no class folders (hidden folders are ignored)") from err

@@ -230,7 +230,7 @@ def _short(value: Any) -> str:
 
 
 class HFImageDataset(SkipsUnreadable, Dataset):
-    """One split: (transformed image, class) by row index. Unreadable images: as CheckedImageFolder (skip or stop)."""
+    """One split: (transformed image, class) by row index. Unreadable images: as image_folder.CheckedImageFolder (skip or stop)."""
 
     def __init__(self, split: Any, image_column: str, label_column: str, transform: Any = None,
                  bad_images: str = "skip", name: str = "") -> None:

@@ -40,6 +40,7 @@ from distill.ranges import (
     plain,
 )
 from distill.seeding import global_seed, sample_seed
+from distill.step_rules import check_classes, host_value, lr_scale, scaled_lr, writes_step_logs
 from students.resize import adapt_student_state
 from teachers import Teacher
 
@@ -152,7 +153,7 @@ class DistillationModule(pl.LightningModule):
                             "one); set model.fused_optimizer: false")
         self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
-        _check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
+        check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
         if init_from:
             self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
@@ -224,7 +225,7 @@ class DistillationModule(pl.LightningModule):
             self._fast_path_logged = True
             rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
                            f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
-            self.log("train/teacher_fast_agreement", _host(self.teacher.fast_agreement), on_step=True, on_epoch=False)
+            self.log("train/teacher_fast_agreement", host_value(self.teacher.fast_agreement), on_step=True, on_epoch=False)
         return parts["loss"]
 
     def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
@@ -255,9 +256,9 @@ class DistillationModule(pl.LightningModule):
             self._check_finite()
         if last or writes_step_logs(self.trainer, stepped):
             # host values: the progress bar reads every logged value at every batch, a device value would make it wait
-            parts = {f"train/{k}": _host(v) for k, v in self._losses.latest().items()}
+            parts = {f"train/{k}": host_value(v) for k, v in self._losses.latest().items()}
             self.log_dict(parts, prog_bar=True, on_step=True, on_epoch=False)
-            self.log("train/lr", _host(self._lr), on_step=True, on_epoch=False)
+            self.log("train/lr", host_value(self._lr), on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
         self._check_finite()  # the steps since the last check (a run stopped by max_steps mid-epoch)
@@ -351,23 +352,7 @@ class DistillationModule(pl.LightningModule):
 
     def _lr_scale(self) -> float:
         """global batch / lr_scale_batch (1 when scaling is off); printed and logged at fit time."""
-        base = self.hparams.lr_scale_batch
-        if not base:
-            return 1.0
-        trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise UserError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
-        lr = scaled_lr(1.0, batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches, base)
-        global_batch = round(lr * base)
-        rank_zero_info(
-            f"lr scaled by the global batch: {self.hparams.lr:g} x {global_batch} / {base} = {self.hparams.lr * lr:.4g} "
-            f"(global batch = {trainer.num_nodes} nodes x {trainer.num_devices} devices x {batch_size} images x "
-            f"{trainer.accumulate_grad_batches} accumulated; min_lr and warmup_lr scaled alike)"
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics({"train/lr_scaled_peak": self.hparams.lr * lr, "train/global_batch": global_batch}, step=0)
-        return lr
+        return lr_scale(self.trainer, self.hparams.lr, self.hparams.lr_scale_batch)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
@@ -403,42 +388,3 @@ class DistillationModule(pl.LightningModule):
             )
 
 
-def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
-    """Whether Lightning writes the values logged for this batch to the loggers, asked after the batch's step.
-
-    Its rule from public state: every `log_every_n_steps` optimiser steps (0: never), every step of a
-    `fast_dev_run`, and when the run stops; a value logged on another step is replaced before anyone reads it.
-    """
-    if not stepped:
-        return False
-    if trainer.fast_dev_run:
-        return True
-    every = trainer.log_every_n_steps
-    return bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
-
-
-def _host(value: float) -> torch.Tensor:
-    """A value to `self.log` from the host: Lightning keeps a logged tensor where it is, and turns every progress-bar
-    value into a number after every batch; a device tensor there would make the host wait for the device."""
-    return torch.tensor(float(value), dtype=torch.float32)
-
-
-def scaled_lr(lr: float, batch_size: int, devices: int, num_nodes: int, accumulate: int, base: int) -> float:
-    """DeiT's linear scaling rule: lr x (nodes x devices x batch x accumulation) / base."""
-    return lr * num_nodes * devices * batch_size * accumulate / base
-
-
-def _check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str,
-                   teacher_cache: Optional[str] = None) -> None:
-    """Class-count and teacher presence checks, before any training starts."""
-    if distillation != "none" and teacher is None and not teacher_cache:
-        raise UserError(f"model.distillation is '{distillation}' but no model.teacher (or data.teacher_cache) is set; "
-                         "set one or use 'none'")
-    student_classes = getattr(student, "num_classes", num_classes)
-    if student_classes != num_classes:
-        raise UserError(f"student predicts {student_classes} classes but the dataset has {num_classes}")
-    if teacher is not None and teacher.num_classes != num_classes:
-        raise UserError(
-            f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
-            f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
-        )

@@ -30,8 +30,8 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-from distill.module import writes_step_logs  # noqa: E402
 from distill.ranges import NonNegativeInt  # noqa: E402
+from distill.step_rules import writes_step_logs  # noqa: E402
 
 __all__ = ["DistillationTelemetry", "attention_maps"]
 

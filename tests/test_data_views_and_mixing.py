@@ -86,7 +86,7 @@ def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
         if params[j, 1] == 0:  # a mixup pair
             assert torch.equal(mixed[j], images[j] * params[j, 0] + images[j ^ 1] * (1 - params[j, 0])), j
     # the CPU mixes pair by pair, an accelerator all pairs at once: the same bits either way
-    from distill.data import _mix_all_pairs
+    from distill.mixing import _mix_all_pairs
     batched = images.clone()
     _mix_all_pairs(batched, params)
     assert torch.equal(batched, mixed)

@@ -6,9 +6,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_SIDE = {"distill.errors", "distill.checkpoints", "distill.hf_data", "distill.inference", "distill.adapters", "distill.ranges", "distill.files", "distill.identity", "distill.serving_host", "distill.images", "distill.seeding", "distill.batch",
+MODEL_SIDE = {"distill.errors", "distill.checkpoints", "distill.hf_data", "distill.inference", "distill.adapters", "distill.ranges", "distill.files", "distill.identity", "distill.mixing", "distill.views", "distill.image_folder", "distill.serving_host", "distill.images", "distill.seeding", "distill.batch",
               "distill.cache", "distill.losses"}
-LIGHTNING = {"distill.run_records", "distill.data", "distill.module", "distill.callbacks", "distill.telemetry", "distill.cache_writer"}
+LIGHTNING = {"distill.run_records", "distill.step_rules", "distill.data", "distill.module", "distill.callbacks", "distill.telemetry", "distill.cache_writer"}
 COMMANDS = {"distill.cli", "distill.train", "distill.__main__", "distill.pipeline", "distill.compare", "distill.export", "distill.predict",
             "distill.report", "distill.cache_teacher", "distill.serve", "distill.quantize"}
 
