@@ -166,13 +166,22 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> l
 def summarize_runs(runs: list[dict[str, Any]], types: list[str]) -> dict[str, Any]:
     """Per type: final and best top-1 over the seeds (mean, std), wall time; the teacher; gaps and gains."""
     rows: dict[str, dict[str, Any]] = {}
-    teacher = []
+    teacher: list[float] = []
+    members: dict[int, list[float]] = {}
     for kind in types:
         results = [run["result"] for run in runs if run["type"] == kind and run.get("result")]
-        final = [r["final_metrics"]["val/acc"] for r in results if "val/acc" in r.get("final_metrics", {})]
+        def final(name: str) -> list[float]:
+            return [r["final_metrics"][name] for r in results if name in r.get("final_metrics", {})]
+
         best = [r["metrics"]["val/acc"] for r in results if "val/acc" in r.get("metrics", {})]
         teacher += [r["metrics"]["val/teacher_acc"] for r in results if "val/teacher_acc" in r.get("metrics", {})]
-        rows[kind] = {"runs": len(results), "final": _stats(final), "best": _stats(best),
+        for r in results:  # an ensemble's members (val/teacher_acc_<i>)
+            for name, value in r.get("metrics", {}).items():
+                if name.startswith("val/teacher_acc_"):
+                    members.setdefault(int(name.rsplit("_", 1)[1]), []).append(value)
+        # DeiT's Table 3: the class head alone, the distillation head alone, and their average (val/acc)
+        rows[kind] = {"runs": len(results), "final": _stats(final("val/acc")), "best": _stats(best),
+                      "final_cls": _stats(final("val/acc_cls")), "final_dist": _stats(final("val/acc_dist")),
                       "wall_s": statistics.fmean([r["wall_time_s"] for r in results]) if results else None,
                       "seeds": [run["seed"] for run in runs if run["type"] == kind and run.get("result")]}
     teacher_acc = statistics.fmean(teacher) if teacher else None
@@ -181,7 +190,8 @@ def summarize_runs(runs: list[dict[str, Any]], types: list[str]) -> dict[str, An
         mean = row["final"]["mean"]
         row["gap_to_teacher"] = teacher_acc - mean if teacher_acc is not None and mean is not None else None
         row["gain_over_none"] = mean - none if none is not None and mean is not None else None
-    return {"teacher_acc": teacher_acc, "types": rows}
+    return {"teacher_acc": teacher_acc, "types": rows,
+            "teacher_members": [statistics.fmean(members[i]) for i in sorted(members)]}
 
 
 def _stats(values: list[float]) -> dict[str, Optional[float]]:
@@ -192,19 +202,25 @@ def _stats(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The comparison as a text table (top-1 in %, mean +- std over seeds)."""
+    """The comparison as a text table (top-1 in %, mean +- std over seeds; the averaged head's, then each head's
+    alone at the final epoch: equal for a student with one head)."""
     def pm(stats: dict[str, Any]) -> str:
         return "-" if stats["mean"] is None else f"{100 * stats['mean']:.2f} +- {100 * stats['std']:.2f}"
 
     def signed(value: Optional[float]) -> str:
         return "-" if value is None else f"{100 * value:+.2f}"
 
-    header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "gap to teacher", "gain over none", "wall s/run")
-    rows = [(kind, str(row["runs"]), pm(row["final"]), pm(row["best"]), signed(row["gap_to_teacher"]),
-             signed(row["gain_over_none"]), "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}")
+    header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "class head", "dist. head", "gap to teacher",
+              "gain over none", "wall s/run")
+    rows = [(kind, str(row["runs"]), pm(row["final"]), pm(row["best"]), pm(row["final_cls"]), pm(row["final_dist"]),
+             signed(row["gap_to_teacher"]), signed(row["gain_over_none"]),
+             "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}")
             for kind, row in summary["types"].items()]
     teacher = summary["teacher_acc"]
-    rows.append(("teacher", "-", "-" if teacher is None else f"{100 * teacher:.2f}", "-", "-", "-", "-"))
+    members = summary.get("teacher_members") or []
+    rows.append(("teacher" + (f" (ensemble of {len(members)})" if members else ""), "-",
+                 "-" if teacher is None else f"{100 * teacher:.2f}", *["-"] * 6))
+    rows += [(f"  teacher {i}", "-", f"{100 * acc:.2f}", *["-"] * 6) for i, acc in enumerate(members)]
     return format_rows(header, rows)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -42,7 +42,7 @@ from distill.ranges import (
 from distill.seeding import global_seed, sample_seed
 from distill.step_rules import check_classes, host_value, lr_scale, scaled_lr, writes_step_logs
 from students.resize import adapt_student_state
-from teachers import Teacher
+from teachers import Teacher, TeacherEnsemble
 
 __all__ = ["DistillationModule", "scaled_lr", "writes_step_logs"]
 
@@ -55,8 +55,9 @@ class DistillationModule(pl.LightningModule):
     Args:
         student: builds the student from (num_classes, img_size), e.g. `students.Student`;
             in YAML a class_path with init_args, the two values linked from the data.
-        teacher: the frozen teacher, or null for plain supervised training (how a teacher
-            for a new dataset is trained).
+        teacher: the frozen teacher, a list of teachers (an ensemble: its prediction is the mean
+            of their probabilities; `val/teacher_acc` is the ensemble's, `val/teacher_acc_<i>` each
+            member's), or null for plain supervised training (how a teacher for a new dataset is trained).
         num_classes: classes of the dataset (linked from the data module).
         class_names: names of the classes (linked from the data module; saved for export).
         img_size: input resolution (linked from the data module).
@@ -101,7 +102,7 @@ class DistillationModule(pl.LightningModule):
     def __init__(
         self,
         student: StudentFactory,
-        teacher: Optional[Teacher] = None,
+        teacher: Optional[Union[Teacher, list[Teacher]]] = None,
         num_classes: PositiveInt = 1000,
         class_names: Optional[list[str]] = None,
         img_size: PositiveInt = 224,
@@ -133,6 +134,8 @@ class DistillationModule(pl.LightningModule):
         self.save_hyperparameters(plain({k: v for k, v in locals().items()
                                          if k not in ("self", "__class__", "student", "teacher")}))
         hp = self.hparams
+        if isinstance(teacher, (list, tuple)):
+            teacher = TeacherEnsemble(list(teacher)) if len(teacher) != 1 else teacher[0]
         alpha, tau, label_smoothing, num_classes, img_size = hp.alpha, hp.tau, hp.label_smoothing, hp.num_classes, hp.img_size
         if not 0.0 <= teacher_cache_verify <= 1.0:
             raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
@@ -182,6 +185,8 @@ class DistillationModule(pl.LightningModule):
         metrics["token_cosine"] = MeanMetric()  # of the final class and distillation tokens (DeiT)
         if not heads_only:
             metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            for index in range(len(self.teacher) if isinstance(self.teacher, TeacherEnsemble) else 0):
+                metrics[f"teacher_acc_{index}"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
             metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
             metrics["teacher_kl"] = MeanMetric()  # KL(teacher || student), averaged head, temperature 1
         return MetricCollection(metrics, prefix=prefix)
@@ -319,7 +324,12 @@ class DistillationModule(pl.LightningModule):
         if tokens is not None:
             metrics["token_cosine"].update(F.cosine_similarity(tokens[:, 0].float(), tokens[:, 1].float(), dim=-1))
         if self.teacher is not None and "teacher_acc" in metrics:
-            teacher_logits = self.teacher(images)
+            if isinstance(self.teacher, TeacherEnsemble):
+                teacher_logits, members = self.teacher.forward_members(images)
+                for index, member_logits in enumerate(members):
+                    metrics[f"teacher_acc_{index}"].update(member_logits, targets)
+            else:
+                teacher_logits = self.teacher(images)
             metrics["teacher_acc"].update(teacher_logits, targets)
             metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
             kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True,

@@ -1,9 +1,12 @@
-"""Frozen CNN teachers for DeiT distillation.
+"""Frozen teachers for DeiT distillation: any timm classifier (a convnet, as DeiT prefers, or a ViT).
 
 The teacher is frozen three ways: no parameter requires a gradient, `train()` never takes it
 out of eval mode (so its BatchNorm statistics never move), and its forward runs in inference
 mode. It re-normalises its input when the student's data normalisation differs from the one
-it was trained with.
+it was trained with, and an architecture that takes one input size only (a ViT) sees the images
+resized to the size it was trained at. A checkpoint of this project's `distill fit` is rebuilt as
+that run built its model (a ViT at its own patch, width and size; a second head averaged in, as
+its evaluation did), so any student trained here can teach.
 
 Fast path (`precision`, `channels_last`, `compile`): in the DeiT recipe the frozen teacher
 costs more than the student. By default (`auto`) it runs with bf16 weights under bf16 autocast
@@ -25,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.checkpoints import extract_state_dict, read_weights_file
+from distill.checkpoints import extract_state_dict, read_weights_file, student_state
 from distill.errors import UserError
 from distill.ranges import ClosedUnitInterval, PositiveInt, plain
-from students.vit import check_model_name
+from students.vit import DEIT_VARIANTS, Student, check_model_name
 
 __all__ = ["Teacher"]
 
@@ -47,7 +50,8 @@ class Teacher(nn.Module):
         mean: input normalisation the teacher was trained with; None takes it from a `.ckpt`
             of this project, else from timm's pretrained config of `model_name`.
         std: see `mean`.
-        img_size: resolution the teacher sees; None: the student's (the images as given).
+        img_size: resolution the teacher sees; None: the student's (the images as given), except for an
+            architecture of one fixed input size (a ViT), which sees its own (the size it was trained at).
             Set it to run a teacher at its own resolution, e.g. during a hi-res fine-tune.
         precision: `auto` (bf16 where the hardware runs it natively, fp16 on GPUs without
             bf16, else fp32), `32`, `bf16` or `16` (weights and autocast).
@@ -85,11 +89,12 @@ class Teacher(nn.Module):
         self.fast_agreement: Optional[float] = None
         self._prepared = False
         self._run = None
-        self.img_size = img_size
-        check_model_name(model_name, "teacher.model_name")
+        check_model_name(DEIT_VARIANTS.get(model_name, model_name), "teacher.model_name", tuple(DEIT_VARIANTS))
         self.model, trained_norm = _build(model_name, weights, num_classes)
         _check_finite_weights(self.model, model_name, weights)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        own_size = trained_norm.get("img_size") or (cfg.get("input_size") or (None,))[-1]
+        self.img_size = img_size if img_size is not None or not cfg.get("fixed_input_size") else own_size
         self.mean = tuple(mean or trained_norm.get("mean") or cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
         self.std = tuple(std or trained_norm.get("std") or cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
         self.model_name = model_name
@@ -203,7 +208,11 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
             raise UserError(f"teacher.weights: folder '{path}' holds a '{model.pretrained_cfg.get('architecture')}', "
                              f"not the teacher.model_name '{model_name}'")
         return model, {}
-    state_dict, hparams = extract_state_dict(read_weights_file(path), path)
+    raw = read_weights_file(path)
+    built = _from_run_checkpoint(raw, model_name, num_classes, path)
+    if built is not None:
+        return built
+    state_dict, hparams = extract_state_dict(raw, path)
     model = timm.create_model(model_name, num_classes=num_classes or 1000)
     found = _classes_in(state_dict, model)
     if num_classes is not None and found is not None and found != num_classes:
@@ -214,6 +223,29 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
     hparams = hparams or {}
     norm = {"mean": hparams.get("input_mean"), "std": hparams.get("input_std")}
     return model, norm
+
+
+def _from_run_checkpoint(raw: object, model_name: str, num_classes: Optional[int],
+                         path: Path) -> Optional[tuple[nn.Module, dict]]:
+    """A checkpoint of this project's `distill fit` whose student is `model_name`: the model as that run built it
+    (`Student` from the checkpoint's student_config; a second head folded in, as the run evaluated), with the run's
+    normalisation and input size. None for any other file (read as a plain state dict)."""
+    config = raw.get("student_config") if isinstance(raw, dict) else None
+    arch = model_name.split(".")[0]
+    if not isinstance(config, dict) or DEIT_VARIANTS.get(config.get("model_name"), config.get("model_name")) != \
+            DEIT_VARIANTS.get(arch, arch):
+        return None
+    if num_classes is not None and config.get("num_classes") != num_classes:
+        raise UserError(f"teacher.num_classes is {num_classes} but '{path}' predicts {config.get('num_classes')} classes")
+    student = Student(**dict(config, pretrained=False))
+    try:
+        student.load_state_dict(student_state(raw))
+    except RuntimeError as err:
+        raise UserError(f"teacher.weights: '{path}' does not fit its own student_config "
+                        f"({str(err).strip().splitlines()[0][:160]}); the checkpoint is damaged") from err
+    hparams = raw.get("hyper_parameters") or {}
+    return student.fused_model(), {"mean": hparams.get("input_mean"), "std": hparams.get("input_std"),
+                                   "img_size": config.get("img_size")}
 
 
 def _load_folder(path: Path) -> nn.Module:

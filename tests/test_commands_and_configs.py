@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 import yaml
 
 from distill.cli import COMMANDS, TRAINING, cli_main
 from distill.module import DistillationModule
 from distill.train import make_cli
+from teachers import TeacherEnsemble
 from tests.helpers import config_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,22 @@ def test_every_student_overlay_parses_on_the_recipe_and_keeps_its_recipe(overlay
     assert student.model.patch_embed.grid_size == (4, 4)
     assert cli.model.hparams.distillation == recipe["model"]["distillation"]
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
+
+
+def test_the_ensemble_overlay_reads_the_three_teacher_runs_its_comment_trains(tmp_path, monkeypatch):
+    overlay = ROOT / "configs" / "teachers" / "ensemble.yaml"
+    members = yaml.safe_load(overlay.read_text())["model"]["teacher"]
+    monkeypatch.chdir(tmp_path)  # the overlay names runs/teacher_seed<s>/checkpoints/best.ckpt, relative to the run
+    for seed, member in enumerate(members):
+        assert member["init_args"]["weights"] == f"runs/teacher_seed{seed}/checkpoints/best.ckpt"
+        assert f"--checkpoint.dirpath runs/teacher_seed{seed}/checkpoints" in overlay.read_text().replace("$s", str(seed))
+        path = tmp_path / member["init_args"]["weights"]
+        path.parent.mkdir(parents=True)
+        torch.save(timm.create_model(member["init_args"]["model_name"], num_classes=10).state_dict(), path)
+    base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path)
+    cli = make_cli([*base[:2], "--config", str(overlay), *[a for a in base[2:] if "teacher" not in a]], run=False)
+    assert isinstance(cli.model.teacher, TeacherEnsemble) and len(cli.model.teacher) == 3
+    assert cli.model.hparams.distillation == yaml.safe_load((ROOT / "configs/distill.yaml").read_text())["model"]["distillation"]
 
 
 def test_distill_config_distils_from_the_teacher_run(tmp_path):
