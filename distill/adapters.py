@@ -3,50 +3,58 @@
 Each call below has no public equivalent (the reason is beside it); every other module calls
 these functions instead of the members. The hooks the project *overrides* in subclasses
 (Lightning's checkpoint callback and CLI, torch's `Module._apply`) cannot move here; they are
-listed in `OVERRIDDEN`. `tests/test_private_library_members.py` checks every entry against the installed
-libraries, so an upgrade that renames or removes one fails there, by name, and not in the
-middle of a user's run.
+listed in `OVERRIDDEN`, and the private attributes those subclasses read or set in `SUBCLASS_ATTRIBUTES`.
+`tests/test_private_library_members.py` checks every entry against the installed libraries, so an
+upgrade that renames or removes one fails there, by name, and not in the middle of a user's run; it
+also walks the project's code for a private library member used anywhere else.
+
+Classes are named by their import path and Lightning is imported only inside the functions that need
+it: the model side (`teachers`) uses this module without importing Lightning.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
-from timm.data import Mixup
 
-__all__ = ["mixup_draw", "dump_checkpoint", "batches_done_this_epoch", "option_names", "is_local_path", "OVERRIDDEN"]
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from timm.data import Mixup
 
-# (class, member) the project overrides or reads as a subclass; each must exist on the installed version
+__all__ = ["mixup_draw", "dump_checkpoint", "batches_done_this_epoch", "option_names", "is_local_path",
+           "cpu_computes_bf16", "attention_weights", "OVERRIDDEN", "SUBCLASS_ATTRIBUTES"]
+
+_CHECKPOINT = "pytorch_lightning.callbacks.ModelCheckpoint"
+# (class, member) the project overrides or calls as a subclass; each must exist on the installed version
 OVERRIDDEN = [
-    (torch.nn.Module, "_apply"),  # the teacher is not a submodule, yet must follow .to() / .half(): Lightning's own way
-    (ModelCheckpoint, "_save_checkpoint"),  # atomic checkpoint writes (write beside, rename)
-    (ModelCheckpoint, "_save_last_checkpoint"),  # last.ckpt on a stop signal and when the parent skips it
-    (ModelCheckpoint, "_monitor_candidates"),
-    (ModelCheckpoint, "_should_skip_saving_checkpoint"),
-    (LightningCLI, "_parse_ckpt_path"),  # ckpt_path checked (and 'last' resolved) before Lightning reads it
+    ("torch.nn.Module", "_apply"),  # the teacher is not a submodule, yet must follow .to() / .half(): Lightning's own way
+    (_CHECKPOINT, "_save_checkpoint"),  # atomic checkpoint writes (write beside, rename)
+    (_CHECKPOINT, "_save_last_checkpoint"),  # last.ckpt on a stop signal and when the parent skips it
+    (_CHECKPOINT, "_monitor_candidates"),
+    (_CHECKPOINT, "_should_skip_saving_checkpoint"),
+    (_CHECKPOINT, "_should_save_on_train_epoch_end"),  # the epoch-end save decides like the parent's
+    ("pytorch_lightning.cli.LightningCLI", "_parse_ckpt_path"),  # ckpt_path checked (and 'last' resolved) first
 ]
-# instance attributes of ModelCheckpoint the callbacks read and set
-CHECKPOINT_ATTRIBUTES = ["_last_global_step_saved"]
+# (class, instance attribute) the subclasses read and set: the parent's own bookkeeping of what it saved
+SUBCLASS_ATTRIBUTES = [(_CHECKPOINT, "_last_global_step_saved"), (_CHECKPOINT, "_last_checkpoint_saved")]
 
 
-def mixup_draw(mixup: Mixup) -> tuple[float, bool]:
+def mixup_draw(mixup: "Mixup") -> tuple[float, bool]:
     """timm's draw of (lam, use_cutmix) for one batch from numpy's global generator: `Mixup.__call__` draws and
     mixes in one step, and each fixed pair of this project needs the draw alone, under the pair's seed."""
     return mixup._params_per_batch()
 
 
-def dump_checkpoint(trainer: pl.Trainer, weights_only: bool) -> dict[str, Any]:
+def dump_checkpoint(trainer: "pl.Trainer", weights_only: bool) -> dict[str, Any]:
     """The checkpoint dict of the current state: `trainer.save_checkpoint` also runs a barrier, which waits forever
     when a stop signal reaches DDP ranks at different batches and rank 0 alone saves last.ckpt."""
     return trainer._checkpoint_connector.dump_checkpoint(weights_only)
 
 
-def batches_done_this_epoch(trainer: pl.Trainer) -> int:
+def batches_done_this_epoch(trainer: "pl.Trainer") -> int:
     """Training batches completed in the current epoch (Lightning's loop progress; no public counter has it)."""
     return trainer.fit_loop.epoch_loop.batch_progress.current.completed
 
@@ -64,4 +72,27 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
 def is_local_path(path: str) -> bool:
     """A path on the local file system, not an object store URL (s3://, gs://...), as Lightning decides it (its
     checkpoint I/O treats the two differently; the function is private to lightning_fabric)."""
+    from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
     return _is_local_file_protocol(path)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): torch says so only in private functions
+    (`torch.cpu._is_avx512_bf16_supported`, `_is_amx_tile_supported`); False where they are missing."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
+                getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@contextmanager
+def attention_weights(attention: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the attention weights (B, heads, N, N) a timm `Attention` forms while in the block: timm's fused
+    kernel never forms them, so its internal switch (`fused_attn`) is off meanwhile, and the input of its
+    dropout (`attn_drop`, the softmax rows) is captured. timm has no public way to read them."""
+    captured: list[torch.Tensor] = []
+    handle = attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    fused, attention.fused_attn = attention.fused_attn, False
+    try:
+        yield captured
+    finally:
+        attention.fused_attn = fused
+        handle.remove()

@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from distill.adapters import attention_weights  # noqa: E402
 from distill.ranges import NonNegativeInt  # noqa: E402
 from distill.step_rules import writes_step_logs  # noqa: E402
 
@@ -163,18 +164,12 @@ def attention_maps(student: torch.nn.Module, images: torch.Tensor) -> torch.Tens
     """(B, 2, h, w): the class and distillation tokens' attention over the patch grid, in the last
     block, averaged over heads and renormalised to sum to 1 over the patches."""
     model = getattr(student, "model", student)
-    attention = model.blocks[-1].attn
-    captured: list[torch.Tensor] = []
-    handle = attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(output))
-    fused, attention.fused_attn = attention.fused_attn, False  # the fused kernel never forms the weights
     was_training = student.training
     try:
         student.eval()
-        with torch.no_grad():
+        with torch.no_grad(), attention_weights(model.blocks[-1].attn) as captured:
             model.forward_features(images)
     finally:
-        attention.fused_attn = fused
-        handle.remove()
         student.train(was_training)
     weights = captured[-1].float().mean(dim=1)  # (B, N, N), softmax rows
     prefix = model.num_prefix_tokens

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.adapters import cpu_computes_bf16
 from distill.checkpoints import extract_state_dict, read_weights_file, student_state
 from distill.errors import UserError
 from distill.ranges import ClosedUnitInterval, PositiveInt, plain
@@ -182,9 +183,7 @@ def _fast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if cpu_computes_bf16() else None
     return None  # mps, xla...: as the weights are
 
 

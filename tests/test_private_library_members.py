@@ -2,25 +2,97 @@
 
 An upgrade that renames or removes one fails here, naming it, instead of deep inside a training run.
 """
+import ast
+import importlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
+import timm
+import torch
 from jsonargparse import ArgumentParser
-from pytorch_lightning.callbacks import ModelCheckpoint
 from timm.data import Mixup
 
 from distill import adapters
 
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "timm", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "jsonargparse",
+             "torchmetrics", "litserve")
 
-@pytest.mark.parametrize("owner, name", adapters.OVERRIDDEN, ids=lambda x: getattr(x, "__name__", x))
+
+def resolve(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("owner, name", adapters.OVERRIDDEN, ids=lambda x: str(x).rsplit(".", 1)[-1])
 def test_every_overridden_library_hook_still_exists(owner, name):
-    assert callable(getattr(owner, name, None)), f"{owner.__module__}.{owner.__name__}.{name} is gone: see adapters.py"
+    assert callable(getattr(resolve(owner), name, None)), f"{owner}.{name} is gone: see adapters.py"
 
 
-def test_the_checkpoint_callback_still_keeps_the_attributes_the_project_reads():
-    callback = ModelCheckpoint()
-    for name in adapters.CHECKPOINT_ATTRIBUTES:
-        assert hasattr(callback, name), f"ModelCheckpoint.{name} is gone: see adapters.py"
+@pytest.mark.parametrize("owner, name", adapters.SUBCLASS_ATTRIBUTES, ids=lambda x: str(x).rsplit(".", 1)[-1])
+def test_the_library_attributes_the_subclasses_read_are_still_kept(owner, name):
+    assert hasattr(resolve(owner)(), name), f"{owner}.{name} is gone: see adapters.py"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_private_library_member_is_used_outside_adapters():
+    """An ast walk of the project: a private name (`_x`) read as an attribute, imported from a library or named to
+    getattr, that the project does not define itself (a function, class or assigned name of its own), is a private
+    library member; only adapters.py may use one, and the hooks its lists name."""
+    files = [p for folder in ("distill", "students", "teachers", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    trees = {path: ast.parse(path.read_text()) for path in files}
+    registered = {name for _, name in adapters.OVERRIDDEN + adapters.SUBCLASS_ATTRIBUTES}
+    own = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name):
+                own.add(node.attr)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "__setattr__" and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Constant):
+                own.add(node.args[1].value)
+    own -= registered  # a library's attribute the project also sets is still the library's
+    allowed = registered | {"_exit"}  # os._exit: documented, not private
+    found = []
+    for path, tree in trees.items():
+        if path.name == "adapters.py":
+            continue
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARIES:
+                names = [part for part in (node.module or "").split(".")] + [alias.name for alias in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("getattr", "hasattr", "setattr") \
+                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                names = [node.args[1].value]
+            for name in names:
+                if _private(name) and name not in own and name not in allowed:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not found, "private library members outside distill/adapters.py (move them there): " + "; ".join(found)
+
+
+def test_attention_weights_are_the_softmax_rows_of_a_timm_vit_block():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2).eval()
+    attention = model.blocks[-1].attn
+    with torch.no_grad(), adapters.attention_weights(attention) as captured:
+        model.forward_features(torch.randn(2, 3, 32, 32))
+    assert captured[0].shape == (2, 2, 17, 17) and torch.allclose(captured[0].sum(-1), torch.ones(2, 2, 17))
+    assert attention.fused_attn == timm.layers.use_fused_attn() and not attention.attn_drop._forward_hooks
+
+
+def test_torch_still_says_whether_the_cpu_computes_bf16():
+    # cpu_computes_bf16 falls back to False without them: the teacher would silently stay in fp32 on a bf16 CPU
+    assert callable(torch.cpu._is_avx512_bf16_supported) and callable(torch.cpu._is_amx_tile_supported)
+    assert adapters.cpu_computes_bf16() == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_mixup_draw_is_timms_batch_draw_under_numpys_global_seed():
