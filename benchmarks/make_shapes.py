@@ -2,10 +2,10 @@
 
     python benchmarks/make_shapes.py --out data/shapes [--train 40] [--val 15] [--size 40] [--seed 0]
 
-A class is one of 8 shapes (circle, square, triangle, pentagon, hexagon, star, cross, crescent) in one of 3
+A class is one of 8 upright shapes (circle, square, triangle, star, cross, crescent, arrow, heart) in one of 3
 fills (solid, striped, dotted): 24 classes, `OUT/train/<shape>_<fill>/*.png` and `OUT/val/...` (960 training
-and 360 validation images by default). Each image draws its shape at a random size, rotation and position,
-in a random colour on a random background, with two to four distractor strokes and pixel noise.
+and 360 validation images by default). Each image draws its shape at a random size, tilt (up to 25 degrees) and position,
+in a random colour on a random background, with one or two distractor strokes and pixel noise.
 
 How it differs from `make_letters.py` (26 letters in twenty fonts): no glyphs and no fonts, so nothing a
 font renderer or a letter-shaped prior helps with; a class is a conjunction of two attributes (the same
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "crescent")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "crescent", "arrow", "heart")
 FILLS = ("solid", "striped", "dotted")
 CLASSES = tuple(f"{shape}_{fill}" for shape in SHAPES for fill in FILLS)
 
 
 def _outline(shape: str, radius: float, angle: float) -> list[tuple[float, float]]:
-    """The shape's polygon around (0, 0) (circle and crescent: None-free polygons of many sides)."""
+    """The shape's polygon around (0, 0), rotated by `angle` (curves: polygons of many sides)."""
     def ring(sides: int, r: float, turn: float = 0.0) -> list[tuple[float, float]]:
         return [(r * math.cos(angle + turn + 2 * math.pi * i / sides), r * math.sin(angle + turn + 2 * math.pi * i / sides))
                 for i in range(sides)]
@@ -36,17 +36,25 @@ def _outline(shape: str, radius: float, angle: float) -> list[tuple[float, float
         return ring(48, radius)
     if shape == "square":
         return ring(4, radius, math.pi / 4)
-    if shape in ("triangle", "pentagon", "hexagon"):
-        return ring({"triangle": 3, "pentagon": 5, "hexagon": 6}[shape], radius)
+    if shape == "triangle":
+        return ring(3, radius)
     if shape == "star":
         outer, inner = ring(5, radius), ring(5, radius * 0.45, math.pi / 5)
         return [point for pair in zip(outer, inner) for point in pair]
-    if shape == "cross":
+    cos, sin = math.cos(angle), math.sin(angle)
+    if shape in ("cross", "arrow", "heart"):
         w = radius * 0.38
-        arm = [(w, w), (radius, w), (radius, -w), (w, -w), (w, -radius), (-w, -radius), (-w, -w), (-radius, -w),
-               (-radius, w), (-w, w), (-w, radius), (w, radius)]
-        cos, sin = math.cos(angle), math.sin(angle)
-        return [(x * cos - y * sin, x * sin + y * cos) for x, y in arm]
+        if shape == "cross":
+            points = [(w, w), (radius, w), (radius, -w), (w, -w), (w, -radius), (-w, -radius), (-w, -w), (-radius, -w),
+                      (-radius, w), (-w, w), (-w, radius), (w, radius)]
+        elif shape == "arrow":  # a shaft and a head, pointing along +x before the rotation
+            points = [(-radius, -w * 0.7), (0.1 * radius, -w * 0.7), (0.1 * radius, -radius * 0.75), (radius, 0),
+                      (0.1 * radius, radius * 0.75), (0.1 * radius, w * 0.7), (-radius, w * 0.7)]
+        else:  # the classic heart curve, scaled to the radius, lying along +x as the arrow does
+            points = [(radius / 17 * (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)),
+                       radius / 17 * 16 * math.sin(t) ** 3)
+                      for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+        return [(x * cos - y * sin, x * sin + y * cos) for x, y in points]
     # crescent: the outer arc, then an inner arc of a circle shifted sideways, back
     outer = [(radius * math.cos(angle + t), radius * math.sin(angle + t))
              for t in np.linspace(-0.75 * math.pi, 0.75 * math.pi, 36)]
@@ -62,7 +70,7 @@ def _fill_mask(fill: str, size: int, rng: np.random.Generator) -> np.ndarray:
         return np.ones((size, size), dtype=bool)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     theta = rng.uniform(0, math.pi)
-    period = rng.uniform(4.5, 6.5)
+    period = rng.uniform(6.0, 8.0)  # at least 4.8 px at the recipes' 32 px
     if fill == "striped":
         return (np.mod(x * math.cos(theta) + y * math.sin(theta), period) < period / 2)
     u, v = x * math.cos(theta) + y * math.sin(theta), -x * math.sin(theta) + y * math.cos(theta)
@@ -76,7 +84,8 @@ def render(shape: str, fill: str, size: int, rng: np.random.Generator) -> Image.
     foreground = (background + rng.integers(90, 167, 3) * rng.choice([-1, 1], 3)) % 256  # readable contrast
     radius = size * rng.uniform(0.28, 0.42)
     centre = size / 2 + rng.uniform(-size / 10, size / 10, 2)
-    points = [(centre[0] + x, centre[1] + y) for x, y in _outline(shape, radius, rng.uniform(0, 2 * math.pi))]
+    angle = math.radians(rng.uniform(-25, 25)) - math.pi / 2  # upright (the arrow points up), tilted up to 25 degrees
+    points = [(centre[0] + x, centre[1] + y) for x, y in _outline(shape, radius, angle)]
     mask_image = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask_image).polygon(points, fill=255)
     inside = np.asarray(mask_image) > 127
@@ -88,7 +97,7 @@ def render(shape: str, fill: str, size: int, rng: np.random.Generator) -> Image.
     pixels[painted] = foreground
     canvas = Image.fromarray(pixels.astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 5))):  # distractor strokes in a third colour
+    for _ in range(int(rng.integers(1, 3))):  # distractor strokes in a third colour
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         start, end = rng.uniform(0, size, 2), rng.uniform(0, size, 2)
         draw.line([tuple(start), tuple(end)], fill=colour, width=int(rng.integers(1, 3)))
