@@ -22,7 +22,7 @@ profiler table goes to `<out>_profiles/<student>_<row>.txt` (`--traces`: and its
 `--out` after every row, so a run cut short keeps what it measured.
 
 What the GPU image needs beside its torch, pytorch-lightning, torchmetrics and tensorboard:
-jsonargparse (the option types of `distill.module` import it; its optional extras are not
+jsonargparse (the option types of `distill.training.module` import it; its optional extras are not
 needed) and this project's timm (the image's may predate `timm.task`), exactly these two wheels,
 fetched on a machine with pip and carried there:
 

@@ -42,8 +42,8 @@ import requests
 import torch
 from PIL import Image
 
-from distill.export import INT8_FILE
-from distill.inference import load_export
+from distill.deploy.export import INT8_FILE
+from distill.deploy.inference import load_export
 
 FILES = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
 

@@ -64,12 +64,12 @@ ROWS = {  # name: (label, how the step is done: plain loop / timm task / fit, an
 class Bank(torch.utils.data.Dataset):
     """The same batch of random images and labels, `count` times (pinned on CUDA machines, so the
     copy to the GPU is the only data cost): (images, labels) for the plain loops,
-    or the `distill.batch.TrainingBatch` that `fit` gets from `SeededViews` (with random cached
+    or the `distill.data.batch.TrainingBatch` that `fit` gets from `SeededViews` (with random cached
     top-k for the cache rows). Whole batches: per-image collation would cost as much as a GPU step."""
 
     def __init__(self, count: int, batch: int, img_size: int, classes: int, cache: bool, views: bool = True,
                  top_k: int = 10) -> None:
-        from distill.batch import TrainingBatch
+        from distill.data.batch import TrainingBatch
         g = torch.Generator().manual_seed(0)
         pin = torch.cuda.is_available()
         images = torch.randn(batch, 3, img_size, img_size, generator=g)
@@ -265,7 +265,7 @@ def run_fit(args: argparse.Namespace, device: torch.device, teacher: str = "auto
             fused_optimizer: bool = False, channels_last: Optional[bool] = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
-    from distill.module import DistillationModule
+    from distill.training.module import DistillationModule
     from teachers import Teacher
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 The package imports nothing heavy at import time: `from distill import DistillationModule`
 loads the module it names on first use (PEP 562), so the model-side packages (`students`,
-`teachers`) can use `distill.errors` and `distill.ranges` without an import cycle.
+`teachers`) can use `distill.common.errors` and `distill.common.ranges` without an import cycle.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 __all__ = ["DistillationLoss", "DistillationModule", "ImageDataModule", "UserError"]
 
-_WHERE = {"DistillationLoss": "distill.losses", "DistillationModule": "distill.module",
-          "ImageDataModule": "distill.data", "UserError": "distill.errors"}
+_WHERE = {"DistillationLoss": "distill.training.losses", "DistillationModule": "distill.training.module",
+          "ImageDataModule": "distill.data.datamodule", "UserError": "distill.common.errors"}
 
 
 def __getattr__(name: str) -> Any:

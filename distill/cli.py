@@ -1,17 +1,17 @@
 """The `distill` command (alias `lightning`, `python -m distill`): one table of commands, and the one place
 that prints a user error.
 
-    distill fit --config configs/distill.yaml                                        (distill/train.py, LightningCLI)
-    distill pipeline --config configs/pipeline.yaml                                  (distill/pipeline.py)
-    distill compare --config configs/distill.yaml --seeds 5                          (distill/compare.py)
-    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/export.py)
-    distill predict --export exports/student --images photos/ --out predictions.csv  (distill/predict.py)
-    distill serve --export exports/student --port 8000                               (distill/serve.py)
-    distill cache-teacher --config configs/distill.yaml --epochs 30 --out runs/cache (distill/cache_teacher.py)
-    distill report runs/digits [--plot plots/]                                       (distill/report.py)
+    distill fit --config configs/distill.yaml                                        (distill/commands/fit.py, LightningCLI)
+    distill pipeline --config configs/pipeline.yaml                                  (distill/commands/pipeline.py)
+    distill compare --config configs/distill.yaml --seeds 5                          (distill/commands/compare.py)
+    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/deploy/export.py)
+    distill predict --export exports/student --images photos/ --out predictions.csv  (distill/deploy/predict.py)
+    distill serve --export exports/student --port 8000                               (distill/deploy/serve.py)
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --out runs/cache (distill/cache/command.py)
+    distill report runs/digits [--plot plots/]                                       (distill/commands/report.py)
 
 Each command is a module with a `main(argv)`, imported only when it runs (`distill report` does not
-load Lightning). Bad input raises `distill.errors.UserError` where it is validated (the parsers
+load Lightning). Bad input raises `distill.common.errors.UserError` where it is validated (the parsers
 too); `cli_main` prints it as one line `error: ...` with exit code 2 (DISTILL_DEBUG=1 shows the
 traceback). Every other exception is a bug and keeps its traceback.
 """
@@ -24,8 +24,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from distill.errors import UsageError, UserError
-from distill.files import OutputLock
+from distill.common.errors import UsageError, UserError
+from distill.common.files import OutputLock
 
 __all__ = ["COMMANDS", "TRAINING", "cli_main", "command_of"]
 
@@ -33,15 +33,15 @@ __all__ = ["COMMANDS", "TRAINING", "cli_main", "command_of"]
 # the line of help). `predict --export` is the export's predict, `predict` alone LightningCLI's.
 TRAINING = ("fit", "validate", "test", "predict")
 COMMANDS = {
-    **{name: ("distill.train", "LightningCLI (also `lightning COMMAND`): --config FILE [--model.* --data.* ...]")
+    **{name: ("distill.commands.fit", "LightningCLI (also `lightning COMMAND`): --config FILE [--model.* --data.* ...]")
        for name in TRAINING},
-    "pipeline": ("distill.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
-    "compare": ("distill.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
-    "export": ("distill.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
-    "predict --export": ("distill.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
-    "serve": ("distill.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
-    "cache-teacher": ("distill.cache_teacher", "the teacher's outputs on every augmented view, to train without it"),
-    "report": ("distill.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
+    "pipeline": ("distill.commands.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
+    "compare": ("distill.commands.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
+    "export": ("distill.deploy.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
+    "predict --export": ("distill.deploy.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
+    "serve": ("distill.deploy.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
+    "cache-teacher": ("distill.cache.command", "the teacher's outputs on every augmented view, to train without it"),
+    "report": ("distill.commands.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
 }
 
 COMMANDS_HELP = "\n".join([
@@ -102,7 +102,7 @@ def _one_line(err: BaseException) -> str:
         last = [line for line in lines if line.strip()][-1].strip()
         name = f"{type(err).__name__}: "
         last = last.removeprefix(name)
-        return last.split(": ", 1)[1] if last.startswith("distill.errors.UserError: ") else last
+        return last.split(": ", 1)[1] if last.startswith("distill.common.errors.UserError: ") else last
     return lines[0]
 
 

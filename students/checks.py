@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 
 __all__ = ["check_built", "check_options", "explain_build_error"]
 

@@ -15,7 +15,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 
 __all__ = ["adapt_student_state"]
 

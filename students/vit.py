@@ -21,8 +21,8 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from distill.errors import UserError
-from distill.ranges import HalfOpenUnitInterval, PositiveInt, plain
+from distill.common.errors import UserError
+from distill.common.ranges import HalfOpenUnitInterval, PositiveInt, plain
 from students.checks import check_built, check_options, explain_build_error
 
 __all__ = ["Student", "DEIT_VARIANTS", "check_model_name"]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 from teachers.teacher import Teacher
 
 __all__ = ["TeacherEnsemble"]

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.adapters import cpu_computes_bf16
-from distill.checkpoints import extract_state_dict, read_weights_file, student_state
-from distill.errors import UserError
-from distill.ranges import ClosedUnitInterval, PositiveInt, plain
+from distill.common.adapters import cpu_computes_bf16
+from distill.common.checkpoints import extract_state_dict, read_weights_file, student_state
+from distill.common.errors import UserError
+from distill.common.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import DEIT_VARIANTS, Student, check_model_name
 
 __all__ = ["Teacher"]

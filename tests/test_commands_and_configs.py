@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from distill.cli import COMMANDS, TRAINING, cli_main
-from distill.module import DistillationModule
-from distill.train import make_cli
+from distill.training.cli import make_cli
+from distill.training.module import DistillationModule
 from teachers import TeacherEnsemble
 from tests.helpers import config_overrides
 

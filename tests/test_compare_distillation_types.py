@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import cli_main
-from distill.compare import format_table, plan_runs, summarize_runs
+from distill.commands.compare import format_table, plan_runs, summarize_runs
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, random_teacher_file, run_cli_error
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from distill.batch import TrainingBatch
-from distill.data import DigitsDataset, EpochSampler, ImageDataModule
-from distill.errors import UserError
+from distill.common.errors import UserError
+from distill.data.batch import TrainingBatch
+from distill.data.datamodule import DigitsDataset, EpochSampler, ImageDataModule
 
 
 def test_digits_split_is_fixed_stratified_and_upscaled():
@@ -65,7 +65,7 @@ def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
     under the pair's own seed: the same lam, the same cutmix box, the same targets."""
     import numpy as np
 
-    from distill.seeding import global_seed, sample_seed
+    from distill.common.seeding import global_seed, sample_seed
     data = ImageDataModule("digits", img_size=32, batch_size=16, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
     keys = [(2, 100 + i, 0) for i in range(16)]
@@ -86,7 +86,7 @@ def test_each_pair_is_mixed_exactly_as_timm_mixes_a_batch_of_that_pair():
         if params[j, 1] == 0:  # a mixup pair
             assert torch.equal(mixed[j], images[j] * params[j, 0] + images[j ^ 1] * (1 - params[j, 0])), j
     # the CPU mixes pair by pair, an accelerator all pairs at once: the same bits either way
-    from distill.mixing import _mix_all_pairs
+    from distill.data.mixing import _mix_all_pairs
     batched = images.clone()
     _mix_all_pairs(batched, params)
     assert torch.equal(batched, mixed)

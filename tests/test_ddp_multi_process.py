@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from distill.train import make_cli
+from distill.training.cli import make_cli
 from tests.helpers import TINY_TEACHER, shrink
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.errors import UserError
-from distill.losses import DistillationLoss
+from distill.common.errors import UserError
+from distill.training.losses import DistillationLoss
 
 torch.manual_seed(0)
 B, C = 4, 5

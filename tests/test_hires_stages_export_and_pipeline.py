@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import yaml
 
 from distill.cli import cli_main
-from distill.errors import UserError
-from distill.export import export_student, load_student
-from distill.pipeline import load_spec, stage_command
-from distill.train import make_cli
+from distill.commands.pipeline import load_spec, stage_command
+from distill.common.errors import UserError
+from distill.deploy.export import export_student, load_student
+from distill.training.cli import make_cli
 from students import Student
 from students.resize import adapt_student_state
 from tests.helpers import TINY_STUDENT, TINY_TEACHER, data_of, scalars, shrink, teacher_of

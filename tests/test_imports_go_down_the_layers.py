@@ -6,19 +6,24 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_SIDE = {"distill.errors", "distill.checkpoints", "distill.hf_data", "distill.inference", "distill.adapters", "distill.ranges", "distill.files", "distill.identity", "distill.mixing", "distill.views", "distill.image_folder", "distill.serving_host", "distill.images", "distill.seeding", "distill.batch",
-              "distill.cache", "distill.losses"}
-LIGHTNING = {"distill.run_records", "distill.step_rules", "distill.data", "distill.module", "distill.callbacks", "distill.telemetry", "distill.cache_writer"}
-COMMANDS = {"distill.cli", "distill.train", "distill.__main__", "distill.pipeline", "distill.compare", "distill.export", "distill.predict",
-            "distill.report", "distill.cache_teacher", "distill.serve", "distill.quantize"}
+# Each layer by sub-package, with the modules of a sub-package that sit in another layer named one by one.
+LIGHTNING = {"distill.data.datamodule", "distill.cache.writer", "distill.training.module", "distill.training.callbacks",
+             "distill.training.cli", "distill.deploy.quantize",
+             "distill.training.telemetry", "distill.training.step_rules", "distill.training.run_records"}
+COMMANDS = {"distill.cli", "distill.__main__", "distill.commands.fit", "distill.commands.pipeline",
+            "distill.commands.compare", "distill.commands.report", "distill.cache.command", "distill.deploy.export",
+            "distill.deploy.predict", "distill.deploy.serve"}
+MODEL_SIDE_PACKAGES = ("distill.common.", "distill.data.", "distill.cache.", "distill.training.", "distill.deploy.",
+                       "distill.commands.")  # any module of these not named above: model-side (no Lightning)
 
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports (at the top or inside functions)."""
     modules = {}
     for package in ("distill", "students", "teachers"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {}
     for name, path in modules.items():
         found = set()
@@ -40,8 +45,18 @@ def layer(module: str) -> int:
 
 
 def test_every_module_belongs_to_a_layer():
-    unknown = [m for m in import_graph() if m.startswith("distill.") and m not in MODEL_SIDE | LIGHTNING | COMMANDS]
-    assert not unknown, f"add {unknown} to a layer in tests/test_imports_go_down_the_layers.py"
+    graph = import_graph()
+    unknown = [m for m in graph if m.startswith("distill.") and m not in LIGHTNING | COMMANDS
+               and not m.startswith(MODEL_SIDE_PACKAGES) and m + "." not in MODEL_SIDE_PACKAGES]
+    assert not unknown, f"put {unknown} in a sub-package, or name its layer in tests/test_imports_go_down_the_layers.py"
+    flat = sorted(p.name for p in (ROOT / "distill").glob("*.py") if p.stem not in ("__init__", "__main__", "cli"))
+    assert not flat, f"{flat}: distill/ holds the command table and its sub-packages only"
+
+
+def test_commands_share_code_through_the_layers_below_not_through_each_other():
+    shared = [f"{m} -> {d}" for m, deps in import_graph().items() if m in COMMANDS and m != "distill.__main__"
+              for d in deps if d in COMMANDS and d != m]
+    assert not shared, shared
 
 
 def test_imports_only_go_down_the_layers():
@@ -73,4 +88,4 @@ def test_there_is_no_import_cycle():
 
 if __name__ == "__main__":
     for name, deps in import_graph().items():
-        print(f"{name:24s} [{('model-side', 'lightning', 'command')[layer(name)]}] -> {', '.join(sorted(deps))}")
+        print(f"{name:32s} [{('model-side', 'lightning', 'command')[layer(name)]}] -> {', '.join(sorted(deps))}")

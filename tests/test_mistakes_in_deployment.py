@@ -39,8 +39,8 @@ from starlette.datastructures import FormData, UploadFile
 from torch.utils.tensorboard import SummaryWriter
 
 from distill.cli import cli_main
-from distill.export import export_student
-from distill.serve import Rejected, StudentAPI, accelerators_here
+from distill.deploy.export import export_student
+from distill.deploy.serve import Rejected, StudentAPI, accelerators_here
 from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 

@@ -21,7 +21,7 @@ import yaml
 from timm.layers import HybridEmbed
 from torch import nn
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 from students import Student
 from students.checks import explain_build_error
 from students.resize import adapt_student_state

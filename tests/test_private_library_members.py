@@ -1,4 +1,4 @@
-"""The private library members the project relies on (distill/adapters.py) exist in the installed versions.
+"""The private library members the project relies on (distill/common/adapters.py) exist in the installed versions.
 
 An upgrade that renames or removes one fails here, naming it, instead of deep inside a training run.
 """
@@ -14,7 +14,7 @@ import torch
 from jsonargparse import ArgumentParser
 from timm.data import Mixup
 
-from distill import adapters
+from distill.common import adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "timm", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "jsonargparse",
@@ -77,7 +77,7 @@ def test_no_private_library_member_is_used_outside_adapters():
             for name in names:
                 if _private(name) and name not in own and name not in allowed:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
-    assert not found, "private library members outside distill/adapters.py (move them there): " + "; ".join(found)
+    assert not found, "private library members outside distill/common/adapters.py (move them there): " + "; ".join(found)
 
 
 def test_attention_weights_are_the_softmax_rows_of_a_timm_vit_block():

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import distill.module
-import distill.pipeline
+import distill.commands.pipeline
+import distill.training.module
 from distill.cli import cli_main
-from distill.compare import check_same_options, plan_runs
-from distill.errors import UserError
-from distill.export import export_student
-from distill.identity import intended_options
-from distill.pipeline import _check_unchanged, stage_identity
+from distill.commands.compare import check_same_options, plan_runs
+from distill.commands.pipeline import _check_unchanged, stage_identity
+from distill.common.errors import UserError
+from distill.common.identity import intended_options
+from distill.deploy.export import export_student
 from tests.helpers import ROOT, distill_args, run_cli_error
 
 
@@ -109,7 +109,7 @@ def test_a_failed_fit_leaves_no_empty_output_folders(tmp_path, capsys, monkeypat
     def fails(self) -> None:
         raise UserError("the data moved away")
 
-    monkeypatch.setattr(distill.module.DistillationModule, "on_fit_start", fails)
+    monkeypatch.setattr(distill.training.module.DistillationModule, "on_fit_start", fails)
     args = distill_args(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert "the data moved away" in run_cli_error(args, capsys)
@@ -190,7 +190,7 @@ def test_the_pipeline_runs_the_export_again_for_the_stage_it_exports(tmp_path, m
     (tmp_path / "p" / "export").mkdir()
     (tmp_path / "p" / "export" / "export_report.json").write_text("{}")  # an export of other weights
     commands = []
-    monkeypatch.setattr(distill.pipeline, "_run_stage", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(distill.commands.pipeline, "_run_stage", lambda command: commands.append(command) or 0)
     cli_main(["pipeline", "--config", str(configs / "pipeline.yaml"), "--root", str(tmp_path)])
     assert "teacher: finished earlier, skipped" in capsys.readouterr().out
     (export,) = commands  # `distill export` decides by content whether the folder is current (tests below)
@@ -307,7 +307,7 @@ def test_a_data_folder_is_the_same_named_from_another_folder_and_an_overlay_or_n
 
 
 def test_a_failed_fit_removes_only_its_own_folders_and_the_parents_it_made_while_empty(tmp_path):
-    from distill.run_records import RemoveUnusedOutputs
+    from distill.training.run_records import RemoveUnusedOutputs
 
     shared = tmp_path / "sweep"  # made by whichever of two runs started first
     mine, theirs = shared / "lr1" / "version_0", shared / "lr2" / "version_0"

@@ -163,7 +163,7 @@ def broken_images(root: Path) -> list[Path]:
 
 
 def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path):
-    from distill.data import ImageDataModule
+    from distill.data.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     bad = broken_images(root)
@@ -281,7 +281,7 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path, capsys, 
 
 
 def test_a_killed_export_leaves_the_previous_export_intact(tmp_path, monkeypatch):
-    from distill import export
+    from distill.deploy import export
 
     cli_main(distill_args(tmp_path))
     out = tmp_path / "export"
@@ -302,7 +302,7 @@ def test_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path):
     import signal
     import threading
 
-    from distill.pipeline import _run_stage
+    from distill.commands.pipeline import _run_stage
 
     stage = [sys.executable, "-c", "import signal, sys, time\n"
              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\ntime.sleep(60)"]

@@ -21,12 +21,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from starlette.datastructures import FormData, UploadFile
 
-import distill.quantize
-from distill.errors import UserError
-from distill.export import INT8_FILE, Int8, export_student
-from distill.files import OutputLock
-from distill.predict import predict_folder
-from distill.serve import StudentAPI
+import distill.deploy.quantize
+from distill.common.errors import UserError
+from distill.common.files import OutputLock
+from distill.deploy.export import Int8, export_student
+from distill.deploy.inference import INT8_FILE
+from distill.deploy.predict import predict_folder
+from distill.deploy.serve import StudentAPI
 from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_int8_export_keeps_top1_within_budget_and_serves_the_same_classes(traine
 
 def test_int8_over_its_accuracy_budget_is_refused_and_nothing_is_written(trained, tmp_path, monkeypatch):
     scores = iter([0.9, 0.8])  # fp32 ONNX, then INT8: a 10-point drop
-    monkeypatch.setattr(distill.quantize, "onnx_top1", lambda path, dataset: next(scores))
+    monkeypatch.setattr(distill.deploy.quantize, "onnx_top1", lambda path, dataset: next(scores))
     with pytest.raises(UserError, match=r"drops 10.00 points \(90.00% fp32 -> 80.00% INT8\) > --int8_max_drop 0.5"):
         export_student(trained / "ckpt" / "best.ckpt", tmp_path / "export", torchscript=False, int8=Int8(8))
     assert list(tmp_path.iterdir()) == []
@@ -219,6 +220,6 @@ def test_int8_needs_onnx_and_the_training_data(trained, tmp_path, capsys):
 
 def test_serve_without_its_extra_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)  # as if `pip install deit-distill` without [serve]
-    monkeypatch.delitem(sys.modules, "distill.serve")
+    monkeypatch.delitem(sys.modules, "distill.deploy.serve")
     message = run_cli_error(["serve", "--export", "exports/student"], capsys)
     assert "distill serve needs LitServe and python-multipart: pip install 'deit-distill[serve]'" in message

@@ -7,10 +7,10 @@ import timm
 import torch
 
 from distill.cli import cli_main
-from distill.errors import UserError
-from distill.export import export_student, load_student
-from distill.module import DistillationModule
-from distill.train import make_cli
+from distill.common.errors import UserError
+from distill.deploy.export import export_student, load_student
+from distill.training.cli import make_cli
+from distill.training.module import DistillationModule
 from students import Student
 from teachers import Teacher
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, shrink, tiny_student

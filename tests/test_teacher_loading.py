@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from distill.errors import UserError
+from distill.common.errors import UserError
 from teachers import Teacher
 from tests.helpers import TINY_TEACHER
 

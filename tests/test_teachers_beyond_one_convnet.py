@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from distill.cli import cli_main
-from distill.compare import format_table, summarize_runs
-from distill.errors import UserError
+from distill.commands.compare import format_table, summarize_runs
+from distill.common.errors import UserError
 from students import Student
 from teachers import Teacher, TeacherEnsemble
 from tests.helpers import TINY_STUDENT, TINY_TEACHER, random_teacher_file, scalars, shrink

@@ -10,8 +10,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill.cli import cli_main
-from distill.telemetry import attention_maps
-from distill.train import make_cli
+from distill.training.cli import make_cli
+from distill.training.telemetry import attention_maps
 from tests.helpers import TINY_TEACHER, random_teacher_file, shrink, tiny_student
 
 SCALARS = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",

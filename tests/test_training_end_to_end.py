@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.cli import cli_main
-from distill.train import make_cli
+from distill.training.cli import make_cli
 from tests.helpers import TINY_STUDENT, TINY_TEACHER, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from distill.batch import TrainingBatch
-from distill.data import ImageDataModule
-from distill.train import make_cli
+from distill.data.batch import TrainingBatch
+from distill.data.datamodule import ImageDataModule
+from distill.training.cli import make_cli
 from tests.helpers import TINY_TEACHER, random_teacher_file, shrink
 
 aten = torch.ops.aten

@@ -19,10 +19,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from distill.cli import cli_main
-from distill.errors import UserError
-from distill.files import OutputLock, lock_path, replace_folder
-from distill.images import UnreadableImage, load_image
-from distill.pipeline import finished, load_spec
+from distill.commands.pipeline import finished, load_spec
+from distill.common.errors import UserError
+from distill.common.files import OutputLock, lock_path, replace_folder
+from distill.data.images import UnreadableImage, load_image
 from tests.helpers import ROOT, TINY_TEACHER, distill_args, make_image_folder, run_cli_error
 
 
@@ -42,7 +42,7 @@ def earlier_run(tmp_path) -> tuple[list[str], dict[str, bytes]]:
 
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another process holding the lock file `path` (as a running fit, export or cache build does)."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distill.files import OutputLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom distill.common.files import OutputLock\n"
                                f"OutputLock({str(path)!r}, 'x').acquire()\nprint('held', flush=True)\ntime.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -227,7 +227,7 @@ def test_a_photo_taken_sideways_is_read_upright_by_its_exif_orientation(tmp_path
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwarn):
-    from distill.data import ImageDataModule
+    from distill.data.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     for split in ("train", "val"):
@@ -245,7 +245,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwa
 
 
 def test_files_left_out_for_their_extension_are_named_not_dropped_silently(tmp_path):
-    from distill.data import ImageDataModule
+    from distill.data.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "scan.gif")
@@ -300,8 +300,8 @@ def test_the_pipeline_reads_its_stage_configs_relative_to_its_own_file(tmp_path,
 
 def test_an_image_over_the_decompression_bomb_limit_is_skipped_in_training_and_predict(tmp_path, monkeypatch,
                                                                                         earlier_run):
-    from distill.data import ImageDataModule
-    from distill.predict import predict_folder
+    from distill.data.datamodule import ImageDataModule
+    from distill.deploy.predict import predict_folder
 
     root = make_image_folder(tmp_path / "images")
     Image.fromarray(np.zeros((200, 200, 3), dtype=np.uint8)).save(root / "train" / "cat" / "bomb.png")
@@ -466,7 +466,7 @@ def test_a_failed_folder_swap_puts_the_previous_folder_back(tmp_path, monkeypatc
 
 
 def test_a_bug_keeps_its_traceback_even_when_it_is_a_value_error(tmp_path, monkeypatch):
-    from distill.module import DistillationModule
+    from distill.training.module import DistillationModule
 
     def shape_bug(self, batch, batch_idx):
         raise ValueError("mat1 and mat2 shapes cannot be multiplied (64x10 and 12x10)")
@@ -532,7 +532,7 @@ def test_options_lightning_or_timm_would_reject_with_a_traceback_are_one_line(tm
 
 
 def test_a_symbolic_link_back_up_the_tree_does_not_repeat_images_under_another_class(tmp_path):
-    from distill.data import ImageDataModule
+    from distill.data.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     (root / "train" / "cat" / "back").symlink_to(root / "train")  # a loop through every class
@@ -577,19 +577,19 @@ def test_a_key_given_twice_in_a_config_is_named(tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_code_130(capsys, monkeypatch):
-    import distill.train
+    import distill.commands.fit
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill.train, "make_cli", interrupted)
+    monkeypatch.setattr(distill.commands.fit, "make_cli", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(ROOT / "configs" / "distill.yaml")])
     assert exit_info.value.code == 130 and "interrupted (Ctrl+C)" in capsys.readouterr().err
 
 
 def test_the_name_digits_beside_a_folder_called_digits_warns_which_one_is_used(tmp_path, monkeypatch):
-    from distill.data import ImageDataModule
+    from distill.data.datamodule import ImageDataModule
 
     make_image_folder(tmp_path / "digits")
     monkeypatch.chdir(tmp_path)
@@ -635,9 +635,9 @@ def test_a_pipeline_export_that_cannot_work_is_refused_before_any_stage_trains(t
 
 
 def test_a_failed_pipeline_stage_is_one_error_line_and_its_exit_code(tmp_path, monkeypatch, capsys):
-    import distill.pipeline
+    import distill.commands.pipeline
 
-    monkeypatch.setattr(distill.pipeline, "_run_stage", lambda command: 2)  # the stage printed its own error line
+    monkeypatch.setattr(distill.commands.pipeline, "_run_stage", lambda command: 2)  # the stage printed its own error line
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["pipeline", "--config", str(ROOT / "configs" / "pipeline.yaml"), "--root", str(tmp_path)])
     assert exit_info.value.code == 2

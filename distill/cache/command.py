@@ -1,0 +1,112 @@
+"""`distill cache-teacher`: label every augmented view of a schedule with the config's teacher, once.
+
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
+    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
+    distill cache-teacher --check runs/cache
+
+The format is described in `distill.cache.format`; the labelling is `distill.cache.writer.CacheWriter`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+
+from distill.cache.format import TeacherCache
+from distill.cache.writer import CacheSampler, CacheWriter
+from distill.common.errors import OneLineArgumentParser, UserError, positive_int
+from distill.common.files import OutputLock, free_bytes, lock_path
+from distill.training.cli import make_cli
+
+__all__ = ["main"]
+
+
+def main(argv: list[str]) -> None:
+    """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
+    parser = OneLineArgumentParser(
+        prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
+        epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
+               "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
+    parser.add_argument("--epochs", type=positive_int, help="epochs of augmented views to label (the training run's max_epochs)")
+    parser.add_argument("--top_k", "--top-k", type=positive_int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
+    parser.add_argument("--out", help="cache folder to write (each process writes its own shard: any shared filesystem, NFS too)")
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
+                        help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    parser.add_argument("--check", metavar="DIR", help="check that the cache in DIR is complete and consistent, and exit")
+    args, rest = parser.parse_known_args(argv)
+    if args.check:
+        if rest or args.out or args.epochs:
+            raise UserError("--check DIR takes no other option: it reads the cache alone")
+        print(TeacherCache(Path(args.check), TeacherCache.read_meta(args.check, "--check")).check_complete())
+        return
+    for name in ("epochs", "out"):
+        if getattr(args, name) is None:
+            raise UserError(f"--{name} is required (or --check DIR to check a cache)")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
+    if out.exists() and not (out / "meta.json").is_file():
+        raise UserError(f"--out: '{out}' is not a teacher cache (no meta.json); --overwrite replaces only an earlier "
+                        "cache: choose another folder")
+    # one build per --out: the second is refused while the first holds the lock (rank 0 holds it for all ranks)
+    lock = OutputLock(lock_path(out), f"cache-teacher --out '{out}'")
+    if rank_zero_only.rank == 0:
+        lock.acquire()
+    try:
+        _build(out, args, rest)
+    finally:
+        lock.release()
+
+
+def _build(out: Path, args: Any, rest: list[str]) -> None:
+    with warnings.catch_warnings():  # the training options are `rest`, not the process's command line
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = make_cli(rest, run=False, prog="distill cache-teacher")
+    model, data, config = cli.model, cli.datamodule, cli.config
+    teacher = model.teacher
+    if teacher is None:
+        raise UserError("model.teacher is null: a teacher cache needs the teacher of the config")
+    if data.teacher_cache:
+        raise UserError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
+    classes = data.num_classes
+    batch_size = args.batch_size or 4 * data.batch_size
+    if data.mixup_fn is not None and batch_size % 2:
+        raise UserError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
+    if not 1 <= args.top_k <= classes:
+        raise UserError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
+    data.setup("fit")
+    sampler = data.train_sampler()
+    train_images = len(data.train_set)
+    whole = CacheSampler(sampler, args.epochs, 1, 0)  # the shards of a multi-process build add up to it
+    size = TeacherCache.nbytes(args.epochs, whole.rows, args.top_k, classes, sampler.num_repeats * train_images)
+    views = whole.views
+    rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
+                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
+                   f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
+    free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
+    if size > free:
+        raise UserError(f"--out: the cache needs {size / 2**30:.2f} GiB but the filesystem of '{out}' has "
+                        f"{free / 2**30:.2f} GiB free")
+    trainer_cfg = config["trainer"]
+    trainer = pl.Trainer(
+        accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", "auto"),
+        num_nodes=trainer_cfg.get("num_nodes", 1), strategy=trainer_cfg.get("strategy", "auto"),
+        precision=trainer_cfg.get("precision") or "32-true", logger=False, enable_checkpointing=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )
+    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, batch_size)
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="predict returned None")  # the writer stores, returns nothing
+        trainer.predict(writer, return_predictions=False)
+    if trainer.is_global_zero:
+        seconds = time.monotonic() - started
+        print(f"Teacher cache written to '{out}': {views} views in {seconds:.0f} s ({views / seconds:.0f} img/s)",
+              file=sys.stderr)
+

@@ -1,0 +1,314 @@
+"""`distill compare`: what the teacher adds, and how far the student stays from it.
+
+    distill compare --config configs/distill.yaml --seeds 5 [--types none,soft,hard] [--jobs auto]
+                    [--out runs/compare] [any fit option for every run, e.g. --data.dataset /my/data]
+
+Trains the config's student once per (distillation type, seed), each a `distill fit` process
+writing under `OUT/<type>/seed_<s>/` (TensorBoard logs, checkpoints, `result.json`), `--jobs`
+at a time, then prints mean +- standard deviation over the seeds of the averaged head's top-1
+on the validation split at the final epoch (and at the best epoch: choosing the epoch on the
+split it is measured on flatters it), the gap to the teacher (its accuracy on the same split)
+and the gain over `none` (the same student, recipe and budget without the teacher). The table
+and every run's figures are also written to `OUT/compare.md` and `OUT/compare.json`.
+
+Running the command again skips finished runs and resumes interrupted ones (as the pipeline
+does), only with the same options (each run folder records them in `run.json`; other options
+into the same OUT are refused); a second `compare` writing into the same OUT at once is refused. On a CPU machine the
+runs go in parallel, one per core, each on one thread (on this project's 2-core CPU two
+1-thread runs do 1.6x the work of one 2-thread run); on a GPU machine one run per GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from distill.common.errors import OneLineArgumentParser, UserError, positive_int
+from distill.common.files import OutputLock, write_atomically
+from distill.common.identity import describe_differences, finished, intended_options, trained_something
+from distill.common.ranges import DISTILLATION_TYPES
+from distill.common.tables import format_rows
+
+__all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
+
+
+def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: Path,
+              extra: list[str]) -> list[dict[str, Any]]:
+    """One `distill fit` command per (type, seed), in the order they run (seed-major: a partial table is balanced).
+
+    `config`: one fit config, or several (a recipe, then overlays such as configs/students/deit.yaml), in order.
+    """
+    configs = [config] if isinstance(config, str) else list(config)
+    options = intended_options(configs, None, extra)  # by content: config files, and any file an option names
+    runs = []
+    for seed in seeds:
+        for kind in types:
+            folder = out / kind / f"seed_{seed}"
+            # compare's own options last: a config overlay among `extra` (--config students/deit.yaml) must not
+            # move a run's outputs, seed or type
+            command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
+                       f"--seed_everything={seed}",
+                       f"--model.distillation={kind}", f"--trainer.logger.init_args.save_dir={out}",
+                       f"--trainer.logger.init_args.name={kind}/seed_{seed}",
+                       f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--metrics_json={folder / 'result.json'}",
+                       "--trainer.enable_progress_bar=false"]
+            if (folder / "checkpoints" / "last.ckpt").is_file():
+                command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
+            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command, "options": options})
+    return runs
+
+
+def check_same_options(runs: list[dict[str, Any]]) -> None:
+    """A run folder is reused (skipped or resumed) only if it was made from the options it would be made from now
+    (its run.json: the merged options by content, not the paths or command line that named them); a folder in which
+    nothing was trained (a run that failed on a bad option) is started again."""
+    for run in runs:
+        record = run["folder"] / "run.json"
+        if not run["folder"].exists():
+            continue
+        if not record.is_file():
+            raise UserError(f"compare --out: '{run['folder']}' exists but was not written by compare (no run.json); "
+                            "choose another --out")
+        if not trained_something(run["folder"]):
+            continue
+        try:
+            before = json.loads(record.read_text()).get("options")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if before != run["options"]:
+            what = (describe_differences(before, run["options"]) + ", as then -> now" if isinstance(before, dict)
+                    else "its run.json does not record them by content: an earlier version of distill")
+            raise UserError(f"compare --out: '{run['folder']}' was run with other options ({what}); its result would "
+                            "not be this comparison's: choose another --out, or repeat the same options to resume it")
+
+
+def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: bool) -> None:
+    """compare.md / compare.json are replaced only by the same comparison (the same options, at least its runs) or
+    with --overwrite: a comparison of other types or seeds into the same --out does not relabel an earlier table."""
+    try:
+        before = json.loads((out / "compare.json").read_text()).get("made_from")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        before = None
+    try:
+        counted = {(str(kind), int(seed)) for kind, seed in before["runs"]} if isinstance(before, dict) else None
+    except (KeyError, TypeError, ValueError):  # a compare.json edited by hand: another table
+        counted = None
+    if overwrite or (counted is not None and before.get("options") == made_from["options"]
+                     and counted <= {(kind, seed) for kind, seed in made_from["runs"]}):
+        return
+    shown = f" ({', '.join(sorted({r[0] for r in counted}))} x {len({r[1] for r in counted})} seed(s))" if counted else ""
+    raise UserError(f"compare --out: '{out / 'compare.md'}' holds the table of another comparison{shown}; choose "
+                    "another --out, or pass --overwrite to replace that table (the runs it counted are kept)")
+
+
+def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> list[dict[str, Any]]:
+    """Run the unfinished runs, `jobs` at a time; returns the results of every finished run."""
+    todo = [run for run in runs if finished(run["folder"] / "result.json") is None]
+    done = len(runs) - len(todo)
+    if done:
+        print(f"[compare] {done} of {len(runs)} runs finished earlier, skipped", flush=True)
+    active: dict[int, tuple[dict[str, Any], subprocess.Popen, float, Any]] = {}
+    failed = []
+    slots = list(range(jobs))
+    try:
+        while todo or active:
+            while todo and slots:
+                run, slot = todo.pop(0), slots.pop(0)
+                run["folder"].mkdir(parents=True, exist_ok=True)
+                with write_atomically(run["folder"] / "run.json") as partial:  # a kill never leaves half of it
+                    partial.write_text(json.dumps({"options": run["options"], "command": run["command"]}, indent=2))
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                log = open(run["folder"] / "fit.log", "a")
+                process = subprocess.Popen(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                active[slot] = (run, process, time.monotonic(), log)
+                print(f"[compare] {run['type']} seed {run['seed']}: started (log: {run['folder'] / 'fit.log'})", flush=True)
+            time.sleep(0.5)
+            for slot, (run, process, started, log) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del active[slot]
+                slots.append(slot)
+                done += 1
+                result = finished(run["folder"] / "result.json")
+                if process.returncode != 0 or result is None:
+                    failed.append(run)
+                    print(f"[compare] {run['type']} seed {run['seed']}: FAILED (exit {process.returncode}); see "
+                          f"{run['folder'] / 'fit.log'}", flush=True)
+                    continue
+                final = result.get("final_metrics", {}).get("val/acc")
+                print(f"[compare] {run['type']} seed {run['seed']}: final top-1 {_pct(final)} in "
+                      f"{time.monotonic() - started:.0f} s ({done}/{len(runs)})", flush=True)
+    finally:  # Ctrl+C or SIGTERM: stop the runs (each saves its last.ckpt); the next call resumes them
+        for run, process, _, log in active.values():
+            process.terminate()
+            process.wait()
+            log.close()
+    if failed:
+        names = ", ".join(f"{run['type']} seed {run['seed']}" for run in failed)
+        raise UserError(f"compare: {len(failed)} run(s) failed ({names}); their errors are at the end of their fit.log: "
+                        "fix the cause and run the same command again (finished runs are kept)")
+    return [{**run, "result": finished(run["folder"] / "result.json")} for run in runs]
+
+
+def summarize_runs(runs: list[dict[str, Any]], types: list[str]) -> dict[str, Any]:
+    """Per type: final and best top-1 over the seeds (mean, std), wall time; the teacher; gaps and gains."""
+    rows: dict[str, dict[str, Any]] = {}
+    teacher: list[float] = []
+    members: dict[int, list[float]] = {}
+    for kind in types:
+        results = [run["result"] for run in runs if run["type"] == kind and run.get("result")]
+        def final(name: str) -> list[float]:
+            return [r["final_metrics"][name] for r in results if name in r.get("final_metrics", {})]
+
+        best = [r["metrics"]["val/acc"] for r in results if "val/acc" in r.get("metrics", {})]
+        teacher += [r["metrics"]["val/teacher_acc"] for r in results if "val/teacher_acc" in r.get("metrics", {})]
+        for r in results:  # an ensemble's members (val/teacher_acc_<i>)
+            for name, value in r.get("metrics", {}).items():
+                if name.startswith("val/teacher_acc_"):
+                    members.setdefault(int(name.rsplit("_", 1)[1]), []).append(value)
+        # DeiT's Table 3: the class head alone, the distillation head alone, and their average (val/acc)
+        rows[kind] = {"runs": len(results), "final": _stats(final("val/acc")), "best": _stats(best),
+                      "final_cls": _stats(final("val/acc_cls")), "final_dist": _stats(final("val/acc_dist")),
+                      "wall_s": statistics.fmean([r["wall_time_s"] for r in results]) if results else None,
+                      "seeds": [run["seed"] for run in runs if run["type"] == kind and run.get("result")]}
+    teacher_acc = statistics.fmean(teacher) if teacher else None
+    none = rows.get("none", {}).get("final", {}).get("mean")
+    for row in rows.values():
+        mean = row["final"]["mean"]
+        row["gap_to_teacher"] = teacher_acc - mean if teacher_acc is not None and mean is not None else None
+        row["gain_over_none"] = mean - none if none is not None and mean is not None else None
+    return {"teacher_acc": teacher_acc, "types": rows,
+            "teacher_members": [statistics.fmean(members[i]) for i in sorted(members)]}
+
+
+def _stats(values: list[float]) -> dict[str, Optional[float]]:
+    if not values:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The comparison as a text table (top-1 in %, mean +- std over seeds; the averaged head's, then each head's
+    alone at the final epoch: equal for a student with one head)."""
+    def pm(stats: dict[str, Any]) -> str:
+        return "-" if stats["mean"] is None else f"{100 * stats['mean']:.2f} +- {100 * stats['std']:.2f}"
+
+    def signed(value: Optional[float]) -> str:
+        return "-" if value is None else f"{100 * value:+.2f}"
+
+    header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "class head", "dist. head", "gap to teacher",
+              "gain over none", "wall s/run")
+    rows = [(kind, str(row["runs"]), pm(row["final"]), pm(row["best"]), pm(row["final_cls"]), pm(row["final_dist"]),
+             signed(row["gap_to_teacher"]), signed(row["gain_over_none"]),
+             "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}")
+            for kind, row in summary["types"].items()]
+    teacher = summary["teacher_acc"]
+    members = summary.get("teacher_members") or []
+    rows.append(("teacher" + (f" (ensemble of {len(members)})" if members else ""), "-",
+                 "-" if teacher is None else f"{100 * teacher:.2f}", *["-"] * 6))
+    rows += [(f"  teacher {i}", "-", f"{100 * acc:.2f}", *["-"] * 6) for i, acc in enumerate(members)]
+    return format_rows(header, rows)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _parallelism(jobs: str, count: int) -> tuple[int, int, int]:
+    """(parallel runs, threads per run, GPUs to spread them over)."""
+    gpus = torch.cuda.device_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if jobs == "auto":
+        parallel = gpus or cores
+    else:
+        try:
+            parallel = int(jobs)
+        except ValueError:
+            raise UserError(f"compare --jobs: expected auto or a number of 1 or more, got '{jobs}'") from None
+        if parallel < 1:
+            raise UserError(f"compare --jobs: expected auto or a number of 1 or more, got {parallel}")
+    parallel = max(1, min(parallel, count))
+    return parallel, max(1, cores // parallel), gpus
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # unwinds run_all's `finally`, which stops the runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineArgumentParser(
+        prog="distill compare", description=__doc__.split("\n\n")[0],
+        epilog="Every other option goes to each run's distill fit (e.g. --data.dataset, --trainer.max_epochs).")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the fit config of the student and its teacher; again for an overlay, applied in order "
+                             "(--config configs/distill.yaml --config configs/students/deit.yaml)")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per distillation type (0, 1, ...)")
+    parser.add_argument("--first_seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--types", default="none,soft,hard",
+                        help=f"distillation types to compare, comma-separated ({', '.join(DISTILLATION_TYPES)})")
+    parser.add_argument("--jobs", default="auto", help="runs at once: auto (one per GPU, else one per CPU core) or N")
+    parser.add_argument("--out", default="runs/compare", help="output folder (re-running resumes it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT/compare.md and compare.json written by another comparison (other types, "
+                             "seeds or options); finished runs are never replaced")
+    args, extra = parser.parse_known_args(argv)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    unknown = [t for t in types if t not in DISTILLATION_TYPES]
+    if unknown or not types:
+        raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(DISTILLATION_TYPES)}")
+    if len(set(types)) != len(types):
+        raise UserError(f"compare --types: {args.types} names a type twice")
+    if args.first_seed < 0:
+        raise UserError(f"compare --first_seed must be 0 or more, got {args.first_seed}")
+    for config in args.config:
+        if not Path(config).is_file():
+            raise UserError(f"compare --config: '{config}' does not exist")
+    reserved = [a for a in extra if a.split("=")[0] in ("--seed_everything", "--model.distillation", "--metrics_json",
+                                                       "--checkpoint.dirpath", "--ckpt_path")]
+    if reserved:
+        raise UserError(f"compare: {reserved[0].split('=')[0]} is set by compare for each run; leave it out")
+    out = Path(args.out)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    runs = plan_runs(args.config, types, seeds, out, extra)
+    jobs, threads, gpus = _parallelism(args.jobs, len(runs))
+    print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
+          f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
+    try:
+        with OutputLock(out / ".lock", f"compare --out '{out}'"):
+            check_same_options(runs)
+            made_from = {"options": runs[0]["options"], "runs": [[r["type"], r["seed"]] for r in runs]}
+            check_table_replaceable(out, made_from, args.overwrite)
+            started = time.monotonic()
+            runs = run_all(runs, jobs, threads, gpus)
+            summary = summarize_runs(runs, types)
+            table = format_table(summary)
+            wall = time.monotonic() - started
+            config = args.config if len(args.config) > 1 else args.config[0]
+            record = {"config": config, "extra": extra, "made_from": made_from, "seeds": seeds, "jobs": jobs, "threads": threads,
+                      "wall_time_s": round(wall, 1), "summary": summary,
+                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
+            with write_atomically(out / "compare.json") as partial:
+                partial.write_text(json.dumps(record, indent=2))
+            command = " ".join(["distill compare", *(argv if argv is not None else sys.argv[2:])])
+            with write_atomically(out / "compare.md") as partial:
+                partial.write_text(f"`{command}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
+                                   f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(table)
+    print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'})")

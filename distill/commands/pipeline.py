@@ -1,0 +1,273 @@
+"""`distill pipeline`: teacher -> distillation -> hi-res fine-tunes -> export, resumable.
+
+    distill pipeline --config configs/pipeline.yaml [any fit option for every stage, e.g. --trainer.devices 2]
+
+Each stage is a `distill fit` in its own process (so a stage can run under DDP and a crash
+of one stage leaves the others' files alone) writing under `<root>/<name>/<stage>/`:
+TensorBoard logs, `checkpoints/{best,last}.ckpt` and, once finished, `result.json`
+(the best checkpoint's validation metrics). Running the same command again skips stages
+with a `result.json`, resumes a stage that has a `last.ckpt` from it, and starts the others,
+but only a stage made from what it would be made from now (`stage.json`: its merged options
+and its upstream checkpoints by content; a changed stage is refused, naming what changed). The
+export is redone when its checkpoint (by content) or its options changed, and kept otherwise.
+A stage can take its teacher from an earlier stage's best checkpoint (`teacher_from`) and
+start its student from another's (`init_from`: position embeddings resampled when the
+image size changes). See configs/pipeline.yaml for the format.
+
+Paths: a stage's `config` is relative to the pipeline file (the command works from any
+folder); outputs go under `root` relative to the current folder, like `distill fit`'s (the same
+root reached from another folder is the same pipeline). A stage
+counts as finished only when its `result.json` says it trained (steps > 0) and its best
+checkpoint exists; two pipelines writing the same root at once are refused.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from distill.common.errors import OneLineArgumentParser, UserError
+from distill.common.files import OutputLock, load_yaml, write_atomically
+from distill.common.identity import describe_differences, differences, finished, intended_options, trained_something
+from distill.common.tables import format_rows
+
+__all__ = ["run_pipeline", "load_spec", "main", "finished"]
+
+STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
+# set by the pipeline for each stage (its folder, its result file, its resume point)
+RESERVED = ("--checkpoint.dirpath", "--metrics_json", "--ckpt_path", "--trainer.logger.init_args.save_dir",
+            "--trainer.logger.init_args.name")
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """Read and check a pipeline file; errors name the file and the offending entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline: config '{path}' does not exist")
+    spec = load_yaml(path)
+    if not isinstance(spec, dict):
+        raise UserError(f"pipeline '{path}': needs a mapping with 'name' and 'stages', got "
+                        f"{'an empty file' if spec is None else 'a ' + type(spec).__name__}")
+    stages = spec.get("stages")
+    if not isinstance(spec.get("name"), str) or not spec["name"] or not isinstance(stages, list) or not stages:
+        raise UserError(f"pipeline '{path}': needs a 'name' (text) and a non-empty list of 'stages'")
+    unknown_top = set(spec) - {"name", "root", "stages", "export"}
+    if unknown_top:
+        raise UserError(f"pipeline '{path}': unknown key(s) {sorted(unknown_top)}; accepted: name, root, stages, export")
+    seen: list[str] = []
+    for stage in stages:
+        if not isinstance(stage, dict):
+            raise UserError(f"pipeline '{path}': each stage must be a mapping with name and config, got {stage!r}")
+        unknown = set(stage) - STAGE_KEYS
+        if unknown or "name" not in stage or "config" not in stage:
+            raise UserError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
+                            f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
+        wrong = [key for key, kind in (("name", str), ("config", str), ("overrides", dict), ("teacher_from", str),
+                                       ("init_from", str)) if stage.get(key) is not None and not isinstance(stage[key], kind)]
+        if wrong:
+            raise UserError(f"pipeline '{path}': stage {stage['name']!r}: {wrong[0]} must be "
+                            f"{'a mapping of option: value' if wrong[0] == 'overrides' else 'text'}, got {stage[wrong[0]]!r}")
+        for ref in ("teacher_from", "init_from"):
+            if stage.get(ref) and stage[ref] not in seen:
+                raise UserError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
+        if stage["name"] in seen:
+            raise UserError(f"pipeline '{path}': two stages are named {stage['name']}")
+        config = path.parent / stage["config"]  # relative to the pipeline file, not to the current folder
+        if not config.is_file():
+            raise UserError(f"pipeline '{path}': stage {stage['name']}: config '{stage['config']}' does not exist "
+                            f"(looked for '{config}', relative to the pipeline file)")
+        stage["config"] = str(config)
+        seen.append(stage["name"])
+    export = spec.get("export")
+    if export is not None and not isinstance(export, dict):
+        raise UserError(f"pipeline '{path}': export must be a mapping (from:, onnx:, torchscript:, int8:), got {export!r}")
+    unknown_export = set(export or {}) - {"from", "onnx", "torchscript", "int8"}
+    if unknown_export:
+        raise UserError(f"pipeline '{path}': export: unknown key(s) {sorted(unknown_export)}; accepted: from, onnx, "
+                        "torchscript, int8")
+    for key in ("onnx", "torchscript", "int8"):
+        if key in (export or {}) and not isinstance(export[key], bool):
+            raise UserError(f"pipeline '{path}': export.{key} must be true or false, got {export[key]!r}")
+    if export and export.get("int8") and not export.get("onnx", True):
+        raise UserError(f"pipeline '{path}': export.int8 quantizes the ONNX model: set export.onnx to true")
+    if export and export.get("from") not in seen:
+        raise UserError(f"pipeline '{path}': export.from '{export.get('from')}' is not a stage")
+    return spec
+
+
+def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[str]:
+    """The `distill fit` command line of one stage."""
+    out = root / stage["name"]
+    args = [sys.executable, "-m", "distill", "fit", "--config", stage["config"]]
+    for key, value in (stage.get("overrides") or {}).items():
+        args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
+    args += [f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={stage['name']}",
+             f"--checkpoint.dirpath={out / 'checkpoints'}", f"--metrics_json={out / 'result.json'}"]
+    if stage.get("teacher_from"):
+        args.append(f"--model.teacher.init_args.weights={root / stage['teacher_from'] / 'checkpoints' / 'best.ckpt'}")
+    if stage.get("init_from"):
+        args.append(f"--model.init_from={root / stage['init_from'] / 'checkpoints' / 'best.ckpt'}")
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        args.append(f"--ckpt_path={last}")
+    return [*args, *extra]
+
+
+def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[str]:
+    """The `distill export` command line of the pipeline's export (a process of its own, like a stage)."""
+    args = [sys.executable, "-m", "distill", "export", "--ckpt", str(best), "--out", str(out), "--overwrite_stale"]
+    args += [] if export.get("onnx", True) else ["--no-onnx"]
+    args += [] if export.get("torchscript", True) else ["--no-torchscript"]
+    return args + (["--int8"] if export.get("int8") else [])
+
+
+def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
+    """Run (or resume) every stage and the export; returns one result per stage."""
+    spec = load_spec(config)
+    root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
+    reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
+    if reserved:
+        raise UserError(f"pipeline: {reserved[0]} is set by the pipeline for each stage; leave it out")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"pipeline --root: '{root}' is a file, not a folder")
+    with OutputLock(root / ".lock", f"pipeline root '{root}'"):
+        return _run_stages(spec, root, extra)
+
+
+def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[str, Any]:
+    """What a stage's result is made from: the merged options of its fit (its config file's content, its overrides,
+    the options given to every stage) with the checkpoints of the stages it starts from by their content; neither
+    the paths that named them nor the folder the pipeline runs from (distill/common/identity.py)."""
+    arguments = list(extra)
+    for ref, key in (("teacher_from", "model.teacher.init_args.weights"), ("init_from", "model.init_from")):
+        if stage.get(ref):
+            arguments.append(f"--{key}={root / stage[ref] / 'checkpoints' / 'best.ckpt'}")
+    refs = {ref: stage[ref] for ref in ("teacher_from", "init_from") if stage.get(ref)}
+    return {"options": intended_options([stage["config"]], stage.get("overrides"), arguments), "from": refs}
+
+
+def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
+    """A stage is skipped or resumed only if it was made from the options and upstream results it would be made
+    from now; a folder in which nothing was trained is simply started again."""
+    folder = root / stage["name"]
+    record = folder / "stage.json"
+    if not record.is_file() or not trained_something(folder):
+        return
+    try:
+        recorded = json.loads(record.read_text())
+        before, refs_before = recorded.get("options"), recorded.get("from", {})
+    except (OSError, ValueError, AttributeError):
+        before, refs_before = None, None
+    if before == identity["options"] and refs_before == identity["from"]:
+        return
+    if not isinstance(before, dict):
+        what = "its stage.json does not record what it was made from (an earlier version of distill, or edited)"
+    elif refs_before != identity["from"]:
+        what = f"it started from other stages then ({refs_before} -> {identity['from']})"
+    else:
+        changed = {line.split(":")[0] for line in differences(before, identity["options"])}
+        upstream = {f"model.{k}" for k in ("teacher.init_args.weights", "init_from")}
+        refs = [stage[r] for r in ("teacher_from", "init_from") if stage.get(r)]
+        if changed <= upstream and refs:
+            what = f"the stage(s) it starts from ({', '.join(dict.fromkeys(refs))}) were trained again since"
+        else:
+            what = f"its options changed ({describe_differences(before, identity['options'])}, as then -> now)"
+    raise UserError(f"pipeline: stage '{stage['name']}' in '{folder}' was made earlier, but {what}; its results "
+                    "would not be this pipeline's: restore the options, write this pipeline elsewhere (--root DIR), or "
+                    f"remove '{folder}' to train the stage again (its results are then lost)")
+
+
+def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> list[dict]:
+    results = []
+    for stage in spec["stages"]:
+        result_file = root / stage["name"] / "result.json"
+        identity = stage_identity(stage, root, extra or [])
+        _check_unchanged(stage, root, identity)
+        if finished(result_file) is not None:
+            print(f"[pipeline] {stage['name']}: finished earlier, skipped", flush=True)
+        else:
+            (root / stage["name"]).mkdir(parents=True, exist_ok=True)
+            with write_atomically(root / stage["name"] / "stage.json") as partial:  # a kill never leaves half of it
+                partial.write_text(json.dumps(identity, indent=2))
+            command = stage_command(stage, root, extra or [])
+            resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
+            print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
+            code = _run_stage(command)
+            if code in (143, -signal.SIGTERM):  # stopped by Lightning's handler, or before it was installed
+                print(f"[pipeline] {stage['name']}: stopped by SIGTERM, its last.ckpt saved; "
+                      "re-run the same command to resume it", file=sys.stderr, flush=True)
+                raise SystemExit(143)
+            if code != 0 or finished(result_file) is None:
+                _stop_after_failure(f"stage '{stage['name']}'", code, "to resume the stage")
+        results.append({"stage": stage["name"], **finished(result_file)})
+    export = spec.get("export")
+    if export:  # `distill export` keeps an export made from the same checkpoint (by content) with the same options
+        best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
+        code = _run_stage(export_command(export, best, root / "export"))
+        if code in (143, -signal.SIGTERM):  # the half-built folder is removed by the export itself
+            print("[pipeline] export: stopped by SIGTERM; re-run the same command to export", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(143)
+        if code != 0:
+            _stop_after_failure("export", code, "(finished stages are skipped)")
+    print(format_table(results), flush=True)
+    return results
+
+
+def _stop_after_failure(step: str, code: int, then: str) -> None:
+    """The step's process printed its own error (one `error:` line for bad input, a traceback for a bug): say which
+    step it was and leave with its exit code, without a second error line."""
+    print(f"[pipeline] {step} failed (exit {code}, its error is above); fix it and re-run the same command {then}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(code if code > 0 else 1)
+
+
+def _run_stage(command: list[str]) -> int:
+    """Run one stage; a SIGTERM sent to the pipeline goes to the stage, which saves and exits."""
+    started: list[subprocess.Popen] = []
+    stop_requested = []
+
+    def forward(signum: int, frame: object) -> None:
+        stop_requested.append(signum)
+        for process in started:
+            process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # installed first: no window before the stage exists
+    try:
+        process = subprocess.Popen(command)
+        started.append(process)
+        if stop_requested:
+            process.send_signal(signal.SIGTERM)
+        return process.wait()
+    except KeyboardInterrupt:  # Ctrl+C reached the stage too: let it save its checkpoint
+        for process in started:
+            process.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def format_table(results: list[dict]) -> str:
+    """Stage, resolution, epochs, validation accuracy per head, teacher accuracy, wall time."""
+    def pct(value: Any) -> str:
+        return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "-"
+
+    header = ("stage", "res", "epochs", "acc_cls", "acc_dist", "acc", "teacher", "wall_s")
+    rows = []
+    for r in results:
+        m = r.get("metrics", {})
+        rows.append((r["stage"], str(r.get("img_size", "-")), str(r.get("epochs", "-")), pct(m.get("val/acc_cls")),
+                     pct(m.get("val/acc_dist")), pct(m.get("val/acc")), pct(m.get("val/teacher_acc")),
+                     f"{r.get('wall_time_s', 0):.0f}"))
+    return format_rows(header, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineArgumentParser(prog="distill pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (see configs/pipeline.yaml)")
+    parser.add_argument("--root", default=None, help="output root (default: the file's root, else runs)")
+    args, extra = parser.parse_known_args(argv)
+    run_pipeline(args.config, extra, args.root)

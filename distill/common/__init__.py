@@ -1,0 +1,2 @@
+"""What every layer shares, with no Lightning in it: the user error, atomic files and locks, option ranges,
+seeds, the content identity of results, weight-file reading, and the one adapter to private library members."""

@@ -1,0 +1,96 @@
+"""The one reader of weight files: this project's checkpoints, and the teacher weights a user was handed.
+
+Nothing here unpickles arbitrary objects: safetensors files are read as tensors, every other
+file goes through `torch.load(weights_only=True)`, which refuses pickled code. timm's
+`clean_state_dict` removes the DDP / torch.compile wrapper prefixes. What timm has no helper
+for is written here: the one-line errors naming the option and file, and this project's
+checkpoint layout (the key prefixes below, defined only here).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from timm.models import clean_state_dict
+
+from distill.common.errors import UserError
+
+__all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "extract_state_dict", "load_student_state", "read_student_checkpoint",
+           "read_weights_file", "student_state"]
+
+# Where the student's weights sit in a checkpoint of `distill fit` (DistillationModule.state_dict()):
+STUDENT = "student."                 # the Student module (its timm model and a distillation head, if any)
+STUDENT_MODEL = STUDENT + "model."   # the timm model alone: what a teacher trained with configs/teacher.yaml is
+EMA = "ema.module."                  # the student's EMA copy (model.ema_decay), with the Student's own keys
+
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's load_state_dict order
+ACCEPTED = "a .safetensors file, a PyTorch state dict (.pth/.pt/.bin) or a checkpoint of this project's runs (.ckpt)"
+RUN_CHECKPOINT = "best.ckpt or last.ckpt of a `distill fit` run"
+
+
+def _first_line(err: Exception, limit: int) -> str:
+    return str(err).strip().splitlines()[0][:limit] if str(err).strip() else type(err).__name__
+
+
+def read_weights_file(path: str | Path, option: str = "teacher.weights") -> dict[str, Any]:
+    """Read a weights file without running code from it; errors name the file and what is accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option}: file '{path}' does not exist; expected {ACCEPTED}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (code or garbage), SafetensorError, EOFError...
+        raise UserError(f"{option}: '{path}' is not a weights file ({_first_line(err, 160)}); expected {ACCEPTED}") from err
+
+
+def extract_state_dict(obj: Any, path: str | Path, option: str = "teacher.weights") -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Return (timm state dict, this project's hyper-parameters or None) from what a file held.
+
+    Accepts a flat state dict, a dict nesting one under a usual key (`state_dict`, `model`,
+    `model_ema`, ...), and a Lightning checkpoint of this project, whose timm model's weights
+    sit under `student.model.` (a teacher trained with `configs/teacher.yaml`).
+    """
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    if isinstance(obj, dict):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{option}: '{path}' holds no state dict of tensors; expected {ACCEPTED}")
+    if any(k.startswith(STUDENT_MODEL) for k in obj):
+        return {k[len(STUDENT_MODEL):]: v for k, v in obj.items() if k.startswith(STUDENT_MODEL)}, hparams
+    return clean_state_dict(obj), hparams  # saved from a DDP-wrapped or compiled model
+
+
+def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dict:
+    """A checkpoint of this project (weights_only: nothing is unpickled); errors name the option and file."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise UserError(f"{option}: '{path}' {what}; give {RUN_CHECKPOINT}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{option}: '{path}' is empty (a copy or a save that did not finish); give {RUN_CHECKPOINT}")
+    try:
+        # mmap: tensors are read only when used
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # unpickling errors of every kind
+        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project ({_first_line(err, 120)})") from err
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(checkpoint.get("student_config"), dict):
+        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project (expected {RUN_CHECKPOINT})")
+    return checkpoint
+
+
+def student_state(checkpoint: dict, prefix: str = STUDENT) -> dict[str, torch.Tensor]:
+    """The Student's weights of a checkpoint (`STUDENT`, or the EMA's: `EMA`), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_student_state(path: str | Path, option: str = "model.init_from") -> dict[str, torch.Tensor]:
+    """The Student's weights (keys of `Student.state_dict()`) from a checkpoint of this project."""
+    return student_state(read_student_checkpoint(path, option))

@@ -1,0 +1,225 @@
+"""What a result was made from: options by their values, files by their bytes, never by paths or command lines.
+
+A run, a pipeline stage, a compare run and an export each record the identity of what made them; a later
+command that would reuse (skip or resume) them compares it with the identity of what it would make now:
+
+- `options_identity`: resolved options as flat dotted keys (`model.lr: 0.001`), without the options that
+  say where outputs go or how a run is watched (`LEFT_OUT`); an option naming an existing file (teacher
+  weights, `model.init_from`) stands for the file's content (`sha256:...`), so the same file under another
+  path is the same run; one naming an existing folder stands for its absolute path (the same data folder
+  named relative to another working folder is the same), a teacher cache for its meta.json (`CONTENT_OF`).
+- `intended_options`: the same for a `distill fit` command that has not run yet (config files merged in
+  order, then `key: value` overrides, then `--key=value` arguments), for the drivers (pipeline, compare) that
+  must decide before starting a process (they import neither jsonargparse nor Lightning: 0.4 s to start).
+- `differences`: the keys that differ, as `key: before -> now`, for the one-line refusal.
+- `finished` / `trained_something`: whether a run folder (a pipeline stage, a compare run) holds a finished
+  result, or anything trained at all.
+
+Hand-written: a content identity of resolved options is what neither Lightning nor jsonargparse records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.common.files import load_yaml
+
+__all__ = [
+    "LEFT_OUT",
+    "describe_differences",
+    "differences",
+    "file_digest",
+    "finished",
+    "intended_options",
+    "options_identity",
+    "trained_something",
+]
+
+# Options that say where outputs go, how a run is watched, checked or stopped, or on which hardware kind it runs,
+# never what it computes (views replay exactly whatever the worker count: docs/reliability.md). A key or any key
+# below it. `trainer.callbacks` are taken as observers (a learning-rate monitor added on resume, the tests' signal
+# senders): a callback that changes training (StochasticWeightAveraging, EarlyStopping) is the user's to keep.
+# `model.teacher_cache` is linked from `data.teacher_cache`, which counts by content.
+LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint", "trainer.default_root_dir",
+            "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+            "trainer.enable_checkpointing", "trainer.log_every_n_steps", "trainer.profiler", "trainer.max_time",
+            "trainer.limit_test_batches", "trainer.limit_predict_batches", "trainer.num_sanity_val_steps",
+            "trainer.detect_anomaly", "trainer.enable_autolog_hparams", "trainer.accelerator", "trainer.strategy",
+            "data.num_workers", "telemetry", "model.teacher_cache", "model.teacher_cache_verify",
+            "model.finite_check_every", "model.compile", "model.fused_optimizer")
+# A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
+CONTENT_OF = {"data.teacher_cache": "meta.json"}
+
+_CHUNK = 1 << 20
+_UNSET = object()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """`sha256:<hex>` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _left_out(key: str) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in LEFT_OUT)
+
+
+def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), into)
+    elif prefix:
+        into[prefix] = value
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for an option's value; a string naming an existing file is that file's content digest, one
+    naming an existing folder its absolute path."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bool):
+        text = os.fspath(value)
+        if text and "://" not in text and "\n" not in text and len(text) < 4096:
+            try:
+                if Path(text).is_file():
+                    return file_digest(text)
+                if Path(text).is_dir():
+                    return str(Path(text).resolve())
+            except OSError:
+                pass
+        return text
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None:
+        return None
+    for kind in (bool, int, float):  # jsonargparse's PositiveInt etc. as plain numbers (a checkpoint loads them)
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat, JSON-comparable identity of nested (or dotted) options, `LEFT_OUT` removed."""
+    flat: dict[str, Any] = {}
+    _flatten(options, "", flat)
+    for key, name in CONTENT_OF.items():
+        if isinstance(flat.get(key), (str, os.PathLike)) and (Path(flat[key]) / name).is_file():
+            flat[key] = Path(flat[key]) / name
+    return {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
+
+
+def _parse_arguments(arguments: Iterable[str]) -> list[tuple[str, Any]]:
+    """`--key=value` / `--key value` pairs of a command line, values read as YAML (as jsonargparse reads them)."""
+    pairs, items = [], list(arguments)
+    index = 0
+    while index < len(items):
+        arg = items[index]
+        index += 1
+        if arg == "-c" or arg.startswith("-c="):  # jsonargparse's short form of --config
+            arg = "--config" + arg[2:]
+        if not arg.startswith("--"):
+            continue
+        key, equals, value = arg[2:].partition("=")
+        key = key.removesuffix("+")  # `--trainer.callbacks+=...` appends to the list it names
+        if not equals:
+            if index < len(items) and not items[index].startswith("--"):
+                value, index = items[index], index + 1
+            else:
+                value = "true"
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        pairs.append((key, value if parsed is None and value not in ("null", "None", "~", "") else parsed))
+    return pairs
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number(value: Any) -> Any:
+    """`1e-3` as the number jsonargparse makes of it (YAML 1.1 reads it as text: it wants `1.0e-3`)."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
+
+
+def intended_options(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any] | None = None,
+                     arguments: Iterable[str] = ()) -> dict[str, Any]:
+    """The identity of `distill fit --config C1 [--config C2 ...] <overrides> <arguments>` before it runs.
+
+    Config files are merged by their content (their paths do not count); a `--config` among `arguments` is
+    merged where it stands, as jsonargparse does.
+    """
+    flat: dict[str, Any] = {}
+
+    def merge(key: str, value: Any) -> None:
+        if key == "config":
+            content = load_yaml(value)
+            if isinstance(content, Mapping):
+                merge_mapping(content)
+            return
+        if not (isinstance(value, Mapping) and value):  # a mapping merges into what is there, as jsonargparse does;
+            for old in [k for k in flat if k == key or k.startswith(key + ".")]:  # any other value replaces it
+                del flat[old]
+        _flatten(value, key, flat)
+        for name in [k for k in flat if k == key or k.startswith(key + ".")]:
+            flat[name] = _number(flat[name])
+
+    def merge_mapping(content: Mapping[str, Any]) -> None:
+        nested: dict[str, Any] = {}
+        _flatten(content, "", nested)
+        for key, value in nested.items():
+            merge(key, value)
+
+    for config in configs:
+        merge("config", config)
+    for key, value in (overrides or {}).items():
+        merge(str(key), value)
+    for key, value in _parse_arguments(arguments):
+        merge(key, value)
+    return options_identity(flat)
+
+
+def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """`key: before -> now` for each key whose value differs (absent keys shown as `(unset)`)."""
+    def show(value: Any) -> str:
+        text = "(unset)" if value is _UNSET else json.dumps(value)
+        return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
+
+    keys = sorted(set(before) | set(now))
+    return [f"{key}: {show(before.get(key, _UNSET))} -> {show(now.get(key, _UNSET))}" for key in keys
+            if before.get(key, _UNSET) != now.get(key, _UNSET)]
+
+
+def describe_differences(before: Mapping[str, Any], now: Mapping[str, Any], shown: int = 3) -> str:
+    """The first `shown` differences on one line, and how many more."""
+    found = differences(before, now)
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return "; ".join(found[:shown]) + more
+
+
+def trained_something(folder: Path) -> bool:
+    """Whether a stage or run folder holds a result or a checkpoint (a run that failed on a bad option does not)."""
+    return (folder / "result.json").is_file() or any((folder / "checkpoints").glob("*.ckpt"))
+
+
+def finished(result_file: Path) -> dict[str, Any] | None:
+    """The stage's result if it finished: its result.json says it trained and its best checkpoint exists."""
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        return None
+    trained = result.get("steps", 1) > 0  # result files of older versions have no step count
+    best = result.get("best_checkpoint")
+    if best and not Path(best).is_file():  # the run folder was moved, or named from another folder: look beside it
+        best = str(result_file.parent / "checkpoints" / Path(best).name)
+    return {**result, "best_checkpoint": best} if trained and best and Path(best).is_file() else None

@@ -1,0 +1,399 @@
+"""Serve an exported student over HTTP, on LitServe: dynamic batching, top-k JSON, a 4xx for bad input.
+
+    distill serve --export exports/student [--port 8000] [--backend torch|onnx|int8]
+    curl -F image=@digit.png http://127.0.0.1:8000/predict
+
+A request is a multipart/form-data upload with one file field named `image` (what `curl -F`,
+`requests.post(files=...)` and HTML forms send); the answer is JSON: the model's name, its
+version (the first 12 hex digits of the SHA-256 of its weights file), the backend and the
+top-k classes with their probabilities, best first. Only the export folder is needed: the
+preprocessing is the one `distill predict` applies (`distill.deploy.predict.export_transform`, from
+the export's config.json), so the two can never disagree. Images are read as training reads
+them (`distill.data.images.load_image`: 16-bit, float and transparent images converted by their
+range, EXIF orientation applied).
+
+Bad input is answered with a 4xx and a one-line `{"detail": ...}`, and the server goes on
+serving: a body that is not multipart/form-data (415), a body over --max_body_mb (413), no
+`image` file field (400), bytes that are not a readable image or a truncated one (400), an
+image whose header declares more than --max_pixels pixels (413, refused before decoding: a
+decompression bomb never reaches memory; so is one over PIL's own decompression-bomb limit,
+which --max_pixels may not exceed). A request that is rejected never fails the others
+batched with it. Nothing a request sends is used as a path. The server binds to loopback
+unless --host says otherwise; GET /health answers "ok" once the model is loaded, GET /info
+gives the model's name, version, classes and input size.
+
+Everything is checked before "serving ..." is printed: the export folder whole
+(`distill.deploy.inference.load_export`; an ONNX / INT8 model's input and output shapes against its
+config.json), an --accelerator this machine has, the port. Every process LitServe starts (its
+process manager, API servers and inference processes) is killed by the kernel when the
+`distill serve` process ends, however it ends (SIGKILL, the OOM killer): none is left holding
+the port or the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from PIL import Image
+
+from distill.common.errors import OneLineArgumentParser, UserError, positive_float, positive_int
+from distill.common.files import OutputLock
+from distill.data.images import TooManyPixels, UnreadableImage, load_image
+from distill.deploy.inference import (
+    CONFIG,
+    INT8_FILE,
+    EXPORT_AGAIN,
+    best_classes,
+    export_transform,
+    label_names,
+    load_export,
+    read_config,
+)
+from distill.deploy.serving_host import (
+    ForkedChildrenDieWithParent,
+    accelerators_here,
+    check_port,
+    die_with_parent,
+    port_number,
+)
+
+try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
+    import litserve as ls
+    import python_multipart  # noqa: F401
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartParser
+    from starlette.responses import JSONResponse
+except ImportError as err:
+    raise UserError(f"distill serve needs LitServe and python-multipart: pip install 'deit-distill[serve]' "
+                    f"({err})") from err
+
+__all__ = ["StudentAPI", "RequestGate", "make_server", "main", "onnx_session", "accelerators_here", "die_with_parent"]
+
+BACKENDS = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+FIELD = "image"  # the multipart file field a request carries its image in
+
+
+@dataclass
+class Rejected:
+    """A request answered with a 4xx instead of a prediction (kept in the batch, so the others go on)."""
+
+    status: int
+    detail: str
+
+
+class StudentAPI(ls.LitAPI):
+    """The exported student behind LitServe: decode one upload, predict a batch, encode top-k JSON.
+
+    Decoding never raises: a bad upload becomes a `Rejected` that passes through the batch, so
+    one hostile request cannot fail the requests batched with it (LitServe answers a whole
+    batch with the error when one of its steps raises).
+    """
+
+    def __init__(self, export: str | Path, backend: str = "torch", top_k: int = 5, max_pixels: int = 40_000_000,
+                 threads: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.export, self.backend, self.top_k, self.max_pixels = Path(export), backend, top_k, max_pixels
+        self.threads = threads
+        self.parent = os.getpid()  # the process LitServe starts the inference processes from
+        self.metadata = describe_export(self.export, backend)  # checked here, before any worker starts
+
+    def setup(self, device: str) -> None:
+        if os.getpid() != self.parent:  # an inference process (spawned): it must not outlive the server
+            die_with_parent(self.parent)
+        # Ctrl+C reaches every process of the terminal's group: the main process stops this one (SIGTERM) in order,
+        # a KeyboardInterrupt here would print a traceback of LitServe's loop instead
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model = load_export(self.export)
+        self.names, self.transform = label_names(model), export_transform(model)
+        self.device = torch.device(device)
+        if self.backend == "torch":
+            self.model = model.to(self.device)
+            self.run: Callable[[torch.Tensor], torch.Tensor] = self._run_torch
+        else:
+            self.session = onnx_session(self.export / BACKENDS[self.backend], model, self.threads)
+            self.run = self._run_onnx
+
+    def _run_torch(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(images.to(self.device)).cpu()
+
+    def _run_onnx(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+    def decode_request(self, request, **kwargs: Any) -> torch.Tensor | Rejected:  # LitServe reads the
+        # annotation of `request` as the route's body type: none means the raw request (form or JSON)
+        uploads = request.getlist(FIELD) if hasattr(request, "getlist") else []
+        if len(uploads) > 1:
+            return Rejected(400, f"{len(uploads)} '{FIELD}' fields; send one image per request")
+        upload = uploads[0] if uploads else None
+        if not isinstance(upload, UploadFile):
+            return Rejected(400, f"expected a multipart/form-data upload with a file field '{FIELD}' "
+                                 f"(curl -F {FIELD}=@picture.png URL)")
+        try:
+            upload.file.seek(0)
+            image = load_image(io.BytesIO(upload.file.read()), max_pixels=self.max_pixels)
+        except TooManyPixels as err:
+            return Rejected(413, f"image too large: {err}")
+        except UnreadableImage as err:
+            if isinstance(err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+                # PIL refused the header's size before the check above could (over 2x PIL.Image.MAX_IMAGE_PIXELS)
+                return Rejected(413, f"image too large: {err.__cause__}; this server accepts at most "
+                                     f"{self.max_pixels} pixels")
+            return Rejected(400, f"not a readable image: {err}")
+        return self.transform(image)
+
+    def batch(self, inputs: list[Any]) -> list[Any]:
+        return inputs  # stacked in predict, around the rejected ones
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return output
+
+    def predict(self, inputs: Any, **kwargs: Any) -> Any:
+        batched = isinstance(inputs, list)
+        inputs = inputs if batched else [inputs]
+        images = [x for x in inputs if isinstance(x, torch.Tensor)]
+        answers: list[Any] = []
+        if images:
+            probs, indices = best_classes(self.run(torch.stack(images)), self.top_k)
+            answers = [[{"label": self.names[i], "probability": p} for p, i in zip(p_row, i_row)]
+                       for p_row, i_row in zip(probs, indices)]
+        found = iter(answers)
+        outputs = [x if isinstance(x, Rejected) else next(found) for x in inputs]
+        return outputs if batched else outputs[0]
+
+    def encode_response(self, output: Any, **kwargs: Any):  # a return annotation would be the
+        # route's response model: none lets a JSONResponse (a rejection) through as it is
+        if isinstance(output, Rejected):
+            return JSONResponse({"detail": output.detail}, status_code=output.status)
+        return {"model": self.metadata["model"], "version": self.metadata["version"], "backend": self.backend,
+                "predictions": output}
+
+
+def describe_export(export: Path, backend: str) -> dict[str, Any]:
+    """Name, version, classes and input size of an export folder; a UserError if it cannot serve `backend`."""
+    model = load_export(export)
+    served = export / BACKENDS[backend]
+    if not served.is_file():
+        how = {"onnx": "distill export (with --onnx, the default)", "int8": "distill export --int8"}[backend]
+        raise UserError(f"serve --backend {backend}: '{export}' has no {served.name}; write it with {how}")
+    if backend != "torch":
+        onnx_session(served, model)
+    weights = hashlib.sha256((export / BACKENDS["torch"]).read_bytes()).hexdigest()[:12]
+    config = read_config(export)
+    return {"model": config.get("architecture", type(model).__name__), "version": weights, "backend": backend,
+            "classes": label_names(model), "input_size": list(model.pretrained_cfg["input_size"])}
+
+
+def onnx_session(path: Path, model: torch.nn.Module, threads: Optional[int] = None) -> Any:
+    """An ONNX Runtime session (CPU) of an export's `model.onnx` / `model.int8.onnx`, checked against the export's
+    config.json (`model`, from `load_export`): one input `images` of [batch, *input_size], [batch, num_classes]
+    out. A file that does not load or does not agree is a UserError naming it, the field and both values."""
+    import onnxruntime as ort  # only for --backend onnx / int8
+
+    option = f"serve --backend {'int8' if path.name == INT8_FILE else 'onnx'}"
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - a damaged model file fails inside ONNX Runtime in many ways
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{option}: '{path}' could not be loaded ({type(err).__name__}: {first}); "
+                        f"{EXPORT_AGAIN}") from err
+    config = path.parent / CONFIG
+    size, classes = list(model.pretrained_cfg["input_size"]), model.num_classes
+    inputs = [(i.name, list(i.shape)) for i in session.get_inputs()]
+    if len(inputs) != 1 or inputs[0][0] != "images" or not _fits(inputs[0][1], size):
+        shown = ", ".join(f"'{name}' {shape}" for name, shape in inputs)
+        raise UserError(f"{option}: '{path}' takes {shown}, but '{config}' input_size is {size} (expected one input "
+                        f"'images' of [batch, {', '.join(map(str, size))}]); {EXPORT_AGAIN}")
+    outputs = [list(o.shape) for o in session.get_outputs()]
+    if not outputs or not _fits(outputs[0], [classes]):
+        raise UserError(f"{option}: '{path}' gives {outputs[0] if outputs else 'no output'}, but '{config}' "
+                        f"num_classes is {classes} (expected [batch, {classes}]); {EXPORT_AGAIN}")
+    return session
+
+
+def _fits(shape: list[Any], size: list[int]) -> bool:
+    """An ONNX shape (dimensions as numbers, or names where dynamic) is [batch, *size]."""
+    return len(shape) == len(size) + 1 and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], size))
+
+
+class RequestGate:
+    """ASGI middleware in front of the prediction route: a 415 for a body that is not multipart/form-data, a
+    413 for one over `max_bytes` (counted as it arrives, whatever Content-Length claims), before anything is
+    parsed or queued. The other routes (/health, /info) pass through."""
+
+    def __init__(self, app: Any, path: str = "/predict", max_bytes: int = 16 << 20) -> None:
+        self.app, self.path, self.max_bytes = app, path, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":  # as the parser downstream matches it: lower case, its parameters kept
+            scope = {**scope, "headers": [(k, b"multipart/form-data" + (v[v.index(b";"):] if b";" in v else b""))
+                                          if k.lower() == b"content-type" else (k, v) for k, v in scope["headers"]]}
+        if kind != "multipart/form-data":
+            return await _reply(send, 415, f"expected Content-Type multipart/form-data with a file field '{FIELD}', "
+                                           f"got '{kind or 'none'}' (curl -F {FIELD}=@picture.png URL)")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _reply(send, 413, f"body of {int(declared)} bytes, over the limit of {self.max_bytes}")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await _reply(send, 413, f"body over the limit of {self.max_bytes} bytes")
+        problem = await _malformed(scope, bytes(body))
+        if problem:
+            return await _reply(send, 400, f"malformed multipart/form-data body: {problem}")
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+async def _malformed(scope: dict, body: bytes) -> Optional[str]:
+    """Why a multipart body cannot be parsed (no boundary, a boundary that is not in it, garbage), or None: parsed
+    here once, the same way LitServe parses it, so that a bad body is a 400 and not the parser's error as a 500."""
+    async def stream() -> Any:
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(raw=scope["headers"]), stream()).parse()
+    except Exception as err:  # noqa: BLE001 - python-multipart and starlette raise several kinds for a bad body
+        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    await form.close()
+    return None
+
+
+async def _reply(send: Callable, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def make_server(export: str | Path, backend: str = "torch", max_batch_size: int = 16, batch_timeout: float = 0.005,
+                workers: int = 1, top_k: int = 5, max_pixels: int = 40_000_000, max_body_mb: float = 16.0,
+                accelerator: str = "auto", timeout: float = 30.0) -> ls.LitServer:
+    """The LitServer for an export folder (not started: call `.run(host=..., port=...)`)."""
+    if accelerator == "auto":
+        accelerator = "cuda" if backend == "torch" and torch.cuda.is_available() else "cpu"
+    here = accelerators_here()
+    if accelerator not in here:
+        raise UserError(f"serve --accelerator {accelerator}: torch finds no {accelerator} device on this machine "
+                        f"(it has: {', '.join(f'{name} ({what})' for name, what in here.items())}); accepted here: "
+                        f"{', '.join(['auto', *here])}")
+    if backend != "torch" and accelerator != "cpu":
+        raise UserError(f"serve --backend {backend} runs on the CPU (ONNX Runtime's CPU provider); "
+                        "use --backend torch for a GPU")
+    bomb = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None  # PIL refuses a header over it
+    if bomb and max_pixels > bomb:
+        raise UserError(f"serve --max_pixels {max_pixels}: over PIL's decompression-bomb limit of {bomb} pixels "
+                        f"(2 x PIL.Image.MAX_IMAGE_PIXELS), which refuses larger images first; accepted: 1 to {bomb}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers) if accelerator == "cpu" else None  # the cores this process may use, shared
+    api = StudentAPI(export, backend, top_k, max_pixels, threads, max_batch_size=max_batch_size,
+                     batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
+    return ls.LitServer(
+        api, accelerator=accelerator, devices=torch.cuda.device_count() if accelerator == "cuda" else 1,
+        workers_per_device=workers, timeout=timeout, model_metadata=api.metadata,
+        restart_workers=True,  # a worker that dies is replaced
+        middlewares=[(RequestGate, {"path": "/predict", "max_bytes": int(max_body_mb * (1 << 20))})],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineArgumentParser(prog="distill serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", required=True, help="folder written by `distill export`")
+    parser.add_argument("--host", choices=["127.0.0.1", "0.0.0.0", "::"], default="127.0.0.1",
+                        help="address to bind: loopback (the default), or every IPv4 / IPv6 interface")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port (1024-65535)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
+                        help="torch (the timm model), onnx (model.onnx) or int8 (model.int8.onnx, ONNX Runtime)")
+    parser.add_argument("--max_batch_size", type=positive_int, default=16,
+                        help="largest dynamic batch (1: no batching, each request alone)")
+    parser.add_argument("--batch_timeout", type=positive_float, default=0.005,
+                        help="seconds a batch waits to fill before it runs")
+    parser.add_argument("--workers", type=positive_int, default=1, help="inference processes (each holds the model)")
+    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per answer")
+    parser.add_argument("--max_pixels", type=positive_int, default=40_000_000,
+                        help="largest image accepted, in pixels (checked from its header, before decoding)")
+    parser.add_argument("--max_body_mb", type=positive_float, default=16.0, help="largest request body, in MiB")
+    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                        help="where the torch backend runs (auto: a CUDA GPU when there is one; cuda and mps only "
+                             "where torch finds one)")
+    args = parser.parse_args(argv)
+    check_port(args.host, args.port)
+    # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
+    # port started meanwhile would pass the check above and then wait forever for a socket it cannot have
+    try:
+        OutputLock(Path(tempfile.gettempdir()) / f"distill-serve-port-{args.port}.lock", f"port {args.port}").acquire()
+    except UserError as err:
+        raise UserError(f"serve --port {args.port}: another distill serve is starting or serving on port {args.port} "
+                        "(stop it or choose another --port)") from err
+    server = make_server(args.export, args.backend, args.max_batch_size, args.batch_timeout, args.workers,
+                         args.top_k, args.max_pixels, args.max_body_mb, args.accelerator)
+    print(f"serving {server.model_metadata['model']} ({args.backend}, version {server.model_metadata['version']}) "
+          f"on http://{args.host}:{args.port}/predict; try: curl -F {FIELD}=@picture.png "
+          f"http://{args.host}:{args.port}/predict", flush=True)
+    # SIGTERM (docker stop, kill, a scheduler) shuts down as Ctrl+C does: LitServe stops its API server and
+    # inference processes on KeyboardInterrupt; the default action would leave them running, holding the port
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    logging.getLogger("litserve.server").addFilter(_ShutdownNoise())
+    # LitServe forks its process manager and API servers from this process (the inference processes are spawned:
+    # StudentAPI.setup); killed by SIGKILL or the OOM killer, this process could not stop them, and they would go on
+    # holding the port and the model: the kernel kills each of them when this process ends
+    forks = ForkedChildrenDieWithParent()
+    os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
+    server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    print("server stopped", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a process LitServe forked from this one (its manager, the API server): the main
+        return  # process stops them in order; stopped by a signal meanwhile, the others would print tracebacks
+    _ShutdownNoise.stopping = True
+    raise KeyboardInterrupt
+
+
+class _ShutdownNoise(logging.Filter):
+    """LitServe's worker-monitoring thread reads the process manager that LitServe's own shutdown has just closed,
+    and logs that as a crash with a traceback (litserve 0.2.19): once shutdown has begun, that record is noise."""
+
+    stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stopping and record.getMessage().startswith("Monitoring worker crashed"))
+
+
+_MAIN_PID = os.getpid()

@@ -1,0 +1,119 @@
+"""Checkpointing for distillation runs: best by validation accuracy, last after every epoch,
+written atomically, and saved on SIGTERM (preemption) or Ctrl+C."""
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from distill.common.adapters import batches_done_this_epoch, dump_checkpoint, is_local_path
+from distill.common.errors import UserError
+from distill.common.files import replace_file
+
+__all__ = ["BestAndLastCheckpoint"]
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose `last.ckpt` is rewritten after every validation, never half-written,
+    and also saved when the run is stopped by SIGTERM or Ctrl+C.
+
+    Lightning 2.6 writes `last.ckpt` only when a top-k checkpoint was written in the same
+    step, so with `save_top_k=1` a run whose accuracy stopped improving would resume
+    (`--ckpt_path last`) from its best epoch instead of its latest one. Lightning also writes
+    checkpoints in place, so a kill during the write would leave a truncated file; here each
+    file is written beside its target and renamed over it. On SIGTERM (a cluster preempting
+    the job) Lightning stops after the current batch; `last.ckpt` is then saved mid-epoch and
+    `--ckpt_path last` continues from the next batch.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if not (stopped and self.save_last and not trainer.sanity_checking and trainer.state.fn == "fit"):
+            return
+        done = batches_done_this_epoch(trainer)
+        if done % trainer.accumulate_grad_batches and done < trainer.num_training_batches:
+            # the accumulated gradients are not in a checkpoint: resume from the previous save instead
+            rank_zero_info(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
+                           f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            if trainer.world_size > 1:
+                self._save_on_rank_zero(trainer)  # the other ranks may be a batch behind: no collective
+            else:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_info(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
+                       f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+
+    def _save_on_rank_zero(self, trainer: pl.Trainer) -> None:
+        """last.ckpt written by rank 0 alone: under DDP a stop signal reaches the ranks at different
+        batches, so the barrier of `trainer.save_checkpoint` would wait forever."""
+        path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = path
+        checkpoint = dump_checkpoint(trainer, self.save_weights_only)
+        if trainer.is_global_zero:
+            partial = f"{path}.partial"
+            try:
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, partial)
+                replace_file(partial, path)
+            finally:
+                _remove(partial)
+        self._last_global_step_saved = trainer.global_step
+
+    def _save_last_if_skipped(self, trainer: pl.Trainer) -> None:
+        # skipped by the parent when nothing else was saved at this step (and during sanity checks)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        _refuse_diverged(trainer, filepath)
+        if not is_local_path(filepath):  # object stores write whole objects anyway
+            return super()._save_checkpoint(trainer, filepath)
+        partial = f"{filepath}.partial"
+        try:
+            super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
+            if trainer.is_global_zero:
+                replace_file(partial, filepath)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"checkpoint.dirpath: no space left to write '{filepath}' ({err.strerror}); the previous "
+                                "checkpoint there is intact: free disk space and resume with --ckpt_path last") from err
+            raise
+        finally:
+            if trainer.is_global_zero:
+                _remove(partial)  # a failed write (disk full...) leaves the previous checkpoint and no partial file
+        self._last_checkpoint_saved = filepath
+        trainer.strategy.barrier("BestAndLastCheckpoint")  # no rank reads the file before it is in place
+
+
+def _refuse_diverged(trainer: pl.Trainer, filepath: str) -> None:
+    """A student whose weights are NaN or inf is never saved: it would become best.ckpt, an export, predictions."""
+    module = trainer.lightning_module
+    student = getattr(module, "student", module)
+    bad = [name for name, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"training diverged: the student's weights hold NaN or inf at epoch {trainer.current_epoch}, "
+                        f"step {trainer.global_step} (e.g. {bad[0]}); '{Path(filepath).name}' was not written and the "
+                        "previous checkpoints are intact: start from their weights with a lower rate (model.init_from=<last.ckpt> "
+                        "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)")
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()

@@ -1,0 +1,386 @@
+"""The LightningCLI of `distill fit / validate / test / predict`: DistillationModule + ImageDataModule, wired.
+
+    distill fit --config configs/distill.yaml
+    distill fit --config configs/distill.yaml --print_config
+    distill validate --config configs/distill.yaml --ckpt_path runs/distill/checkpoints/best.ckpt
+
+Shared values are linked, never copied: the data module gives the model its number of
+classes, class names, image size and normalisation; the model gives the data module its
+label smoothing (folded into mixup targets).
+
+Parse errors and failed checks raise `distill.common.errors.UserError`, which `distill.cli` prints
+as one line.
+
+Outputs: `fit` never replaces what an earlier run wrote. A checkpoint folder that holds an
+earlier run's checkpoints is refused unless the run resumes it (`--ckpt_path last`), and a
+second `fit` writing into the same folder while the first runs is refused (a lock released
+when its holder exits, however it exits).
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import itertools
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import yaml
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
+
+from distill.common.adapters import option_names
+from distill.common.checkpoints import read_student_checkpoint
+from distill.common.errors import UsageError, UserError
+from distill.common.files import OutputLock, load_yaml, write_atomically
+from distill.common.identity import options_identity
+from distill.data.datamodule import ImageDataModule
+from distill.training.callbacks import BestAndLastCheckpoint
+from distill.training.module import DistillationModule
+from distill.training.run_records import (
+    RecordRunOptions,
+    RemoveUnusedOutputs,
+    SaveConfigBesideRun,
+    last_checkpoint,
+    refuse_changed_options,
+)
+from distill.training.telemetry import DistillationTelemetry
+
+__all__ = ["DistillCLI", "make_cli"]
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs",
+    "log_every_n_steps": 10,
+    "logger": {
+        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+    },
+}
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A parser whose errors are a `UsageError` (one line, printed by `cli_main`) naming the option, with a close
+    match for a typo and the accepted range for a number out of range, not jsonargparse's page of usage;
+    DISTILL_DEBUG=1 restores the full output."""
+
+    argv: ClassVar[list[str]] = []  # the command line, set by make_cli: to name the config file a bad key is in
+
+    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        text = _out_of_range(text) or text
+        typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
+        close = difflib.get_close_matches(typo.group(1), sorted(option_names(self) | option_names(parser)), n=1) if typo else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        source = _config_with_key(self.argv, typo.group(1)) if typo else None
+        if source:
+            text = f"{source}: {text}"
+        raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
+
+
+def _out_of_range(text: str) -> str | None:
+    """jsonargparse's message for a value outside its range type, as `option: value is out of range (accepted: ...)`."""
+    found = re.search(r"(?:Not of type \w+: )?(\S+)? ?does not conform to restriction (.+?)(?:\. Got value| - | Given value|$)",
+                      text)
+    keys = re.findall(r'Parser key "([\w.]+)"', text)
+    if not found or not keys:
+        return None
+    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"  # a class's own option: model.student...
+    value, rule = found.groups()
+    rule = rule.strip().replace("v>=", ">= ").replace("v<=", "<= ").replace("v>", "> ").replace("v<", "< ")
+    if not value:
+        given = re.search(r"Given value: (\S+)", text)
+        value = given.group(1) if given else None
+    nullable = " or null" if "NoneType" in text else ""
+    return f"{key}: {value} is out of range (accepted: {rule}{nullable})" if value else f"{key}: out of range (accepted: {rule}{nullable})"
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each --config file must be readable YAML holding a mapping; errors name the file, line and column."""
+    files = [b for a, b in itertools.pairwise(argv) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        content = load_yaml(path)
+        if not isinstance(content, dict):
+            got = "is empty" if content is None else f"holds a {type(content).__name__}"
+            raise UserError(f"{name}: a config must be a mapping of options (model:, data:, trainer:, ...) but the file "
+                            f"{got}")
+
+
+def _config_with_key(argv: list[str], dotted: str) -> str | None:
+    """The --config file of `argv` that sets the dotted key, if any."""
+    files = [b for a, b in itertools.pairwise(argv) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        try:
+            node = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            return name
+    return None
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI with the argument links and default callbacks of a distillation run."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # best by validation accuracy of the averaged head, plus last (for --ckpt_path last)
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": True,
+            "checkpoint.enable_version_counter": False,
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        # throughput, pictures, HPARAMS (distill/training/telemetry.py)
+        parser.add_lightning_class_args(DistillationTelemetry, "telemetry")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.img_size", "model.img_size")
+        parser.link_arguments("data.mean", "model.input_mean")
+        parser.link_arguments("data.std", "model.input_std")
+        parser.link_arguments("model.label_smoothing", "data.label_smoothing")
+        parser.link_arguments("data.teacher_cache", "model.teacher_cache")
+        parser.add_argument(
+            "--metrics_json", type=Optional[str], default=None,  # noqa: UP045 - a runtime type for jsonargparse
+            help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
+                 "time to this JSON file (`distill pipeline` uses it to mark a stage finished)",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing, then the checks Lightning leaves to a ZeroDivisionError or a traceback later."""
+        super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        _check_trainer_options(config)
+
+    def before_validate(self) -> None:
+        if not self.config[self.subcommand].get("ckpt_path"):
+            rank_zero_warn("validate without --ckpt_path measures the model as initialised (random weights); give "
+                           "--ckpt_path runs/.../best.ckpt to measure a trained one")
+
+    def before_fit(self) -> None:
+        self._fit_started = time.monotonic()
+        self.trainer.callbacks.append(RecordRunOptions(getattr(self, "run_options", {})))
+        # fail now, not after the first epoch, when an output folder cannot be written
+        outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            outputs["checkpoint.dirpath"] = checkpoint.dirpath
+        for logger in self.trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                outputs["trainer.logger save_dir"] = logger.save_dir
+        metrics_json = self.config[self.subcommand].get("metrics_json")
+        if metrics_json:
+            if Path(metrics_json).is_dir():
+                raise UserError(f"metrics_json: '{metrics_json}' is a folder; give the path of a .json file to write")
+            outputs["metrics_json"] = str(Path(metrics_json).parent)
+        if self.trainer.loggers:  # without a logger the checkpoint folder holds the config (SaveConfigBesideRun)
+            del outputs["trainer.default_root_dir"]  # nothing is written there: no `runs/` made in the current folder
+        for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
+            _check_writable(option, folder)
+        if checkpoint is not None:
+            _check_monitor(checkpoint.monitor, self.model)
+        leaves = [folder for option, folder in outputs.items() if option != "trainer.logger save_dir"]
+        leaves += [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
+        self._unused = RemoveUnusedOutputs(leaves)  # taken before anything is written
+        self.trainer.callbacks.append(self._unused)
+        # rank 0 decides (under DDP the other ranks are started after it, or wait for it in the first collective)
+        if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath and "://" not in str(checkpoint.dirpath):
+            self._output_lock = self._unused.lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
+                                                               f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
+            try:
+                _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"),
+                                    metrics_json)
+            except UserError:
+                self._unused.remove()  # the lock made the folder: a refused run leaves none
+                raise
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a `--ckpt_path` file with this project's checks first (weights_only, a student checkpoint),
+        so that a foreign or crafted file is one clear line; then LightningCLI reads its hparams."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path in ("best", "hpc", "registry"):
+            raise UserError(f"ckpt_path: '{path}' is not supported here; give 'last' (the checkpoint folder's "
+                            "last.ckpt) or the path of a .ckpt file")
+        config = self.config[subcommand] if subcommand else None
+        if subcommand == "fit":  # what this run is made from, before LightningCLI lays a checkpoint's values over it
+            self.run_options = options_identity(config.as_dict())
+        resolved = last_checkpoint(config) if path == "last" else path
+        if resolved and "://" not in str(resolved):
+            checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
+            if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
+                refuse_changed_options(checkpoint["run_options"], self.run_options, path, resolved)
+            else:  # another command evaluates the checkpoint; or a checkpoint of an earlier version of this project
+                _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
+        super()._parse_ckpt_path()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.global_step == 0:  # nothing trained: not a finished run (the pipeline must not skip it)
+            if trainer.is_global_zero:
+                self._unused.remove()
+            raise UserError(
+                f"fit: the run took no optimiser step ({trainer.num_training_batches} training batches per epoch, "
+                f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}, "
+                f"trainer.limit_train_batches={trainer.limit_train_batches}); nothing was trained, so no result is "
+                "written: check data.batch_size against the training set and the trainer limits")
+        path = self.config[self.subcommand].get("metrics_json")
+        if path:
+            self._write_metrics(path)
+        lock = getattr(self, "_output_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def _write_metrics(self, path: str) -> None:
+        """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
+        wall_time = time.monotonic() - self._fit_started
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        best = self.trainer.checkpoint_callback.best_model_path
+        loggers, self.trainer.loggers = self.trainer.loggers, []  # not a point on the curves: `distill report`'s
+        try:                                                          # final figure is the last epoch's
+            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        finally:
+            self.trainer.loggers = loggers
+        if self.trainer.is_global_zero:
+            result = {
+                "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},
+                "final_metrics": final, "best_checkpoint": best, "epochs": self.trainer.current_epoch,
+                "steps": self.trainer.global_step, "img_size": self.model.hparams.img_size,
+                "wall_time_s": round(wall_time, 1),
+            }
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with write_atomically(path) as partial:  # a stage is finished only once this file exists
+                partial.write_text(json.dumps(result, indent=2))
+
+
+def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
+    """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
+    earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    if metrics_json and Path(metrics_json).is_file() and not (ckpt_path and earlier):  # only the run resumed wrote it
+        if not earlier:
+            raise UserError(f"metrics_json: '{metrics_json}' exists and this run resumes nothing in '{dirpath}'; "
+                            "choose another metrics_json or remove it")
+        earlier.append(str(metrics_json))
+    if not earlier:
+        return
+    if not ckpt_path:
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds an earlier run's {', '.join(earlier)}; resume that run "
+                        "with --ckpt_path last, or write this one elsewhere with --checkpoint.dirpath DIR")
+    if ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).resolve().parent != dirpath.resolve():
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
+                        f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
+                        "folder) or to an empty folder")
+
+
+def _check_trainer_options(config: Any) -> None:
+    """The seed and the trainer's counts that Lightning would only reject with a ZeroDivisionError or ValueError."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
+        raise UserError(f"seed_everything: {seed} is out of range (accepted: 0 .. 4294967295, or true for a random one)")
+    trainer = config.get("trainer") or {}
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
+        value = trainer.get(key)
+        if isinstance(value, int) and value < 1:
+            raise UserError(f"trainer.{key}: {value} is out of range (accepted: 1 or more)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and interval <= 0:
+        raise UserError(f"trainer.val_check_interval: {interval} is out of range (accepted: a fraction of an epoch "
+                        "in (0, 1], or a number of batches of 1 or more)")
+
+
+def _check_monitor(monitor: str | None, model: Any) -> None:
+    """checkpoint.monitor must name a metric validation logs (Lightning finds out only after the first epoch)."""
+    if not monitor:
+        return
+    names = {f"val/{name}" for name in model.val_metrics.keys(keep_base=True)} | {"val/loss"}
+    names |= {name.replace("val/", "val_ema/", 1) for name in names} if getattr(model, "ema", None) is not None else set()
+    if monitor not in names and not monitor.startswith("train/"):
+        close = difflib.get_close_matches(monitor, sorted(names), n=1)
+        raise UserError(f"checkpoint.monitor: '{monitor}' is not a metric this run logs"
+                        f"{f'; did you mean {close[0]!r}' if close else ''} (validation logs {', '.join(sorted(names)[:6])}, ...)")
+
+
+def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
+    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored."""
+    given = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--model.") and "." not in arg[len("--model."):].split("=")[0]:
+            key, equals, value = arg[len("--model."):].partition("=")
+            if not equals and index + 1 < len(argv):
+                value = argv[index + 1]
+            given[key] = value
+    differ = [f"model.{k}={v} (the checkpoint has {hparams[k]!r})" for k, v in given.items()
+              if k in hparams and not _same_value(v, hparams[k])]
+    if not differ:
+        return
+    what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
+    raise UserError(f"ckpt_path: '{path}' sets {', '.join(differ[:3])}; {what}, so the command line's would be "
+                    "ignored: drop them, or start a new run from its weights with model.init_from")
+
+
+def _same_value(text: str, saved: Any) -> bool:
+    """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
+    if isinstance(saved, bool) or saved is None:
+        return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
+    if isinstance(saved, (int, float)):
+        try:
+            return float(text) == float(saved)
+        except ValueError:
+            return False
+    return text == str(saved) or yaml.safe_load(text) == saved
+
+
+def _check_writable(option: str, folder: str | os.PathLike) -> None:
+    """`folder` can be created and written: a probe file in its nearest existing ancestor, which is left as it was
+    (a run that fails before writing leaves no empty folder); a one-line error names the option otherwise."""
+    if "://" in str(folder):  # remote storage (s3://, gs://): checked by its own client
+        return
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_check"):
+            pass
+    except OSError as err:
+        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
+                        "choose a folder you can write to") from err
+
+
+def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill") -> DistillCLI:
+    """The CLI with this project's defaults; `run=False` only parses and instantiates (tests, cache-teacher).
+    `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
+    OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
+    _check_config_files(OneLineErrorParser.argv)
+    return DistillCLI(
+        DistillationModule,
+        ImageDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigBesideRun,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own folder's config.yaml
+        auto_configure_optimizers=False,  # the module builds timm optimiser groups itself
+        parser_class=OneLineErrorParser,
+        parser_kwargs={"prog": prog},
+    )

@@ -1,0 +1,400 @@
+"""DistillationModule: a ViT student learning from labels and a frozen CNN teacher (DeiT).
+
+The teacher is held outside the module tree: it follows the module's device and dtype but is
+not a submodule, so it is never in `parameters()`, the optimiser, DDP's gradient or buffer
+sync, or a checkpoint's state dict. Checkpoints carry the student and teacher *configs* beside
+the weights, so the student can be rebuilt (export) and the teacher re-created.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.optim import create_optimizer_v2, get_optimizer_class, list_optimizers
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.cache.format import cached_teacher_logits, view_checksum
+from distill.common.checkpoints import load_student_state
+from distill.common.errors import UserError
+from distill.common.ranges import (
+    ClosedUnitInterval,
+    Distillation,
+    HalfOpenUnitInterval,
+    KLNormalization,
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    plain,
+)
+from distill.common.seeding import global_seed, sample_seed
+from distill.data.batch import TrainingBatch
+from distill.training.losses import DistillationLoss, LossRecord
+from distill.training.step_rules import check_classes, host_value, lr_scale, scaled_lr, writes_step_logs
+from students.resize import adapt_student_state
+from teachers import Teacher, TeacherEnsemble
+
+__all__ = ["DistillationModule", "scaled_lr", "writes_step_logs"]
+
+StudentFactory = Callable[[int, int], nn.Module]  # (num_classes, img_size) -> student
+
+
+class DistillationModule(pl.LightningModule):
+    """Student + frozen teacher + DistillationLoss + per-head metrics + AdamW/cosine.
+
+    Args:
+        student: builds the student from (num_classes, img_size), e.g. `students.Student`;
+            in YAML a class_path with init_args, the two values linked from the data.
+        teacher: the frozen teacher, a list of teachers (an ensemble: its prediction is the mean
+            of their probabilities; `val/teacher_acc` is the ensemble's, `val/teacher_acc_<i>` each
+            member's), or null for plain supervised training (how a teacher for a new dataset is trained).
+        num_classes: classes of the dataset (linked from the data module).
+        class_names: names of the classes (linked from the data module; saved for export).
+        img_size: input resolution (linked from the data module).
+        input_mean: normalisation of the images (linked from the data module).
+        input_std: see input_mean.
+        distillation: none | soft | hard (the paper's best: hard).
+        alpha: weight of the distillation term (DeiT: 0.5).
+        tau: soft-distillation temperature (DeiT soft run: 3.0).
+        label_smoothing: smoothing of the label loss (DeiT: 0.1).
+        kl_normalization: batchmean or reference (the DeiT code's batch * classes).
+        optimizer: a timm optimiser name (DeiT: adamw).
+        lr: peak learning rate; with `lr_scale_batch`, the rate for that global batch.
+        weight_decay: weight decay, not applied to norms, biases, tokens and position embeddings.
+        opt_eps: optimiser epsilon (DeiT: 1e-8).
+        warmup_epochs: linear warmup length in epochs (fractions allowed).
+        warmup_lr: learning rate at the start of warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        lr_scale_batch: scale `lr`, `warmup_lr` and `min_lr` at fit time by global batch / this
+            (global batch = nodes x devices x batch_size x accumulate_grad_batches; DeiT: 512);
+            null uses them as given. The scaled values are printed and logged.
+        ema_decay: keep an exponential moving average of the student's weights with this decay
+            (DeiT: 0.99996), validated beside the raw weights (`val_ema/...`) and exportable
+            (`distill export --ema`); null: no EMA.
+        init_from: a checkpoint of a previous stage to start the student from (weights only;
+            optimiser and schedule start fresh). Position embeddings are resampled when the
+            image size changed; heads are kept when the classes match.
+        teacher_cache: the teacher cache the data module reads (linked from data.teacher_cache):
+            distillation targets come from it, and no teacher runs unless verifying.
+        teacher_cache_verify: with a teacher cache, the fraction of training batches on which the
+            real teacher (model.teacher) also runs: logs `train/cache_agreement` (top-1 agreement
+            of cached and live teacher) and `train/cache_view_match` (views replayed pixel-exact);
+            0: the teacher is not kept in memory at all.
+        finite_check_every: check that the loss is finite every this many optimiser steps (and at the end of
+            every epoch, before validation and checkpoints): the check reads the loss from the device, which
+            makes the host wait for it; the error still names the first step whose loss was not finite.
+        compile: `torch.compile` the student's training forward (and so its backward); the first steps are
+            slower while it compiles; validation runs uncompiled. Results differ from eager within float rounding.
+        fused_optimizer: torch's fused kernel for the optimiser step (adamw, adam, sgd, ...: the optimisers that
+            take `fused`); off: torch's default (one kernel per operation for all tensors on a GPU, a loop on a CPU).
+    """
+
+    def __init__(
+        self,
+        student: StudentFactory,
+        teacher: Optional[Union[Teacher, list[Teacher]]] = None,
+        num_classes: PositiveInt = 1000,
+        class_names: Optional[list[str]] = None,
+        img_size: PositiveInt = 224,
+        input_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        input_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_DEFAULT_STD,
+        distillation: Distillation = "hard",
+        alpha: ClosedUnitInterval = 0.5,
+        tau: PositiveFloat = 1.0,
+        label_smoothing: HalfOpenUnitInterval = 0.1,
+        kl_normalization: KLNormalization = "batchmean",
+        optimizer: str = "adamw",
+        lr: NonNegativeFloat = 5e-4,
+        weight_decay: NonNegativeFloat = 0.05,
+        opt_eps: PositiveFloat = 1e-8,
+        warmup_epochs: NonNegativeFloat = 5.0,
+        warmup_lr: NonNegativeFloat = 1e-6,
+        min_lr: NonNegativeFloat = 1e-5,
+        init_from: Optional[str] = None,
+        lr_scale_batch: Optional[PositiveInt] = None,
+        ema_decay: Optional[OpenUnitInterval] = None,
+        teacher_cache: Optional[str] = None,
+        teacher_cache_verify: ClosedUnitInterval = 0.0,
+        finite_check_every: PositiveInt = 10,
+        compile: bool = False,
+        fused_optimizer: bool = False,
+    ) -> None:
+        super().__init__()
+        # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
+        self.save_hyperparameters(plain({k: v for k, v in locals().items()
+                                         if k not in ("self", "__class__", "student", "teacher")}))
+        hp = self.hparams
+        if isinstance(teacher, (list, tuple)):
+            teacher = TeacherEnsemble(list(teacher)) if len(teacher) != 1 else teacher[0]
+        alpha, tau, label_smoothing, num_classes, img_size = hp.alpha, hp.tau, hp.label_smoothing, hp.num_classes, hp.img_size
+        if not 0.0 <= teacher_cache_verify <= 1.0:
+            raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise UserError(f"model.ema_decay must lie in (0, 1) (DeiT: 0.99996) or be null, got {ema_decay}")
+        if teacher_cache and teacher_cache_verify > 0 and teacher is None:
+            raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
+        if teacher_cache and teacher_cache_verify == 0 and teacher is not None:
+            rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
+                           "(set model.teacher_cache_verify to check the cache against it)")
+            teacher = None
+        if optimizer.lower() not in list_optimizers():
+            close = difflib.get_close_matches(optimizer.lower(), list_optimizers(), n=3)
+            raise UserError(f"model.optimizer: '{optimizer}' is not a timm optimiser"
+                            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (DeiT: adamw)")
+        if fused_optimizer and "fused" not in inspect.signature(get_optimizer_class(optimizer.lower())).parameters:
+            raise UserError(f"model.fused_optimizer: '{optimizer}' has no fused kernel (torch's adamw, adam, sgd have "
+                            "one); set model.fused_optimizer: false")
+        self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
+        self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
+        check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
+        if init_from:
+            self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
+        if teacher is not None:
+            teacher.set_input_normalization(input_mean, input_std)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self._fast_path_logged = False
+        self._view_mismatch_warned = False
+        self._step_before = 0  # global_step when the batch started: did the batch take an optimiser step?
+        self._lr = 0.0  # the learning rate of the batch's step, logged after it
+        self._losses = LossRecord()  # each batch's loss parts, on the device until read
+        self._compiled_heads = torch.compile(self.student.forward_heads) if compile else None  # at its first call
+        # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
+        self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
+        self.val_metrics = self._metrics("val/")
+        self.val_ema_metrics = self._metrics("val_ema/", heads_only=True) if ema_decay else None
+        self.test_metrics = self._metrics("test/")
+
+    def _metrics(self, prefix: str, heads_only: bool = False) -> MetricCollection:
+        top5 = min(5, self.hparams.num_classes)
+        metrics = {}
+        for head in ("cls", "dist", ""):  # class head, distillation head, their average
+            name = f"acc_{head}" if head else "acc"
+            metrics[name] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics[f"{name}_top5"] = MulticlassAccuracy(self.hparams.num_classes, top_k=top5, average="micro")
+        metrics["head_cosine"] = MeanMetric()  # cosine similarity of the two heads' logits
+        metrics["token_cosine"] = MeanMetric()  # of the final class and distillation tokens (DeiT)
+        if not heads_only:
+            metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            for index in range(len(self.teacher) if isinstance(self.teacher, TeacherEnsemble) else 0):
+                metrics[f"teacher_acc_{index}"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
+            metrics["teacher_kl"] = MeanMetric()  # KL(teacher || student), averaged head, temperature 1
+        return MetricCollection(metrics, prefix=prefix)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
+        """Moves and casts the (unregistered) teacher with the module: .to(), .cuda(), .half()."""
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference logits (B, C): the average of both heads for a distilled student."""
+        cls_logits, dist_logits = self.student.forward_heads(x)
+        return (cls_logits + dist_logits) / 2
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout and stochastic depth draw from a generator seeded by (seed, epoch, batch, rank):
+        # a run resumed from a checkpoint takes exactly the steps an uninterrupted one takes
+        torch.manual_seed(sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 2))
+
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch.images, batch.targets  # targets: (B,) labels, or (B, C) soft labels after mixing
+        if self.loss.distillation == "none":
+            teacher_logits = None
+        elif batch.cached:  # the teacher cache: no teacher forward
+            teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
+            self._verify_cache(images, teacher_logits, batch.checksum, batch_idx)
+        elif self.hparams.teacher_cache:
+            raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
+                             "set data.teacher_cache (the two are linked by the distill CLI)")
+        else:
+            teacher_logits = self.teacher(images)
+        forward_heads = self.student.forward_heads if self._compiled_heads is None else self._compiled_heads
+        cls_logits, dist_logits = forward_heads(images)
+        parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
+        # nothing is read from the device here: the parts are read, checked and logged in on_train_batch_end
+        self._losses.add(parts, (self.current_epoch, self.global_step, batch_idx))
+        self._step_before, self._lr = self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"]
+        if self.teacher is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
+            self._fast_path_logged = True
+            rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
+                           f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
+            self.log("train/teacher_fast_agreement", host_value(self.teacher.fast_agreement), on_step=True, on_epoch=False)
+        return parts["loss"]
+
+    def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
+        """On a `teacher_cache_verify` fraction of batches: live teacher vs cache, replayed view vs cached view."""
+        fraction = self.hparams.teacher_cache_verify
+        # the same batch indices on every rank: the logged values are all-reduced (sync_dist) as they are logged
+        if not fraction or sample_seed(global_seed(), self.current_epoch, batch_idx, 4) >= fraction * 2**32:
+            return
+        live = self.teacher(images)
+        agreement = (live.argmax(-1) == cached.argmax(-1)).float().mean()
+        expected = checksum.cpu().view(torch.float64)  # float64 bits carried as int64 (see distill.data.batch)
+        match = torch.isclose(view_checksum(images).cpu(), expected, rtol=1e-9, atol=1e-6).to(images.device)
+        self.log("train/cache_agreement", agreement, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/cache_view_match", match.double().mean().float(), on_step=True, on_epoch=True, sync_dist=True)
+        if not bool(match.all()) and not self._view_mismatch_warned:
+            self._view_mismatch_warned = True
+            rank_zero_warn(f"data.teacher_cache: {int((~match).sum())} of {len(match)} training views differ from the "
+                           "views the cache was built from (the transform code or a library version changed since): "
+                           "the cached targets label other images; rebuild the cache with distill cache-teacher")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stepped = self.global_step != self._step_before  # not a batch that only accumulated gradients
+        if self.ema is not None and stepped:  # once per optimiser step
+            self.ema.update(self.student, step=self.global_step)
+        last = batch_idx + 1 >= self.trainer.num_training_batches  # before validation and the epoch's checkpoints
+        every = self.hparams.finite_check_every
+        if last or (stepped and self.global_step % every == 0):
+            self._check_finite()
+        if last or writes_step_logs(self.trainer, stepped):
+            # host values: the progress bar reads every logged value at every batch, a device value would make it wait
+            parts = {f"train/{k}": host_value(v) for k, v in self._losses.latest().items()}
+            self.log_dict(parts, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/lr", host_value(self._lr), on_step=True, on_epoch=False)
+
+    def on_train_end(self) -> None:
+        self._check_finite()  # the steps since the last check (a run stopped by max_steps mid-epoch)
+
+    def on_validation_start(self) -> None:
+        self._check_finite()  # before a validation inside the epoch (val_check_interval) and its checkpoint
+
+    def _check_finite(self) -> None:
+        """Stop on a NaN/inf loss among the batches since the last check, naming the first; every DDP rank stops
+        together (each calls this at the same batch)."""
+        first = self._losses.first_non_finite()
+        finite = first is None
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        (epoch, step, batch_idx), parts = first or self._losses.last_read
+        values = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        where = "" if first else " on another process"
+        raise UserError(
+            f"non-finite loss{where} at epoch {epoch}, step {step} (batch {batch_idx}): {values}; check the data for "
+            "NaNs, or start from the last checkpoint's weights with a lower rate (model.init_from=<last.ckpt> "
+            "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)"
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        # fresh metric states: ones made under `trainer.validate` (inference mode) cannot be
+        # updated in place later under `fit`'s no-grad validation (torchmetrics' MeanMetric)
+        for metrics in (self.val_metrics, self.val_ema_metrics):
+            if metrics is not None:
+                metrics.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self._evaluate(batch, self.val_metrics, "val/")
+        if self.ema is not None:
+            self._evaluate(batch, self.val_ema_metrics, "val_ema/", self.ema.module)
+        return {"logits": logits, "targets": batch[1]}  # for callbacks (the telemetry's confusion matrix)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test/")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)  # (B, C) class probabilities
+
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str,
+        student: Optional[nn.Module] = None,
+    ) -> torch.Tensor:
+        images, targets = batch
+        cls_logits, dist_logits, tokens = (student or self.student).forward_with_tokens(images)
+        logits = (cls_logits + dist_logits) / 2
+        for name, head in (("acc_cls", cls_logits), ("acc_dist", dist_logits), ("acc", logits)):
+            metrics[name].update(head, targets)
+            metrics[f"{name}_top5"].update(head, targets)
+        if cls_logits is not dist_logits:
+            metrics["head_cosine"].update(F.cosine_similarity(cls_logits.float(), dist_logits.float(), dim=-1))
+        if tokens is not None:
+            metrics["token_cosine"].update(F.cosine_similarity(tokens[:, 0].float(), tokens[:, 1].float(), dim=-1))
+        if self.teacher is not None and "teacher_acc" in metrics:
+            if isinstance(self.teacher, TeacherEnsemble):
+                teacher_logits, members = self.teacher.forward_members(images)
+                for index, member_logits in enumerate(members):
+                    metrics[f"teacher_acc_{index}"].update(member_logits, targets)
+            else:
+                teacher_logits = self.teacher(images)
+            metrics["teacher_acc"].update(teacher_logits, targets)
+            metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
+            kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True,
+                          reduction="none").sum(-1)
+            metrics["teacher_kl"].update(kl)
+        self.log(f"{prefix}loss", F.cross_entropy(logits, targets), prog_bar=False, sync_dist=True)
+        # only the metrics that were updated: the teacher's are absent without a teacher
+        for name, metric in metrics.items(keep_base=True):
+            if metric.update_count > 0:
+                self.log(f"{prefix}{name}", metric, prog_bar=name == "acc")
+        return logits.detach()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        scale = self._lr_scale()
+        # timm's param groups: no weight decay on 1-d params (norms, biases) and no_weight_decay()
+        fused = {"fused": True} if hp.fused_optimizer else {}  # else torch's default: foreach on a GPU
+        optimizer = create_optimizer_v2(
+            self.student, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps, **fused,
+        )
+        # linear warmup, then a cosine from exactly `lr` down to `min_lr` at the last step
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=total_steps - warmup_steps, lr_min=hp.min_lr * scale, warmup_t=warmup_steps,
+            warmup_lr_init=hp.warmup_lr * scale, warmup_prefix=True, t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_scale(self) -> float:
+        """global batch / lr_scale_batch (1 when scaling is off); printed and logged at fit time."""
+        return lr_scale(self.trainer, self.hparams.lr, self.hparams.lr_scale_batch)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Plain-data configs beside the weights: export rebuilds the student, a reader sees the teacher.
+
+        Not hyper-parameters: LightningCLI re-applies those as constructor arguments on
+        `validate --ckpt_path`, and these are not constructor arguments.
+        """
+        if self.trainer.world_size == 1:  # no collective: under DDP a stop signal saves from one rank alone
+            self._check_finite()  # no checkpoint of the steps after a non-finite loss (the weights are garbage)
+        checkpoint["student_config"] = dict(getattr(self.student, "config", {}))
+        checkpoint["teacher_config"] = dict(self.teacher.config) if self.teacher is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another student before Lightning's long state-dict error would."""
+        saved, own = checkpoint.get("student_config"), dict(getattr(self.student, "config", {}))
+        if saved is None:
+            raise UserError("ckpt_path: the checkpoint has no student_config; it was not written by this project's fit")
+        differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {own.get(k)!r} here" for k in sorted(set(saved) | set(own))
+                  if k not in ("pretrained", "drop_path_rate", "drop_rate") and saved.get(k) != own.get(k)]
+        if differ:
+            raise UserError(f"ckpt_path: the checkpoint is of another student ({'; '.join(differ[:3])}); "
+                             "resume with the config it was trained with, or use model.init_from to start from its weights")
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            params = sum(p.numel() for p in self.teacher.parameters()) / 1e6
+            rank_zero_info(
+                f"Teacher: {self.teacher.model_name} ({params:.1f}M params, frozen, eval mode, "
+                f"{self.teacher.num_classes} classes, not saved in checkpoints)"
+            )
+
+

@@ -1,0 +1,75 @@
+"""Rules the distillation module follows, apart from its training logic: when Lightning writes a step's logged
+values, logging from the host, DeiT's learning-rate scaling, and the class counts a run needs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from distill.common.errors import UserError
+from teachers import Teacher
+
+__all__ = ["check_classes", "host_value", "lr_scale", "scaled_lr", "writes_step_logs"]
+
+
+def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
+    """Whether Lightning writes the values logged for this batch to the loggers, asked after the batch's step.
+
+    Its rule from public state: every `log_every_n_steps` optimiser steps (0: never), every step of a
+    `fast_dev_run`, and when the run stops; a value logged on another step is replaced before anyone reads it.
+    """
+    if not stepped:
+        return False
+    if trainer.fast_dev_run:
+        return True
+    every = trainer.log_every_n_steps
+    return bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
+
+
+def host_value(value: float) -> torch.Tensor:
+    """A value to `self.log` from the host: Lightning keeps a logged tensor where it is, and turns every progress-bar
+    value into a number after every batch; a device tensor there would make the host wait for the device."""
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def scaled_lr(lr: float, batch_size: int, devices: int, num_nodes: int, accumulate: int, base: int) -> float:
+    """DeiT's linear scaling rule: lr x (nodes x devices x batch x accumulation) / base."""
+    return lr * num_nodes * devices * batch_size * accumulate / base
+
+
+def check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: int, distillation: str,
+                   teacher_cache: Optional[str] = None) -> None:
+    """Class-count and teacher presence checks, before any training starts."""
+    if distillation != "none" and teacher is None and not teacher_cache:
+        raise UserError(f"model.distillation is '{distillation}' but no model.teacher (or data.teacher_cache) is set; "
+                         "set one or use 'none'")
+    student_classes = getattr(student, "num_classes", num_classes)
+    if student_classes != num_classes:
+        raise UserError(f"student predicts {student_classes} classes but the dataset has {num_classes}")
+    if teacher is not None and teacher.num_classes != num_classes:
+        raise UserError(
+            f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
+            f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
+        )
+
+
+def lr_scale(trainer: pl.Trainer, lr: float, base: Optional[int]) -> float:
+    """global batch / `base` (model.lr_scale_batch; 1 when it is unset), printed and logged at fit time."""
+    if not base:
+        return 1.0
+    batch_size = getattr(trainer.datamodule, "batch_size", None)
+    if batch_size is None:
+        raise UserError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
+    scale = scaled_lr(1.0, batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches, base)
+    global_batch = round(scale * base)
+    rank_zero_info(
+        f"lr scaled by the global batch: {lr:g} x {global_batch} / {base} = {lr * scale:.4g} "
+        f"(global batch = {trainer.num_nodes} nodes x {trainer.num_devices} devices x {batch_size} images x "
+        f"{trainer.accumulate_grad_batches} accumulated; min_lr and warmup_lr scaled alike)"
+    )
+    for logger in trainer.loggers:
+        logger.log_metrics({"train/lr_scaled_peak": lr * scale, "train/global_batch": global_batch}, step=0)
+    return scale
