@@ -8,14 +8,12 @@ resized to the size it was trained at. A checkpoint of this project's `distill f
 that run built its model (a ViT at its own patch, width and size; a second head averaged in, as
 its evaluation did), so any student trained here can teach.
 
-Fast path (`precision`, `channels_last`, `compile`): in the DeiT recipe the frozen teacher
-costs more than the student. By default (`auto`) it runs with bf16 weights under bf16 autocast
-where the hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX; fp16
-on older GPUs), in channels-last layout. Measured on this project's 2-core AVX512-BF16 CPU
-(`benchmarks/teacher_speed.py`): RegNetY-16GF at 224 px 4.2 -> 9.6 img/s (2.3x), the digits
-ResNet-10t at 32 px 3.0k -> 7.5k img/s (2.5x) with 100% top-1 agreement on the 360 validation digits. On its first batch the teacher runs once in fp32 and once on
-the fast path and records their top-1 agreement (`fast_agreement`, logged as
-`train/teacher_fast_agreement`); below 99% it stays in fp32, with a warning.
+Fast path (`precision`, `channels_last`, `compile`): in the DeiT recipe the frozen teacher costs
+more than the student. By default (`auto`) it runs with bf16 weights under bf16 autocast where the
+hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX; fp16 on older GPUs),
+in channels-last layout (docs/speed.md has the measurements). On its first batch the teacher runs
+once in fp32 and once on the fast path and records their top-1 agreement (`fast_agreement`, logged
+as `train/teacher_fast_agreement`); below 99% it stays in fp32, with a warning.
 """
 from __future__ import annotations
 
@@ -56,11 +54,10 @@ class Teacher(nn.Module):
             Set it to run a teacher at its own resolution, e.g. during a hi-res fine-tune.
         precision: `auto` (bf16 where the hardware runs it natively, fp16 on GPUs without
             bf16, else fp32), `32`, `bf16` or `16` (weights and autocast).
-        channels_last: run convolutions in channels-last memory layout (oneDNN; on an H200, RegNetY-16GF
-            in bf16 ran 7% slower in it: docs/speed.md).
-        compile: `torch.compile` the teacher (first batches slower; pays off on long runs). On CPUs
-            with inductor's weight freezing: RegNetY-16GF bf16 at 224, batch 16, 10.7 -> 12.5 img/s
-            on this project's 2-core CPU after a 31 s compile.
+        channels_last: run convolutions in channels-last memory layout (oneDNN on CPUs; docs/speed.md has what
+            it gains or costs per device).
+        compile: `torch.compile` the teacher, with inductor's weight freezing (first batches slower while
+            it compiles; pays off on long runs: docs/speed.md).
         fast_min_agreement: the fast path's minimum top-1 agreement with fp32 on the first batch;
             below it the teacher stays in fp32 (0: never fall back).
     """

@@ -1,6 +1,7 @@
 """The `distill` / `lightning` commands: every config parses and instantiates, entry points print configs."""
 import importlib
 import importlib.metadata
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from distill.cli import COMMANDS, TRAINING, cli_main
 from distill.training.cli import make_cli
+from distill.training.losses import DistillationLoss
 from distill.training.module import DistillationModule
 from teachers import TeacherEnsemble
 from tests.helpers import config_overrides
@@ -44,6 +46,16 @@ def test_every_student_overlay_parses_on_the_recipe_and_keeps_its_recipe(overlay
     assert student.model.patch_embed.grid_size == (4, 4)
     assert cli.model.hparams.distillation == recipe["model"]["distillation"]
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
+
+
+def test_the_losss_options_are_declared_once_and_stay_the_models_flat_keys(tmp_path):
+    loss_keys = set(inspect.signature(DistillationLoss).parameters)
+    assert not loss_keys & set(inspect.signature(DistillationModule).parameters)  # declared by the loss alone
+    cli = make_cli([*config_overrides(ROOT / "configs" / "distill.yaml", tmp_path), "--model.alpha=0.3", "--model.tau=2"],
+                   run=False)
+    assert cli.model.loss.alpha == 0.3 and cli.model.loss.tau == 2.0 and cli.model.hparams.alpha == 0.3
+    assert loss_keys <= set(cli.model.hparams)  # recorded flat, defaults too (validate --ckpt_path passes them back)
+    assert cli.model.hparams.kl_normalization == inspect.signature(DistillationLoss).parameters["kl_normalization"].default
 
 
 def test_the_ensemble_overlay_reads_the_three_teacher_runs_its_comment_trains(tmp_path, monkeypatch):

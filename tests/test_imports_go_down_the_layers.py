@@ -17,21 +17,27 @@ MODEL_SIDE_PACKAGES = ("distill.common.", "distill.data.", "distill.cache.", "di
                        "distill.commands.")  # any module of these not named above: model-side (no Lightning)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the project modules it imports (at the top or inside functions)."""
-    modules = {}
+def modules() -> dict[str, Path]:
+    """Every module of the project's packages -> its file."""
+    found = {}
     for package in ("distill", "students", "teachers"):
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (at the top or inside functions)."""
+    modules_ = modules()
     graph = {}
-    for name, path in modules.items():
+    for name, path in modules_.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
-                found |= {m for m in (node.module, *(f"{node.module}.{a.name}" for a in node.names)) if m in modules}
+                found |= {m for m in (node.module, *(f"{node.module}.{a.name}" for a in node.names)) if m in modules_}
             elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name in modules}
+                found |= {a.name for a in node.names if a.name in modules_}
         graph[name] = found - {name}
     return graph
 
@@ -51,6 +57,26 @@ def test_every_module_belongs_to_a_layer():
     assert not unknown, f"put {unknown} in a sub-package, or name its layer in tests/test_imports_go_down_the_layers.py"
     flat = sorted(p.name for p in (ROOT / "distill").glob("*.py") if p.stem not in ("__init__", "__main__", "cli"))
     assert not flat, f"{flat}: distill/ holds the command table and its sub-packages only"
+
+
+def test_the_model_side_imports_no_lightning():
+    """students, teachers and distill's model-side modules import without Lightning (a deployment, a notebook): no
+    import of it when the module loads (one inside a function runs only when that function is called)."""
+    lightning = ("pytorch_lightning", "lightning_fabric", "lightning")
+    found = []
+    for module, path in modules().items():
+        if layer(module) != 0:
+            continue
+        statements = list(ast.parse(path.read_text()).body)
+        for statement in list(statements):  # try/if blocks at the top run at import too, except TYPE_CHECKING's
+            if isinstance(statement, (ast.If, ast.Try)) and getattr(statement, "test", None) is None or \
+                    isinstance(statement, ast.If) and getattr(statement.test, "id", "") != "TYPE_CHECKING":
+                statements += statement.body
+        for node in statements:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{module}: {name}" for name in names if name.split(".")[0] in lightning]
+    assert not found, found
 
 
 def test_commands_share_code_through_the_layers_below_not_through_each_other():

@@ -3,7 +3,7 @@
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
     distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
 
-This module is the storage format (model-side: numpy and torch only); `distill.cache.writer`
+This module is the storage format (model-side: numpy and torch, no Lightning); `distill.cache.writer`
 runs the teacher over the views (a Lightning `predict`), `distill.cache.command` is the command.
 
 In the DeiT recipe the frozen teacher costs more than the student. As in TinyViT, the cache
@@ -60,7 +60,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn  # the rank Lightning sets: rank 0 warns, once
 
 from distill.common.errors import UserError
 

@@ -15,7 +15,7 @@ Running the command again skips finished runs and resumes interrupted ones (as t
 does), only with the same options (each run folder records them in `run.json`; other options
 into the same OUT are refused); a second `compare` writing into the same OUT at once is refused. On a CPU machine the
 runs go in parallel, one per core, each on one thread (on this project's 2-core CPU two
-1-thread runs do 1.6x the work of one 2-thread run); on a GPU machine one run per GPU.
+1-thread runs do more work than one 2-thread run: docs/speed.md); on a GPU machine one run per GPU.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ A request is a multipart/form-data upload with one file field named `image` (wha
 `requests.post(files=...)` and HTML forms send); the answer is JSON: the model's name, its
 version (the first 12 hex digits of the SHA-256 of its weights file), the backend and the
 top-k classes with their probabilities, best first. Only the export folder is needed: the
-preprocessing is the one `distill predict` applies (`distill.deploy.predict.export_transform`, from
+preprocessing is the one `distill predict` applies (`distill.deploy.inference.export_transform`, from
 the export's config.json), so the two can never disagree. Images are read as training reads
 them (`distill.data.images.load_image`: 16-bit, float and transparent images converted by their
 range, EXIF orientation applied).

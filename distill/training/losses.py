@@ -20,8 +20,10 @@ every few steps, in one copy (a training step reads nothing from the device: doc
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +40,17 @@ from distill.common.ranges import (
     PositiveFloat,
 )
 
-__all__ = ["DistillationLoss", "LossRecord", "DISTILLATION_TYPES"]
+__all__ = ["DistillationLoss", "LossRecord", "DISTILLATION_TYPES", "loss_options"]
 
 
 class DistillationLoss(nn.Module):
     """Base loss plus none | soft | hard distillation; returns the total and its parts.
 
     Args:
-        distillation: none | soft | hard.
-        alpha: weight of the distillation term, (1 - alpha) goes to the base term.
-        tau: softmax temperature of soft distillation.
-        label_smoothing: smoothing of the base cross-entropy on hard labels.
+        distillation: none | soft | hard (the paper's best: hard; none trains on the labels alone).
+        alpha: weight of the distillation term, (1 - alpha) goes to the label term (DeiT: 0.5).
+        tau: softmax temperature of soft distillation (DeiT's soft run: 3.0).
+        label_smoothing: smoothing of the label cross-entropy (DeiT: 0.1; folded into mixup's targets).
         kl_normalization: batchmean (KL summed over classes, averaged over the batch) or
             reference (divided by batch * classes, as the DeiT reference code).
     """
@@ -111,6 +113,14 @@ class DistillationLoss(nn.Module):
         )
         denom = student_logits.numel() if self.kl_normalization == "reference" else student_logits.shape[0]
         return kl * (self.tau**2) / denom
+
+
+def loss_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`DistillationLoss`'s options with its defaults filled in: the one declaration of them (the training module
+    takes them as `**loss` and records them flat among its hyper-parameters)."""
+    bound = inspect.signature(DistillationLoss).bind(**options)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 class LossRecord:

@@ -28,9 +28,6 @@ from distill.common.checkpoints import load_student_state
 from distill.common.errors import UserError
 from distill.common.ranges import (
     ClosedUnitInterval,
-    Distillation,
-    HalfOpenUnitInterval,
-    KLNormalization,
     NonNegativeFloat,
     OpenUnitInterval,
     PositiveFloat,
@@ -39,7 +36,7 @@ from distill.common.ranges import (
 )
 from distill.common.seeding import global_seed, sample_seed
 from distill.data.batch import TrainingBatch
-from distill.training.losses import DistillationLoss, LossRecord
+from distill.training.losses import DistillationLoss, LossRecord, loss_options
 from distill.training.step_rules import check_classes, host_value, lr_scale, scaled_lr, writes_step_logs
 from students.resize import adapt_student_state
 from teachers import Teacher, TeacherEnsemble
@@ -63,11 +60,6 @@ class DistillationModule(pl.LightningModule):
         img_size: input resolution (linked from the data module).
         input_mean: normalisation of the images (linked from the data module).
         input_std: see input_mean.
-        distillation: none | soft | hard (the paper's best: hard).
-        alpha: weight of the distillation term (DeiT: 0.5).
-        tau: soft-distillation temperature (DeiT soft run: 3.0).
-        label_smoothing: smoothing of the label loss (DeiT: 0.1).
-        kl_normalization: batchmean or reference (the DeiT code's batch * classes).
         optimizer: a timm optimiser name (DeiT: adamw).
         lr: peak learning rate; with `lr_scale_batch`, the rate for that global batch.
         weight_decay: weight decay, not applied to norms, biases, tokens and position embeddings.
@@ -97,6 +89,9 @@ class DistillationModule(pl.LightningModule):
             slower while it compiles; validation runs uncompiled. Results differ from eager within float rounding.
         fused_optimizer: torch's fused kernel for the optimiser step (adamw, adam, sgd, ...: the optimisers that
             take `fused`); off: torch's default (one kernel per operation for all tensors on a GPU, a loop on a CPU).
+        **loss: the distillation loss's options, declared once, by `DistillationLoss` (distill/training/losses.py):
+            distillation (none | soft | hard), alpha, tau, label_smoothing, kl_normalization; in a config they are
+            the model's own keys (`model.distillation`, `model.alpha`, ...).
     """
 
     def __init__(
@@ -108,11 +103,6 @@ class DistillationModule(pl.LightningModule):
         img_size: PositiveInt = 224,
         input_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         input_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_DEFAULT_STD,
-        distillation: Distillation = "hard",
-        alpha: ClosedUnitInterval = 0.5,
-        tau: PositiveFloat = 1.0,
-        label_smoothing: HalfOpenUnitInterval = 0.1,
-        kl_normalization: KLNormalization = "batchmean",
         optimizer: str = "adamw",
         lr: NonNegativeFloat = 5e-4,
         weight_decay: NonNegativeFloat = 0.05,
@@ -128,11 +118,14 @@ class DistillationModule(pl.LightningModule):
         finite_check_every: PositiveInt = 10,
         compile: bool = False,
         fused_optimizer: bool = False,
+        **loss: Any,
     ) -> None:
         super().__init__()
-        # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only
-        self.save_hyperparameters(plain({k: v for k, v in locals().items()
-                                         if k not in ("self", "__class__", "student", "teacher")}))
+        # built-in numbers, not jsonargparse's range types: checkpoints must load with weights_only; the loss's
+        # options flat beside the others, with the loss's defaults (what `validate --ckpt_path` passes back)
+        self.save_hyperparameters(plain({**{k: v for k, v in locals().items()
+                                            if k not in ("self", "__class__", "student", "teacher", "loss")},
+                                         **loss_options(loss)}))
         hp = self.hparams
         if isinstance(teacher, (list, tuple)):
             teacher = TeacherEnsemble(list(teacher)) if len(teacher) != 1 else teacher[0]
@@ -154,9 +147,9 @@ class DistillationModule(pl.LightningModule):
         if fused_optimizer and "fused" not in inspect.signature(get_optimizer_class(optimizer.lower())).parameters:
             raise UserError(f"model.fused_optimizer: '{optimizer}' has no fused kernel (torch's adamw, adam, sgd have "
                             "one); set model.fused_optimizer: false")
-        self.loss = DistillationLoss(distillation, alpha, tau, label_smoothing, kl_normalization)
+        self.loss = DistillationLoss(**loss)  # jsonargparse reads its parameters from this call: model.alpha, ...
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
-        check_classes(self.student, teacher, num_classes, distillation, teacher_cache)
+        check_classes(self.student, teacher, num_classes, self.loss.distillation, teacher_cache)
         if init_from:
             self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
