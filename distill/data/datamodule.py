@@ -1,4 +1,5 @@
-"""Data for distillation: an ImageFolder tree (ImageNet layout) or the bundled digits set.
+"""Data for distillation: the data module over a source (distill/data/sources.py: digits, an ImageFolder, a
+Hugging Face dataset).
 
 Transforms are timm's (`create_transform`: RandomResizedCrop, flip, RandAugment, random
 erasing; resize + centre crop for evaluation). Mixup/cutmix (timm `Mixup`'s draws) mixes
@@ -16,11 +17,9 @@ depend on the worker count, and a resumed run re-seeds differently.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
@@ -43,19 +42,12 @@ from distill.common.ranges import (
 )
 from distill.common.seeding import global_seed
 from distill.data.batch import TrainingBatch
-from distill.data.huggingface import HFImageDataset, is_hf_dataset, load_hf_splits
-from distill.data.image_folder import CheckedImageFolder, classes_of
-from distill.data.images import (
-    IMG_EXTENSIONS,
-    display_name,
-    is_image_file,
-)
+from distill.data.images import display_name
 from distill.data.mixing import apply_mixing, mixing_params
+from distill.data.sources import DIGITS, open_source
 from distill.data.views import DigitsDataset, EpochSampler, SeededViews
 
 __all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews"]
-
-DIGITS = "digits"
 
 
 # "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.
@@ -150,8 +142,8 @@ class ImageDataModule(pl.LightningDataModule):
                                 mixup=alpha, cutmix=0.0, re_prob=0.0)
         self.dataset, self.img_size, self.batch_size, self.num_workers = dataset, img_size, batch_size, num_workers
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.hf_splits: Optional[dict[str, Any]] = None  # a Hugging Face dataset's train and val splits
-        self.classes = self._find_classes()
+        self.source = open_source(dataset, img_size, image_column, label_column, bad_images)
+        self.classes = self.source.classes
         self.mixup_fn = self._make_mixup()
         self._check_transform()
         self.train_set: Optional[Dataset] = None
@@ -168,34 +160,6 @@ class ImageDataModule(pl.LightningDataModule):
     def class_names(self) -> list[str]:
         """The classes as text (a folder name that is not UTF-8 shows its bytes as \\xNN)."""
         return [display_name(name) for name in self.classes]
-
-    def _find_classes(self) -> list[str]:
-        if self.dataset == DIGITS:
-            if Path(DIGITS).is_dir():
-                warnings.warn(f"data.dataset: '{DIGITS}' is the bundled digits set, not the folder './{DIGITS}' here; "
-                              f"write './{DIGITS}' to train on the folder", stacklevel=2)
-            return [str(c) for c in range(10)]
-        root = Path(self.dataset)
-        accepted = (f"expected '{DIGITS}', a folder with train/ and val/ class folders, or a Hugging Face dataset "
-                    "folder (save_to_disk or parquet files)")
-        if is_hf_dataset(root):
-            train, val, classes = load_hf_splits(root, self.hparams.image_column, self.hparams.label_column)
-            self.hf_splits = {"train": train, "val": val}
-            return classes
-        if root.is_file():
-            raise UserError(f"data.dataset: '{root}' is a file, not a folder; {accepted}")
-        if not root.is_dir():
-            raise UserError(f"data.dataset: folder '{root}' does not exist; {accepted}")
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UserError(f"data.dataset: '{root}' has no {split}/ folder; {accepted}")
-        train_classes, _ = classes_of(root / "train")
-        val_classes, _ = classes_of(root / "val")
-        if train_classes != val_classes:
-            only = sorted(set(train_classes) ^ set(val_classes))[:5]
-            raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
-                            f"(e.g. {[display_name(name) for name in only]})")
-        return train_classes
 
     def _make_mixup(self) -> Optional[Mixup]:
         hp = self.hparams
@@ -248,20 +212,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def split_dataset(self, split: str, transform: Any) -> Dataset:
         """The `train` or `val` split of the dataset, each image through `transform`."""
-        if self.dataset == DIGITS:
-            return DigitsDataset(split, self.img_size, transform)
-        if self.hf_splits is not None:
-            hp = self.hparams
-            return HFImageDataset(self.hf_splits[split], hp.image_column, hp.label_column, transform, hp.bad_images,
-                                  name=f"the {split} split of '{self.dataset}'")
-        folder = Path(self.dataset) / split
-        classes, _ = classes_of(folder)
-        try:
-            return CheckedImageFolder(str(folder), transform=transform, bad_images=self.hparams.bad_images)
-        except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
-            empty = [c for c in classes if not any(is_image_file(p, folder) for p in (folder / c).rglob("*"))] or classes
-            raise UserError(f"data.dataset: class folder '{display_name(str(folder / empty[0]))}' holds no images "
-                            f"(accepted: {', '.join(IMG_EXTENSIONS)}; hidden files are ignored)") from err
+        return self.source.split(split, transform)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -296,13 +247,7 @@ class ImageDataModule(pl.LightningDataModule):
         mixing options, repeated augmentation and the seed.
         """
         hp = self.hparams
-        dataset = DIGITS
-        if isinstance(train, HFImageDataset):
-            dataset = train.fingerprint()
-        elif self.dataset != DIGITS:
-            root = Path(self.dataset) / "train"
-            listing = "\n".join(f"{Path(path).relative_to(root)}\t{target}" for path, target in train.samples)
-            dataset = f"{len(train.samples)} files, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+        dataset = self.source.fingerprint(train)
         options = ("auto_augment", "re_prob", "re_mode", "scale", "hflip", "color_jitter", "interpolation")
         transform = {"img_size": self.img_size, "mean": self.mean, "std": self.std, **{k: hp[k] for k in options},
                      "timm": repr(self.train_transform())}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -27,10 +27,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distill.common.errors import UserError
+from distill.data.images import display_name
+from distill.data.sources import DIGITS, Source, open_source
 from distill.deploy.inference import export_transform
-
-if TYPE_CHECKING:
-    from distill.data.datamodule import ImageDataModule
 
 __all__ = ["quantize_int8", "onnx_top1", "training_data", "Int8Method", "QUANTIZED_OPS"]
 
@@ -55,17 +54,17 @@ QUANTIZED_OPS = ("MatMul", "Gemm")
 Int8Method = Literal["dynamic", "static"]
 
 
-def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodule: ImageDataModule,
+def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, source: Source,
                   calibration_images: int, max_drop: float, seed: int = 0, method: Int8Method = "dynamic",
                   ) -> dict[str, Any]:
     """Write `folder / out_name` from `folder / model.onnx`; returns the int8 entry of export_report.json.
 
-    `model` is the export as timm loads it (for its preprocessing); `datamodule` the data the student was
+    `model` is the export as timm loads it (for its preprocessing); `source` the data the student was
     trained on (`training_data`). Raises UserError when the INT8 top-1 is more than `max_drop` points below the
     fp32 ONNX model's.
     """
     transform = export_transform(model)
-    val = datamodule.split_dataset("val", transform)
+    val = source.split("val", transform)
     chosen: list[int] = []  # calibration images (static only)
     prepared, quantized = folder / "model.prepared.onnx", folder / out_name
     try:
@@ -75,7 +74,7 @@ def quantize_int8(folder: Path, model: torch.nn.Module, out_name: str, datamodul
                 quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8,
                                  op_types_to_quantize=list(QUANTIZED_OPS))
             else:
-                train = datamodule.split_dataset("train", transform)
+                train = source.split("train", transform)
                 generator = torch.Generator().manual_seed(seed)
                 chosen = torch.randperm(len(train), generator=generator)[:calibration_images].tolist()
                 quantize_static(
@@ -109,24 +108,23 @@ def onnx_top1(path: Path, dataset: Dataset) -> float:
 
 
 def training_data(data: str, names: list[str], img_size: int, recorded: bool,
-                  columns: dict[str, str] | None = None) -> ImageDataModule:
+                  columns: dict[str, str] | None = None) -> Source:
     """The dataset the student was trained on (`digits`, a folder with train/ and val/, or a Hugging Face dataset,
     read with the run's `columns`: image_column, label_column; `recorded`: read from the checkpoint rather than
     given as --data); a UserError naming --data if it is not there or has other classes."""
-    from distill.data.datamodule import DIGITS, ImageDataModule  # Lightning: loaded only for --int8 (export starts faster)
     if data != DIGITS and not Path(data).is_dir():
         origin = "the training data recorded in the checkpoint" if recorded else "the training data"
         raise UserError(f"export --data: {origin}, '{data}', is not a folder here; pass --data DIR (its train/ "
                         "calibrates, its val/ checks the accuracy)")
     try:
-        datamodule = ImageDataModule(dataset=data, img_size=img_size, num_workers=0, auto_augment=None, mixup=0.0,
-                                     cutmix=0.0, **(columns or {}))
+        source = open_source(data, img_size, **(columns or {}))
     except UserError as err:
         raise UserError(f"export --data: {err}") from err
-    if datamodule.class_names != names:
-        raise UserError(f"export --data: '{data}' has classes {datamodule.class_names[:5]}..., the student was trained "
+    classes = [display_name(name) for name in source.classes]
+    if classes != names:
+        raise UserError(f"export --data: '{data}' has classes {classes[:5]}..., the student was trained "
                         f"on {names[:5]}...; pass --data with the training data")
-    return datamodule
+    return source
 
 
 def _loader(dataset: Dataset) -> DataLoader:
