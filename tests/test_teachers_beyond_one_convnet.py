@@ -116,3 +116,15 @@ def test_the_comparison_shows_each_head_alone_and_each_teacher_of_an_ensemble():
     table = format_table(summary)
     assert "class head" in table and "dist. head" in table and "94.50 +- 0.71" in table
     assert "teacher (ensemble of 2)" in table and "teacher 0" in table and "93.00" in table and "92.00" in table
+
+
+def test_a_pipeline_stage_of_an_ensemble_cannot_take_its_teacher_from_a_stage(tmp_path):
+    from distill.commands.pipeline import stage_identity
+    config = tmp_path / "ensemble_stage.yaml"
+    config.write_text(f"model:\n  teacher:\n" + "".join(
+        f"    - class_path: teachers.Teacher\n      init_args: {{model_name: {TINY_TEACHER}, weights: m{i}.ckpt}}\n"
+        for i in range(2)))
+    stage = {"name": "distill", "config": str(config), "teacher_from": "teacher"}
+    with pytest.raises(UserError, match="stage 'distill' takes teacher_from 'teacher'.*list of teachers.*last member"):
+        stage_identity(stage, tmp_path / "runs", [])
+    assert stage_identity({"name": "distill", "config": str(config)}, tmp_path / "runs", [])  # without it: fine

@@ -142,6 +142,11 @@ def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[
     the options given to every stage) with the checkpoints of the stages it starts from by their content; neither
     the paths that named them nor the folder the pipeline runs from (distill/common/identity.py)."""
     arguments = list(extra)
+    if stage.get("teacher_from") and isinstance(
+            intended_options([stage["config"]], stage.get("overrides"), arguments).get("model.teacher"), list):
+        raise UserError(f"pipeline: stage '{stage['name']}' takes teacher_from '{stage['teacher_from']}', but its "
+                        f"config '{stage['config']}' gives a list of teachers (an ensemble), of which teacher_from "
+                        "would replace the last member alone; name each member's weights in the config instead")
     for ref, key in (("teacher_from", "model.teacher.init_args.weights"), ("init_from", "model.init_from")):
         if stage.get(ref):
             arguments.append(f"--{key}={root / stage[ref] / 'checkpoints' / 'best.ckpt'}")
