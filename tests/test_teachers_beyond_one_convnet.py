@@ -121,7 +121,7 @@ def test_the_comparison_shows_each_head_alone_and_each_teacher_of_an_ensemble():
 def test_a_pipeline_stage_of_an_ensemble_cannot_take_its_teacher_from_a_stage(tmp_path):
     from distill.commands.pipeline import stage_identity
     config = tmp_path / "ensemble_stage.yaml"
-    config.write_text(f"model:\n  teacher:\n" + "".join(
+    config.write_text("model:\n  teacher:\n" + "".join(
         f"    - class_path: teachers.Teacher\n      init_args: {{model_name: {TINY_TEACHER}, weights: m{i}.ckpt}}\n"
         for i in range(2)))
     stage = {"name": "distill", "config": str(config), "teacher_from": "teacher"}
