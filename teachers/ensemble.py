@@ -54,9 +54,12 @@ class TeacherEnsemble(nn.Module):
 
     @property
     def fast_agreement(self) -> Optional[float]:
-        """The lowest member's fast-path agreement with fp32 (None until every member ran a batch)."""
-        values = [member.fast_agreement for member in self.members]
-        return None if any(v is None for v in values) else min(values)
+        """The lowest fast-path agreement with fp32 among the members on a reduced precision (None until every member
+        ran a batch, or when all run in fp32)."""
+        if not all(member.prepared for member in self.members):
+            return None
+        values = [member.fast_agreement for member in self.members if member.fast_agreement is not None]
+        return min(values) if values else None
 
     @property
     def fast_dtype(self) -> Optional[str]:

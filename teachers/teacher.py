@@ -104,6 +104,11 @@ class Teacher(nn.Module):
         self.renormalize = False
         self.train(False)
 
+    @property
+    def prepared(self) -> bool:
+        """Whether the first batch has chosen the fast path (and measured `fast_agreement` if it is not fp32)."""
+        return self._prepared
+
     def set_input_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Declare the normalisation of the images the teacher will be given (the student's)."""
         self.renormalize = tuple(mean) != self.mean or tuple(std) != self.std
@@ -184,8 +189,15 @@ def _fast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     return None  # mps, xla...: as the weights are
 
 
+def _architecture(model_name: str) -> str:
+    """timm's architecture of a model name: the pretrained tag dropped, this project's DeiT aliases resolved."""
+    arch = model_name.split(".")[0]
+    return DEIT_VARIANTS.get(arch, arch)
+
+
 def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[nn.Module, dict]:
     """Create the timm model and load its weights; returns (model, normalisation found in a .ckpt)."""
+    model_name = DEIT_VARIANTS.get(model_name, model_name)  # deit_tiny: timm's deit_tiny_distilled_patch16_224
     if weights == "pretrained":
         extra = {} if num_classes is None else {"num_classes": num_classes}
         try:
@@ -227,18 +239,17 @@ def _from_run_checkpoint(raw: object, model_name: str, num_classes: Optional[int
     (`Student` from the checkpoint's student_config; a second head folded in, as the run evaluated), with the run's
     normalisation and input size. None for any other file (read as a plain state dict)."""
     config = raw.get("student_config") if isinstance(raw, dict) else None
-    arch = model_name.split(".")[0]
-    if not isinstance(config, dict) or DEIT_VARIANTS.get(config.get("model_name"), config.get("model_name")) != \
-            DEIT_VARIANTS.get(arch, arch):
+    if not isinstance(config, dict) or _architecture(str(config.get("model_name"))) != _architecture(model_name):
         return None
     if num_classes is not None and config.get("num_classes") != num_classes:
         raise UserError(f"teacher.num_classes is {num_classes} but '{path}' predicts {config.get('num_classes')} classes")
-    student = Student(**dict(config, pretrained=False))
-    try:
+    try:  # the raw weights, not an EMA's (to teach with a run's EMA: `distill export --ema`, then its folder)
+        student = Student(**dict(config, pretrained=False))
         student.load_state_dict(student_state(raw))
-    except RuntimeError as err:
-        raise UserError(f"teacher.weights: '{path}' does not fit its own student_config "
-                        f"({str(err).strip().splitlines()[0][:160]}); the checkpoint is damaged") from err
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"teacher.weights: '{path}' does not fit its own student_config ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}); the checkpoint is "
+                        "damaged or of another version of this project") from err
     hparams = raw.get("hyper_parameters") or {}
     return student.fused_model(), {"mean": hparams.get("input_mean"), "std": hparams.get("input_std"),
                                    "img_size": config.get("img_size")}

@@ -128,3 +128,20 @@ def test_a_pipeline_stage_of_an_ensemble_cannot_take_its_teacher_from_a_stage(tm
     with pytest.raises(UserError, match="stage 'distill' takes teacher_from 'teacher'.*list of teachers.*last member"):
         stage_identity(stage, tmp_path / "runs", [])
     assert stage_identity({"name": "distill", "config": str(config)}, tmp_path / "runs", [])  # without it: fine
+
+
+def test_compare_refuses_an_option_that_would_change_one_member_of_an_ensemble(tmp_path, capsys):
+    from tests.helpers import ROOT, run_cli_error
+    line = run_cli_error(["compare", "--config", str(ROOT / "configs" / "distill.yaml"), "--config",
+                          str(ROOT / "configs" / "teachers" / "ensemble.yaml"), "--out", str(tmp_path / "c"),
+                          "--model.teacher.init_args.weights=other.ckpt"], capsys)
+    assert "--model.teacher.init_args.weights would change the last teacher of the config's ensemble alone" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_teacher_named_by_a_deit_alias_or_with_a_hub_tag_is_the_architecture_its_run_trained(tmp_path):
+    assert Teacher("deit_tiny", weights="none", num_classes=10).model.default_cfg["architecture"] == \
+        "deit_tiny_distilled_patch16_224"
+    vit = Student(10, 32, **dict(TINY_STUDENT, model_name="deit_tiny_distilled_patch16_224.fb_in1k"))
+    teacher = Teacher("deit_tiny", weights=str(run_checkpoint(tmp_path, vit)))  # tag on one side, alias on the other
+    assert teacher.img_size == 32 and teacher.mean == (0.5, 0.5, 0.5)

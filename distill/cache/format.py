@@ -10,7 +10,7 @@ In the DeiT recipe the frozen teacher costs more than the student. As in TinyViT
 stores, for every (epoch, sample) of the training schedule, the seed of its augmented view
 and the teacher's top-k probabilities on that view; training rebuilds the exact view (every
 random draw of crop, flip, RandAugment, erasing and mixup/cutmix is seeded by (seed, epoch,
-sample), and mixing partners are fixed pairs: `distill.data.datamodule.EpochSampler(pairs=True)`), so
+sample), and mixing partners are fixed pairs: `distill.data.views.EpochSampler(pairs=True)`), so
 the student sees the image the teacher labelled, whatever the batch size, number of
 workers or processes. One cache serves every student, sweep and restart on the same data.
 
@@ -55,12 +55,13 @@ import errno
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn  # the rank Lightning sets: rank 0 warns, once
+from lightning_utilities.core.rank_zero import rank_zero_only
 
 from distill.common.errors import UserError
 
@@ -185,8 +186,9 @@ class TeacherCache:
         changed = [f"{name} {meta.get('versions', {}).get(name)} -> {version}" for name, version in versions.items()
                    if meta.get("versions", {}).get(name) != version]
         if changed:
-            rank_zero_warn(f"data.teacher_cache: '{path}' was built with other library versions ({', '.join(changed)}); "
-                           "the augmented views may differ: check with model.teacher_cache_verify")
+            if getattr(rank_zero_only, "rank", 0) == 0:  # the process rank Lightning sets (DDP: rank 0 alone warns)
+                warnings.warn(f"data.teacher_cache: '{path}' was built with other library versions ({', '.join(changed)}); "
+                              "the augmented views may differ: check with model.teacher_cache_verify", stacklevel=2)
         if epochs is not None and epochs > meta["epochs"]:
             raise UserError(f"data.teacher_cache: '{path}' holds {meta['epochs']} epochs of teacher outputs but "
                             f"trainer.max_epochs is {epochs}; rebuild it with --epochs {epochs} or train fewer epochs")

@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
                                                        "--checkpoint.dirpath", "--ckpt_path")]
     if reserved:
         raise UserError(f"compare: {reserved[0].split('=')[0]} is set by compare for each run; leave it out")
+    member_options = [a.split("=")[0] for a in extra if a.startswith("--model.teacher.")]
+    if member_options and isinstance(intended_options(args.config, None, []).get("model.teacher"), list):
+        raise UserError(f"compare: {member_options[0]} would change the last teacher of the config's ensemble alone "
+                        "(model.teacher is a list); name each member's options in the config instead")
     out = Path(args.out)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = plan_runs(args.config, types, seeds, out, extra)

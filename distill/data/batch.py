@@ -1,6 +1,6 @@
 """The training batch, with named fields instead of a positional tuple.
 
-A training view is a function of (seed, epoch, index, repeat) (`distill.data.datamodule.SeededViews`); a
+A training view is a function of (seed, epoch, index, repeat) (`distill.data.views.SeededViews`); a
 batch of them carries that key with the images, so that mixing pairs, the teacher cache and
 resumed runs can find the same views again. Validation and prediction batches stay plain
 `(images, targets)` pairs.

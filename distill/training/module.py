@@ -1,4 +1,4 @@
-"""DistillationModule: a ViT student learning from labels and a frozen CNN teacher (DeiT).
+"""DistillationModule: a ViT student learning from labels and a frozen teacher, a convnet as DeiT's (or several).
 
 The teacher is held outside the module tree: it follows the module's device and dtype but is
 not a submodule, so it is never in `parameters()`, the optimiser, DDP's gradient or buffer
