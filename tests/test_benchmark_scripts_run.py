@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -67,3 +69,19 @@ def test_fit_probe_trains_without_augmentation_and_prints_both_losses(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "12 training and 12 validation images, 3 classes (chance 33.33%" in run.stdout and "+ conv stem" in run.stdout
     assert "epoch    2  training loss" in run.stdout and "validation top-1" in run.stdout
+
+
+@pytest.mark.parametrize("script, classes", [("make_letters.py", 26), ("make_shapes.py", 24)])
+def test_each_dataset_generator_writes_an_image_folder_the_data_module_reads_and_never_overwrites(tmp_path, script,
+                                                                                                   classes):
+    from distill.data.datamodule import ImageDataModule
+
+    out = tmp_path / "data"
+    command = [sys.executable, f"benchmarks/{script}", f"--out={out}", "--train=2", "--val=1"]
+    run = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = ImageDataModule(str(out), img_size=32, num_workers=0, auto_augment=None, mixup=0.0, cutmix=0.0)
+    data.setup("fit")
+    assert data.num_classes == classes and len(data.train_set) == 2 * classes and len(data.val_set) == classes
+    again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode != 0 and "exists" in again.stderr
