@@ -88,7 +88,10 @@ class Teacher(nn.Module):
         self._prepared = False
         self._run = None
         check_model_name(DEIT_VARIANTS.get(model_name, model_name), "teacher.model_name", tuple(DEIT_VARIANTS))
-        self.model, trained_norm = _build(model_name, weights, num_classes)
+        # loading draws no random number the student's initialisation would see: the student a seed gives does not
+        # depend on the teacher, its architecture or the file it was loaded from
+        with torch.random.fork_rng(devices=[]):
+            self.model, trained_norm = _build(model_name, weights, num_classes)
         _check_finite_weights(self.model, model_name, weights)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         own_size = trained_norm.get("img_size") or (cfg.get("input_size") or (None,))[-1]

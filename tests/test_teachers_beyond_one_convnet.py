@@ -141,3 +141,17 @@ def test_a_teacher_named_by_a_deit_alias_or_with_a_hub_tag_is_the_architecture_i
     vit = Student(10, 32, **dict(TINY_STUDENT, model_name="deit_tiny_distilled_patch16_224.fb_in1k"))
     teacher = Teacher("deit_tiny", weights=str(run_checkpoint(tmp_path, vit)))  # tag on one side, alias on the other
     assert teacher.img_size == 32 and teacher.mean == (0.5, 0.5, 0.5)
+
+
+def test_the_students_initialisation_does_not_depend_on_how_its_teacher_was_loaded(tmp_path):
+    from distill.training.cli import make_cli
+    from tests.helpers import ROOT, config_overrides
+
+    first = []
+    for name in (TINY_TEACHER, "resnet10t"):  # other architectures, other files: other random draws while loading
+        (tmp_path / name).mkdir()
+        base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path / name)
+        cli = make_cli([*base[:-1], f"--model.teacher.init_args.model_name={name}",
+                        f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, name, 10)}"], run=False)
+        first.append(next(cli.model.student.parameters()).detach().clone())
+    assert torch.equal(first[0], first[1])
