@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from distill.cache.format import TeacherCache, cached_teacher_logits
+from distill.cache.format import TeacherCache
+from distill.cache.targets import cached_teacher_logits
 from distill.cli import cli_main
 from distill.common.seeding import sample_seed
 from distill.data.batch import TrainingBatch

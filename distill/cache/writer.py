@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distill.cache.format import FORMAT, TeacherCache, library_versions, view_checksum
+from distill.cache.format import FORMAT, TeacherCache, library_versions
+from distill.cache.targets import view_checksum
 from distill.data.batch import TrainingBatch
 
 __all__ = ["CacheSampler", "CacheWriter"]

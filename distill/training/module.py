@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from distill.cache.format import cached_teacher_logits, view_checksum
+from distill.cache.targets import cached_teacher_logits, view_checksum
 from distill.common.checkpoints import load_student_state
 from distill.common.errors import UserError
 from distill.common.ranges import (
