@@ -135,6 +135,15 @@ def test_compare_refuses_an_option_that_would_change_one_member_of_an_ensemble(t
     assert not (tmp_path / "c").exists()
 
 
+def test_fit_refuses_an_option_that_would_change_one_member_of_an_ensemble(tmp_path, capsys):
+    from tests.helpers import run_cli_error
+    base = shrink(tmp_path, "distill.yaml")
+    line = run_cli_error(["fit", *base[:2], "--config", str(ensemble_overlay(tmp_path)), *base[2:],
+                          "--model.teacher.init_args.weights=other.ckpt"], capsys)
+    assert "--model.teacher.init_args.weights would change the last teacher of the ensemble of 2 in" in line
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_teacher_named_by_a_deit_alias_or_with_a_hub_tag_is_the_architecture_its_run_trained(tmp_path):
     assert Teacher("deit_tiny", weights="none", num_classes=10).model.default_cfg["architecture"] == \
         "deit_tiny_distilled_patch16_224"

@@ -117,11 +117,21 @@ def _check_config_files(argv: list[str]) -> None:
                             f"{got}")
 
 
-def _config_with_key(argv: list[str], dotted: str) -> str | None:
-    """The --config file of `argv` that sets the dotted key, if any."""
+def _check_ensemble_options(argv: list[str]) -> None:
+    """`--model.teacher.init_args.X` on a config whose model.teacher is a list would change its last member alone."""
+    member_options = [a.split("=")[0] for a in argv if a.startswith("--model.teacher.")]
+    source = _config_with_key(argv, "model.teacher", last=True) if member_options else None
+    teacher = (load_yaml(Path(source)).get("model") or {}).get("teacher") if source else None
+    if isinstance(teacher, list) and len(teacher) > 1:
+        raise UserError(f"{member_options[0]} would change the last teacher of the ensemble of {len(teacher)} in "
+                        f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
+
+
+def _config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
+    """The (first, or `last`) --config file of `argv` that sets the dotted key, if any."""
     files = [b for a, b in itertools.pairwise(argv) if a in ("-c", "--config")]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
+    for name in reversed(files) if last else files:
         try:
             node = yaml.safe_load(Path(name).read_text())
         except (OSError, yaml.YAMLError):
@@ -371,6 +381,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "disti
     `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
     _check_config_files(OneLineErrorParser.argv)
+    _check_ensemble_options(OneLineErrorParser.argv)
     return DistillCLI(
         DistillationModule,
         ImageDataModule,
