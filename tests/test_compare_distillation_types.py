@@ -71,7 +71,7 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     (["--types", "none,medium"], "compare --types: ['medium'] not among none, soft, hard"),
     (["--jobs", "0"], "compare --jobs: expected auto or a number of 1 or more, got 0"),
     (["--types", "none,none"], "compare --types: none,none names a type twice"),
-    (["--first_seed", "-1"], "compare --first_seed must be 0 or more, got -1"),
+    (["--first_seed", "-1"], "distill compare: --first_seed: -1 is out of range (accepted: >= 0)"),
     (["--model.distillation=soft"], "--model.distillation is set by compare for each run; leave it out"),
 ])
 def test_compare_mistakes_are_one_line(tmp_path, capsys, args, message):

@@ -175,9 +175,9 @@ def test_int8_over_its_accuracy_budget_is_refused_and_nothing_is_written(trained
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "int8"], "has no model.int8.onnx; write it with distill export --int8"),
-    (["--port", "80"], "--port: expected a port from 1024 to 65535, got '80'"),
-    (["--host", "example.com"], "--host: invalid choice: 'example.com'"),
-    (["--max_batch_size", "0"], "--max_batch_size: expected an integer of 1 or more, got 0"),
+    (["--port", "80"], "--port: 80 is out of range (accepted: >= 1024 and <= 65535)"),
+    (["--host", "example.com"], "--host: example.com is not one of '127.0.0.1', '0.0.0.0', '::'"),
+    (["--max_batch_size", "0"], "--max_batch_size: 0 is out of range (accepted: > 0)"),
 ])
 def test_serve_mistakes_are_one_line(trained, tmp_path, capsys, args, message):
     out = tmp_path / "export"

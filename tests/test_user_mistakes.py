@@ -354,7 +354,7 @@ def test_predict_mistakes_are_one_line(tmp_path, capsys, earlier_run, problem):
     out = tmp_path / "predictions.csv"
     extra = []
     if problem == "top_k":
-        extra, expected = ["--top_k", "0"], "argument --top_k: expected an integer of 1 or more, got 0"
+        extra, expected = ["--top_k", "0"], "distill predict: --top_k: 0 is out of range (accepted: > 0)"
     elif problem == "no-weights":
         (export / "model.safetensors").unlink()
         expected = "has no model.safetensors; it is not a (whole) export folder"

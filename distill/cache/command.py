@@ -12,34 +12,40 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from distill.cache.format import TeacherCache
 from distill.cache.writer import CacheSampler, CacheWriter
-from distill.common.errors import OneLineArgumentParser, UserError, positive_int
+from distill.common.commandline import command
+from distill.common.errors import UserError
 from distill.common.files import OutputLock, free_bytes, lock_path
+from distill.common.ranges import PositiveInt
 from distill.training.cli import make_cli
 
 __all__ = ["main"]
 
 
-def main(argv: list[str]) -> None:
-    """`distill cache-teacher`: the training config, plus --epochs, --top_k, --out."""
-    parser = OneLineArgumentParser(
-        prog="distill cache-teacher", description=__doc__.split("\n\n")[0],
-        epilog="Every other option is the training run's: --config FILE and --data.* / --model.teacher.* / "
-               "--trainer.* (devices, strategy, num_nodes) overrides, as for distill fit.")
-    parser.add_argument("--epochs", type=positive_int, help="epochs of augmented views to label (the training run's max_epochs)")
-    parser.add_argument("--top_k", "--top-k", type=positive_int, default=10, help="teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)")
-    parser.add_argument("--out", help="cache folder to write (each process writes its own shard: any shared filesystem, NFS too)")
-    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
-                        help="images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
-    parser.add_argument("--check", metavar="DIR", help="check that the cache in DIR is complete and consistent, and exit")
-    args, rest = parser.parse_known_args(argv)
+def cache_teacher(epochs: Optional[PositiveInt] = None, top_k: PositiveInt = 10, out: Optional[str] = None,
+                  batch_size: Optional[PositiveInt] = None, overwrite: bool = False, check: Optional[str] = None,
+                  extra: Optional[list[str]] = None) -> None:
+    """Write (or with `check`, check) a teacher cache for the training run that `extra` describes.
+
+    Args:
+        epochs: epochs of augmented views to label (the training run's max_epochs)
+        top_k: teacher probabilities kept per view (TinyViT: 100 on ImageNet-22k)
+        out: cache folder to write (each process writes its own shard: any shared filesystem, NFS too)
+        batch_size: images per teacher forward (default: 4 x data.batch_size; no gradients, so larger fits)
+        overwrite: replace an existing cache at --out
+        check: check that the cache in this folder is complete and consistent, and exit
+        extra: the training run's options: --config FILE and --data.* / --model.teacher.* / --trainer.* (devices,
+            strategy, num_nodes) overrides, as for distill fit
+    """
+    args = SimpleNamespace(epochs=epochs, top_k=top_k, out=out, batch_size=batch_size, overwrite=overwrite, check=check)
+    rest = list(extra or [])
     if args.check:
         if rest or args.out or args.epochs:
             raise UserError("--check DIR takes no other option: it reads the cache alone")
@@ -62,6 +68,11 @@ def main(argv: list[str]) -> None:
         _build(out, args, rest)
     finally:
         lock.release()
+
+
+main = command("distill cache-teacher", cache_teacher, description=__doc__.split("\n\n")[0],
+               extra="the training run: --config FILE and --data.* / --model.teacher.* / --trainer.* overrides, as for "
+                     "distill fit")
 
 
 def _build(out: Path, args: Any, rest: list[str]) -> None:

@@ -31,10 +31,11 @@ from typing import Any, Optional
 
 import torch
 
-from distill.common.errors import OneLineArgumentParser, UserError, positive_int
+from distill.common.commandline import command
+from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.identity import describe_differences, finished, intended_options, trained_something
-from distill.common.ranges import DISTILLATION_TYPES
+from distill.common.ranges import DISTILLATION_TYPES, NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
@@ -249,46 +250,48 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(143)  # unwinds run_all's `finally`, which stops the runs
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(
-        prog="distill compare", description=__doc__.split("\n\n")[0],
-        epilog="Every other option goes to each run's distill fit (e.g. --data.dataset, --trainer.max_epochs).")
-    parser.add_argument("--config", required=True, action="append",
-                        help="the fit config of the student and its teacher; again for an overlay, applied in order "
-                             "(--config configs/distill.yaml --config configs/students/deit.yaml)")
-    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds per distillation type (0, 1, ...)")
-    parser.add_argument("--first_seed", type=int, default=0, help="the first seed")
-    parser.add_argument("--types", default="none,soft,hard",
-                        help=f"distillation types to compare, comma-separated ({', '.join(DISTILLATION_TYPES)})")
-    parser.add_argument("--jobs", default="auto", help="runs at once: auto (one per GPU, else one per CPU core) or N")
-    parser.add_argument("--out", default="runs/compare", help="output folder (re-running resumes it)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT/compare.md and compare.json written by another comparison (other types, "
-                             "seeds or options); finished runs are never replaced")
-    args, extra = parser.parse_known_args(argv)
-    types = [t.strip() for t in args.types.split(",") if t.strip()]
-    unknown = [t for t in types if t not in DISTILLATION_TYPES]
-    if unknown or not types:
+def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeInt = 0, types: str = "none,soft,hard",
+            jobs: str = "auto", out: str = "runs/compare", overwrite: bool = False, extra: Optional[list[str]] = None) -> None:
+    """Train the config's student under each distillation type for several seeds, and print the table.
+
+    Args:
+        config: the fit config of the student and its teacher; again for an overlay, applied in order
+            (--config configs/distill.yaml --config configs/students/deit.yaml)
+        seeds: seeds per distillation type (0, 1, ...)
+        first_seed: the first seed
+        types: distillation types to compare, comma-separated (none, soft, hard)
+        jobs: runs at once: auto (one per GPU, else one per CPU core) or N
+        out: output folder (re-running resumes it)
+        overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
+            options); finished runs are never replaced
+        extra: options for each run's distill fit (--data.dataset, --trainer.max_epochs)
+    """
+    extra = list(extra or [])
+    command_line = " ".join(["distill compare", *(f"--config {c}" for c in config), f"--seeds {seeds}",
+                             *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
+                             f"--jobs {jobs}", f"--out {out}", *extra])
+    names = [t.strip() for t in types.split(",") if t.strip()]
+    unknown = [t for t in names if t not in DISTILLATION_TYPES]
+    if unknown or not names:
         raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(DISTILLATION_TYPES)}")
-    if len(set(types)) != len(types):
-        raise UserError(f"compare --types: {args.types} names a type twice")
-    if args.first_seed < 0:
-        raise UserError(f"compare --first_seed must be 0 or more, got {args.first_seed}")
-    for config in args.config:
-        if not Path(config).is_file():
-            raise UserError(f"compare --config: '{config}' does not exist")
+    if len(set(names)) != len(names):
+        raise UserError(f"compare --types: {types} names a type twice")
+    types = names
+    for name in config:
+        if not Path(name).is_file():
+            raise UserError(f"compare --config: '{name}' does not exist")
     reserved = [a for a in extra if a.split("=")[0] in ("--seed_everything", "--model.distillation", "--metrics_json",
                                                        "--checkpoint.dirpath", "--ckpt_path")]
     if reserved:
         raise UserError(f"compare: {reserved[0].split('=')[0]} is set by compare for each run; leave it out")
     member_options = [a.split("=")[0] for a in extra if a.startswith("--model.teacher.")]
-    if member_options and isinstance(intended_options(args.config, None, []).get("model.teacher"), list):
+    if member_options and isinstance(intended_options(config, None, []).get("model.teacher"), list):
         raise UserError(f"compare: {member_options[0]} would change the last teacher of the config's ensemble alone "
                         "(model.teacher is a list); name each member's options in the config instead")
-    out = Path(args.out)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs = plan_runs(args.config, types, seeds, out, extra)
-    jobs, threads, gpus = _parallelism(args.jobs, len(runs))
+    out = Path(out)
+    seeds = list(range(first_seed, first_seed + seeds))
+    runs = plan_runs(config, types, seeds, out, extra)
+    jobs, threads, gpus = _parallelism(jobs, len(runs))
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
     previous = signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
@@ -296,23 +299,25 @@ def main(argv: list[str] | None = None) -> None:
         with OutputLock(out / ".lock", f"compare --out '{out}'"):
             check_same_options(runs)
             made_from = {"options": runs[0]["options"], "runs": [[r["type"], r["seed"]] for r in runs]}
-            check_table_replaceable(out, made_from, args.overwrite)
+            check_table_replaceable(out, made_from, overwrite)
             started = time.monotonic()
             runs = run_all(runs, jobs, threads, gpus)
             summary = summarize_runs(runs, types)
             table = format_table(summary)
             wall = time.monotonic() - started
-            config = args.config if len(args.config) > 1 else args.config[0]
-            record = {"config": config, "extra": extra, "made_from": made_from, "seeds": seeds, "jobs": jobs, "threads": threads,
-                      "wall_time_s": round(wall, 1), "summary": summary,
+            record = {"config": config if len(config) > 1 else config[0], "extra": extra, "made_from": made_from,
+                      "seeds": seeds, "jobs": jobs, "threads": threads, "wall_time_s": round(wall, 1), "summary": summary,
                       "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
             with write_atomically(out / "compare.json") as partial:
                 partial.write_text(json.dumps(record, indent=2))
-            command = " ".join(["distill compare", *(argv if argv is not None else sys.argv[2:])])
             with write_atomically(out / "compare.md") as partial:
-                partial.write_text(f"`{command}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
+                partial.write_text(f"`{command_line}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
                                    f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(table)
     print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'})")
+
+
+main = command("distill compare", compare, extra="each run's distill fit (e.g. --data.dataset, --trainer.max_epochs)",
+               description=__doc__.split("\n\n")[0])

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distill.common.errors import OneLineArgumentParser, UserError
+from distill.common.commandline import command
+from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.identity import describe_differences, differences, finished, intended_options, trained_something
 from distill.common.tables import format_rows
@@ -125,7 +126,13 @@ def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[
 
 
 def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
-    """Run (or resume) every stage and the export; returns one result per stage."""
+    """Run (or resume) every stage and the export; returns one result per stage.
+
+    Args:
+        config: pipeline YAML (see configs/pipeline.yaml)
+        extra: options for every stage's distill fit (--trainer.devices 2 ...)
+        root: output root (default: the file's root, else runs)
+    """
     spec = load_spec(config)
     root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
     reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
@@ -270,9 +277,5 @@ def format_table(results: list[dict]) -> str:
     return format_rows(header, rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog="distill pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="pipeline YAML (see configs/pipeline.yaml)")
-    parser.add_argument("--root", default=None, help="output root (default: the file's root, else runs)")
-    args, extra = parser.parse_known_args(argv)
-    run_pipeline(args.config, extra, args.root)
+main = command("distill pipeline", run_pipeline, extra="every stage's distill fit (e.g. --trainer.devices 2)",
+               description=__doc__.split("\n\n")[0])

@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distill.common.errors import OneLineArgumentParser, UserError
+from distill.common.commandline import command
+from distill.common.errors import UserError
 from distill.common.files import make_folder, write_atomically
 from distill.common.tables import format_rows
 
@@ -100,7 +101,7 @@ def report(root: str | Path) -> str:
     return text
 
 
-def plot(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
+def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> list[Path]:
     """One PNG per run (named by `plot_names`): validation accuracy per head (and EMA, teacher agreement); training
     loss parts.
 
@@ -153,13 +154,18 @@ def plot_names(labels: list[str]) -> dict[str, str]:
             for label, name in flat.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog="distill report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a run's folder, a logger folder (runs/distill) or a pipeline's (runs/digits)")
-    parser.add_argument("--plot", default=None, metavar="FOLDER", help="also write one PNG of curves per run here")
-    parser.add_argument("--overwrite", action="store_true", help="replace PNGs of the same names in --plot")
-    args = parser.parse_args(argv)
-    print(report(args.run_dir))
-    if args.plot:
-        for path in plot(args.run_dir, args.plot, args.overwrite):
+def report_command(run_dir: str, plot: Optional[str] = None, overwrite: bool = False) -> None:
+    """Print a run's (or a pipeline's) figures; with `plot`, also write one PNG of curves per run.
+
+    Args:
+        run_dir: a run's folder, a logger folder (runs/distill) or a pipeline's (runs/digits)
+        plot: also write one PNG of curves per run into this folder
+        overwrite: replace PNGs of the same names in --plot
+    """
+    print(report(run_dir))
+    if plot:
+        for path in plot_runs(run_dir, plot, overwrite):
             print(f"wrote {path}")
+
+
+main = command("distill report", report_command, positional=True, description=__doc__.split("\n\n")[0])

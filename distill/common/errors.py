@@ -8,10 +8,7 @@ translates a library's error, chain that one (`raise UserError(...) from err`) s
 """
 from __future__ import annotations
 
-import argparse
-from typing import NoReturn
-
-__all__ = ["OneLineArgumentParser", "UsageError", "UserError", "non_negative_float", "positive_float", "positive_int"]
+__all__ = ["UsageError", "UserError"]
 
 
 class UserError(Exception):
@@ -25,44 +22,3 @@ class UserError(Exception):
 class UsageError(UserError):
     """A command line the parser rejects (an unknown option, a missing one, a value of the wrong type): printed
     with a pointer to `--help` instead of to the traceback, which would only show the parser."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands outside LightningCLI (export, predict, ...): a mistake is a `UserError`
-    naming the option, printed by `distill.cli.cli_main` as one line like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}  ({self.prog} --help lists the options)")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer of 1 or more, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer of 1 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number of 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
-    return value

@@ -16,7 +16,6 @@ own files) or empty; a second export writing the same folder at the same time is
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import importlib.metadata
@@ -35,9 +34,11 @@ from timm.models import save_for_hf
 from torch import nn
 
 from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
-from distill.common.errors import OneLineArgumentParser, UserError, non_negative_float, positive_float, positive_int
+from distill.common.commandline import call, command
+from distill.common.errors import UserError
 from distill.common.files import OutputLock, lock_path, replace_folder
 from distill.common.identity import describe_differences, file_digest
+from distill.common.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
 from distill.deploy.inference import INT8_FILE, load_export
 from distill.deploy.quantize import Int8Method, quantize_int8, training_data
 from students import Student
@@ -61,6 +62,22 @@ class Int8:
     method: Int8Method = "dynamic"
 
 
+def int8_request(int8: bool = False, int8_method: Int8Method = Int8.method,
+                 calibration_images: PositiveInt = Int8.calibration_images,
+                 int8_max_drop: NonNegativeFloat = Int8.max_drop, data: Optional[str] = None) -> Optional[Int8]:
+    """The INT8 model `distill export --int8` asks for, or None.
+
+    Args:
+        int8: also write model.int8.onnx: ONNX Runtime INT8 quantization, checked on accuracy
+        int8_method: dynamic: activations quantized per batch at run time (fastest on CPU); static: QDQ graph with
+            calibrated activation ranges
+        calibration_images: training images that calibrate the INT8 ranges (--int8_method static)
+        int8_max_drop: largest accepted drop of validation top-1 from fp32 ONNX to INT8, in points
+        data: the training data, for --int8 (default: the dataset recorded in the checkpoint)
+    """
+    return Int8(calibration_images, int8_max_drop, data, int8_method) if int8 else None
+
+
 def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
     """The student of a checkpoint of this project (its EMA weights with `ema`), in eval mode, and the checkpoint."""
     checkpoint = read_student_checkpoint(ckpt, "export --ckpt")
@@ -75,13 +92,26 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
 
 def export_student(
     ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
-    tolerance: float = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None, keep_current: bool = False,
+    overwrite_stale: bool = False, tolerance: PositiveFloat = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None,
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input.
 
     An export at `out` made from the same checkpoint content with the same options (`current_export`) is kept
-    (`"kept": True` in the report) unless `overwrite` without `keep_current` asks to rebuild it; another export is
-    replaced only with `overwrite`.
+    (`"kept": True` in the report) unless `overwrite` asks to rebuild it; another export is replaced only with
+    `overwrite` or `overwrite_stale`.
+
+    Args:
+        ckpt: a student checkpoint of this project (best.ckpt, last.ckpt)
+        out: export folder to create
+        onnx: also write model.onnx
+        torchscript: also write model.torchscript.pt
+        overwrite: replace an earlier export at --out, even one made from the same checkpoint and options (a folder
+            holding anything else is never replaced)
+        overwrite_stale: replace an earlier export only if it was made from another checkpoint (by content), other
+            options or other library versions; keep a current one (distill pipeline does this)
+        tolerance: largest accepted output difference
+        ema: export the EMA weights (a run with model.ema_decay)
+        int8: also write model.int8.onnx (ONNX Runtime INT8 quantization, checked on accuracy), as this asks
     """
     out = Path(os.path.abspath(out))  # `--out .` has no name of its own; `a/../b` is shown as `b`
     if int8 is not None and not onnx:
@@ -92,9 +122,9 @@ def export_student(
     with OutputLock(lock_path(out), f"export --out '{out}'"):
         remove_leftovers(out)
         current = current_export(out, made_from)
-        if current is not None and (keep_current or not overwrite):  # same checkpoint bytes and options, files intact
+        if current is not None and not overwrite:  # same checkpoint bytes and options, files intact
             return {**current, "kept": True}
-        check_replaceable(out, overwrite, made_from)
+        check_replaceable(out, overwrite or overwrite_stale, made_from)
         return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8, made_from)
 
 
@@ -276,40 +306,13 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(143)  # unwinds the `finally` that removes the folder being built
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`distill export --ckpt CKPT --out DIR [--no-onnx] [--no-torchscript] [--overwrite]`."""
-    parser = OneLineArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a student checkpoint of this project (best.ckpt, last.ckpt)")
-    parser.add_argument("--out", required=True, help="export folder to create")
-    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also write model.onnx")
-    parser.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write model.torchscript.pt")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier export at --out, even one made from the same checkpoint and options "
-                             "(a folder holding anything else is never replaced)")
-    parser.add_argument("--overwrite_stale", action="store_true",
-                        help="replace an earlier export only if it was made from another checkpoint (by content), "
-                             "other options or other library versions; keep a current one (distill pipeline does this)")
-    parser.add_argument("--tolerance", type=positive_float, default=TOLERANCE, help="largest accepted output difference")
-    parser.add_argument("--ema", action="store_true", help="export the EMA weights (a run with model.ema_decay)")
-    parser.add_argument("--int8", action="store_true",
-                        help=f"also write {INT8_FILE}: ONNX Runtime INT8 quantization, checked on accuracy")
-    parser.add_argument("--int8_method", choices=["dynamic", "static"], default=Int8.method,
-                        help="dynamic: activations quantized per batch at run time (fastest on CPU); static: QDQ "
-                             "graph with calibrated activation ranges")
-    parser.add_argument("--calibration_images", type=positive_int, default=Int8.calibration_images,
-                        help="training images that calibrate the INT8 ranges (--int8_method static)")
-    parser.add_argument("--int8_max_drop", type=non_negative_float, default=Int8.max_drop,
-                        help="largest accepted drop of validation top-1 from fp32 ONNX to INT8, in points")
-    parser.add_argument("--data", default=None,
-                        help="the training data, for --int8 (default: the dataset recorded in the checkpoint)")
-    args = parser.parse_args(argv)
+def _export_command(options: dict[str, Any]) -> None:
+    """`distill export`: the export, then one line per format checked."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
-    int8 = Int8(args.calibration_images, args.int8_max_drop, args.data, args.int8_method) if args.int8 else None
-    report = export_student(args.ckpt, args.out, args.onnx, args.torchscript, args.overwrite or args.overwrite_stale,
-                            args.tolerance, args.ema, int8, keep_current=args.overwrite_stale and not args.overwrite)
+    report = call(export_student, {**options, "int8": call(int8_request, options)})
+    out = options["out"]
     if report.get("kept"):
-        print(f"export: '{args.out}' is already the export of '{args.ckpt}' with these options (same checkpoint "
+        print(f"export: '{out}' is already the export of '{options['ckpt']}' with these options (same checkpoint "
               "content, files intact): kept")
         return
     for name, result in report["formats"].items():
@@ -320,5 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{result['validation_images']} validation images)  ok")
             continue
         print(f"{name:12s} max |diff| vs PyTorch = {result['max_abs_diff']:.2e}  ok")
-    print(f"exported to {args.out} (report: {Path(args.out) / 'export_report.json'})")
+    print(f"exported to {out} (report: {Path(out) / 'export_report.json'})")
+
+
+main = command("distill export", export_student, int8_request, skip=("export_student.int8",), run=_export_command,
+               description=__doc__.split("\n\n")[0])
 

@@ -18,17 +18,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distill.common.errors import OneLineArgumentParser, UserError, positive_int
+from distill.common.commandline import call, command
+from distill.common.errors import UserError
 from distill.common.files import OutputLock, lock_path, make_folder, write_atomically
 from distill.data.images import IMG_EXTENSIONS, UnreadableImage, left_out, list_images, load_image
+from distill.common.ranges import PositiveInt
 from distill.deploy.inference import best_classes, export_transform, label_names, load_export
 
 __all__ = ["predict_folder", "main"]
 
 
-def predict_folder(export: str | Path, images: str | Path, out: str | Path, top_k: int = 5, batch_size: int = 32,
-                   overwrite: bool = False) -> tuple[int, int]:
-    """Write `out` (CSV: path, class/probability pairs best first, error); returns (images, unreadable)."""
+def predict_folder(export: str | Path, images: str | Path, out: str | Path = "predictions.csv", top_k: PositiveInt = 5,
+                   batch_size: PositiveInt = 32, overwrite: bool = False) -> tuple[int, int]:
+    """Write `out` (CSV: path, class/probability pairs best first, error); returns (images, unreadable).
+
+    Args:
+        export: folder written by `distill export`
+        images: folder of images (searched recursively; hidden entries skipped)
+        out: CSV file to write
+        top_k: classes per image
+        batch_size: images per forward pass
+        overwrite: replace an existing --out file
+    """
     if top_k < 1 or batch_size < 1:
         raise UserError(f"predict: --top_k and --batch_size must be 1 or more, got {top_k} and {batch_size}")
     images, out = Path(images), Path(out)
@@ -78,15 +89,10 @@ def _predict_batch(model: torch.nn.Module, transform, chunk: list[Path], names: 
     return len(errors)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog="distill predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", required=True, help="folder written by `distill export`")
-    parser.add_argument("--images", required=True, help="folder of images (searched recursively; hidden entries skipped)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV file to write")
-    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per image")
-    parser.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    args = parser.parse_args(argv)
-    count, failed = predict_folder(args.export, args.images, args.out, args.top_k, args.batch_size, args.overwrite)
-    print(f"wrote {count} rows to {args.out}"
+def _print_summary(options: dict) -> None:
+    count, failed = call(predict_folder, options)
+    print(f"wrote {count} rows to {options['out']}"
           + (f"; {failed} image(s) could not be read (their rows hold the reason in the error column)" if failed else ""))
+
+
+main = command("distill predict", predict_folder, run=_print_summary, description=__doc__.split("\n\n")[0])

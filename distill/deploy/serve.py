@@ -37,16 +37,16 @@ import json
 import logging
 import os
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from PIL import Image
 
-from distill.common.errors import OneLineArgumentParser, UserError, positive_float, positive_int
-from distill.common.files import OutputLock
+from distill.common.commandline import call, command
+from distill.common.errors import UserError
+from distill.common.ranges import PositiveFloat, PositiveInt
 from distill.data.images import TooManyPixels, UnreadableImage, load_image
 from distill.deploy.inference import (
     CONFIG,
@@ -61,9 +61,8 @@ from distill.deploy.inference import (
 from distill.deploy.serving_host import (
     ForkedChildrenDieWithParent,
     accelerators_here,
-    check_port,
     die_with_parent,
-    port_number,
+    listen,
 )
 
 try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
@@ -79,7 +78,6 @@ except ImportError as err:
 __all__ = ["StudentAPI", "RequestGate", "make_server", "main", "onnx_session", "accelerators_here", "die_with_parent"]
 
 BACKENDS = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 FIELD = "image"  # the multipart file field a request carries its image in
 
 
@@ -299,10 +297,25 @@ async def _reply(send: Callable, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def make_server(export: str | Path, backend: str = "torch", max_batch_size: int = 16, batch_timeout: float = 0.005,
-                workers: int = 1, top_k: int = 5, max_pixels: int = 40_000_000, max_body_mb: float = 16.0,
-                accelerator: str = "auto", timeout: float = 30.0) -> ls.LitServer:
-    """The LitServer for an export folder (not started: call `.run(host=..., port=...)`)."""
+def make_server(export: str | Path, backend: Literal["torch", "onnx", "int8"] = "torch", max_batch_size: PositiveInt = 16,
+                batch_timeout: PositiveFloat = 0.005, workers: PositiveInt = 1, top_k: PositiveInt = 5,
+                max_pixels: PositiveInt = 40_000_000, max_body_mb: PositiveFloat = 16.0,
+                accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto", timeout: PositiveFloat = 30.0) -> ls.LitServer:
+    """The LitServer for an export folder (not started: call `.run(host=..., port=...)`).
+
+    Args:
+        export: folder written by `distill export`
+        backend: torch (the timm model), onnx (model.onnx) or int8 (model.int8.onnx, ONNX Runtime)
+        max_batch_size: largest dynamic batch (1: no batching, each request alone)
+        batch_timeout: seconds a batch waits to fill before it runs
+        workers: inference processes (each holds the model)
+        top_k: classes per answer
+        max_pixels: largest image accepted, in pixels (checked from its header, before decoding)
+        max_body_mb: largest request body, in MiB
+        accelerator: where the torch backend runs (auto: a CUDA GPU when there is one; cuda and mps only where
+            torch finds one)
+        timeout: seconds a request may wait for its answer before LitServe answers it with a timeout error
+    """
     if accelerator == "auto":
         accelerator = "cuda" if backend == "torch" and torch.cuda.is_available() else "cpu"
     here = accelerators_here()
@@ -329,40 +342,14 @@ def make_server(export: str | Path, backend: str = "torch", max_batch_size: int 
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineArgumentParser(prog="distill serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export", required=True, help="folder written by `distill export`")
-    parser.add_argument("--host", choices=["127.0.0.1", "0.0.0.0", "::"], default="127.0.0.1",
-                        help="address to bind: loopback (the default), or every IPv4 / IPv6 interface")
-    parser.add_argument("--port", type=port_number, default=8000, help="TCP port (1024-65535)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="torch",
-                        help="torch (the timm model), onnx (model.onnx) or int8 (model.int8.onnx, ONNX Runtime)")
-    parser.add_argument("--max_batch_size", type=positive_int, default=16,
-                        help="largest dynamic batch (1: no batching, each request alone)")
-    parser.add_argument("--batch_timeout", type=positive_float, default=0.005,
-                        help="seconds a batch waits to fill before it runs")
-    parser.add_argument("--workers", type=positive_int, default=1, help="inference processes (each holds the model)")
-    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per answer")
-    parser.add_argument("--max_pixels", type=positive_int, default=40_000_000,
-                        help="largest image accepted, in pixels (checked from its header, before decoding)")
-    parser.add_argument("--max_body_mb", type=positive_float, default=16.0, help="largest request body, in MiB")
-    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
-                        help="where the torch backend runs (auto: a CUDA GPU when there is one; cuda and mps only "
-                             "where torch finds one)")
-    args = parser.parse_args(argv)
-    check_port(args.host, args.port)
-    # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
-    # port started meanwhile would pass the check above and then wait forever for a socket it cannot have
-    try:
-        OutputLock(Path(tempfile.gettempdir()) / f"distill-serve-port-{args.port}.lock", f"port {args.port}").acquire()
-    except UserError as err:
-        raise UserError(f"serve --port {args.port}: another distill serve is starting or serving on port {args.port} "
-                        "(stop it or choose another --port)") from err
-    server = make_server(args.export, args.backend, args.max_batch_size, args.batch_timeout, args.workers,
-                         args.top_k, args.max_pixels, args.max_body_mb, args.accelerator)
-    print(f"serving {server.model_metadata['model']} ({args.backend}, version {server.model_metadata['version']}) "
-          f"on http://{args.host}:{args.port}/predict; try: curl -F {FIELD}=@picture.png "
-          f"http://{args.host}:{args.port}/predict", flush=True)
+def _serve(options: dict[str, Any]) -> None:
+    """`distill serve`: claim the port, load the model, serve until Ctrl+C or SIGTERM."""
+    call(listen, options)
+    server = call(make_server, options)
+    host, port = options["host"], options["port"]
+    print(f"serving {server.model_metadata['model']} ({options['backend']}, version {server.model_metadata['version']}) "
+          f"on http://{host}:{port}/predict; try: curl -F {FIELD}=@picture.png "
+          f"http://{host}:{port}/predict", flush=True)
     # SIGTERM (docker stop, kill, a scheduler) shuts down as Ctrl+C does: LitServe stops its API server and
     # inference processes on KeyboardInterrupt; the default action would leave them running, holding the port
     global _MAIN_PID
@@ -375,8 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     # holding the port and the model: the kernel kills each of them when this process ends
     forks = ForkedChildrenDieWithParent()
     os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
-    server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
+    server.run(host=host, port=port, generate_client_file=False, log_level="warning")
     print("server stopped", flush=True)
+
+
+main = command("distill serve", make_server, listen, run=_serve, description=__doc__.split("\n\n")[0])
 
 
 def _interrupt(signum: int, frame: object) -> None:

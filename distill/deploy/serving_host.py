@@ -5,18 +5,27 @@ killer) on the main process must not leave them holding the port and the model's
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import signal
 import socket
 import sys
 
+import tempfile
+from pathlib import Path
+from typing import Literal
+
 import torch
+from jsonargparse.typing import restricted_number_type
 
 from distill.common.errors import UserError
+from distill.common.files import OutputLock
 
-__all__ = ["ForkedChildrenDieWithParent", "accelerators_here", "check_port", "die_with_parent", "port_number"]
+# a TCP port LitServe accepts (below 1024 needs root)
+Port = restricted_number_type("Port", int, [(">=", 1024), ("<=", 65535)])
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+
+__all__ = ["ForkedChildrenDieWithParent", "accelerators_here", "check_port", "die_with_parent", "listen"]
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -72,8 +81,20 @@ def check_port(host: str, port: int) -> None:
                             "stop what uses it or choose another --port") from err
 
 
-def port_number(text: str) -> int:
-    """argparse type: a TCP port LitServe accepts (1024-65535)."""
-    if not text.isdigit() or not 1024 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1024 to 65535, got '{text}'")
-    return int(text)
+def listen(host: Host = "127.0.0.1", port: Port = 8000) -> OutputLock:
+    """Claim the address a server will listen on, before it loads a model: a port in use is one line now, and a
+    second `distill serve` on the same port, started while the first loads, is refused (the returned lock is held
+    until this process ends).
+
+    Args:
+        host: address to bind: loopback (the default), or every IPv4 / IPv6 interface
+        port: TCP port
+    """
+    check_port(host, port)
+    # LitServe binds the port only after its workers have loaded the model: a second `distill serve` on the same
+    # port started meanwhile would pass the check above and then wait forever for a socket it cannot have
+    try:
+        return OutputLock(Path(tempfile.gettempdir()) / f"distill-serve-port-{port}.lock", f"port {port}").acquire()
+    except UserError as err:
+        raise UserError(f"serve --port {port}: another distill serve is starting or serving on port {port} "
+                        "(stop it or choose another --port)") from err

@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from distill.common.adapters import option_names
 from distill.common.checkpoints import read_student_checkpoint
+from distill.common.commandline import one_line
 from distill.common.errors import UsageError, UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.identity import options_identity
@@ -74,8 +75,7 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        text = _out_of_range(text) or text
+        text = one_line(message)
         typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
         close = difflib.get_close_matches(typo.group(1), sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -83,23 +83,6 @@ class OneLineErrorParser(LightningArgumentParser):
         if source:
             text = f"{source}: {text}"
         raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
-
-
-def _out_of_range(text: str) -> str | None:
-    """jsonargparse's message for a value outside its range type, as `option: value is out of range (accepted: ...)`."""
-    found = re.search(r"(?:Not of type \w+: )?(\S+)? ?does not conform to restriction (.+?)(?:\. Got value| - | Given value|$)",
-                      text)
-    keys = re.findall(r'Parser key "([\w.]+)"', text)
-    if not found or not keys:
-        return None
-    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"  # a class's own option: model.student...
-    value, rule = found.groups()
-    rule = rule.strip().replace("v>=", ">= ").replace("v<=", "<= ").replace("v>", "> ").replace("v<", "< ")
-    if not value:
-        given = re.search(r"Given value: (\S+)", text)
-        value = given.group(1) if given else None
-    nullable = " or null" if "NoneType" in text else ""
-    return f"{key}: {value} is out of range (accepted: {rule}{nullable})" if value else f"{key}: out of range (accepted: {rule}{nullable})"
 
 
 def _check_config_files(argv: list[str]) -> None:

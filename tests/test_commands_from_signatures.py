@@ -1,0 +1,100 @@
+"""The commands outside LightningCLI take their options from the signatures of the functions they call: an option is
+declared once (type with its range, default, help from the docstring), and a mistake is one line."""
+import ast
+import inspect
+from typing import Literal, Optional
+
+import pytest
+
+from distill.common.commandline import command
+from distill.common.errors import UsageError
+from distill.common.ranges import PositiveInt
+from tests.helpers import ROOT
+
+
+def job(config: list[str], jobs: PositiveInt = 2, mode: Literal["fast", "slow"] = "fast", overwrite: bool = False,
+        onnx: bool = True, note: Optional[str] = None, extra: Optional[list[str]] = None) -> dict:
+    """Do the job.
+
+    Args:
+        config: a config file; again for an overlay
+        jobs: runs at once
+        mode: how
+        overwrite: replace what is there
+        onnx: also write ONNX
+        note: a note
+        extra: the rest, for another command
+    """
+    return dict(config=config, jobs=jobs, mode=mode, overwrite=overwrite, onnx=onnx, note=note, extra=extra)
+
+
+def test_options_come_from_the_signature_flags_lists_and_the_rest_included():
+    main = command("distill job", job, extra="distill fit")
+    got = main(["--config", "a.yaml", "--data.dataset", "DIR", "--config=b.yaml", "--overwrite", "--no-onnx",
+                "--jobs", "3", "--trainer.max_epochs=2"])
+    assert got == dict(config=["a.yaml", "b.yaml"], jobs=3, mode="fast", overwrite=True, onnx=False, note=None,
+                       extra=["--data.dataset", "DIR", "--trainer.max_epochs=2"])
+    assert main(["--config", "a.yaml"])["onnx"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "a", "--jobs", "0"], "distill job: --jobs: 0 is out of range (accepted: > 0)"),
+    (["--config", "a", "--mode", "medium"], "distill job: --mode: medium is not one of 'fast', 'slow'"),
+    (["--jobs", "2"], "distill job: --config is required"),
+    (["--config", "a", "--job", "2"], "unrecognized arguments: --job 2; did you mean '--jobs'?"),
+])
+def test_a_mistake_is_one_line_naming_the_option_and_what_is_accepted(argv, message):
+    main = command("distill job", job)  # no `extra`: an unknown option is refused
+    with pytest.raises(UsageError) as caught:
+        main(argv)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("(distill job --help lists the options)")
+
+
+def test_help_shows_each_option_with_its_docstring_range_and_default(capsys):
+    with pytest.raises(SystemExit):
+        command("distill job", job, extra="distill fit")(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for line in ("--jobs JOBS runs at once (type: PositiveInt, default: 2)", "--onnx, --no-onnx also write ONNX",
+                 "--overwrite replace what is there", "Every other option goes to distill fit"):
+        assert line in text
+
+
+@pytest.mark.parametrize("name, functions", [
+    ("serve", ["distill.deploy.serve:make_server", "distill.deploy.serving_host:listen"]),
+    ("export", ["distill.deploy.export:export_student", "distill.deploy.export:int8_request"]),
+    ("predict", ["distill.deploy.predict:predict_folder"]),
+    ("compare", ["distill.commands.compare:compare"]),
+    ("pipeline", ["distill.commands.pipeline:run_pipeline"]),
+    ("cache-teacher", ["distill.cache.command:cache_teacher"]),
+    ("report", ["distill.commands.report:report_command"]),
+])
+def test_every_command_offers_exactly_the_parameters_of_the_functions_it_calls(name, functions, capsys):
+    import importlib
+    from distill.cli import cli_main
+    argv = [name, "--export", "x", "--help"] if name == "predict" else [name, "--help"]
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    text = capsys.readouterr().out
+    for spec in functions:
+        module, function = spec.split(":")
+        for parameter in inspect.signature(getattr(importlib.import_module(module), function)).parameters:
+            if parameter == "extra":  # the options passed on (to distill fit)
+                continue
+            shown = parameter if name == "report" and parameter == "run_dir" else f"--{parameter}"
+            assert shown in text, f"distill {name} --help does not show {shown}"
+
+
+def test_no_command_declares_its_options_by_hand():
+    """Options come from signatures (distill/common/commandline.py) or LightningCLI: nowhere an `add_argument`."""
+    allowed = {ROOT / "distill" / "common" / "commandline.py", ROOT / "distill" / "training" / "cli.py"}
+    found = []
+    for path in sorted((ROOT / "distill").rglob("*.py")):
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            called = node.func if isinstance(node, ast.Call) else None
+            name = getattr(called, "attr", None) or getattr(called, "id", None)
+            if name in ("add_argument", "ArgumentParser"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"options declared by hand: {found}"
