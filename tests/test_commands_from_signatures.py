@@ -42,6 +42,8 @@ def test_options_come_from_the_signature_flags_lists_and_the_rest_included():
     (["--config", "a", "--mode", "medium"], "distill job: --mode: medium is not one of 'fast', 'slow'"),
     (["--jobs", "2"], "distill job: --config is required"),
     (["--config", "a", "--job", "2"], "unrecognized arguments: --job 2; did you mean '--jobs'?"),
+    (["--config", "a", "--jobs", "two"], "distill job: --jobs: expected an integer, got 'two'"),
+    (["--config", "a", "--overwrite=true"], "distill job: --overwrite is a flag: give it alone, without 'true'"),
 ])
 def test_a_mistake_is_one_line_naming_the_option_and_what_is_accepted(argv, message):
     main = command("distill job", job)  # no `extra`: an unknown option is refused

@@ -60,6 +60,10 @@ def one_line(message: str) -> str:
     choice = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$', text)
     if choice:
         return f"{choice.group(1)}: {choice.group(3)} is not one of {choice.group(2)}"
+    text = re.sub(r"invalid literal for int\(\) with base 10: (.*)$", r"expected an integer, got \1", text)
+    text = re.sub(r"could not convert string to float: (.*)$", r"expected a number, got \1", text)
+    text = re.sub(r"argument (--[\w-]+).*: ignored explicit argument (.*)$",
+                  r"\1 is a flag: give it alone, without \2", text)
     keyed = re.match(r'Parser key "([\w.]+)": (?:Not of type \w+: )?(.*)$', text)
     return f"{keyed.group(1)}: {keyed.group(2)}" if keyed else text
 
