@@ -120,6 +120,11 @@ def test_the_recipes_table_says_what_the_configs_do():
     recipe = yaml.safe_load((ROOT / "configs" / "distill.yaml").read_text())
     row = rows["`configs/distill.yaml`"]
     assert f"{recipe['model']['distillation']} distillation" in row and f"{recipe['trainer']['max_epochs']} epochs" in row
+    for name, row in rows.items():  # the student a config (or an overlay) sets is the one its row names
+        path = ROOT / name.split("`")[1]
+        student = (yaml.safe_load(path.read_text()).get("model") or {}).get("student") or {}
+        model_name = (student.get("init_args") or {}).get("model_name")
+        assert model_name is None or f"`{model_name}`" in row, f"docs/recipes.md's row of {name} does not name {model_name}"
     teacher = yaml.safe_load((ROOT / "configs" / "teacher.yaml").read_text())
     assert f"{teacher['trainer']['max_epochs']} epochs" in rows["`configs/teacher.yaml`"]
     stages = {s["name"]: s for s in yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())["stages"]}

@@ -60,7 +60,7 @@ def test_a_size_the_recipes_stem_and_patch_do_not_divide_names_the_options_and_t
         tmp_path, capsys, img_size, patch_size, feature_map, accepted):
     line = refusal([*fit_args(tmp_path, "distill.yaml"), f"--data.img_size={img_size}",
                           f"{OPTION}patch_size={patch_size}"], capsys)
-    assert line.startswith("error: student 'vit_tiny_r_s16_p8_224': ")
+    assert line.startswith("error: student 'deit_tiny_r_s16_p8_distilled_224': ")
     assert f"(data.img_size {img_size}, model.student.init_args.patch_size {patch_size})" in line
     assert f"the convolutional stem gives a {feature_map} feature map" in line
     assert line.endswith(f"img_size must be a multiple of stem reduction x patch_size {accepted}")

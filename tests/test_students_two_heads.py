@@ -106,10 +106,11 @@ def test_learning_rate_warms_up_then_decays_by_cosine_to_min_lr(student_factory)
     assert lrs[-1] == pytest.approx(1e-5, rel=0.2) and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
 
 
-def test_the_recipes_student_trains_and_exports_as_a_plain_timm_model(tmp_path, teacher_file):
+def test_the_head_student_trains_and_exports_as_a_plain_timm_model(tmp_path, teacher_file):
     shrunk = shrink(tmp_path, "distill.yaml")
-    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's own student, full size
-    args = [*keep, f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
+    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's width and depth
+    args = [*keep[:2], "--config", str(ROOT / "configs" / "students" / "heads.yaml"), *keep[2:],
+            f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
     student = make_cli(args, run=False).model.student  # the convolutional stem in front of the transformer
     assert student.config["model_name"] == "vit_tiny_r_s16_p8_224" and student.config["embed_dim"] == 128
     assert student.model.patch_embed.grid_size == (4, 4) and student.head_dist is not None
@@ -123,11 +124,10 @@ def test_the_recipes_student_trains_and_exports_as_a_plain_timm_model(tmp_path, 
         assert torch.allclose(exported, trained(images), atol=1e-5)  # the two heads folded into one classifier
 
 
-def test_the_stem_deit_student_has_both_tokens_trains_and_exports_to_every_format(tmp_path, teacher_file):
+def test_the_recipes_student_has_both_tokens_on_its_stem_trains_and_exports_to_every_format(tmp_path, teacher_file):
     shrunk = shrink(tmp_path, "distill.yaml")
-    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's width and depth
-    args = [*keep[:2], "--config", str(ROOT / "configs" / "students" / "deit_stem.yaml"), *keep[2:],
-            f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
+    keep = [a for a in shrunk if not a.startswith("--model.student.")]  # the recipe's own student, full size
+    args = [*keep, f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher_file}"]
     student = make_cli(args, run=False).model.student
     assert student.distilled and student.model.num_prefix_tokens == 2  # a class token and a distillation token
     assert type(student.model.patch_embed).__name__ == "HybridEmbed" and student.model.patch_embed.grid_size == (4, 4)
