@@ -11,8 +11,11 @@
 Every refusal: exit code 2, one `error:` line naming the split or file, the row or entry, and the value.
 """
 import atexit
+import errno
 import hashlib
 import io
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +25,8 @@ import pytest
 from PIL import Image
 
 from distill.cli import cli_main
-from tests.helpers import (TINY_TEACHER, make_image_folder, nothing_written, random_teacher_file, run_cli_error,
-                           shrink)
+from tests.helpers import (TINY_TEACHER, distill_args, make_image_folder, nothing_written, random_teacher_file,
+                           run_cli_error, shrink)
 
 datasets = pytest.importorskip("datasets")
 
@@ -202,3 +205,35 @@ def test_check_refuses_probabilities_out_of_order_but_passes_the_cache_as_built(
     assert "prob.npy' holds the probability 0.99 above the one before it at epoch 0, row 5 (image" in line
     assert line.endswith("top-2 (accepted: most probable first); the cache is damaged: rebuild it with distill "
                          "cache-teacher")
+
+
+@pytest.mark.parametrize("damage", ["edited-epochs", "truncated-array"])
+def test_a_damaged_teacher_cache_is_named_when_it_is_opened(tmp_path, capsys, damage):
+    args = distill_args(tmp_path)
+    cache = tmp_path / "cache"
+    cli_main(["cache-teacher", *args[1:], "--epochs=1", "--top_k=2", f"--out={cache}"])
+    if damage == "edited-epochs":
+        meta = json.loads((cache / "meta.json").read_text())
+        meta["epochs"] = 3
+        (cache / "meta.json").write_text(json.dumps(meta))
+        expected = "shard-00000-of-00001/view.npy' holds int32 (1, 1436), but meta.json describes int32 (3, 1436)"
+    else:
+        data = (cache / "shard-00000-of-00001" / "index.npy").read_bytes()
+        (cache / "shard-00000-of-00001" / "index.npy").write_bytes(data[:200])
+        expected = "index.npy' cannot be read"
+    line = run_cli_error([*args, f"--data.teacher_cache={cache}", "--model.teacher=null",
+                          f"--checkpoint.dirpath={tmp_path / 'ckpt2'}"], capsys)
+    assert expected in line and "rebuild" in line
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_is_refused_before_the_build_and_leaves_nothing(tmp_path, capsys,
+                                                                                               monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cache = tmp_path / "cache"
+    line = run_cli_error(["cache-teacher", *distill_args(tmp_path)[1:], "--epochs=1", "--top_k=2", f"--out={cache}"],
+                         capsys)
+    assert "--out: cannot allocate" in line and "No space left on device" in line
+    assert not cache.exists() and not Path(f"{cache}.partial").exists()

@@ -1,6 +1,7 @@
 """Teachers: frozen, loaded safely from every accepted source, clear errors otherwise."""
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 
 from distill.common.errors import UserError
 from teachers import Teacher
-from tests.helpers import TINY_TEACHER
+from tests.helpers import TINY_TEACHER, distill_args, run_cli_error
 
 
 def test_teacher_stays_in_eval_mode_without_gradients_through_train_calls(teacher_file):
@@ -181,3 +182,34 @@ def test_the_fallback_threshold_is_an_option(teacher_file):
     assert teacher.fast_agreement == 0.0 and teacher.fast_dtype == torch.bfloat16
     with pytest.raises(UserError, match="teacher.fast_min_agreement must lie in"):
         Teacher(TINY_TEACHER, weights=str(teacher_file), fast_min_agreement=1.5)
+
+
+def broken_teacher(tmp_path: Path, how: str) -> Path:
+    """A test_resnet weights file whose weights (nan) or whose outputs (a negative BatchNorm variance) are not finite."""
+    import timm
+    state = timm.create_model(TINY_TEACHER, num_classes=10).state_dict()
+    if how == "weights":
+        state["fc.weight"][0, 0] = float("nan")
+    else:
+        state["bn1.running_var"].fill_(-1.0)  # sqrt(-1): every output NaN, every weight finite
+    path = tmp_path / f"teacher_{how}.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("how", ["weights", "outputs"])
+def test_a_teacher_that_is_not_finite_stops_the_run_naming_the_teacher(tmp_path, capsys, how):
+    args = [*distill_args(tmp_path), f"--model.teacher.init_args.weights={broken_teacher(tmp_path, how)}"]
+    line = run_cli_error(args, capsys)
+    assert f"teacher '{TINY_TEACHER}'" in line and ("outputs on the first batch are not finite" if how == "outputs"
+                                                    else "weights") in line
+    assert ("non-finite" if how == "weights" else "not finite") in line
+    assert not list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_an_export_folder_without_weights_given_as_the_teacher_is_named(tmp_path, capsys):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    line = run_cli_error([*distill_args(tmp_path), f"--model.teacher.init_args.weights={folder}"], capsys)
+    assert f"teacher.weights: folder '{folder}' is not a timm model folder" in line and "config.json" in line
