@@ -44,6 +44,7 @@ def test_options_come_from_the_signature_flags_lists_and_the_rest_included():
     (["--config", "a", "--job", "2"], "unrecognized arguments: --job 2; did you mean '--jobs'?"),
     (["--config", "a", "--jobs", "two"], "distill job: --jobs: expected an integer, got 'two'"),
     (["--config", "a", "--overwrite=true"], "distill job: --overwrite is a flag: give it alone, without 'true'"),
+    (["--config", "a", "--jobs", "2", "--mode", "fast", "--over-write"], "did you mean '--overwrite'?"),
 ])
 def test_a_mistake_is_one_line_naming_the_option_and_what_is_accepted(argv, message):
     main = command("distill job", job)  # no `extra`: an unknown option is refused
@@ -51,6 +52,31 @@ def test_a_mistake_is_one_line_naming_the_option_and_what_is_accepted(argv, mess
         main(argv)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert str(caught.value).endswith("(distill job --help lists the options)")
+
+
+def test_a_hyphenated_spelling_of_an_option_is_refused_not_passed_on_and_dashes_end_the_options():
+    def label(top_k: PositiveInt = 10, extra: Optional[list[str]] = None) -> tuple:
+        """Args:
+            top_k: probabilities kept
+        """
+        return top_k, extra
+    main = command("distill label", label, extra="distill fit")
+    with pytest.raises(UsageError, match="--top-k: options are spelled with underscores; did you mean '--top_k'"):
+        main(["--top-k", "3", "--data.dataset", "DIR"])  # not handed to fit, which would name another option
+    assert main(["--top_k", "3", "--", "--top_k", "4"]) == (3, ["--top_k", "4"])  # after `--`: passed on whole
+
+
+def test_an_optional_number_names_its_own_complaint_in_one_line():
+    def build(epochs: Optional[PositiveInt] = None) -> Optional[int]:
+        """Args:
+            epochs: how many
+        """
+        return epochs
+    main = command("distill build", build)
+    with pytest.raises(UsageError) as caught:
+        main(["--epochs", "1.5"])
+    assert "distill build: --epochs: expected an integer, got '1.5' (or null)" in str(caught.value)
+    assert main(["--epochs", "3"]) == 3
 
 
 def test_help_shows_each_option_with_its_docstring_range_and_default(capsys):

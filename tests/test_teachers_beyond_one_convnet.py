@@ -142,6 +142,10 @@ def test_fit_refuses_an_option_that_would_change_one_member_of_an_ensemble(tmp_p
                           "--model.teacher.init_args.weights=other.ckpt"], capsys)
     assert "--model.teacher.init_args.weights would change the last teacher of the ensemble of 2 in" in line
     assert not (tmp_path / "ckpt").exists()
+    # the ensemble given as --config=FILE after the recipe is found as well; a whole --model.teacher is taken
+    line = run_cli_error(["fit", f"--config={base[1]}", f"--config={ensemble_overlay(tmp_path)}", *base[2:],
+                          "--model.teacher.init_args.weights=other.ckpt"], capsys)
+    assert "would change the last teacher of the ensemble of 2 in" in line
 
 
 def test_a_teacher_named_by_a_deit_alias_or_with_a_hub_tag_is_the_architecture_its_run_trained(tmp_path):

@@ -53,8 +53,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     for seed in seeds:
         for kind in types:
             folder = out / kind / f"seed_{seed}"
-            # compare's own options last: a config overlay among `extra` (--config students/deit.yaml) must not
-            # move a run's outputs, seed or type
+            # compare's own options last: nothing in `extra` may move a run's outputs, seed or type
             command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
                        f"--seed_everything={seed}",
                        f"--model.distillation={kind}", f"--trainer.logger.init_args.save_dir={out}",

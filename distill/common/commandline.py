@@ -57,13 +57,17 @@ def one_line(message: str) -> str:
     ranged = out_of_range(text)
     if ranged:
         return ranged
+    union = re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes.*?Errors: - (.*?)'
+                      r'(?: - Expected a <class .NoneType.>.*)?$', text)
+    if union:  # an optional number: the number's own complaint (a range, not an integer), and that null is accepted
+        return one_line(f'Parser key "{union.group(1)}": {union.group(2)}') + " (or null)"
     choice = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$', text)
     if choice:
         return f"{choice.group(1)}: {choice.group(3)} is not one of {choice.group(2)}"
     text = re.sub(r"invalid literal for int\(\) with base 10: (.*)$", r"expected an integer, got \1", text)
     text = re.sub(r"could not convert string to float: (.*)$", r"expected a number, got \1", text)
     text = re.sub(r"argument (--[\w-]+).*: ignored explicit argument (.*)$",
-                  r"\1 is a flag: give it alone, without \2", text)
+                  r"\1 is a flag: give it alone, without \2 (one that is on by default has a --no- form)", text)
     keyed = re.match(r'Parser key "([\w.]+)": (?:Not of type \w+: )?(.*)$', text)
     return f"{keyed.group(1)}: {keyed.group(2)}" if keyed else text
 
@@ -129,7 +133,7 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
             parser.positional_names = [n for n, (p, _) in declared.items() if p.default is inspect.Parameter.empty]
         lists = {name for name, (_, hint) in declared.items() if typing.get_origin(hint) is list}
         flags = {name for name, (_, hint) in declared.items() if hint is bool}
-        mine, rest = _split(list(argv or []), declared, flags, lists, positional)
+        mine, rest = _split(list(argv or []), declared, flags, lists, positional, parser.error)
         if rest and not extra:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         options = parser.parse_args(mine).as_dict()
@@ -141,19 +145,25 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
     return main
 
 
-def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str],
-           positional: bool) -> tuple[list[str], list[str]]:
+def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], positional: bool,
+           error: Callable[[str], NoReturn]) -> tuple[list[str], list[str]]:
     """argv as (what the parser takes, the rest): a list option repeated adds an item (jsonargparse's `--name+`)."""
     known = {f"--{n}" for n in declared} | {f"--no-{n}" for n in flags} | {"-h", "--help"}
     mine, rest, index = [], [], 0
     while index < len(argv):
         arg = argv[index]
         index += 1
+        if arg == "--":  # what follows is not options: positional arguments, or passed on whole
+            (mine if positional else rest).extend(argv[index:])
+            break
         name, equals, value = arg.partition("=")
         if not arg.startswith("-") or arg == "-":
             (mine if positional else rest).append(arg)  # a positional argument, or the value of an option passed on
             continue
         if name not in known:
+            underscored = name[:2] + name[2:].replace("-", "_")
+            if underscored in known and underscored != name:  # --top-k for --top_k: not an option to pass on
+                error(f"{name}: options are spelled with underscores; did you mean '{underscored}'?")
             rest.append(arg)
             continue
         option = name.removeprefix("--")

@@ -91,7 +91,7 @@ def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
 
 
 def export_student(
-    ckpt: str | Path, out: str | Path, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
+    ckpt: str | Path, out: str | Path, *, onnx: bool = True, torchscript: bool = True, overwrite: bool = False,
     overwrite_stale: bool = False, tolerance: PositiveFloat = TOLERANCE, ema: bool = False, int8: Optional[Int8] = None,
 ) -> dict[str, Any]:
     """Write the export folder and return its report; raises before writing anything on bad input.

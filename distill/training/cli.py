@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import itertools
 import json
 import os
 import re
@@ -87,9 +86,7 @@ class OneLineErrorParser(LightningArgumentParser):
 
 def _check_config_files(argv: list[str]) -> None:
     """Each --config file must be readable YAML holding a mapping; errors name the file, line and column."""
-    files = [b for a, b in itertools.pairwise(argv) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
+    for name in _config_files(argv):
         path = Path(name)
         if not path.is_file():
             continue  # jsonargparse names a missing file itself
@@ -103,6 +100,8 @@ def _check_config_files(argv: list[str]) -> None:
 def _check_ensemble_options(argv: list[str]) -> None:
     """`--model.teacher.init_args.X` on a config whose model.teacher is a list would change its last member alone."""
     member_options = [a.split("=")[0] for a in argv if a.startswith("--model.teacher.")]
+    if any(a.split("=")[0] == "--model.teacher" for a in argv):
+        return  # the command line gives the teacher (or the list) whole
     source = _config_with_key(argv, "model.teacher", last=True) if member_options else None
     teacher = (load_yaml(Path(source)).get("model") or {}).get("teacher") if source else None
     if isinstance(teacher, list) and len(teacher) > 1:
@@ -110,10 +109,20 @@ def _check_ensemble_options(argv: list[str]) -> None:
                         f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
 
 
+def _config_files(argv: list[str]) -> list[str]:
+    """The --config (-c) files of `argv`, in the order they apply (`--config X` and `--config=X` alike)."""
+    files = []
+    for index, arg in enumerate(argv):
+        if arg in ("-c", "--config") and index + 1 < len(argv):
+            files.append(argv[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
 def _config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
     """The (first, or `last`) --config file of `argv` that sets the dotted key, if any."""
-    files = [b for a, b in itertools.pairwise(argv) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    files = _config_files(argv)
     for name in reversed(files) if last else files:
         try:
             node = yaml.safe_load(Path(name).read_text())
