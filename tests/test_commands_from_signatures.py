@@ -2,6 +2,7 @@
 declared once (type with its range, default, help from the docstring), and a mistake is one line."""
 import ast
 import inspect
+import re
 from typing import Literal, Optional
 
 import pytest
@@ -104,13 +105,14 @@ def test_every_command_offers_exactly_the_parameters_of_the_functions_it_calls(n
     with pytest.raises(SystemExit):
         cli_main(argv)
     text = capsys.readouterr().out
+    usage = " ".join(text.split("\n\n")[0].split())  # `usage: distill NAME --a A [--b B] ...`: every option, once
+    offered = set(re.findall(r"(?<![\w-])--(\w+)", usage)) | ({"run_dir"} if "run_dir" in usage else set())
+    parameters = set()
     for spec in functions:
         module, function = spec.split(":")
-        for parameter in inspect.signature(getattr(importlib.import_module(module), function)).parameters:
-            if parameter == "extra":  # the options passed on (to distill fit)
-                continue
-            shown = parameter if name == "report" and parameter == "run_dir" else f"--{parameter}"
-            assert shown in text, f"distill {name} --help does not show {shown}"
+        parameters |= set(inspect.signature(getattr(importlib.import_module(module), function)).parameters)
+    skipped = {"extra"} | ({"int8"} if name == "export" else set())  # passed on; export_student's Int8 is int8_request's
+    assert offered == (parameters - skipped) | ({"int8"} if name == "export" else set())
 
 
 def test_no_command_declares_its_options_by_hand():

@@ -12,8 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
@@ -44,18 +43,17 @@ def cache_teacher(epochs: Optional[PositiveInt] = None, top_k: PositiveInt = 10,
         extra: the training run's options: --config FILE and --data.* / --model.teacher.* / --trainer.* (devices,
             strategy, num_nodes) overrides, as for distill fit
     """
-    args = SimpleNamespace(epochs=epochs, top_k=top_k, out=out, batch_size=batch_size, overwrite=overwrite, check=check)
     rest = list(extra or [])
-    if args.check:
-        if rest or args.out or args.epochs:
+    if check:
+        if rest or out or epochs:
             raise UserError("--check DIR takes no other option: it reads the cache alone")
-        print(TeacherCache(Path(args.check), TeacherCache.read_meta(args.check, "--check")).check_complete())
+        print(TeacherCache(Path(check), TeacherCache.read_meta(check, "--check")).check_complete())
         return
-    for name in ("epochs", "out"):
-        if getattr(args, name) is None:
+    for name, value in (("epochs", epochs), ("out", out)):
+        if value is None:
             raise UserError(f"--{name} is required (or --check DIR to check a cache)")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+    out = Path(out)
+    if out.exists() and not overwrite:
         raise UserError(f"--out: '{out}' exists; pass --overwrite to replace it, or choose another folder")
     if out.exists() and not (out / "meta.json").is_file():
         raise UserError(f"--out: '{out}' is not a teacher cache (no meta.json); --overwrite replaces only an earlier "
@@ -65,7 +63,7 @@ def cache_teacher(epochs: Optional[PositiveInt] = None, top_k: PositiveInt = 10,
     if rank_zero_only.rank == 0:
         lock.acquire()
     try:
-        _build(out, args, rest)
+        _build(out, epochs, top_k, batch_size, rest)
     finally:
         lock.release()
 
@@ -75,7 +73,7 @@ main = command("distill cache-teacher", cache_teacher, description=__doc__.split
                      "distill fit")
 
 
-def _build(out: Path, args: Any, rest: list[str]) -> None:
+def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: list[str]) -> None:
     with warnings.catch_warnings():  # the training options are `rest`, not the process's command line
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = make_cli(rest, run=False, prog="distill cache-teacher")
@@ -86,19 +84,19 @@ def _build(out: Path, args: Any, rest: list[str]) -> None:
     if data.teacher_cache:
         raise UserError("data.teacher_cache is set: build a cache from a config that runs the real teacher")
     classes = data.num_classes
-    batch_size = args.batch_size or 4 * data.batch_size
+    batch_size = batch_size or 4 * data.batch_size
     if data.mixup_fn is not None and batch_size % 2:
         raise UserError(f"--batch_size must be even when mixup/cutmix is on (pairs are mixed), got {batch_size}")
-    if not 1 <= args.top_k <= classes:
-        raise UserError(f"--top_k must lie in 1..{classes} (the number of classes), got {args.top_k}")
+    if not 1 <= top_k <= classes:
+        raise UserError(f"--top_k must lie in 1..{classes} (the number of classes), got {top_k}")
     data.setup("fit")
     sampler = data.train_sampler()
     train_images = len(data.train_set)
-    whole = CacheSampler(sampler, args.epochs, 1, 0)  # the shards of a multi-process build add up to it
-    size = TeacherCache.nbytes(args.epochs, whole.rows, args.top_k, classes, sampler.num_repeats * train_images)
+    whole = CacheSampler(sampler, epochs, 1, 0)  # the shards of a multi-process build add up to it
+    size = TeacherCache.nbytes(epochs, whole.rows, top_k, classes, sampler.num_repeats * train_images)
     views = whole.views
-    rank_zero_info(f"Teacher cache: {views} views ({args.epochs} epochs x {train_images} images"
-                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{args.top_k} of "
+    rank_zero_info(f"Teacher cache: {views} views ({epochs} epochs x {train_images} images"
+                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{top_k} of "
                    f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
     free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
     if size > free:
@@ -111,7 +109,7 @@ def _build(out: Path, args: Any, rest: list[str]) -> None:
         precision=trainer_cfg.get("precision") or "32-true", logger=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False,
     )
-    writer = CacheWriter(data, teacher, args.epochs, args.top_k, out, batch_size)
+    writer = CacheWriter(data, teacher, epochs, top_k, out, batch_size)
     started = time.monotonic()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="predict returned None")  # the writer stores, returns nothing

@@ -153,8 +153,9 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
     while index < len(argv):
         arg = argv[index]
         index += 1
-        if arg == "--":  # what follows is not options: positional arguments, or passed on whole
-            (mine if positional else rest).extend(argv[index:])
+        if arg == "--":  # what follows is not options: positional arguments (the parser sees the `--` too), or
+            # options passed on whole
+            (mine if positional else rest).extend(argv[index - 1 if positional and index < len(argv) else index:])
             break
         name, equals, value = arg.partition("=")
         if not arg.startswith("-") or arg == "-":
