@@ -38,13 +38,32 @@ def test_options_come_from_the_signature_flags_lists_and_the_rest_included():
     assert main(["--config", "a.yaml"])["onnx"] is True
 
 
+@pytest.mark.parametrize("argv, overwrite, onnx", [
+    (["--overwrite=true", "--onnx=false"], True, False),  # as LightningCLI spells a bool
+    (["--overwrite=yes", "--onnx=False"], True, False),
+    (["--overwrite", "--overwrite=false", "--no-onnx=false"], False, True),  # the last one given wins
+    (["--no-overwrite", "--no-onnx"], False, False),
+])
+def test_a_flag_also_takes_true_or_false_after_an_equals_sign(argv, overwrite, onnx):
+    got = command("distill job", job)(["--config", "a.yaml", *argv])
+    assert (got["overwrite"], got["onnx"]) == (overwrite, onnx)
+
+
+def test_help_shows_a_list_option_as_it_is_given_once_per_item(capsys):
+    with pytest.raises(SystemExit):
+        command("distill job", job)(["--help"])
+    shown = capsys.readouterr().out
+    assert "usage: distill job --config CONFIG" in shown and "--config CONFIG\n" in shown
+    assert "ITEM" not in shown and "--config+" not in shown  # jsonargparse's spelling of adding an item
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--config", "a", "--jobs", "0"], "distill job: --jobs: 0 is out of range (accepted: > 0)"),
     (["--config", "a", "--mode", "medium"], "distill job: --mode: medium is not one of 'fast', 'slow'"),
     (["--jobs", "2"], "distill job: --config is required"),
     (["--config", "a", "--job", "2"], "unrecognized arguments: --job 2; did you mean '--jobs'?"),
     (["--config", "a", "--jobs", "two"], "distill job: --jobs: expected an integer, got 'two'"),
-    (["--config", "a", "--overwrite=true"], "distill job: --overwrite is a flag: give it alone, without 'true'"),
+    (["--config", "a", "--overwrite=maybe"], "distill job: --overwrite is a flag: give it alone, or =true|false; got 'maybe'"),
     (["--config", "a", "--jobs", "2", "--mode", "fast", "--over-write"], "did you mean '--overwrite'?"),
 ])
 def test_a_mistake_is_one_line_naming_the_option_and_what_is_accepted(argv, message):
@@ -85,7 +104,7 @@ def test_help_shows_each_option_with_its_docstring_range_and_default(capsys):
         command("distill job", job, extra="distill fit")(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for line in ("--jobs JOBS runs at once (type: PositiveInt, default: 2)", "--onnx, --no-onnx also write ONNX",
-                 "--overwrite replace what is there", "Every other option goes to distill fit"):
+                 "--overwrite, --no-overwrite replace what is there", "Every other option goes to distill fit"):
         assert line in text
 
 

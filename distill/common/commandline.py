@@ -6,8 +6,8 @@ from the signatures of the functions they call.
 jsonargparse reads each parameter's type (its range: `PositiveInt`, a `Literal` of choices), its default and
 its help (the function's docstring, the "Args:" section), so an option is declared once, on the function, and
 `distill COMMAND --help` shows it. What jsonargparse does not do for a function's signature, done here once:
-- a `bool` parameter is a flag, as argparse users expect (`--overwrite`; `--no-onnx` for one that defaults to
-  true), where jsonargparse would ask for `--overwrite true`;
+- a `bool` parameter is a flag, as argparse users expect (`--overwrite`, `--no-onnx`; `--onnx=false` as
+  LightningCLI spells it), where jsonargparse would ask for `--overwrite true`;
 - a `list` parameter may be repeated (`--config a.yaml --config b.yaml`), each time adding an item;
 - a command that hands the rest of its command line on (compare, pipeline and cache-teacher: to `distill fit`)
   gets the options no function declares as `options["extra"]` (jsonargparse has no `parse_known_args`);
@@ -36,6 +36,20 @@ class CommandParser(ArgumentParser):
 
     option_names: list[str] = []
     positional_names: list[str] = []
+    list_names: list[str] = []
+
+    def format_help(self) -> str:
+        return self._repeatable(super().format_help())
+
+    def format_usage(self) -> str:
+        return self._repeatable(super().format_usage())
+
+    def _repeatable(self, text: str) -> str:
+        """A list option as the user gives it (`--config CONFIG`, again for more), not as jsonargparse adds an item."""
+        for name in self.list_names:
+            text = re.sub(rf"--{re.escape(name)} \[ITEM,\.\.\.\](, --{re.escape(name)}\+ \[ITEM,\.\.\.\])?",
+                          f"--{name} {name.upper()}", text)
+        return text
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
         text = one_line(message)
@@ -66,8 +80,6 @@ def one_line(message: str) -> str:
         return f"{choice.group(1)}: {choice.group(3)} is not one of {choice.group(2)}"
     text = re.sub(r"invalid literal for int\(\) with base 10: (.*)$", r"expected an integer, got \1", text)
     text = re.sub(r"could not convert string to float: (.*)$", r"expected a number, got \1", text)
-    text = re.sub(r"argument (--[\w-]+).*: ignored explicit argument (.*)$",
-                  r"\1 is a flag: give it alone, without \2 (one that is on by default has a --no- form)", text)
     keyed = re.match(r'Parser key "([\w.]+)": (?:Not of type \w+: )?(.*)$', text)
     return f"{keyed.group(1)}: {keyed.group(2)}" if keyed else text
 
@@ -123,15 +135,16 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
             flags = [name for name, (_, hint) in own.items() if hint is bool]
             parser.add_function_arguments(function, as_group=False, as_positional=positional,
                                           skip=skipped | set(declared) | set(flags) | {"extra"})
-            for name in flags:  # a flag, or for a default of true a pair: --onnx / --no-onnx
+            for name in flags:  # a pair: --onnx / --no-onnx
                 default = own[name][0].default
-                parser.add_argument(f"--{name}", action=ActionYesNo(no_prefix="no-" if default is True else None),
+                parser.add_argument(f"--{name}", action=ActionYesNo(no_prefix="no-"),
                                     default=bool(default), help=helps.get(name))
             declared.update(own)
         parser.option_names = list(declared)
         if positional:
             parser.positional_names = [n for n, (p, _) in declared.items() if p.default is inspect.Parameter.empty]
         lists = {name for name, (_, hint) in declared.items() if typing.get_origin(hint) is list}
+        parser.list_names = sorted(lists)
         flags = {name for name, (_, hint) in declared.items() if hint is bool}
         mine, rest = _split(list(argv or []), declared, flags, lists, positional, parser.error)
         if rest and not extra:
@@ -169,7 +182,9 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
             continue
         option = name.removeprefix("--")
         target = f"--{option}+" if option in lists else name
-        if equals:
+        if equals and (option in flags or name.startswith("--no-")):  # --onnx=false, as LightningCLI spells a bool
+            mine.append(_flag(name, value, flags, error))
+        elif equals:
             mine.append(f"{target}={value}")
         elif option in flags or name.startswith("--no-") or name in ("-h", "--help") or index >= len(argv):
             mine.append(target)
@@ -177,6 +192,18 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
             mine += [target, argv[index]]
             index += 1
     return mine, rest
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _flag(name: str, value: str, flags: set[str], error: Callable[[str], NoReturn]) -> str:
+    """`--x=true` as `--x`, `--x=false` as `--no-x` (`--no-x=false` as `--x`); any other value is refused."""
+    option = name.removeprefix("--no-") if name.startswith("--no-") else name.removeprefix("--")
+    if value.lower() not in _TRUE + _FALSE:
+        error(f"--{option} is a flag: give it alone, or ={'|'.join(('true', 'false'))}; got {value!r}")
+    on = (value.lower() in _TRUE) != name.startswith("--no-")
+    return f"--{option}" if on else f"--no-{option}"
 
 
 def call(function: Callable, options: dict[str, Any]) -> Any:
