@@ -171,6 +171,26 @@ class Student(nn.Module):
         cls_logits, dist_logits, _ = self.forward_with_tokens(x)
         return cls_logits, dist_logits
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's feature levels of the model (a ViT: one per block), for feature imitation."""
+        return list(getattr(self.model, "feature_info", None) or [])
+
+    def forward_heads_and_features(self, x: torch.Tensor,
+                                   levels: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """`forward_heads` and, from the same forward, the feature maps (B, C_i, H_i, W_i) of timm's feature levels
+        `levels` (a ViT's blocks, their patch tokens on the patch grid: timm's `forward_intermediates`)."""
+        taken = sorted(set(levels))  # timm returns the levels in the model's order, each once
+        final, maps = self.model.forward_intermediates(x, indices=taken, output_fmt="NCHW")
+        features = [maps[taken.index(level)] for level in levels]
+        if self.head_dist is not None:
+            pooled = self.model.forward_head(final, pre_logits=True)
+            return self.model.get_classifier()(pooled), self.head_dist(pooled), features
+        if self.distilled:  # (B, N+2, D): class token, distillation token, patches
+            return self.model.head(final[:, 0]), self.model.head_dist(final[:, 1]), features
+        logits = self.model.forward_head(final)
+        return logits, logits, features
+
     def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(class logits, distillation logits, final class and distillation token embeddings (B, 2, D) or None).
 

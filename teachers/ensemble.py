@@ -70,9 +70,19 @@ class TeacherEnsemble(nn.Module):
     def forward_members(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the ensemble's logits: log of the mean probability (B, C), each member's logits)."""
         logits = [member(x) for member in self.members]
-        log_probs = torch.stack([z.float().log_softmax(-1) for z in logits])  # (n, B, C)
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(logits)), logits
+        return _log_mean_probability(logits), logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """log(mean of the members' probabilities) (B, C), float32, for student-normalised images."""
         return self.forward_members(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor, levels: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the ensemble's logits, the feature maps of each member's `levels`, member after member)."""
+        outputs = [member.forward_with_features(x, own) for member, own in zip(self.members, levels)]
+        return _log_mean_probability([logits for logits, _ in outputs]), [f for _, features in outputs for f in features]
+
+
+def _log_mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log((1/n) sum_i softmax(z_i)) (B, C) of the members' logits z_i."""
+    log_probs = torch.stack([z.float().log_softmax(-1) for z in logits])  # (n, B, C)
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))

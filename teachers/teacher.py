@@ -18,8 +18,9 @@ as `train/teacher_fast_agreement`); below 99% it stays in fp32, with a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import timm
 import torch
@@ -127,24 +128,44 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits (B, C), float32, for student-normalised images (B, 3, H, W)."""
         with torch.inference_mode():
-            x = x.float()
-            if self.renormalize:
-                x = x * self.scale + self.shift
-            if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-                x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
-            if not self._prepared:
-                self._prepare(x)
-            logits = self._forward_fast(x)
+            logits = self._forward_fast(self._inputs(x))
         return logits.clone()  # a normal tensor: the loss may keep it for the student's backward
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        run = self._run if self._run is not None else self.model  # (a compiled module has no truth value)
-        if self.channels_last:
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's feature levels of the model (`num_chs`, `reduction`, `module` of each), for feature imitation."""
+        return list(getattr(self.model, "feature_info", None) or [])
+
+    def forward_with_features(self, x: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits (B, C), the feature maps (B, C_i, H_i, W_i) of timm's feature levels `levels`), float32, in one
+        forward (timm's `forward_intermediates`; on the fast path, not compiled)."""
+        with torch.inference_mode():
+            x = self._inputs(x)
+            taken = sorted(set(levels))  # timm returns the levels in the model's order, each once
+            final, maps = self._forward_fast(x, lambda y: self.model.forward_intermediates(y, indices=taken))
+            logits = self._forward_fast(final, self.model.forward_head)
+        return logits.clone(), [maps[taken.index(level)].float().clone() for level in levels]
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Student-normalised images as this teacher takes them: its normalisation and size (first batch: the fast
+        path chosen)."""
+        x = x.float()
+        if self.renormalize:
+            x = x * self.scale + self.shift
+        if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
+        if not self._prepared:
+            self._prepare(x)
+        return x
+
+    def _forward_fast(self, x: torch.Tensor, run: Optional[Callable] = None) -> Any:
+        run = run or (self._run if self._run is not None else self.model)  # (a compiled module has no truth value)
+        if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fast_dtype is None:
-            return run(x).float()
+            return _float(run(x))
         with torch.autocast(x.device.type, dtype=self.fast_dtype):
-            return run(x.to(self.fast_dtype)).float()
+            return _float(run(x.to(self.fast_dtype)))
 
     def _prepare(self, x: torch.Tensor) -> None:
         """Choose the fast path for x's device; check its top-1 agreement with fp32 on this batch."""
@@ -175,6 +196,11 @@ class Teacher(nn.Module):
                 self.fast_dtype = None
         if self.compile:  # frozen weights: inductor may fold and pre-pack them (CPU: oneDNN layouts)
             self._run = torch.compile(self.model, options={"freezing": True})
+
+
+def _float(output: Any) -> Any:
+    """Logits as float32; timm's (final features, intermediates) as they are (their consumer casts)."""
+    return output.float() if isinstance(output, torch.Tensor) else output
 
 
 def _fast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

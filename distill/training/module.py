@@ -7,8 +7,6 @@ the weights, so the student can be rebuilt (export) and the teacher re-created.
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any, Callable, Optional, Union
 
 import pytorch_lightning as pl
@@ -16,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.optim import create_optimizer_v2, get_optimizer_class, list_optimizers
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -29,6 +27,7 @@ from distill.common.errors import UserError
 from distill.common.ranges import (
     ClosedUnitInterval,
     NonNegativeFloat,
+    NonNegativeInt,
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
@@ -36,8 +35,17 @@ from distill.common.ranges import (
 )
 from distill.common.seeding import global_seed, sample_seed
 from distill.data.batch import TrainingBatch
+from distill.training.imitation import imitation_for
 from distill.training.losses import DistillationLoss, LossRecord, loss_options
-from distill.training.step_rules import check_classes, host_value, lr_scale, scaled_lr, writes_step_logs
+from distill.training.step_rules import (
+    check_classes,
+    check_optimizer,
+    host_value,
+    lr_scale,
+    scaled_lr,
+    teacher_beside_cache,
+    writes_step_logs,
+)
 from students.resize import adapt_student_state
 from teachers import Teacher, TeacherEnsemble
 
@@ -89,6 +97,10 @@ class DistillationModule(pl.LightningModule):
             slower while it compiles; validation runs uncompiled. Results differ from eager within float rounding.
         fused_optimizer: torch's fused kernel for the optimiser step (adamw, adam, sgd, ...: the optimisers that
             take `fused`); off: torch's default (one kernel per operation for all tensors on a GPU, a loop on a CPU).
+        feature_weight: weight of feature imitation added to the loss (Li et al. 2022: the student's blocks learn
+            the teacher's feature maps; their weight 2.5; distill/training/imitation.py); 0: off; needs a live teacher.
+        feature_pairs: the (student level, teacher level) pairs of timm feature levels (a ViT's blocks, a convnet's
+            stages); null: the student's first, middle and last blocks, the teacher's stages of reduction 4, 8, 16.
         **loss: the distillation loss's options, declared once, by `DistillationLoss` (distill/training/losses.py):
             distillation (none | soft | hard), alpha, tau, label_smoothing, kl_normalization; in a config they are
             the model's own keys (`model.distillation`, `model.alpha`, ...).
@@ -118,6 +130,8 @@ class DistillationModule(pl.LightningModule):
         finite_check_every: PositiveInt = 10,
         compile: bool = False,
         fused_optimizer: bool = False,
+        feature_weight: NonNegativeFloat = 0.0,
+        feature_pairs: Optional[list[tuple[NonNegativeInt, NonNegativeInt]]] = None,
         **loss: Any,
     ) -> None:
         super().__init__()
@@ -126,27 +140,12 @@ class DistillationModule(pl.LightningModule):
         self.save_hyperparameters(plain({**{k: v for k, v in locals().items()
                                             if k not in ("self", "__class__", "student", "teacher", "loss")},
                                          **loss_options(loss)}))
-        hp = self.hparams
         if isinstance(teacher, (list, tuple)):
             teacher = TeacherEnsemble(list(teacher)) if len(teacher) != 1 else teacher[0]
-        alpha, tau, label_smoothing, num_classes, img_size = hp.alpha, hp.tau, hp.label_smoothing, hp.num_classes, hp.img_size
-        if not 0.0 <= teacher_cache_verify <= 1.0:
-            raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {teacher_cache_verify}")
+        check_optimizer(optimizer, fused_optimizer)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise UserError(f"model.ema_decay must lie in (0, 1) (DeiT: 0.99996) or be null, got {ema_decay}")
-        if teacher_cache and teacher_cache_verify > 0 and teacher is None:
-            raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
-        if teacher_cache and teacher_cache_verify == 0 and teacher is not None:
-            rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
-                           "(set model.teacher_cache_verify to check the cache against it)")
-            teacher = None
-        if optimizer.lower() not in list_optimizers():
-            close = difflib.get_close_matches(optimizer.lower(), list_optimizers(), n=3)
-            raise UserError(f"model.optimizer: '{optimizer}' is not a timm optimiser"
-                            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (DeiT: adamw)")
-        if fused_optimizer and "fused" not in inspect.signature(get_optimizer_class(optimizer.lower())).parameters:
-            raise UserError(f"model.fused_optimizer: '{optimizer}' has no fused kernel (torch's adamw, adam, sgd have "
-                            "one); set model.fused_optimizer: false")
+        teacher = teacher_beside_cache(teacher, teacher_cache, teacher_cache_verify)
         self.loss = DistillationLoss(**loss)  # jsonargparse reads its parameters from this call: model.alpha, ...
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         check_classes(self.student, teacher, num_classes, self.loss.distillation, teacher_cache)
@@ -155,12 +154,14 @@ class DistillationModule(pl.LightningModule):
         if teacher is not None:
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self.imitation = imitation_for(self.student, teacher, feature_weight, feature_pairs, teacher_cache)
         self._fast_path_logged = False
         self._view_mismatch_warned = False
         self._step_before = 0  # global_step when the batch started: did the batch take an optimiser step?
         self._lr = 0.0  # the learning rate of the batch's step, logged after it
         self._losses = LossRecord()  # each batch's loss parts, on the device until read
-        self._compiled_heads = torch.compile(self.student.forward_heads) if compile else None  # at its first call
+        forward = self.student.forward_heads if self.imitation is None else self.student.forward_heads_and_features
+        self._compiled_heads = torch.compile(forward) if compile else None  # at its first call
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
         self.val_metrics = self._metrics("val/")
@@ -203,7 +204,11 @@ class DistillationModule(pl.LightningModule):
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         images, targets = batch.images, batch.targets  # targets: (B,) labels, or (B, C) soft labels after mixing
-        if self.loss.distillation == "none":
+        forward = self._compiled_heads or (self.student.forward_heads if self.imitation is None
+                                           else self.student.forward_heads_and_features)
+        if self.imitation is not None:  # the teacher's features and logits, the student's, in one forward each
+            teacher_logits, (cls_logits, dist_logits), feature_loss = self.imitation.step(self.teacher, forward, images)
+        elif self.loss.distillation == "none":
             teacher_logits = None
         elif batch.cached:  # the teacher cache: no teacher forward
             teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
@@ -213,9 +218,12 @@ class DistillationModule(pl.LightningModule):
                              "set data.teacher_cache (the two are linked by the distill CLI)")
         else:
             teacher_logits = self.teacher(images)
-        forward_heads = self.student.forward_heads if self._compiled_heads is None else self._compiled_heads
-        cls_logits, dist_logits = forward_heads(images)
-        parts = self.loss(cls_logits, dist_logits, targets, teacher_logits)
+        if self.imitation is None:
+            cls_logits, dist_logits = forward(images)
+        parts = self.loss(cls_logits, dist_logits, targets, None if self.loss.distillation == "none" else teacher_logits)
+        if self.imitation is not None:
+            parts["loss_feature"] = feature_loss
+            parts["loss"] = parts["loss"] + self.hparams.feature_weight * feature_loss
         # nothing is read from the device here: the parts are read, checked and logged in on_train_batch_end
         self._losses.add(parts, (self.current_epoch, self.global_step, batch_idx))
         self._step_before, self._lr = self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"]
@@ -340,8 +348,9 @@ class DistillationModule(pl.LightningModule):
         scale = self._lr_scale()
         # timm's param groups: no weight decay on 1-d params (norms, biases) and no_weight_decay()
         fused = {"fused": True} if hp.fused_optimizer else {}  # else torch's default: foreach on a GPU
+        params = self.student if self.imitation is None else self.imitation.parameter_groups(self.student, hp.weight_decay)
         optimizer = create_optimizer_v2(
-            self.student, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps, **fused,
+            params, opt=hp.optimizer, lr=hp.lr * scale, weight_decay=hp.weight_decay, eps=hp.opt_eps, **fused,
         )
         # linear warmup, then a cosine from exactly `lr` down to `min_lr` at the last step
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))

@@ -2,17 +2,21 @@
 values, logging from the host, DeiT's learning-rate scaling, and the class counts a run needs."""
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
+from timm.optim import get_optimizer_class, list_optimizers
 from torch import nn
 
 from distill.common.errors import UserError
 from teachers import Teacher
 
-__all__ = ["check_classes", "host_value", "lr_scale", "scaled_lr", "writes_step_logs"]
+__all__ = ["check_classes", "check_optimizer", "host_value", "lr_scale", "scaled_lr", "teacher_beside_cache",
+           "writes_step_logs"]
 
 
 def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
@@ -54,6 +58,30 @@ def check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: i
             f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
             f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
         )
+
+
+def check_optimizer(optimizer: str, fused: bool) -> None:
+    """`model.optimizer` is a timm optimiser (with a close match if not); `model.fused_optimizer` needs its kernel."""
+    if optimizer.lower() not in list_optimizers():
+        close = difflib.get_close_matches(optimizer.lower(), list_optimizers(), n=3)
+        raise UserError(f"model.optimizer: '{optimizer}' is not a timm optimiser"
+                        f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} (DeiT: adamw)")
+    if fused and "fused" not in inspect.signature(get_optimizer_class(optimizer.lower())).parameters:
+        raise UserError(f"model.fused_optimizer: '{optimizer}' has no fused kernel (torch's adamw, adam, sgd have "
+                        "one); set model.fused_optimizer: false")
+
+
+def teacher_beside_cache(teacher: Optional[nn.Module], cache: Optional[str], verify: float) -> Optional[nn.Module]:
+    """The teacher a run keeps: none beside a teacher cache unless it verifies the cache (`teacher_cache_verify`)."""
+    if not 0.0 <= verify <= 1.0:
+        raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {verify}")
+    if cache and verify > 0 and teacher is None:
+        raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
+    if cache and verify == 0 and teacher is not None:
+        rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
+                       "(set model.teacher_cache_verify to check the cache against it)")
+        return None
+    return teacher
 
 
 def lr_scale(trainer: pl.Trainer, lr: float, base: Optional[int]) -> float:
