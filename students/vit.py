@@ -186,8 +186,9 @@ class Student(nn.Module):
         if self.head_dist is not None:
             pooled = self.model.forward_head(final, pre_logits=True)
             return self.model.get_classifier()(pooled), self.head_dist(pooled), features
-        if self.distilled:  # (B, N+2, D): class token, distillation token, patches
-            return self.model.head(final[:, 0]), self.model.head_dist(final[:, 1]), features
+        if self.distilled:  # (B, N+2, D): class token, distillation token, patches; timm's dropout before the heads
+            cls_token, dist_token = self.model.head_drop(final[:, 0]), self.model.head_drop(final[:, 1])
+            return self.model.head(cls_token), self.model.head_dist(dist_token), features
         logits = self.model.forward_head(final)
         return logits, logits, features
 

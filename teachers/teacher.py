@@ -58,7 +58,7 @@ class Teacher(nn.Module):
         channels_last: run convolutions in channels-last memory layout (oneDNN on CPUs; docs/speed.md has what
             it gains or costs per device).
         compile: `torch.compile` the teacher, with inductor's weight freezing (first batches slower while
-            it compiles; pays off on long runs: docs/speed.md).
+            it compiles; pays off on long runs: docs/speed.md). Feature imitation's forward is not compiled.
         fast_min_agreement: the fast path's minimum top-1 agreement with fp32 on the first batch;
             below it the teacher stays in fp32 (0: never fall back).
     """

@@ -43,10 +43,11 @@ def test_options_come_from_the_signature_flags_lists_and_the_rest_included():
     (["--overwrite=yes", "--onnx=False"], True, False),
     (["--overwrite", "--overwrite=false", "--no-onnx=false"], False, True),  # the last one given wins
     (["--no-overwrite", "--no-onnx"], False, False),
+    (["--overwrite", "true", "--onnx", "false"], True, False),  # a bool word after a flag is its value, not passed on
 ])
-def test_a_flag_also_takes_true_or_false_after_an_equals_sign(argv, overwrite, onnx):
-    got = command("distill job", job)(["--config", "a.yaml", *argv])
-    assert (got["overwrite"], got["onnx"]) == (overwrite, onnx)
+def test_a_flag_also_takes_true_or_false_as_its_value(argv, overwrite, onnx):
+    got = command("distill job", job, extra="distill fit")(["--config", "a.yaml", *argv])
+    assert (got["overwrite"], got["onnx"], got["extra"]) == (overwrite, onnx, [])
 
 
 def test_help_shows_a_list_option_as_it_is_given_once_per_item(capsys):

@@ -108,3 +108,12 @@ def test_an_overlay_config_is_passed_in_order_and_cannot_move_a_runs_outputs(tmp
     dirpath = f"--checkpoint.dirpath={tmp_path / 'hard' / 'seed_3' / 'checkpoints'}"
     assert command.index("--data.img_size=32") < command.index(dirpath)
     assert command.index(overlay) < command.index("--seed_everything=3")  # compare's own options come last
+
+
+def test_the_none_arm_has_no_teacher_at_all_even_when_the_options_imitate_features(tmp_path):
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    none, soft = plan_runs(recipe, ["none", "soft"], [0], tmp_path, ["--model.feature_weight=2.5",
+                                                                      "--model.feature_pairs=[[0,1]]"])
+    assert none["command"].index("--model.feature_weight=0") > none["command"].index("--model.feature_weight=2.5")
+    assert "--model.feature_pairs=null" in none["command"]  # the gain over none: over the student alone
+    assert "--model.feature_weight=0" not in soft["command"] and "--model.feature_pairs=null" not in soft["command"]

@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from distill.cli import cli_main
 from distill.common.errors import UserError
@@ -15,9 +16,9 @@ from teachers import Teacher, TeacherEnsemble
 from tests.helpers import TINY_STUDENT, TINY_SWIN, TINY_TEACHER, random_teacher_file, scalars, shrink
 
 
-def teacher(tmp_path, name: str = "0") -> Teacher:
-    path = random_teacher_file(tmp_path, TINY_TEACHER, 10, name=f"{name}.safetensors")
-    return Teacher(TINY_TEACHER, weights=str(path), precision="32", channels_last=False)
+def teacher(tmp_path, name: str = "0", model_name: str = TINY_TEACHER) -> Teacher:
+    path = random_teacher_file(tmp_path, model_name, 10, name=f"{name}.safetensors")
+    return Teacher(model_name, weights=str(path), precision="32", channels_last=False)
 
 
 def test_one_forward_gives_the_logits_and_the_maps_of_the_levels_asked_in_the_order_asked(tmp_path):
@@ -31,6 +32,16 @@ def test_one_forward_gives_the_logits_and_the_maps_of_the_levels_asked_in_the_or
     cls_logits, dist_logits, blocks = student.forward_heads_and_features(images, [2, 0])
     assert torch.allclose(cls_logits, student.forward_heads(images)[0]) and torch.allclose(dist_logits, student.forward_heads(images)[1])
     assert [tuple(b.shape) for b in blocks] == [(3, 32, 4, 4)] * 2 and not torch.equal(blocks[0], blocks[1])
+
+
+def test_in_training_the_heads_are_those_of_the_students_own_forward_dropout_included():
+    student = Student(10, 32, **dict(TINY_STUDENT, drop_rate=0.5, drop_path_rate=0.0)).train()
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = student.forward_heads(images)
+    torch.manual_seed(1)
+    cls_logits, dist_logits, _ = student.forward_heads_and_features(images, [1])
+    assert torch.allclose(cls_logits, expected[0]) and torch.allclose(dist_logits, expected[1])
 
 
 def test_the_default_pairs_are_the_students_first_middle_and_last_blocks_with_the_teachers_first_three_stages(tmp_path):
@@ -88,12 +99,24 @@ def test_every_trainable_parameter_gets_a_gradient_with_imitation_too(tmp_path, 
 
 
 def test_an_ensemble_is_imitated_member_by_member_each_pair_through_its_own_projection(tmp_path):
-    ensemble = TeacherEnsemble([teacher(tmp_path, "a"), teacher(tmp_path, "b")])
-    student = Student(10, 32, **dict(TINY_STUDENT, depth=3))
+    members = [teacher(tmp_path, "a"), teacher(tmp_path, "b", "test_convnext")]  # stages /4, /8, /16: 1-3 and 0-2
+    ensemble = TeacherEnsemble(members)
+    student = Student(10, 32, **dict(TINY_STUDENT, depth=3)).eval()
     imitation = imitation_for(student, ensemble, 1.0, None, None)
-    assert len(imitation.project) == 6 and imitation.teacher_levels == [[1, 2, 3], [1, 2, 3]]
-    logits, (cls_logits, _), loss = imitation.step(ensemble, student.forward_heads_and_features, torch.randn(2, 3, 32, 32))
-    assert logits.shape == cls_logits.shape == (2, 10) and loss.item() > 0
+    assert imitation.teacher_levels == [[1, 2, 3], [0, 1, 2]]
+    assert [p.out_channels for p in imitation.project] == [32, 48, 192, 24, 32, 48]
+    images = torch.randn(2, 3, 32, 32)
+    logits, _, loss = imitation.step(ensemble, student.forward_heads_and_features, images)
+    _, _, blocks = student.forward_heads_and_features(images, imitation.student_levels)
+    each = []  # each member's error: the sum over its pairs, through its own projections
+    for index, (member, levels) in enumerate(zip(members, imitation.teacher_levels)):
+        _, maps = member.forward_with_features(images, levels)
+        each.append(sum(torch.nn.functional.mse_loss(
+            torch.nn.functional.interpolate(imitation.project[3 * index + i](b), size=m.shape[-2:], mode="bilinear")
+            if m.shape[-1] > b.shape[-1] else imitation.project[3 * index + i](b),
+            m if m.shape[-1] >= b.shape[-1] else torch.nn.functional.interpolate(m, size=b.shape[-2:], mode="bilinear"))
+            for i, (b, m) in enumerate(zip(blocks, maps))))
+    assert torch.allclose(loss, (each[0] + each[1]) / 2) and torch.equal(logits, ensemble(images))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -101,6 +124,8 @@ def test_an_ensemble_is_imitated_member_by_member_each_pair_through_its_own_proj
     ("no teacher", "model.feature_weight: feature imitation needs a model.teacher"),
     ("student level", "model.feature_pairs: student level 7 does not exist (the student has 2 feature levels: 0..1)"),
     ("teacher level", "model.feature_pairs: teacher level 9 does not exist (the teacher has 5 feature levels: 0..4)"),
+    ("no pairs", "model.feature_pairs: give at least one [student level, teacher level] pair, or null"),
+    ("no weight", "model.feature_pairs is set but model.feature_weight is 0 (imitation off)"),
     ("vit teacher", "model.feature_pairs: the teacher has no feature levels of reduction 4, 8 to pair by default"),
 ])
 def test_a_pairing_that_cannot_work_is_refused_naming_the_option(tmp_path, case, message):
@@ -109,9 +134,9 @@ def test_a_pairing_that_cannot_work_is_refused_naming_the_option(tmp_path, case,
     if case == "vit teacher":  # every block of a ViT is at reduction 8 here
         guide = Teacher("deit_tiny_patch16_224", weights="none", num_classes=10, img_size=32)
         guide.model = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
-    pairs = {"student level": [(7, 1)], "teacher level": [(0, 9)]}.get(case)
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        imitation_for(student, guide, 2.5, pairs, "runs/cache" if case == "cache" else None)
+    pairs = {"student level": [(7, 1)], "teacher level": [(0, 9)], "no pairs": [], "no weight": [(0, 1)]}.get(case)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        imitation_for(student, guide, 0.0 if case == "no weight" else 2.5, pairs, "runs/cache" if case == "cache" else None)
 
 
 def test_a_fit_with_imitation_logs_its_loss_saves_its_projections_and_exports_the_student_alone(tmp_path, teacher_file):
@@ -119,12 +144,17 @@ def test_a_fit_with_imitation_logs_its_loss_saves_its_projections_and_exports_th
               f"--model.teacher.init_args.weights={teacher_file}", "--model.feature_weight=2.5",
               "--model.student.init_args.depth=3"])
     logged = scalars(tmp_path / "runs")
-    assert logged["train/loss_feature"] and all(v > 0 for v in logged["train/loss_feature"])
+    assert len(logged["train/loss_feature"]) == len(logged["train/loss"]) == 3  # every step (log_every_n_steps 1)
+    for total, base, distill, feature in zip(*(logged[f"train/{k}"] for k in ("loss", "loss_base", "loss_distill",
+                                                                               "loss_feature"))):
+        assert total == pytest.approx(0.5 * base + 0.5 * distill + 2.5 * feature, rel=1e-4)  # alpha 0.5
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["feature_weight"] == 2.5
     assert any(k.startswith("imitation.project.") for k in checkpoint["state_dict"])
     cli_main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "export"),
               "--no-onnx", "--no-torchscript"])
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)  # the student's keys, all of them
-    assert config["architecture"] == "deit_tiny_distilled_patch16_224" and not hasattr(model, "imitation")
+    exported = set(load_file(tmp_path / "export" / "model.safetensors"))
+    student = {k.removeprefix("student.model.") for k in checkpoint["state_dict"] if k.startswith("student.model.")}
+    assert config["architecture"] == "deit_tiny_distilled_patch16_224" and exported == student  # no projection
+    timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)  # timm's strict load of those keys

@@ -56,7 +56,8 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
             # compare's own options last: nothing in `extra` may move a run's outputs, seed or type
             command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
                        f"--seed_everything={seed}",
-                       f"--model.distillation={kind}", f"--trainer.logger.init_args.save_dir={out}",
+                       f"--model.distillation={kind}", *(NO_TEACHER if kind == "none" else ()),
+                       f"--trainer.logger.init_args.save_dir={out}",
                        f"--trainer.logger.init_args.name={kind}/seed_{seed}",
                        f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--metrics_json={folder / 'result.json'}",
                        "--trainer.enable_progress_bar=false"]
@@ -64,6 +65,9 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": kind, "seed": seed, "folder": folder, "command": command, "options": options})
     return runs
+
+
+NO_TEACHER = ("--model.feature_weight=0", "--model.feature_pairs=null")  # `none`: no feature imitation either
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:

@@ -128,7 +128,7 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
         left.set_xlabel("step")
         left.set_title("validation")
         left.legend(fontsize=8)
-        for tag in ("train/loss", "train/loss_base", "train/loss_distill"):
+        for tag in ("train/loss", "train/loss_base", "train/loss_distill", "train/loss_feature"):
             if scalars.get(tag):
                 right.plot([s for _, s, _ in scalars[tag]], [v for _, _, v in scalars[tag]], label=tag)
         right.set_xlabel("step")

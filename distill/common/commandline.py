@@ -184,6 +184,10 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
         target = f"--{option}+" if option in lists else name
         if equals and (option in flags or name.startswith("--no-")):  # --onnx=false, as LightningCLI spells a bool
             mine.append(_flag(name, value, flags, error))
+        elif option in flags and index < len(argv) and argv[index].lower() in ("true", "false", "yes", "no"):
+            # --onnx false: the word is the flag's value, not a positional argument or an option passed on
+            mine.append(_flag(name, argv[index], flags, error))
+            index += 1
         elif equals:
             mine.append(f"{target}={value}")
         elif option in flags or name.startswith("--no-") or name in ("-h", "--help") or index >= len(argv):

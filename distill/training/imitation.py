@@ -1,12 +1,13 @@
 """Feature imitation (Li et al. 2022, "Locality guidance for improving vision transformers on tiny datasets").
 
 The student's intermediate features learn the teacher's: for each pair (student level, teacher level) of timm's
-feature levels (a ViT's blocks, a convnet's stages), a 1x1 convolution maps the student's patch tokens, laid out
+feature levels (a ViT's blocks; a convnet's stem, then its stages), a 1x1 convolution maps the student's patch tokens, laid out
 on their grid, to the teacher's channels; both maps are resized (bilinear) to the larger grid and compared by mean
 squared error. The pairs' errors are summed; the module adds `feature_weight` times the sum to the loss (Li et al.:
-blocks 0, 6, 11 of DeiT-Ti against the three stages of a ResNet-56, weight 2.5). The convolutions are trained with
-the student and saved in checkpoints, never exported. With an ensemble each member's features are imitated, each
-pair through its own convolution, and the errors averaged over the members.
+blocks 0, 6, 11 of DeiT-Ti against the three stages of a CIFAR ResNet-56, weight 2.5). The convolutions are trained
+with the student and saved in checkpoints, never exported. With an ensemble each member's features are imitated, each
+pair through its own convolution, and the errors averaged over the members; explicit pairs name the same teacher
+level in every member (by default each member's levels are found by reduction).
 
 Hand-written: timm returns the feature maps (`forward_intermediates`) but has no loss between two models' features.
 """
@@ -24,7 +25,7 @@ from distill.common.errors import UserError
 
 __all__ = ["FeatureImitation", "feature_pairs", "imitation_for"]
 
-GUIDING_REDUCTIONS = (4, 8, 16)  # a convnet's first three stages: those of a CIFAR ResNet-56 at 32 px, as Li et al.
+GUIDING_REDUCTIONS = (4, 8, 16)  # an ImageNet-style convnet's first three stages (timm ResNets' layer1-3)
 
 
 class FeatureImitation(nn.Module):
@@ -79,6 +80,9 @@ def imitation_for(student: nn.Module, teacher: Optional[nn.Module], weight: floa
                   pairs: Optional[list[tuple[int, int]]], teacher_cache: Optional[str]) -> Optional[FeatureImitation]:
     """The feature imitation of `model.feature_weight` / `model.feature_pairs` (None when the weight is 0)."""
     if not weight:
+        if pairs is not None:
+            raise UserError("model.feature_pairs is set but model.feature_weight is 0 (imitation off); set a weight "
+                            "(Li et al.: 2.5) or drop the pairs")
         return None
     if teacher_cache:
         raise UserError("model.feature_weight: a teacher cache holds the teacher's top-k outputs, not its features; "
@@ -86,9 +90,10 @@ def imitation_for(student: nn.Module, teacher: Optional[nn.Module], weight: floa
     if teacher is None:
         raise UserError("model.feature_weight: feature imitation needs a model.teacher")
     members = list(getattr(teacher, "members", [teacher]))
-    student_levels, teacher_levels = feature_pairs(student.feature_info, [m.feature_info for m in members], pairs)
+    student_info = list(getattr(student, "feature_info", None) or [])
+    student_levels, teacher_levels = feature_pairs(student_info, [m.feature_info for m in members], pairs)
     channels = [member.feature_info[level]["num_chs"] for member, own in zip(members, teacher_levels) for level in own]
-    imitation = FeatureImitation([student.feature_info[level]["num_chs"] for level in student_levels], channels)
+    imitation = FeatureImitation([student_info[level]["num_chs"] for level in student_levels], channels)
     imitation.student_levels, imitation.teacher_levels = student_levels, teacher_levels
     return imitation
 
@@ -113,12 +118,16 @@ def feature_pairs(student_info: list[dict], members_info: list[list[dict]],
                                 "level, teacher level)")
             teacher.append(own)
         return student, teacher
+    if not pairs:
+        raise UserError("model.feature_pairs: give at least one [student level, teacher level] pair, or null for the "
+                        "default pairs")
     for s, t in pairs:
         if not 0 <= s < len(student_info):
             raise UserError(f"model.feature_pairs: student level {s} does not exist (the student has "
                             f"{len(student_info)} feature levels: 0..{len(student_info) - 1})")
-        for info in members_info:
+        for index, info in enumerate(members_info):
             if not 0 <= t < len(info):
-                raise UserError(f"model.feature_pairs: teacher level {t} does not exist (the teacher has {len(info)} "
+                member = f"teacher {index} of the ensemble" if len(members_info) > 1 else "the teacher"
+                raise UserError(f"model.feature_pairs: teacher level {t} does not exist ({member} has {len(info)} "
                                 f"feature levels: 0..{len(info) - 1})")
     return [s for s, _ in pairs], [[t for _, t in pairs] for _ in members_info]
