@@ -18,8 +18,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MetricCollection
 
 from distill.cache.targets import cached_teacher_logits, view_checksum
 from distill.common.checkpoints import load_student_state
@@ -44,6 +43,7 @@ from distill.training.step_rules import (
     lr_scale,
     scaled_lr,
     teacher_beside_cache,
+    validation_metrics,
     writes_step_logs,
 )
 from students.resize import adapt_student_state
@@ -165,26 +165,10 @@ class DistillationModule(pl.LightningModule):
         self._compiled_heads = torch.compile(forward) if compile else None  # at its first call
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
-        self.val_metrics = self._metrics("val/")
-        self.val_ema_metrics = self._metrics("val_ema/", heads_only=True) if ema_decay else None
-        self.test_metrics = self._metrics("test/")
-
-    def _metrics(self, prefix: str, heads_only: bool = False) -> MetricCollection:
-        top5 = min(5, self.hparams.num_classes)
-        metrics = {}
-        for head in ("cls", "dist", ""):  # class head, distillation head, their average
-            name = f"acc_{head}" if head else "acc"
-            metrics[name] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-            metrics[f"{name}_top5"] = MulticlassAccuracy(self.hparams.num_classes, top_k=top5, average="micro")
-        metrics["head_cosine"] = MeanMetric()  # cosine similarity of the two heads' logits
-        metrics["token_cosine"] = MeanMetric()  # of the final class and distillation tokens (DeiT)
-        if not heads_only:
-            metrics["teacher_acc"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-            for index in range(len(self.teacher) if isinstance(self.teacher, TeacherEnsemble) else 0):
-                metrics[f"teacher_acc_{index}"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-            metrics["teacher_agreement"] = MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro")
-            metrics["teacher_kl"] = MeanMetric()  # KL(teacher || student), averaged head, temperature 1
-        return MetricCollection(metrics, prefix=prefix)
+        members = len(teacher) if isinstance(teacher, TeacherEnsemble) else 0
+        self.val_metrics = validation_metrics("val/", num_classes, members)
+        self.val_ema_metrics = validation_metrics("val_ema/", num_classes, members, heads_only=True) if ema_decay else None
+        self.test_metrics = validation_metrics("test/", num_classes, members)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DistillationModule":
         """Moves and casts the (unregistered) teacher with the module: .to(), .cuda(), .half()."""

@@ -1,5 +1,6 @@
 """Rules the distillation module follows, apart from its training logic: when Lightning writes a step's logged
-values, logging from the host, DeiT's learning-rate scaling, and the class counts a run needs."""
+values, logging from the host, the metrics it validates with, DeiT's learning-rate scaling, and the class counts a
+run needs."""
 from __future__ import annotations
 
 import difflib
@@ -11,12 +12,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from timm.optim import get_optimizer_class, list_optimizers
 from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
 
 from distill.common.errors import UserError
 from teachers import Teacher
 
 __all__ = ["check_classes", "check_optimizer", "host_value", "lr_scale", "scaled_lr", "teacher_beside_cache",
-           "writes_step_logs"]
+           "validation_metrics", "writes_step_logs"]
 
 
 def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
@@ -58,6 +61,26 @@ def check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: i
             f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
             f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
         )
+
+
+def validation_metrics(prefix: str, num_classes: int, members: int = 0, heads_only: bool = False) -> MetricCollection:
+    """Top-1/top-5 of the class head, the distillation head and their average, the heads' and tokens' cosine; unless
+    `heads_only` (the EMA's), the teacher's accuracy (and each of `members` ensemble members'), agreement and KL."""
+    top5 = min(5, num_classes)
+    metrics = {}
+    for head in ("cls", "dist", ""):  # class head, distillation head, their average
+        name = f"acc_{head}" if head else "acc"
+        metrics[name] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        metrics[f"{name}_top5"] = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+    metrics["head_cosine"] = MeanMetric()  # cosine similarity of the two heads' logits
+    metrics["token_cosine"] = MeanMetric()  # of the final class and distillation tokens (DeiT)
+    if not heads_only:
+        metrics["teacher_acc"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        for index in range(members):
+            metrics[f"teacher_acc_{index}"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        metrics["teacher_agreement"] = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        metrics["teacher_kl"] = MeanMetric()  # KL(teacher || student), averaged head, temperature 1
+    return MetricCollection(metrics, prefix=prefix)
 
 
 def check_optimizer(optimizer: str, fused: bool) -> None:
