@@ -152,7 +152,7 @@ def test_parquet_files_are_read_from_one_temporary_arrow_copy_that_the_last_proc
 def cache_args(tmp_path: Path, images: Path, teacher: Path) -> list[str]:
     return [*shrink(tmp_path, "distill.yaml"), f"--data.dataset={images}", "--data.batch_size=4",
             f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}",
-            "--model.teacher.init_args.precision=32"]
+            "--model.teacher.init_args.precision=32", "--model.feature_weight=0"]  # a cache holds no features
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_a_damaged_teacher_cache_is_named_when_it_is_opened(tmp_path, capsys, da
         (cache / "shard-00000-of-00001" / "index.npy").write_bytes(data[:200])
         expected = "index.npy' cannot be read"
     line = run_cli_error([*args, f"--data.teacher_cache={cache}", "--model.teacher=null",
-                          f"--checkpoint.dirpath={tmp_path / 'ckpt2'}"], capsys)
+                          "--model.feature_weight=0", f"--checkpoint.dirpath={tmp_path / 'ckpt2'}"], capsys)
     assert expected in line and "rebuild" in line
 
 

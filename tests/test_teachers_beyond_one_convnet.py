@@ -90,7 +90,7 @@ def test_a_list_of_teachers_trains_as_their_ensemble_is_cached_like_one_teacher_
     assert [m["model_name"] for m in meta["teacher"]["members"]] == [TINY_TEACHER, "resnet10t"]
     # from the cache, with the live ensemble checking it on every batch (and so validated beside the student)
     cli_main(["fit", *base[:2], *overlay, *base[2:], "--model.distillation=hard", f"--data.teacher_cache={tmp_path / 'cache'}",
-              "--model.teacher_cache_verify=1.0", f"--metrics_json={tmp_path / 'result.json'}"])
+              "--model.teacher_cache_verify=1.0", "--model.feature_weight=0", f"--metrics_json={tmp_path / 'result.json'}"])
     logged = scalars(tmp_path / "runs")
     assert logged["train/cache_view_match_step"] == [1.0] * 3 and logged["train/cache_agreement_step"] == [1.0] * 3
     metrics = json.loads((tmp_path / "result.json").read_text())["final_metrics"]

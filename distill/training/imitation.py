@@ -115,7 +115,7 @@ def feature_pairs(student_info: list[dict], members_info: list[list[dict]],
                 raise UserError(f"model.feature_pairs: the teacher has no feature levels of reduction "
                                 f"{', '.join(map(str, GUIDING_REDUCTIONS[:len(student)]))} to pair by default (its "
                                 f"levels' reductions: {reductions}); give the pairs, e.g. [[0, 1], [3, 2]] (student "
-                                "level, teacher level)")
+                                "level, teacher level), or turn feature imitation off with model.feature_weight: 0")
             teacher.append(own)
         return student, teacher
     if not pairs:
