@@ -1,7 +1,7 @@
 """`distill cache-teacher`: label every augmented view of a schedule with the config's teacher, once.
 
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
-    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
+    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null --model.feature_weight 0
     distill cache-teacher --check runs/cache
 
 The format is described in `distill.cache.format`; the labelling is `distill.cache.writer.CacheWriter`.

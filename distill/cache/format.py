@@ -1,7 +1,7 @@
 """Teacher-output cache: run the teacher once over E epochs of augmented views, train without it.
 
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
-    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null
+    distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null --model.feature_weight 0
 
 This module is the storage format (model-side: numpy and torch, no Lightning); `distill.cache.writer`
 runs the teacher over the views (a Lightning `predict`), `distill.cache.command` is the command.

@@ -8,7 +8,8 @@ writing under `OUT/<type>/seed_<s>/` (TensorBoard logs, checkpoints, `result.jso
 at a time, then prints mean +- standard deviation over the seeds of the averaged head's top-1
 on the validation split at the final epoch (and at the best epoch: choosing the epoch on the
 split it is measured on flatters it), the gap to the teacher (its accuracy on the same split)
-and the gain over `none` (the same student, recipe and budget without the teacher). The table
+and the gain over `none` (the same student, recipe and budget without the teacher, so without feature
+imitation either). The table
 and every run's figures are also written to `OUT/compare.md` and `OUT/compare.json`.
 
 Running the command again skips finished runs and resumes interrupted ones (as the pipeline
