@@ -121,7 +121,8 @@ def test_an_ensemble_is_imitated_member_by_member_each_pair_through_its_own_proj
 
 @pytest.mark.parametrize("case, message", [
     ("cache", "model.feature_weight: a teacher cache holds the teacher's top-k outputs, not its features"),
-    ("no teacher", "model.feature_weight: feature imitation needs a model.teacher"),
+    ("no teacher", "model.feature_weight: feature imitation needs a model.teacher; set one, or "
+                   "model.feature_weight: 0"),
     ("student level", "model.feature_pairs: student level 7 does not exist (the student has 2 feature levels: 0..1)"),
     ("teacher level", "model.feature_pairs: teacher level 9 does not exist (the teacher has 5 feature levels: 0..4)"),
     ("no pairs", "model.feature_pairs: give at least one [student level, teacher level] pair, or null"),

@@ -88,7 +88,8 @@ def imitation_for(student: nn.Module, teacher: Optional[nn.Module], weight: floa
         raise UserError("model.feature_weight: a teacher cache holds the teacher's top-k outputs, not its features; "
                         "imitate features with a live teacher (no data.teacher_cache), or set model.feature_weight: 0")
     if teacher is None:
-        raise UserError("model.feature_weight: feature imitation needs a model.teacher")
+        raise UserError("model.feature_weight: feature imitation needs a model.teacher; set one, or "
+                        "model.feature_weight: 0 to train without it")
     members = list(getattr(teacher, "members", [teacher]))
     student_info = list(getattr(student, "feature_info", None) or [])
     student_levels, teacher_levels = feature_pairs(student_info, [m.feature_info for m in members], pairs)
