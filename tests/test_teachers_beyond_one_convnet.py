@@ -10,7 +10,7 @@ from distill.commands.compare import format_table, summarize_runs
 from distill.common.errors import UserError
 from students import Student
 from teachers import Teacher, TeacherEnsemble
-from tests.helpers import TINY_STUDENT, TINY_TEACHER, random_teacher_file, scalars, shrink
+from tests.helpers import TINY_STUDENT, TINY_TEACHER, random_teacher_file, run_cli_error, scalars, shrink
 
 
 def run_checkpoint(tmp_path, student: Student, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
@@ -168,3 +168,19 @@ def test_the_students_initialisation_does_not_depend_on_how_its_teacher_was_load
                         f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, name, 10)}"], run=False)
         first.append(next(cli.model.student.parameters()).detach().clone())
     assert torch.equal(first[0], first[1])
+
+
+def test_a_vit_teacher_under_the_recipes_imitation_is_refused_naming_the_way_out_and_caches_as_any_teacher(
+        tmp_path, capsys):
+    vit = Student(10, 32, **dict(TINY_STUDENT, model_name="deit_tiny", patch_size=8))  # every block at reduction 8
+    base = [*shrink(tmp_path, "distill.yaml"), "--model.teacher.init_args.model_name=deit_tiny",
+            f"--model.teacher.init_args.weights={run_checkpoint(tmp_path, vit)}", "--model.teacher.init_args.precision=32"]
+    line = run_cli_error(["fit", *base], capsys)  # configs/distill.yaml imitates the teacher's stages by default
+    assert line.startswith("error: model.feature_pairs: the teacher has no feature levels of reduction 4, 8")
+    assert "give the pairs" in line and line.rstrip().endswith("model.feature_weight: 0  (DISTILL_DEBUG=1 shows the "
+                                                               "traceback)")
+    # a cache stores outputs, never features: it builds from the same options, and a run trains from it without
+    cli_main(["cache-teacher", *base, "--epochs=1", "--top_k=2", f"--out={tmp_path / 'cache'}"])
+    cli_main(["fit", *base, f"--data.teacher_cache={tmp_path / 'cache'}", "--model.teacher=null",
+              "--model.feature_weight=0", f"--metrics_json={tmp_path / 'result.json'}"])
+    assert json.loads((tmp_path / "result.json").read_text())["epochs"] == 1

@@ -76,7 +76,9 @@ main = command("distill cache-teacher", cache_teacher, description=__doc__.split
 def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: list[str]) -> None:
     with warnings.catch_warnings():  # the training options are `rest`, not the process's command line
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = make_cli(rest, run=False, prog="distill cache-teacher")
+        # the teacher's outputs are stored, never its features: no imitation to set up (a ViT teacher has no stages)
+        cli = make_cli([*rest, "--model.feature_weight=0", "--model.feature_pairs=null"], run=False,
+                       prog="distill cache-teacher")
     model, data, config = cli.model, cli.datamodule, cli.config
     teacher = model.teacher
     if teacher is None:
