@@ -213,7 +213,7 @@ def format_table(summary: dict[str, Any]) -> str:
         return "-" if stats["mean"] is None else f"{100 * stats['mean']:.2f} +- {100 * stats['std']:.2f}"
 
     def signed(value: Optional[float]) -> str:
-        return "-" if value is None else f"{100 * value:+.2f}"
+        return "-" if value is None else f"{round(100 * value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
     header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "class head", "dist. head", "gap to teacher",
               "gain over none", "wall s/run")

@@ -99,7 +99,8 @@ class ImageDataModule(pl.LightningDataModule):
         teacher_cache: a teacher-output cache folder written by `distill cache-teacher` for this
             data, seed and transform: training reads the teacher's top-k for each replayed view
             from it and runs no teacher (set model.teacher: null, or keep it to verify the
-            cache with model.teacher_cache_verify). A cache of other data is refused.
+            cache with model.teacher_cache_verify; and model.feature_weight: 0, as the cache holds no
+            features). A cache of other data is refused.
     """
 
     def __init__(

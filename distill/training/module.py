@@ -100,8 +100,9 @@ class DistillationModule(pl.LightningModule):
         feature_weight: weight of feature imitation added to the loss (Li et al. 2022: the student's blocks learn
             the teacher's feature maps; their weight 2.5; distill/training/imitation.py); 0: off; needs a live teacher.
         feature_pairs: the (student level, teacher level) pairs of timm feature levels (a ViT's blocks; a convnet's
-            stem, then stages); null: a ViT student's first, middle and last blocks, the teacher's stages of
-            reduction 4, 8 and 16 (give the pairs for a convnet or Swin student).
+            stem, then stages); null: the student's first, middle and last levels (all of them when it has fewer
+            than three, as a small Swin's stages), the teacher's levels of reduction 4, 8 and 16 (give the pairs for
+            a teacher without them, such as a ViT).
         **loss: the distillation loss's options, declared once, by `DistillationLoss` (distill/training/losses.py):
             distillation (none | soft | hard), alpha, tau, label_smoothing, kl_normalization; in a config they are
             the model's own keys (`model.distillation`, `model.alpha`, ...).
