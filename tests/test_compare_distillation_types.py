@@ -31,6 +31,12 @@ def test_the_summary_is_mean_and_spread_over_seeds_with_gap_to_teacher_and_gain_
     assert "98.00 +- 1.41" in table and "+36.00" in table and "teacher" in table.splitlines()[-1]
 
 
+def test_a_student_level_with_its_teacher_up_to_rounding_shows_a_gap_of_plus_zero_not_minus_zero():
+    runs = [{"type": "hard", "seed": 0, "result": result(0.9944445, 0.9944445, teacher=0.9944444)}]
+    table = format_table(summarize_runs(runs, ["hard"]))
+    assert "-0.00" not in table and "+0.00" in table.splitlines()[2]
+
+
 def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:
     """`distill compare` of the real config over a tiny student and a random teacher, 2 steps an epoch."""
     teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
