@@ -30,6 +30,7 @@ from torch import nn
 from distill.common.adapters import cpu_computes_bf16
 from distill.common.checkpoints import extract_state_dict, read_weights_file, student_state
 from distill.common.errors import UserError
+from distill.common.identity import verify_files
 from distill.common.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import DEIT_VARIANTS, Student, check_model_name
 
@@ -292,6 +293,9 @@ def _load_folder(path: Path) -> nn.Module:
         held = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
         raise UserError(f"teacher.weights: folder '{path}' is not a timm model folder (it needs config.json and "
                         f"model.safetensors; it holds {held}); give a weights file or an export folder")
+    if (path / "export_report.json").is_file():  # written by `distill export`: its files as it wrote them
+        verify_files(path, "export_report.json", ["config.json", weights[0]], "teacher.weights",
+                     "export the teacher again")
     try:
         return timm.create_model(f"local-dir:{path}", pretrained=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign weights file fails in many ways inside timm

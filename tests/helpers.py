@@ -4,8 +4,11 @@ The tests run the real configs with overrides (big_vision's "run locally" switch
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -129,6 +132,33 @@ def distill_args(tmp_path: Path, teacher_classes: int = 10) -> list[str]:
             *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()],
             f"--model.teacher.init_args.model_name={TINY_TEACHER}",
             f"--model.teacher.init_args.weights={random_teacher_file(tmp_path, TINY_TEACHER, teacher_classes)}"]
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, options: str):
+    """`folder` as the mount point of a tmpfs with `options` (e.g. `ro,size=64k`), unmounted after; the test is
+    skipped where mounting is not allowed (not root, or no CAP_SYS_ADMIN in a container)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()[:80]})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write into `folder` until its filesystem has no free block (a new empty file can still be made, as on a real
+    full disk: its first byte fails)."""
+    with contextlib.suppress(OSError), open(folder / "filler", "wb", buffering=0) as handle:
+        while True:
+            handle.write(b"\0" * 4096)
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes (to check that nothing was written, removed or changed)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def nothing_written(tmp_path: Path) -> bool:

@@ -7,6 +7,9 @@
 - A label beyond the range of its ClassLabel.
 - Parquet files: `datasets` copies them to Arrow, which must not pile up in ~/.cache/huggingface.
 - A teacher cache holding a class out of range or a NaN probability: `cache-teacher --check` and training from it.
+- The data counted by content: a cache built for the same file names with other pixels, a resume after images were
+  added to a class; a copy of the folder elsewhere is the same data.
+- cache-teacher onto a full disk or into a read-only folder.
 
 Every refusal: exit code 2, one `error:` line naming the split or file, the row or entry, and the value.
 """
@@ -25,8 +28,8 @@ import pytest
 from PIL import Image
 
 from distill.cli import cli_main
-from tests.helpers import (TINY_TEACHER, distill_args, make_image_folder, nothing_written, random_teacher_file,
-                           run_cli_error, shrink)
+from tests.helpers import (TINY_TEACHER, distill_args, files_under, make_image_folder, nothing_written,
+                           random_teacher_file, run_cli_error, shrink)
 
 datasets = pytest.importorskip("datasets")
 
@@ -237,3 +240,70 @@ def test_a_cache_that_does_not_fit_on_the_disk_is_refused_before_the_build_and_l
                          capsys)
     assert "--out: cannot allocate" in line and "No space left on device" in line
     assert not cache.exists() and not Path(f"{cache}.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The data by its content: a cache and a resume read the images, not their names
+
+
+def swap_two_images(images: Path) -> None:
+    """Two training images of different classes exchange their pixels; every file name stays."""
+    first, second = sorted((images / "train" / "cat").iterdir())[0], sorted((images / "train" / "dog").iterdir())[0]
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+
+
+def test_a_teacher_cache_is_refused_for_a_folder_of_the_same_file_names_and_other_pixels(built_cache, tmp_path,
+                                                                                        capsys):
+    cache, images, teacher = built_cache
+    other = Path(shutil.copytree(images, tmp_path / "images"))
+    swap_two_images(other)
+    fit = ["fit", *cache_args(tmp_path, other, teacher), f"--data.teacher_cache={cache}", "--model.teacher=null"]
+    line = refusal(fit, capsys)
+    assert line.startswith(f"error: data.teacher_cache: '{cache}' was built for another dataset ('18 files, sha256 ")
+    assert nothing_written(tmp_path)
+
+
+def test_a_data_folder_is_its_files_content_a_copy_elsewhere_the_same_and_unchanged_files_are_not_read_again(
+        tmp_path, monkeypatch):
+    from distill.common import digests
+
+    images = make_image_folder(tmp_path / "images")
+    digest = digests.folder_digest(images)
+    copy = Path(shutil.copytree(images, tmp_path / "elsewhere" / "copy"))
+    (copy / "train" / ".DS_Store").write_text("a viewer's file, not an image")
+    assert digests.folder_digest(copy) == digest
+    reads = []
+    real = digests._sha256
+    monkeypatch.setattr(digests, "_sha256", lambda path: reads.append(path) or real(path))
+    assert digests.folder_digest(copy) == digest and reads == []  # remembered: listed, not read
+    swap_two_images(copy)
+    assert digests.folder_digest(copy) != digest and len(reads) == 2  # only the two rewritten files are read
+    regenerated = make_image_folder(tmp_path / "regenerated", per_class=6)
+    (regenerated / "train" / "cat" / "0.png").write_bytes(b"another seed's pixels")
+    assert digests.folder_digest(regenerated) != digest
+
+
+def test_resuming_after_images_were_added_to_a_class_is_refused_and_the_run_is_kept(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "images")
+    args = [*fit_on(tmp_path, images), "--trainer.max_epochs=1"]
+    cli_main(args)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").glob("*.ckpt")}
+    shutil.copy(images / "train" / "cat" / "0.png", images / "train" / "cat" / "added.png")
+    line = refusal([*args, "--ckpt_path=last", "--trainer.max_epochs=2"], capsys)
+    assert line.startswith("error: ckpt_path: 'last'") and "data.dataset: its content changed (sha256 " in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").glob("*.ckpt")} == before
+
+
+@pytest.mark.parametrize("where", ["read_only_folder", "full_disk"])
+def test_cache_teacher_onto_a_full_disk_or_into_a_read_only_folder_is_one_line_and_leaves_nothing(tmp_path, capsys,
+                                                                                                  request, where):
+    folder = request.getfixturevalue(where)
+    before = files_under(folder)
+    line = refusal(["cache-teacher", *distill_args(tmp_path)[1:], "--epochs=1", "--top_k=2",
+                    f"--out={folder / 'new' / 'cache'}"], capsys)
+    assert line.startswith("error: cache-teacher --out") and str(folder) in line
+    assert ("Read-only file system" if where == "read_only_folder" and os.geteuid() == 0 else
+            "Permission denied" if where == "read_only_folder" else "No space left on device") in line
+    assert files_under(folder) == before and not (folder / "new").exists()

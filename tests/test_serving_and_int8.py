@@ -24,6 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 import distill.deploy.quantize
 from distill.common.errors import UserError
 from distill.common.files import OutputLock
+from distill.common.identity import file_digest
 from distill.deploy.export import Int8, export_student
 from distill.deploy.inference import INT8_FILE
 from distill.deploy.predict import predict_folder
@@ -188,6 +189,11 @@ def test_serve_mistakes_are_one_line(trained, tmp_path, capsys, args, message):
 def test_a_damaged_onnx_model_or_a_port_another_server_holds_is_one_line(export, tmp_path, capsys):
     damaged = Path(shutil.copytree(export, tmp_path / "damaged"))
     (damaged / "model.onnx").write_bytes((export / "model.onnx").read_bytes()[:5000])
+    message = run_cli_error(["serve", "--export", str(damaged), "--backend", "onnx"], capsys)
+    assert f"serve --backend onnx: '{damaged / 'model.onnx'}' changed since it was written" in message
+    report = json.loads((damaged / "export_report.json").read_text())  # a report edited to agree: the model is
+    report["files"]["model.onnx"] = file_digest(damaged / "model.onnx")  # still loaded, and refused, whole
+    (damaged / "export_report.json").write_text(json.dumps(report))
     message = run_cli_error(["serve", "--export", str(damaged), "--backend", "onnx"], capsys)
     assert f"serve --backend onnx: '{damaged / 'model.onnx'}' could not be loaded" in message
     port = free_port()  # a server still loading its model holds the port's lock before it binds the port

@@ -235,7 +235,7 @@ def test_predict_mistakes_are_one_line(tmp_path, capsys, earlier_run, problem):
     elif problem == "truncated-weights":
         data = (export / "model.safetensors").read_bytes()
         (export / "model.safetensors").write_bytes(data[: len(data) // 2])
-        expected = "could not be loaded"
+        expected = "model.safetensors' changed since it was written (its sha256 is not the one in export_report.json)"
     else:
         out.write_text("yesterday's predictions")
         expected = "predictions.csv' exists; pass --overwrite"
@@ -328,7 +328,7 @@ def test_resuming_from_a_checkpoint_file_with_other_hyper_parameters_is_refused(
 def test_an_existing_metrics_json_is_not_replaced_by_a_run_that_resumes_nothing(tmp_path, capsys):
     precious = tmp_path / "precious.json"
     precious.write_text('{"mine": 1}')
-    line = run_cli_error([*distill_args(tmp_path), "--ckpt_path=last", f"--metrics_json={precious}"], capsys)
+    line = run_cli_error([*distill_args(tmp_path), f"--metrics_json={precious}"], capsys)
     assert f"metrics_json: '{precious}' exists and this run resumes nothing" in line
     assert precious.read_text() == '{"mine": 1}'
 

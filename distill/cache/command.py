@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only
 
 from distill.cache.format import TeacherCache
 from distill.cache.writer import CacheSampler, CacheWriter
 from distill.common.commandline import command
+from distill.common.console import say
 from distill.common.errors import UserError
-from distill.common.files import OutputLock, free_bytes, lock_path
+from distill.common.files import OutputLock, free_bytes, human_size, lock_path, writing
 from distill.common.ranges import PositiveInt
 from distill.training.cli import make_cli
 
@@ -63,7 +64,8 @@ def cache_teacher(epochs: Optional[PositiveInt] = None, top_k: PositiveInt = 10,
     if rank_zero_only.rank == 0:
         lock.acquire()
     try:
-        _build(out, epochs, top_k, batch_size, rest)
+        with writing(out, "cache-teacher --out"):  # a full disk or a read-only folder met on the way: one line
+            _build(out, epochs, top_k, batch_size, rest)
     finally:
         lock.release()
 
@@ -97,13 +99,13 @@ def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: 
     whole = CacheSampler(sampler, epochs, 1, 0)  # the shards of a multi-process build add up to it
     size = TeacherCache.nbytes(epochs, whole.rows, top_k, classes, sampler.num_repeats * train_images)
     views = whole.views
-    rank_zero_info(f"Teacher cache: {views} views ({epochs} epochs x {train_images} images"
-                   f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{top_k} of "
-                   f"{classes} classes; {size / 2**20:.1f} MiB on disk at '{out}'")
+    say(f"Teacher cache: {views} views ({epochs} epochs x {train_images} images"
+        f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{top_k} of "
+        f"{classes} classes; {human_size(size)} on disk at '{out}'")
     free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
     if size > free:
-        raise UserError(f"--out: the cache needs {size / 2**30:.2f} GiB but the filesystem of '{out}' has "
-                        f"{free / 2**30:.2f} GiB free")
+        raise UserError(f"cache-teacher --out: the cache needs {human_size(size)} but the filesystem of '{out}' has "
+                        f"{human_size(free)} free; free disk space or write elsewhere")
     trainer_cfg = config["trainer"]
     trainer = pl.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", "auto"),

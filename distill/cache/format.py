@@ -64,6 +64,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 
 from distill.common.errors import UserError
+from distill.common.files import human_size
 
 __all__ = ["TeacherCache", "library_versions", "FORMAT"]
 
@@ -360,7 +361,7 @@ def _allocate(file: Path) -> None:
         except OSError as err:
             if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the filesystem cannot preallocate
                 return
-            raise UserError(f"--out: cannot allocate {size / 2**30:.2f} GiB for '{file}' ({err.strerror}); free disk "
+            raise UserError(f"cache-teacher --out: cannot allocate {human_size(size)} for '{file}' ({err.strerror}); free disk "
                             "space on that filesystem or choose another --out") from err
 
 

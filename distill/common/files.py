@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -30,13 +31,51 @@ try:
 except ImportError:  # Windows: no advisory locks here; outputs are still written atomically
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OutputLock", "write_atomically", "replace_folder", "free_bytes", "lock_path", "load_yaml", "make_folder"]
+__all__ = ["OutputLock", "write_atomically", "replace_folder", "free_bytes", "lock_path", "load_yaml", "make_folder",
+           "ENVIRONMENT_ERRORS", "environment_error", "writing", "human_size"]
+
+# OS errors that are the machine's state, not a bug: a full disk, a read-only or foreign folder, a name too long.
+# A command meeting one prints `environment_error`'s line (distill/cli.py), not a traceback.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "free disk space (or write elsewhere) and run the command again",
+    errno.EDQUOT: "free space under your disk quota (or write elsewhere) and run the command again",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EACCES: "you may not write or read there: change its permissions, or write elsewhere",
+    errno.EPERM: "you may not write or read there: change its permissions, or write elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EFBIG: "the file is larger than this filesystem allows: write elsewhere",
+}
+
+
+def environment_error(err: BaseException) -> Optional[str]:
+    """One line for an `OSError` that is the machine's state (`ENVIRONMENT_ERRORS`), naming the path, the cause and
+    what to do; None for any other exception (a bug keeps its traceback)."""
+    if not isinstance(err, OSError) or err.errno not in ENVIRONMENT_ERRORS:
+        return None
+    where = f"'{err.filename}'" if err.filename else "a file"
+    if err.filename2:
+        where += f" -> '{err.filename2}'"
+    return f"{where}: {err.strerror or os.strerror(err.errno)}; {ENVIRONMENT_ERRORS[err.errno]}"
 
 
 def lock_path(output: str | os.PathLike) -> Path:
     """The lock file of `output`: a hidden file beside it (`dir/.name.lock`)."""
     output = Path(output)
     return output.with_name(f".{output.name}.lock")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, option: str) -> Iterator[None]:
+    """Turn an OS error of the machine's state (`ENVIRONMENT_ERRORS`: a full disk, a read-only folder) met while
+    writing `path` into a `UserError` naming the option and the path; other errors pass as they are."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
+            raise
+        cause = err.strerror or os.strerror(err.errno)
+        what = f"'{err.filename}': {cause}" if err.filename else f"cannot write '{path}' ({cause})"
+        raise UserError(f"{option}: {what}; {ENVIRONMENT_ERRORS[err.errno]}") from err
 
 
 class OutputLock:
@@ -52,13 +91,30 @@ class OutputLock:
     def __init__(self, path: str | os.PathLike, option: str) -> None:
         self.path, self.option = Path(path), option
         self._handle: Optional[IO[str]] = None
+        self._created: list[Path] = []  # folders `acquire` made for the lock file, removed on release while empty
 
     def acquire(self) -> "OutputLock":
         if fcntl is None or self._handle is not None:
             return self
+        created = _missing_folders(self.path.parent)
         make_folder(self.path.parent, self.option)
+        self._created = created
+        try:
+            self._handle = self._lock()
+        except BaseException:
+            self._remove_created()  # refused or failed: nothing of this attempt stays behind
+            raise
+        OutputLock._held.add(self)
+        return self
+
+    def _lock(self) -> IO[str]:
         while True:
-            handle = open(self.path, "a+")  # not truncated before the lock is ours: the holder's line stays readable
+            existed = self.path.exists()
+            try:
+                handle = open(self.path, "a+")  # not truncated before the lock is ours: the holder's line stays readable
+            except OSError as err:
+                raise UserError(f"{self.option}: cannot create its lock file '{self.path}' "
+                                f"({err.strerror or err}); {ENVIRONMENT_ERRORS.get(err.errno, 'write elsewhere')}") from err
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -74,13 +130,30 @@ class OutputLock:
             if same:
                 break
             handle.close()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self._handle = handle
-        OutputLock._held.add(self)
-        return self
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+        except OSError as err:  # a full disk: the lock file stays only if another writer's was there before
+            with contextlib.suppress(OSError):
+                handle.close()  # flushes the buffer again, and fails again
+            if not existed:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise UserError(f"{self.option}: cannot write its lock file '{self.path}' ({err.strerror or err}); "
+                            f"{ENVIRONMENT_ERRORS.get(err.errno, 'write elsewhere')}") from err
+        return handle
+
+    def _remove_created(self) -> None:
+        """Remove the folders this lock created, innermost first, while they are empty (an output written there
+        keeps them)."""
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def release(self) -> None:
         """Remove the lock file, then unlock (in that order, so that nobody locks a file about to vanish)."""
@@ -89,6 +162,7 @@ class OutputLock:
                 self.path.unlink()
             self._handle.close()  # closing the descriptor releases the flock
             self._handle = None
+            self._remove_created()  # a command that failed before writing its output leaves no empty folder
         OutputLock._held.discard(self)
 
     @classmethod
@@ -158,8 +232,27 @@ def make_folder(folder: str | os.PathLike, option: str) -> Path:
         raise UserError(f"{option}: cannot create folder '{folder}': a file of that name, or of one of its parent "
                         "folders, is in the way") from err
     except OSError as err:
-        raise UserError(f"{option}: cannot create folder '{folder}' ({err.strerror or err})") from err
+        advice = ENVIRONMENT_ERRORS.get(err.errno, "create it yourself or write elsewhere")
+        raise UserError(f"{option}: cannot create folder '{folder}' ({err.strerror or err}); {advice}") from err
     return folder
+
+
+def _missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, outermost first (what creating it makes)."""
+    missing, path = [], Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def human_size(size: float) -> str:
+    """`size` bytes as a reader says it: `512 B`, `3.2 KiB`, `1.50 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.{2 if unit == 'GiB' else 1}f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"
 
 
 def free_bytes(path: str | os.PathLike) -> int:

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from distill.common.digests import folder_digest
+from distill.common.errors import UserError
 from distill.common.files import load_yaml
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "describe_differences",
     "differences",
     "file_digest",
+    "verify_files",
     "finished",
     "intended_options",
     "options_identity",
@@ -56,6 +59,9 @@ LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint",
             "model.finite_check_every", "model.compile", "model.fused_optimizer")
 # A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
 CONTENT_OF = {"data.teacher_cache": "meta.json"}
+# A folder option that stands for every file it holds (distill/common/digests.py): the data, so that a dataset
+# regenerated, edited or grown under the same path is other data, and a copy of it elsewhere the same.
+FOLDER_CONTENT = ("data.dataset",)
 
 _CHUNK = 1 << 20
 _UNSET = object()
@@ -68,6 +74,39 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+def verify_files(folder: str | os.PathLike, report_name: str, names: Iterable[str], option: str,
+                 again: str) -> dict[str, str]:
+    """Check that each of `names` in `folder` is the file its writer recorded in `report_name` (a JSON file of the
+    folder whose `files` maps a file name to its `file_digest`); returns the digests of `names`.
+
+    A report that is missing or unreadable, a name it does not list, or a file whose bytes changed is a `UserError`
+    naming the file and ending with `again` (how to write the folder anew)."""
+    folder = Path(folder)
+    report_path = folder / report_name
+    try:
+        files = json.loads(report_path.read_text(encoding="utf-8")).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        why = "is missing" if not report_path.exists() else "is not readable JSON holding the digest of each file"
+        raise UserError(f"{option}: '{report_path}' {why}, so what '{folder}' holds cannot be checked; {again}") from err
+    if not isinstance(files, dict):
+        raise UserError(f"{option}: '{report_path}' lists no file digests ('files'); {again}")
+    digests = {}
+    for name in names:
+        path = folder / name
+        if name not in files:
+            raise UserError(f"{option}: '{path}' was not written with the rest of '{folder}' (it is not in "
+                            f"{report_name}); {again}")
+        try:
+            found = file_digest(path)
+        except OSError as err:
+            raise UserError(f"{option}: '{path}' cannot be read ({err.strerror or err}); {again}") from err
+        if found != files[name]:
+            raise UserError(f"{option}: '{path}' changed since it was written (its sha256 is not the one in "
+                            f"{report_name}); {again}")
+        digests[name] = found
+    return digests
 
 
 def _left_out(key: str) -> bool:
@@ -115,7 +154,11 @@ def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
     for key, name in CONTENT_OF.items():
         if isinstance(flat.get(key), (str, os.PathLike)) and (Path(flat[key]) / name).is_file():
             flat[key] = Path(flat[key]) / name
-    return {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
+    plain = {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
+    for key in FOLDER_CONTENT:
+        if isinstance(flat.get(key), (str, os.PathLike)) and Path(flat[key]).is_dir():
+            plain[key] = folder_digest(flat[key])
+    return plain
 
 
 def _parse_arguments(arguments: Iterable[str]) -> list[tuple[str, Any]]:
@@ -195,9 +238,14 @@ def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
         text = "(unset)" if value is _UNSET else json.dumps(value)
         return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
+    def change(key: str) -> str:
+        was, is_ = before.get(key, _UNSET), now.get(key, _UNSET)
+        if all(isinstance(v, str) and v.startswith("sha256:") for v in (was, is_)):  # a file or folder by content
+            return f"{key}: its content changed (sha256 {was[7:19]}... -> {is_[7:19]}...)"
+        return f"{key}: {show(was)} -> {show(is_)}"
+
     keys = sorted(set(before) | set(now))
-    return [f"{key}: {show(before.get(key, _UNSET))} -> {show(now.get(key, _UNSET))}" for key in keys
-            if before.get(key, _UNSET) != now.get(key, _UNSET)]
+    return [change(key) for key in keys if before.get(key, _UNSET) != now.get(key, _UNSET)]
 
 
 def describe_differences(before: Mapping[str, Any], now: Mapping[str, Any], shown: int = 3) -> str:

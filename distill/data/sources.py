@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from torch.utils.data import Dataset
 
+from distill.common.digests import file_digests
 from distill.common.errors import UserError
 from distill.data.huggingface import HFImageDataset, is_hf_dataset, load_hf_splits
 from distill.data.image_folder import CheckedImageFolder, classes_of
@@ -92,10 +93,14 @@ class FolderSource:
                             f"holds no images (accepted: {', '.join(IMG_EXTENSIONS)}; hidden files are ignored)") from err
 
     def fingerprint(self, train: Dataset) -> str:
-        """The file list (paths relative to train/, and classes): a copy of the folder elsewhere is the same data."""
+        """Each training image by its path relative to train/, class, size and content (distill/common/digests.py):
+        a copy of the folder elsewhere is the same data, the same names with other pixels are not."""
         root = self.root / "train"
-        listing = "\n".join(f"{Path(path).relative_to(root)}\t{target}" for path, target in train.samples)
-        return f"{len(train.samples)} files, sha256 {hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+        files = [Path(path).relative_to(root) for path, _ in train.samples]
+        digests = file_digests(root, files)
+        listing = "\n".join(f"{path.as_posix()}\t{target}\t{size}\t{digest}"
+                            for path, (_, target), (size, digest) in zip(files, train.samples, digests))
+        return f"{len(train.samples)} files, sha256 {hashlib.sha256(listing.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
 
 
 class HuggingFaceSource:

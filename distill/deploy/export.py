@@ -36,7 +36,7 @@ from torch import nn
 from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 from distill.common.commandline import call, command
 from distill.common.errors import UserError
-from distill.common.files import OutputLock, lock_path, replace_folder
+from distill.common.files import OutputLock, lock_path, replace_folder, writing
 from distill.common.identity import describe_differences, file_digest
 from distill.common.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
 from distill.deploy.inference import INT8_FILE, load_export
@@ -125,7 +125,8 @@ def export_student(
         if current is not None and not overwrite:  # same checkpoint bytes and options, files intact
             return {**current, "kept": True}
         check_replaceable(out, overwrite or overwrite_stale, made_from)
-        return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8, made_from)
+        with writing(out, "export --out"):  # a full disk or a read-only folder: one line, the folder left as it was
+            return _export(ckpt, out, onnx, torchscript, tolerance, ema, int8, made_from)
 
 
 def export_identity(ckpt: str | Path, onnx: bool, torchscript: bool, tolerance: float, ema: bool,
@@ -252,15 +253,26 @@ def _export(ckpt: str | Path, out: Path, onnx: bool, torchscript: bool, toleranc
                 raise UserError(f"export: {name} output differs from PyTorch by {diff:.2e} > {tolerance:.0e} "
                                 "(raise --tolerance, or export without that format)")
         if int8 is not None:
-            report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp), INT8_FILE, training,
+            report["formats"]["int8"] = quantize_int8(tmp, load_export(tmp, verify=False), INT8_FILE, training,
                                                       int8.calibration_images, int8.max_drop, method=int8.method)
         report["made_from"] = made_from  # what `current_export` compares before keeping this folder
+        readable_by_all(tmp)
         report["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2))
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def readable_by_all(folder: Path) -> None:
+    """Every file of `folder` with the permissions of a file created here (0644 under the usual umask): safetensors
+    writes model.safetensors 0600, which another user's server could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def _data_config(checkpoint: dict) -> dict[str, Any]:
@@ -280,7 +292,7 @@ def _data_config(checkpoint: dict) -> dict[str, Any]:
 
 def _run_timm(folder: Path, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return load_export(folder)(images)
+        return load_export(folder, verify=False)(images)  # being built: no report yet
 
 
 def _run_onnx(model: nn.Module, path: Path, images: torch.Tensor) -> torch.Tensor:

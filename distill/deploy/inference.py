@@ -3,7 +3,10 @@
 One place for what `predict`, `serve` and `export --int8` must do alike, so that they can
 never disagree on how an image becomes a prediction.
 
-An export is validated whole when it is loaded, so that a damaged or hand-edited folder is one
+An export is verified when it is loaded: each file read (config.json, model.safetensors, the ONNX model a
+backend serves) must be the one `distill export` wrote, by the sha256 recorded in export_report.json
+(`verify_export`); a file copied in from another export or edited by hand is refused, naming it.
+It is also validated whole, so that a damaged or hand-edited folder is one
 line naming the folder, the field and both values, and never an IndexError at the first image
 or a server answering 500 to every request: config.json is readable JSON and a mapping whose
 `architecture` is a timm model; `num_classes` equals `model_args.num_classes` and the number of
@@ -28,19 +31,21 @@ from torch import nn
 
 import students  # noqa: F401 - registers this project's architectures with timm (students.hybrid)
 from distill.common.errors import UserError
+from distill.common.identity import verify_files
 
-__all__ = ["INT8_FILE", "load_export", "read_config", "export_transform", "label_names", "best_classes", "CONFIG", "WEIGHTS",
+__all__ = ["INT8_FILE", "REPORT", "load_export", "verify_export", "read_config", "export_transform", "label_names", "best_classes", "CONFIG", "WEIGHTS",
            "EXPORT_AGAIN"]
 
 INT8_FILE = "model.int8.onnx"  # the INT8 ONNX model of an export (`distill export --int8`, `serve --backend int8`)
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+CONFIG, WEIGHTS, REPORT = "config.json", "model.safetensors", "export_report.json"
 EXPORT_AGAIN = "run distill export again"  # how every refusal of a damaged export ends
 
 
-def load_export(folder: str | Path, option: str = "--export") -> nn.Module:
+def load_export(folder: str | Path, option: str = "--export", verify: bool = True) -> nn.Module:
     """The exported student as timm builds it, its weights loaded strictly, in eval mode; a folder that is not a
-    whole, consistent export is a UserError (see the module docstring for what is checked)."""
+    whole, consistent export is a UserError (see the module docstring for what is checked). `verify=False` only for
+    the folder an export is building (it has no report yet)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{option}: '{folder}' is not a folder; give the folder distill export wrote")
@@ -48,6 +53,8 @@ def load_export(folder: str | Path, option: str = "--export") -> nn.Module:
     if missing:
         raise UserError(f"{option}: '{folder}' has no {' or '.join(missing)}; it is not a (whole) export folder: "
                         f"{EXPORT_AGAIN}")
+    if verify:
+        verify_export(folder, (CONFIG, WEIGHTS), option)
     config = read_config(folder, option)
     _check_config(folder / CONFIG, config, option)
     try:  # the fields were checked above: what fails here is model_args the architecture's factory does not take
@@ -58,6 +65,14 @@ def load_export(folder: str | Path, option: str = "--export") -> nn.Module:
     _load_weights(folder, model, option)
     _check_forward(folder, config, model, option)
     return model
+
+
+def verify_export(folder: Path, names: tuple[str, ...], option: str = "--export") -> dict[str, str]:
+    """Each of `names` is the file `distill export` wrote into `folder` (its sha256 in export_report.json); with an
+    ONNX model, its external weights file too when the export wrote one. Returns the digests checked."""
+    if "model.onnx" in names and (folder / "model.onnx.data").exists():
+        names = (*names, "model.onnx.data")
+    return verify_files(folder, REPORT, names, option, EXPORT_AGAIN)
 
 
 def read_config(folder: Path, option: str = "--export") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from distill.common.commandline import call, command
 from distill.common.errors import UserError
-from distill.common.files import OutputLock, lock_path, make_folder, write_atomically
+from distill.common.files import OutputLock, lock_path, write_atomically, writing
 from distill.data.images import IMG_EXTENSIONS, UnreadableImage, left_out, list_images, load_image
 from distill.common.ranges import PositiveInt
 from distill.deploy.inference import best_classes, export_transform, label_names, load_export
@@ -58,9 +58,9 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path = "pr
         print(f"predict: {left_out(others, images)}", file=sys.stderr)
     names, transform = label_names(model), export_transform(model)
     top_k = min(top_k, model.num_classes)
-    make_folder(out.parent, "predict --out")
     failed = 0
-    with OutputLock(lock_path(out), f"predict --out '{out}'"), write_atomically(out, ".tmp") as partial:
+    with (OutputLock(lock_path(out), f"predict --out '{out}'"), writing(out, "predict --out"),
+          write_atomically(out, ".tmp") as partial):
         with partial.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", *[c for i in range(1, top_k + 1) for c in (f"class_{i}", f"prob_{i}")], "error"])
@@ -95,4 +95,6 @@ def _print_summary(options: dict) -> None:
           + (f"; {failed} image(s) could not be read (their rows hold the reason in the error column)" if failed else ""))
 
 
-main = command("distill predict", predict_folder, run=_print_summary, description=__doc__.split("\n\n")[0])
+main = command("distill predict", predict_folder, run=_print_summary, description=__doc__.split("\n\n")[0],
+               epilog="LightningCLI's predict (a checkpoint, on the validation split): distill predict --config FILE "
+                      "--help lists its options.")

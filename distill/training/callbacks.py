@@ -9,10 +9,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.common.adapters import batches_done_this_epoch, dump_checkpoint, is_local_path
+from distill.common.console import say
 from distill.common.errors import UserError
 from distill.common.files import replace_file
 
@@ -50,16 +50,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         done = batches_done_this_epoch(trainer)
         if done % trainer.accumulate_grad_batches and done < trainer.num_training_batches:
             # the accumulated gradients are not in a checkpoint: resume from the previous save instead
-            rank_zero_info(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
-                           f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
+            say(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
+                f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
             return
         if self._last_global_step_saved != trainer.global_step:
             if trainer.world_size > 1:
                 self._save_on_rank_zero(trainer)  # the other ranks may be a batch behind: no collective
             else:
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        rank_zero_info(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
-                       f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+        say(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
+            f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
 
     def _save_on_rank_zero(self, trainer: pl.Trainer) -> None:
         """last.ckpt written by rank 0 alone: under DDP a stop signal reaches the ranks at different
@@ -90,11 +90,15 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, partial)  # every rank takes part; rank 0 writes, then all wait
             if trainer.is_global_zero:
                 replace_file(partial, filepath)
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UserError(f"checkpoint.dirpath: no space left to write '{filepath}' ({err.strerror}); the previous "
-                                "checkpoint there is intact: free disk space and resume with --ckpt_path last") from err
-            raise
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError, without errno
+            if not _no_space(err):
+                raise
+            earlier = sorted(p.name for p in Path(filepath).parent.glob("*.ckpt"))
+            resume = ("--ckpt_path last" if any(name.startswith("last") for name in earlier) else
+                      f"--ckpt_path {Path(filepath).parent / earlier[0]}" if earlier else "")
+            then = (f"the previous checkpoint there is intact ({', '.join(earlier)}): free disk space and resume with "
+                    f"{resume}" if earlier else "nothing was saved yet: free disk space and run the same command again")
+            raise UserError(f"checkpoint.dirpath: no space left to write '{filepath}'; {then}") from err
         finally:
             if trainer.is_global_zero:
                 _remove(partial)  # a failed write (disk full...) leaves the previous checkpoint and no partial file
@@ -112,6 +116,14 @@ def _refuse_diverged(trainer: pl.Trainer, filepath: str) -> None:
                         f"step {trainer.global_step} (e.g. {bad[0]}); '{Path(filepath).name}' was not written and the "
                         "previous checkpoints are intact: start from their weights with a lower rate (model.init_from=<last.ckpt> "
                         "--model.lr ... into another checkpoint.dirpath; a resumed run keeps its optimiser's rate)")
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether a failed save met a full disk or quota (an OSError's errno, or torch's writer's RuntimeError)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return "file write failed" in text or "No space left" in text or "Disk quota" in text
 
 
 def _remove(path: str) -> None:
