@@ -183,7 +183,7 @@ def main() -> None:
     if args.image:
         image = args.image.read_bytes()
     else:
-        side = (requests.get(f"{args.url}/info", timeout=30).json()["model"]["input_size"] if args.url else
+        side = (requests.get(f"{args.url}/info", timeout=30).json()["input_size"] if args.url else
                 load_export(args.export).pretrained_cfg["input_size"])[-1]
         pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
         buffer = io.BytesIO()
@@ -194,7 +194,7 @@ def main() -> None:
     print("| backend | dynamic batching | clients | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|", flush=True)
     if args.url:
-        backend = requests.get(f"{args.url}/info", timeout=30).json()["model"]["backend"]
+        backend = requests.get(f"{args.url}/info", timeout=30).json()["backend"]
         load_rows(f"{args.url}/predict", image, args, backend, "as started")
     else:
         for backend in args.backends:

@@ -24,13 +24,16 @@ import os
 import sys
 from collections.abc import Callable
 
+from distill.common.configs import check_config_files
+from distill.common.console import quiet_console
 from distill.common.errors import UsageError, UserError
-from distill.common.files import OutputLock
+from distill.common.files import OutputLock, environment_error
 
 __all__ = ["COMMANDS", "TRAINING", "cli_main", "command_of"]
 
 # Every command, in the order `distill` lists them: name -> (module with a `main(argv)`, imported only when run;
-# the line of help). `predict --export` is the export's predict, `predict` alone LightningCLI's.
+# the line of help). `predict --export` (and `predict --help`) is the export's predict, `predict --config`
+# LightningCLI's.
 TRAINING = ("fit", "validate", "test", "predict")
 COMMANDS = {
     **{name: ("distill.commands.fit", "LightningCLI (also `lightning COMMAND`): --config FILE [--model.* --data.* ...]")
@@ -63,13 +66,15 @@ def command_of(argv: list[str]) -> tuple[str, Callable[[list[str] | None], None]
         close = difflib.get_close_matches(typed, [n for n in COMMANDS if " " not in n], n=1)
         raise UsageError(f"'{typed}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
                          "(`distill` alone lists them)")
-    name = typed
-    if typed == "predict" and _given(argv, "--export"):
-        name = "predict --export"  # `predict` on an export folder; without --export: LightningCLI's predict
-    elif typed == "predict" and not _given(argv, "--help", "-h") and (_given(argv, "--images")
-                                                                      or not _given(argv, "--config", "-c")):
+    name, helps, configured = typed, _given(argv, "--help", "-h"), _given(argv, "--config", "-c")
+    if typed == "predict" and (_given(argv, "--export") or helps and not configured):
+        name = "predict --export"  # `predict` on an export folder (the common case, so its --help too); with
+        # --config and without --export: LightningCLI's predict
+    elif typed == "predict" and not helps and (_given(argv, "--images") or not configured):
         raise UsageError("predict: give --export DIR --images FOLDER (a folder written by `distill export`), or "
                          "--config FILE --ckpt_path CKPT for LightningCLI's predict on the validation split")
+    if name in TRAINING:  # before the module loads torch, Lightning and timm (seconds): a config file that is
+        check_config_files(argv[1:])  # missing or not a mapping of options is named at once
     return name, importlib.import_module(COMMANDS[name][0]).main
 
 
@@ -88,6 +93,19 @@ def _user_error(err: BaseException) -> UserError | None:
         seen.add(id(err))
         if isinstance(err, UserError):
             return err
+        err = err.__cause__
+    return None
+
+
+def _environment_error(err: BaseException) -> str | None:
+    """The line for an OS error that is the machine's state (`distill.common.files.ENVIRONMENT_ERRORS`), raised here
+    or one an exception was explicitly raised from (a library wrapping it); None otherwise."""
+    seen = set()
+    while err is not None and id(err) not in seen and not isinstance(err, UserError):
+        seen.add(id(err))
+        line = environment_error(err)
+        if line is not None:
+            return line
         err = err.__cause__
     return None
 
@@ -125,10 +143,11 @@ def cli_main(args: list[str] | None = None) -> None:
     name = ""
     try:
         name, main = command_of(argv)
-        if name in TRAINING:  # LightningCLI: the whole command line (from sys.argv when run from the shell: it
-            main(None if args is None else argv)  # warns about `args` otherwise)
-        else:
-            main(argv[1:])
+        with quiet_console():  # our lines and whole-line warnings; Lightning's banners and tips left out
+            if name in TRAINING:  # LightningCLI: the whole command line (from sys.argv when run from the shell:
+                main(None if args is None else argv)  # it warns about `args` otherwise)
+            else:
+                main(argv[1:])
     except KeyboardInterrupt:
         print("interrupted (Ctrl+C); what was being written was left as it was before", file=sys.stderr)
         raise SystemExit(130) from None
@@ -151,6 +170,11 @@ def cli_main(args: list[str] | None = None) -> None:
             if os.environ.get("DISTILL_DEBUG"):
                 raise
             print(f"error: trainer: {_one_line(err)}  (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
+        machine = _environment_error(err)
+        if machine is not None and not os.environ.get("DISTILL_DEBUG"):  # a full disk, a read-only folder: not a bug
+            print(f"error: {name.split()[0] or 'distill'}: {machine}  (DISTILL_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
             raise SystemExit(2) from None
         user_error = _user_error(err)
         if user_error is None or (os.environ.get("DISTILL_DEBUG") and not isinstance(user_error, UsageError)):

@@ -1,4 +1,5 @@
 """End-to-end fits through the CLI with the real configs shrunk by overrides."""
+import logging
 from pathlib import Path
 
 import torch
@@ -85,3 +86,15 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_accuracy_stops_improving(
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
     assert (best["epoch"], last["epoch"]) == (0, 1)
+
+
+def test_a_fits_console_has_the_student_and_teacher_lines_and_no_lightning_banners_or_tips(tmp_path, teacher_file,
+                                                                                          capsys, caplog):
+    caplog.set_level(logging.INFO)  # every record Lightning and the project create reaches caplog
+    shrunk = [arg for arg in shrink(tmp_path, "distill.yaml") if "enable_model_summary" not in arg]  # the default
+    cli_main(["fit", *shrunk, f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+              f"--model.teacher.init_args.weights={teacher_file}"])
+    console = "\n".join([*caplog.messages, *capsys.readouterr()])
+    assert "Student: deit_tiny (" in console and f"Teacher: {TINY_TEACHER} (" in console
+    for banner in ("GPU available", "TPU available", "Tip:", "litlogger", "Total params", "Seed set to"):
+        assert banner not in console, banner

@@ -22,4 +22,7 @@ def main(argv: list[str] | None) -> None:
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         # fit refuses a folder of an earlier run itself (before_fit); resuming into it is what was asked
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        # Lightning's own use of a torch API that torch deprecated: between the two libraries, nothing to act on
+        warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated",
+                                category=FutureWarning)
         make_cli(argv)

@@ -110,7 +110,7 @@ def _parameters(function: Callable, skip: set[str]) -> dict[str, tuple[inspect.P
 
 def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any] | None = None,
             skip: tuple[str, ...] = (), positional: bool = False, extra: str | None = None,
-            description: str | None = None) -> Callable[[list[str] | None], Any]:
+            description: str | None = None, epilog: str | None = None) -> Callable[[list[str] | None], Any]:
     """A command's `main(argv)`: its options are the parameters of `functions` (a name in several is one option, declared
     by the first), minus `skip` (`name`, or `function.name` for one function's); `run(options)` does the work (default:
     the one function, called with them).
@@ -118,6 +118,7 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
     positional: required parameters are positional arguments (`distill report RUN_DIR`), not `--name VALUE`.
     extra: the command passes the options no function declares on (to `distill fit`), as `options["extra"]`; this
         says where, in `--help`. Without it such an option is refused, with a close match.
+    epilog: a line `--help` prints after the options.
     """
     if run is None and len(functions) != 1:
         raise TypeError("command: give `run` when the options come from several functions")
@@ -125,7 +126,8 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
 
     def main(argv: list[str] | None = None) -> Any:
         parser = CommandParser(prog=prog, description=description or doc.split("\n\n")[0], exit_on_error=False,
-                               epilog=f"Every other option goes to {extra}." if extra else None)
+                               epilog=" ".join(filter(None, [f"Every other option goes to {extra}." if extra else None,
+                                                             epilog])) or None)
         declared: dict[str, tuple[inspect.Parameter, Any]] = {}
         for function in functions:
             skipped = {s for s in skip if "." not in s} | {s.split(".", 1)[1] for s in skip
