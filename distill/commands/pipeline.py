@@ -18,29 +18,39 @@ Paths: a stage's `config` is relative to the pipeline file (the command works fr
 folder); outputs go under `root` relative to the current folder, like `distill fit`'s (the same
 root reached from another folder is the same pipeline). A stage
 counts as finished only when its `result.json` says it trained (steps > 0) and its best
-checkpoint exists; two pipelines writing the same root at once are refused.
+checkpoint exists; two pipelines writing the same root at once are refused. The pipeline's and
+the stages' names are folder names, checked before anything runs (distill/common/names.py).
 """
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from distill.common.commandline import command
+from distill.common.digests import folder_digest
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.identity import describe_differences, differences, finished, intended_options, trained_something
+from distill.common.names import check_name, same_folder
 from distill.common.tables import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main", "finished"]
 
 STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
-# set by the pipeline for each stage (its folder, its result file, its resume point)
+# set by the pipeline for each stage (its folder, its result file, its resume point, the best.ckpt later stages read)
 RESERVED = ("--checkpoint.dirpath", "--metrics_json", "--ckpt_path", "--trainer.logger.init_args.save_dir",
-            "--trainer.logger.init_args.name")
+            "--trainer.logger.init_args.name", "--checkpoint.filename")
+# what else the pipeline writes in <root>/<name>/ beside the stage folders; its lock and the export's working
+# folders start with '.', as no name may (distill/common/names.py)
+TAKEN = {"export": "the pipeline's export folder (<root>/<name>/export)"}
+DIGITS = "digits"  # data.dataset's bundled digits (distill/data/sources.py; not imported: it loads torch)
+VERSION = "trainer.logger.init_args.version"  # TensorBoard's folder in the stage's: a name, if text
+IN_STAGE = {name: "the stage's own " + name for name in ("checkpoints", "result.json", "stage.json")}
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -53,33 +63,43 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise UserError(f"pipeline '{path}': needs a mapping with 'name' and 'stages', got "
                         f"{'an empty file' if spec is None else 'a ' + type(spec).__name__}")
     stages = spec.get("stages")
-    if not isinstance(spec.get("name"), str) or not spec["name"] or not isinstance(stages, list) or not stages:
-        raise UserError(f"pipeline '{path}': needs a 'name' (text) and a non-empty list of 'stages'")
+    if not isinstance(stages, list) or not stages:
+        raise UserError(f"pipeline '{path}': needs a non-empty list of 'stages' (and a 'name', or --data.dataset to "
+                        "name the pipeline after the data)")
     unknown_top = set(spec) - {"name", "root", "stages", "export"}
     if unknown_top:
         raise UserError(f"pipeline '{path}': unknown key(s) {sorted(unknown_top)}; accepted: name, root, stages, export")
+    if spec.get("name") is not None:  # without one, the pipeline is named after its data (`data_name`)
+        check_name(spec["name"], f"pipeline '{path}': name")
+    if not isinstance(spec.get("root", ""), str):
+        raise UserError(f"pipeline '{path}': root must be a folder (text), got {spec['root']!r}")
     seen: list[str] = []
-    for stage in stages:
+    for index, stage in enumerate(stages):
         if not isinstance(stage, dict):
             raise UserError(f"pipeline '{path}': each stage must be a mapping with name and config, got {stage!r}")
         unknown = set(stage) - STAGE_KEYS
         if unknown or "name" not in stage or "config" not in stage:
             raise UserError(f"pipeline '{path}': stage {stage.get('name', '?')} needs name and config, "
                             f"accepts {sorted(STAGE_KEYS)}; got {sorted(unknown) or 'no name/config'}")
-        wrong = [key for key, kind in (("name", str), ("config", str), ("overrides", dict), ("teacher_from", str),
-                                       ("init_from", str)) if stage.get(key) is not None and not isinstance(stage[key], kind)]
+        check_name(stage["name"], f"pipeline '{path}': stages[{index}].name", TAKEN)
+        wrong = [key for key, kind in (("config", str), ("overrides", dict), ("teacher_from", str), ("init_from", str))
+                 if stage.get(key) is not None and not isinstance(stage[key], kind)]
         if wrong:
             raise UserError(f"pipeline '{path}': stage {stage['name']!r}: {wrong[0]} must be "
                             f"{'a mapping of option: value' if wrong[0] == 'overrides' else 'text'}, got {stage[wrong[0]]!r}")
         for ref in ("teacher_from", "init_from"):
             if stage.get(ref) and stage[ref] not in seen:
                 raise UserError(f"pipeline '{path}': stage {stage['name']}: {ref} '{stage[ref]}' is not an earlier stage")
-        if stage["name"] in seen:
-            raise UserError(f"pipeline '{path}': two stages are named {stage['name']}")
+        twin = next((name for name in seen if same_folder(name, stage["name"])), None)
+        if twin is not None:
+            raise UserError(f"pipeline '{path}': two stages are named {stage['name']}" if twin == stage["name"] else
+                            f"pipeline '{path}': stages '{twin}' and '{stage['name']}' differ only in case, so they "
+                            "share a folder on a case-insensitive filesystem (macOS, Windows); rename one")
         config = path.parent / stage["config"]  # relative to the pipeline file, not to the current folder
         if not config.is_file():
             raise UserError(f"pipeline '{path}': stage {stage['name']}: config '{stage['config']}' does not exist "
                             f"(looked for '{config}', relative to the pipeline file)")
+        _check_outputs_left_alone(stage, f"pipeline '{path}': stages[{index}].overrides", config)
         stage["config"] = str(config)
         seen.append(stage["name"])
     export = spec.get("export")
@@ -99,6 +119,29 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def _check_outputs_left_alone(stage: dict[str, Any], where: str, config: Path) -> None:
+    """A stage's overrides leave the options that place its outputs to the pipeline, and a logger version given as
+    text (in its overrides or config file) is a name like the stage's own."""
+    for key, value in _flat(stage.get("overrides") or {}):
+        if f"--{key}" in RESERVED:
+            raise UserError(f"{where}: {key} is set by the pipeline for each stage; leave it out")
+        if key == VERSION and isinstance(value, str):
+            check_name(value, f"{where}.{key}", IN_STAGE)
+    content = load_yaml(config)
+    for key, value in _flat(content if isinstance(content, dict) else {}):
+        if key == VERSION and isinstance(value, str):
+            check_name(value, f"{config}: {key}", IN_STAGE)
+
+
+def _flat(options: dict[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """`(dotted.key, value)` of a mapping of options, nested or written with dots."""
+    pairs = []
+    for key, value in options.items():
+        key = f"{prefix}{key}"
+        pairs += _flat(value, key + ".") if isinstance(value, dict) and value else [(key, value)]
+    return pairs
+
+
 def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[str]:
     """The `distill fit` command line of one stage."""
     out = root / stage["name"]
@@ -106,7 +149,8 @@ def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[s
     for key, value in (stage.get("overrides") or {}).items():
         args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
     args += [f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name={stage['name']}",
-             f"--checkpoint.dirpath={out / 'checkpoints'}", f"--metrics_json={out / 'result.json'}"]
+             f"--checkpoint.dirpath={out / 'checkpoints'}", "--checkpoint.filename=best",
+             f"--metrics_json={out / 'result.json'}"]
     if stage.get("teacher_from"):
         args.append(f"--model.teacher.init_args.weights={root / stage['teacher_from'] / 'checkpoints' / 'best.ckpt'}")
     if stage.get("init_from"):
@@ -125,23 +169,62 @@ def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[
     return args + (["--int8"] if export.get("int8") else [])
 
 
-def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None) -> list[dict]:
+def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None,
+                 name: Optional[str] = None) -> list[dict]:
     """Run (or resume) every stage and the export; returns one result per stage.
 
     Args:
-        config: pipeline YAML (see configs/pipeline.yaml)
-        extra: options for every stage's distill fit (--trainer.devices 2 ...)
+        config: pipeline YAML (see configs/pipeline.yaml, configs/own_data.yaml)
+        extra: options for every stage's distill fit (--data.dataset DIR, --trainer.devices 2 ...)
         root: output root (default: the file's root, else runs)
+        name: the pipeline's folder under root (default: the file's name, else the data's: the --data.dataset
+            folder's name and the first 8 hex digits of its content's sha256, so that other data never shares it)
     """
     spec = load_spec(config)
+    if name is not None:
+        spec["name"] = check_name(name, "pipeline --name", None)
+    elif spec.get("name") is None:
+        spec["name"] = data_name(config, extra or [])
     root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
     reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
     if reserved:
         raise UserError(f"pipeline: {reserved[0]} is set by the pipeline for each stage; leave it out")
+    for at, arg in enumerate(extra or []):
+        if arg.split("=")[0] == f"--{VERSION}":
+            given = arg.partition("=")[2] if "=" in arg else (extra[at + 1:] or [""])[0]
+            check_name(given, f"pipeline: --{VERSION}", IN_STAGE)
     if root.exists() and not root.is_dir():
         raise UserError(f"pipeline --root: '{root}' is a file, not a folder")
     with OutputLock(root / ".lock", f"pipeline root '{root}'"):
         return _run_stages(spec, root, extra)
+
+
+def data_name(config: str | Path, extra: list[str]) -> str:
+    """The folder of a pipeline without a name: the data's (`--data.dataset` among the options for every stage), as
+    `<folder name>-<8 hex digits of its content>`; the bundled digits are `digits`."""
+    dataset = option_value(extra, "--data.dataset")
+    if dataset is None:
+        raise UserError(f"pipeline '{config}': has no 'name'; give --data.dataset DIR (the runs are then named after "
+                        "the data) or --name NAME")
+    if dataset == DIGITS:
+        return DIGITS
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise UserError(f"pipeline --data.dataset: '{dataset}' is not a folder; give a folder with train/ and val/ "
+                        "class folders (or a Hugging Face dataset folder)")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.resolve().name).lstrip(".-")[:40] or "data"
+    return f"{stem}-{folder_digest(folder)[7:15]}"
+
+
+def option_value(arguments: list[str], option: str) -> Optional[str]:
+    """The last value of `option` in a command line (`--option value` or `--option=value`), or None."""
+    value = None
+    for at, arg in enumerate(arguments):
+        if arg == option and at + 1 < len(arguments):
+            value = arguments[at + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[str, Any]:
@@ -226,7 +309,48 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
         if code != 0:
             _stop_after_failure("export", code, "(finished stages are skipped)")
     print(format_table(results), flush=True)
+    for line in verdict(results, spec["stages"], classes_of(option_value(extra or [], "--data.dataset"))):
+        print(f"[pipeline] {line}", flush=True)
+    if export:
+        print(f"[pipeline] next: distill serve --export {root / 'export'}   (or distill predict --export "
+              f"{root / 'export'} --images FOLDER)", flush=True)
     return results
+
+
+def classes_of(dataset: Optional[str]) -> Optional[int]:
+    """How many classes the data has, where that is known without loading it: the digits, or an ImageFolder's
+    class folders in train/ (hidden ones left out, as training leaves them out)."""
+    if dataset in (None, DIGITS):
+        return 10
+    train = Path(dataset) / "train"
+    folders = [p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")] if train.is_dir() else []
+    return len(folders) or None
+
+
+def verdict(results: list[dict], stages: list[dict], classes: Optional[int]) -> list[str]:
+    """Whether each stage learned the data, and what to change when it did not: a stage whose best validation top-1
+    is near chance did not learn; a student far under its teacher needs a longer schedule."""
+    lines = []
+    chance = 1 / classes if classes else None
+    for result, stage in zip(results, stages):
+        metrics, name = result.get("metrics", {}), result["stage"]
+        acc, teacher = metrics.get("val/acc"), metrics.get("val/teacher_acc")
+        if not isinstance(acc, (int, float)):
+            continue
+        if chance is not None and acc < chance + 0.2 * (1 - chance):
+            what = ("the teacher" if not stage.get("teacher_from") and teacher is None else "the student")
+            lines.append(f"{name}: {100 * acc:.1f}% is near chance ({100 * chance:.1f}% for {classes} classes): "
+                         f"{what} did not learn the data in {result.get('epochs', '?')} epochs. Check that each "
+                         "train/<class>/ and val/<class>/ folder holds that class's images; then give it more epochs "
+                         "(--trainer.max_epochs) or a lower --model.lr")
+        elif isinstance(teacher, (int, float)) and acc < teacher - 0.1:
+            lines.append(f"{name}: {100 * (teacher - acc):.1f} points under its teacher ({100 * acc:.1f}% against "
+                         f"{100 * teacher:.1f}%) after {result.get('epochs', '?')} epochs: a ViT student on small data "
+                         "needs the whole schedule (configs/own_data.yaml trains it 200 epochs)")
+        else:
+            lines.append(f"{name}: learned the data ({100 * acc:.1f}%"
+                         + (f", its teacher {100 * teacher:.1f}%)" if isinstance(teacher, (int, float)) else ")"))
+    return lines
 
 
 def _stop_after_failure(step: str, code: int, then: str) -> None:
