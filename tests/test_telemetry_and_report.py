@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distill.cli import cli_main
 from distill.training.cli import make_cli
-from distill.training.telemetry import attention_maps
+from distill.training.telemetry import _confusion_figure, attention_maps
 from tests.helpers import TINY_TEACHER, random_teacher_file, shrink, tiny_student
 
 SCALARS = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",
@@ -56,10 +56,26 @@ def test_pictures_are_logged_at_the_expected_sizes(run):
     assert len(events.Images("train/augmented_views")) == 1  # once
     assert image(events, "train/augmented_views").size == (8 * 98 + 2, 2 * 98 + 2)  # 16 images 32 -> 96 px, 8 a row
     assert len(events.Images("val/confusion_matrix")) == 2  # every validation epoch (no sanity check)
-    assert image(events, "val/confusion_matrix").size == (550, 550)
+    width, height = _confusion_figure(torch.eye(10), [str(d) for d in range(10)]).get_size_inches() * 100  # 100 dpi
+    assert image(events, "val/confusion_matrix").size == (round(width), round(height))
     for token in ("cls", "dist"):
         assert len(events.Images(f"val/attention_{token}")) == 2
         assert image(events, f"val/attention_{token}").size == (4 * 98 + 2, 98 + 2)
+
+
+def test_the_confusion_matrix_shows_long_class_names_whole_with_axis_titles(tmp_path):
+    names = ["diamond", "a_rather_long_name_x", "sunflower_field_tall", "x", "tulip", "emerald_green_stone", "cat",
+             "truck_with_trailers", "airplane", "ship_at_sea_at_dusk", "frog", "horse"]  # up to 20 characters
+    figure = _confusion_figure(torch.eye(12) * 0.7 + 0.025, names)
+    figure.savefig(tmp_path / "confusion.png")  # draws it, with the layout it is logged with
+    renderer, page = figure.canvas.get_renderer(), figure.bbox
+    axes = figure.axes[0]
+    shown = [label for label in [*axes.get_xticklabels(), *axes.get_yticklabels()] if label.get_text()]
+    assert sorted(label.get_text() for label in shown) == sorted(names * 2)  # every name, whole, on both axes
+    for text in [*shown, axes.xaxis.label, axes.yaxis.label]:
+        box = text.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, text.get_text()
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted", "true")
 
 
 def test_attention_maps_are_distributions_over_the_patch_grid():

@@ -128,8 +128,12 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
         left.set_xlabel("step")
         left.set_title("validation")
         left.legend(fontsize=8)
+        total = [v for _, _, v in scalars.get("train/loss", [])]
         for tag in ("train/loss", "train/loss_base", "train/loss_distill", "train/loss_feature"):
-            if scalars.get(tag):
+            values = [v for _, _, v in scalars.get(tag, [])]
+            # a part equal to the total is not drawn again (older runs without a teacher logged loss_base and
+            # loss_distill, the total's repeats for a student with one head)
+            if values and (tag == "train/loss" or not _same_curve(values, total)):
                 right.plot([s for _, s, _ in scalars[tag]], [v for _, _, v in scalars[tag]], label=tag)
         right.set_xlabel("step")
         right.set_title("training loss")
@@ -142,6 +146,10 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _same_curve(values: list[float], others: list[float]) -> bool:
+    return len(values) == len(others) and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(values, others))
 
 
 def plot_names(labels: list[str]) -> dict[str, str]:

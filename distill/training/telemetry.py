@@ -2,6 +2,7 @@
 
 - `train/img_per_s` (all processes together, also in the progress bar), over the steps since the
   previous logged value, and `train/epoch_time_s`;
+- the logging interval: every step when an epoch is shorter than `trainer.log_every_n_steps` (small data);
 - `train/augmented_views`: the first training batch as the student and teacher see it (after
   mixup/cutmix), once, to check the augmentation;
 - `val/confusion_matrix`: per validation epoch, rows normalised, class names on the axes;
@@ -17,12 +18,14 @@ below do exactly what is needed instead.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Optional
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -31,8 +34,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from distill.common.adapters import attention_weights  # noqa: E402
+from distill.common.console import say  # noqa: E402
 from distill.common.ranges import NonNegativeInt  # noqa: E402
-from distill.training.step_rules import writes_step_logs  # noqa: E402
+from distill.training.step_rules import step_log_interval, writes_step_logs  # noqa: E402
 
 __all__ = ["DistillationTelemetry", "attention_maps"]
 
@@ -58,6 +62,20 @@ class DistillationTelemetry(pl.Callback):
         self._matrix: Optional[MulticlassConfusionMatrix] = None
         self._epoch_start = 0.0
         self._window_start, self._window_images, self._step_before = 0.0, 0, 0  # since the last img/s logged
+
+    # ------------------------------------------------------------------ logging interval
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's advice to lower log_every_n_steps for a short epoch, given before on_train_start does it
+        warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging "
+                                r"interval")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)  # rounded up; inf: unsized loader
+        every = step_log_interval(trainer.log_every_n_steps, steps)
+        if every != trainer.log_every_n_steps:
+            say(f"trainer.log_every_n_steps {trainer.log_every_n_steps} is longer than an epoch ({steps} steps): "
+                "training curves are logged every step")
+            trainer.log_every_n_steps = every
 
     # ------------------------------------------------------------------ throughput
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,17 +219,31 @@ def _enlarge(images: torch.Tensor, at_least: int = 96) -> torch.Tensor:
 
 
 def _confusion_figure(matrix: torch.Tensor, class_names: Optional[list[str]]) -> plt.Figure:
-    """torchmetrics' confusion-matrix plot of row-normalised rates, sized for the class count (ticks up to 50 classes,
-    values written in the cells up to 20)."""
+    """Row-normalised rates, true class by row, predicted class by column: the class names whole on both axes (the
+    x ones slanted) up to 50 classes, the rates in the cells up to 20. The figure is sized to the class count and
+    the longest name, and laid out (constrained) so that no name or axis title is cut."""
     count = matrix.shape[0]
-    size = min(2 + 0.35 * count, 30)
-    figure, axes = plt.subplots(figsize=(size, size))
-    names = [str(name) for name in class_names] if class_names and count <= 50 else None
-    MulticlassConfusionMatrix(count).plot(val=(matrix * 100).round() / 100, ax=axes, add_text=count <= 20, labels=names,
-                                          cmap="Blues")
-    if count > 50:  # a thousand ticks are unreadable and slow to draw
+    names = [str(name) for name in class_names or range(count)]
+    names = names if len(names) == count else [str(i) for i in range(count)]
+    ticks = count <= 50  # a thousand names are unreadable and slow to draw
+    side = min(max(3.0, 0.4 * count), 30.0)  # inches of the matrix: 0.4 a class
+    margin = 0.8 + 0.07 * (max(map(len, names)) if ticks else 0)  # an axis title, then the longest name at 9 pt
+    figure, axes = plt.subplots(figsize=(side + margin + 1.0, side + margin), layout="constrained")  # + colour bar
+    image = axes.imshow(matrix.float().numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title("share of each true class", fontsize=10)
+    if ticks:
+        axes.set_xticks(range(count), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+        axes.set_yticks(range(count), names, fontsize=9)
+    else:
         axes.set_xticks([])
         axes.set_yticks([])
+    if count <= 20:
+        for (row, column), rate in np.ndenumerate(matrix.float().numpy()):
+            axes.text(column, row, f"{rate:.2f}", ha="center", va="center", fontsize=8,
+                      color="white" if rate > 0.5 else "black")
     return figure
 
 

@@ -1,0 +1,113 @@
+"""A run on a user's small folder (5 classes x 40 images, batch 64: 3 steps an epoch): every curve docs/telemetry.md
+lists, no distillation loss without a teacher, and a summary as the run's last lines."""
+import contextlib
+import io
+import shlex
+from pathlib import Path
+
+import pytest
+
+from distill.cli import cli_main
+from distill.training.step_rules import step_log_interval
+from distill.training.summary import ValidationRecord, next_command, run_summary
+from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
+
+CLASSES = ("apple", "banana", "cherry", "diamond", "emerald")
+# docs/telemetry.md's scalars of a run with a teacher, no EMA, no lr_scale_batch, no feature imitation
+CURVES = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",
+          "val/acc", "val/acc_cls", "val/acc_dist", "val/acc_top5", "val/acc_cls_top5", "val/acc_dist_top5",
+          "val/teacher_acc", "val/teacher_agreement", "val/teacher_kl", "val/head_cosine", "val/token_cosine",
+          "hp/best_acc", "hp/final_acc", "hp/final_acc_cls", "hp/final_acc_dist", "hp/final_teacher_agreement"]
+
+
+def fit(folder: Path, config: str, data: Path, *extra: str) -> str:
+    """`distill fit` as a user runs it (log_every_n_steps 10, the CLI's), two epochs; what it printed."""
+    args = ["fit", *shrink(folder, config), f"--data.dataset={data}", "--data.batch_size=64", "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=1.0", "--trainer.limit_val_batches=1.0", "--trainer.log_every_n_steps=10",
+            "--model.feature_weight=0", "--telemetry.attention_every_n_epochs=0", *extra]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli_main(args)
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    tmp = tmp_path_factory.mktemp("small")
+    data = make_image_folder(tmp / "images", CLASSES, per_class=40)
+    teacher = random_teacher_file(tmp, TINY_TEACHER, len(CLASSES))
+    return {
+        "teacher": (tmp / "teacher", fit(tmp / "teacher", "teacher.yaml", data)),
+        "distill": (tmp / "distill", fit(tmp / "distill", "distill.yaml", data,
+                                         f"--model.teacher.init_args.model_name={TINY_TEACHER}",
+                                         f"--model.teacher.init_args.weights={teacher}")),
+    }
+
+
+def test_every_curve_of_the_docs_is_logged_although_an_epoch_is_shorter_than_the_logging_interval(runs):
+    logged = scalars(runs["distill"][0] / "runs")
+    missing = [tag for tag in CURVES if tag not in logged]
+    assert not missing
+    assert len(logged["train/loss"]) == len(logged["train/lr"]) == 2 * 3  # every step of the two epochs
+
+
+def test_a_run_without_a_teacher_logs_no_distillation_loss(runs):
+    logged = scalars(runs["teacher"][0] / "runs")
+    assert len(logged["train/loss"]) == 6 and "train/lr" in logged and "train/img_per_s" in logged
+    assert not {"train/loss_base", "train/loss_distill"} & set(logged)  # the total's repeats, not terms
+
+
+def summary(printed: str) -> list[str]:
+    lines = printed.strip().splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("fit done:")):]
+
+
+def test_a_distillation_run_ends_with_its_figures_checkpoints_and_the_export_command(runs):
+    folder, printed = runs["distill"]
+    lines = summary(printed)
+    assert lines[0].startswith("fit done: 2 epochs (6 steps), best at epoch ")
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[3:] if line.startswith("val/")}
+    assert list(rows) == ["val/acc", "val/acc_cls", "val/acc_dist", "val/teacher_acc", "val/teacher_agreement"]
+    final = scalars(folder / "runs")
+    for name, (_, last) in rows.items():
+        assert last == f"{100 * final[name][-1]:.2f}"  # the final epoch's figures, as TensorBoard shows them
+    assert float(rows["val/acc"][0]) == pytest.approx(100 * max(final["val/acc"]), abs=0.005)
+    checkpoints = next(line for line in lines if line.startswith("checkpoints: "))
+    best = checkpoints.removeprefix("checkpoints: ").split(" (best)")[0]
+    assert Path(best).resolve() == (folder / "ckpt" / "best.ckpt").resolve() and Path(best).is_file()
+    assert lines[-1] == f"next: distill export --ckpt {shlex.quote(best)} --out exports/student"
+
+
+def test_a_teacher_run_ends_with_the_command_that_distils_a_student_from_it(runs, tmp_path):
+    folder, printed = runs["teacher"]
+    lines = summary(printed)
+    assert [line.split()[0] for line in lines if line.startswith("val/")] == ["val/acc"]  # one head, no teacher
+    command = shlex.split(lines[-1].removeprefix("next: "))
+    assert command[:4] == ["distill", "fit", "--config", "configs/distill.yaml"]
+    options = dict(zip(command[4::2], command[5::2]))
+    assert options["--model.teacher.init_args.model_name"] == TINY_TEACHER
+    assert Path(options["--model.teacher.init_args.weights"]).resolve() == (folder / "ckpt" / "best.ckpt").resolve()
+    assert options["--data.dataset"] == str(folder.parent / "images")
+
+
+def test_the_summary_shows_the_best_and_final_validation_per_head_in_percent():
+    best = ValidationRecord(2, 30, {"val/acc": 0.9, "val/acc_cls": 0.85, "val/acc_dist": 0.875,
+                                    "val/teacher_acc": 0.95, "val/teacher_agreement": 0.8})
+    final = ValidationRecord(4, 50, {"val/acc": 0.8875, "val/acc_cls": 0.9, "val/acc_dist": 0.8,
+                                     "val/teacher_acc": 0.95, "val/teacher_agreement": 0.8125})
+    text = run_summary(best, final, 5, 50, True, {"best": "ckpt/best.ckpt", "last": "ckpt/last.ckpt"},
+                       next_command("ckpt/best.ckpt", False, "deit_tiny", "flowers"))
+    lines = text.splitlines()
+    assert lines[0] == "fit done: 5 epochs (50 steps), best at epoch 3"
+    assert [line.split()[:3] for line in lines[3:8]] == [
+        ["val/acc", "90.00", "88.75"], ["val/acc_cls", "85.00", "90.00"], ["val/acc_dist", "87.50", "80.00"],
+        ["val/teacher_acc", "95.00", "95.00"], ["val/teacher_agreement", "80.00", "81.25"]]
+    assert lines[-2] == "checkpoints: ckpt/best.ckpt (best), ckpt/last.ckpt (final)"
+    assert lines[-1] == "next: distill export --ckpt ckpt/best.ckpt --out exports/student"
+
+
+def test_training_curves_are_logged_every_step_when_an_epoch_is_shorter_than_the_interval():
+    assert step_log_interval(10, 3) == 1
+    assert step_log_interval(10, 10) == 10 and step_log_interval(10, 250) == 10
+    assert step_log_interval(0, 3) == 0  # never stays never
+    assert step_log_interval(10, float("inf")) == 10  # a loader without a length
