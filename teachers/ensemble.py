@@ -76,7 +76,8 @@ class TeacherEnsemble(nn.Module):
         """log(mean of the members' probabilities) (B, C), float32, for student-normalised images."""
         return self.forward_members(x)[0]
 
-    def forward_with_features(self, x: torch.Tensor, levels: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_members_with_features(self, x: torch.Tensor,
+                                      levels: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the ensemble's logits, the feature maps of each member's `levels`, member after member)."""
         outputs = [member.forward_with_features(x, own) for member, own in zip(self.members, levels)]
         return _log_mean_probability([logits for logits, _ in outputs]), [f for _, features in outputs for f in features]

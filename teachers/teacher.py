@@ -137,6 +137,22 @@ class Teacher(nn.Module):
         """timm's feature levels of the model (`num_chs`, `reduction`, `module` of each), for feature imitation."""
         return list(getattr(self.model, "feature_info", None) or [])
 
+    @property
+    def members(self) -> tuple["Teacher"]:
+        """The teachers whose outputs make this one's: itself (a `TeacherEnsemble` has several; the two are used
+        alike through `members`, `forward_members` and `forward_members_with_features`)."""
+        return (self,)
+
+    def forward_members(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits (B, C), [the same logits]): an ensemble of one."""
+        logits = self(x)
+        return logits, [logits]
+
+    def forward_members_with_features(self, x: torch.Tensor,
+                                      levels: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_with_features` with one list of levels per member (here one), as an ensemble takes them."""
+        return self.forward_with_features(x, levels[0])
+
     def forward_with_features(self, x: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits (B, C), the feature maps (B, C_i, H_i, W_i) of timm's feature levels `levels`), float32, in one
         forward (timm's `forward_intermediates`; on the fast path, not compiled)."""

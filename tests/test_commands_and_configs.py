@@ -2,16 +2,20 @@
 import importlib
 import importlib.metadata
 import inspect
+import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from tqdm import tqdm
 
 from distill.cli import COMMANDS, TRAINING, cli_main
+from distill.common.console import quiet_console
 from distill.training.cli import make_cli
 from distill.training.losses import DistillationLoss
 from distill.training.module import DistillationModule
@@ -19,7 +23,7 @@ from teachers import TeacherEnsemble
 from tests.helpers import config_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = [ROOT / "configs" / "pipeline.yaml"]
+PIPELINES = [ROOT / "configs" / name for name in ("pipeline.yaml", "own_data.yaml", "check_data.yaml")]
 CONFIGS = sorted(set(ROOT.glob("configs/*.yaml")) - set(PIPELINES))  # configs/imagenet/: tests of their own
 OVERLAYS = sorted(ROOT.glob("configs/students/*.yaml"))  # each applied on top of configs/distill.yaml
 BIN = Path(sys.executable).parent
@@ -33,6 +37,16 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert cli.model.hparams.img_size == cli.datamodule.img_size
     assert cli.datamodule.hparams.label_smoothing == cli.model.hparams.label_smoothing
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_every_pipeline_file_loads_and_each_stage_config_parses_with_its_overrides(pipeline, tmp_path):
+    from distill.commands.pipeline import load_spec
+
+    for stage in load_spec(pipeline)["stages"]:
+        overrides = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (stage.get("overrides") or {}).items()]
+        cli = make_cli([*config_overrides(Path(stage["config"]), tmp_path), *overrides], run=False)
+        assert isinstance(cli.model, DistillationModule)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[c.name for c in OVERLAYS])
@@ -53,7 +67,7 @@ def test_the_losss_options_are_declared_once_and_stay_the_models_flat_keys(tmp_p
     assert not loss_keys & set(inspect.signature(DistillationModule).parameters)  # declared by the loss alone
     cli = make_cli([*config_overrides(ROOT / "configs" / "distill.yaml", tmp_path), "--model.alpha=0.3", "--model.tau=2"],
                    run=False)
-    assert cli.model.loss.alpha == 0.3 and cli.model.loss.tau == 2.0 and cli.model.hparams.alpha == 0.3
+    assert cli.model.loss.alpha == 0.3 and cli.model.loss.method.tau == 2.0 and cli.model.hparams.alpha == 0.3
     assert loss_keys <= set(cli.model.hparams)  # recorded flat, defaults too (validate --ckpt_path passes them back)
     assert cli.model.hparams.kl_normalization == inspect.signature(DistillationLoss).parameters["kl_normalization"].default
 
@@ -111,6 +125,36 @@ def test_every_command_of_the_table_is_listed_and_runs_its_module_main(capsys):
         assert name in TRAINING or f"  {name.split()[0]:15s} {line}" in listed
         assert callable(importlib.import_module(module).main), module
     assert "fit, validate, test, predict" in listed
+
+
+def test_predict_help_is_the_export_predictors_and_says_how_to_get_lightningclis(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--export" in text and "--images" in text and "--top_k" in text
+    assert "--trainer.max_epochs" not in text and "distill predict --config FILE --help" in " ".join(text.split())
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--config", str(ROOT / "configs" / "distill.yaml"), "--help"])
+    assert "--trainer.max_epochs" in capsys.readouterr().out  # with a config: LightningCLI's predict
+
+
+def test_a_warning_is_one_whole_line_above_the_progress_bar(capsys):
+    """Python's default adds the warning's source line on a line of its own, which a redrawn bar leaves bare."""
+    with quiet_console(), tqdm(total=2, file=sys.stderr) as bar:
+        bar.update(1)
+        warnings.warn("teacher: stays in fp32", UserWarning)
+        bar.update(1)
+    lines = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.splitlines()]  # as the terminal shows them
+    warned = [line for line in lines if "teacher: stays in fp32" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith("UserWarning: teacher: stays in fp32 (test_commands_and_configs.py:")
+    assert not any("warnings.warn(" in line for line in lines)
+
+
+def test_the_projects_own_lines_go_through_say_not_the_lightning_logger_the_console_quiets():
+    users = [str(path.relative_to(ROOT)) for folder in ("distill", "students", "teachers")
+             for path in (ROOT / folder).rglob("*.py") if "rank_zero_info" in path.read_text()]
+    assert not users, f"{users}: use distill.common.console.say (rank_zero_info's lines are left out of the console)"
 
 
 def test_the_recipes_table_says_what_the_configs_do():

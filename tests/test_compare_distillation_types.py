@@ -1,5 +1,6 @@
 """`distill compare`: the same student under none / soft / hard for several seeds, in one table."""
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
-from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, random_teacher_file, run_cli_error
+from distill.training.cli import make_cli
+from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, config_overrides, random_teacher_file, run_cli_error
 
 
 def result(final: float, best: float, teacher: float = 0.99, wall: float = 10.0) -> dict:
@@ -116,10 +118,13 @@ def test_an_overlay_config_is_passed_in_order_and_cannot_move_a_runs_outputs(tmp
     assert command.index(overlay) < command.index("--seed_everything=3")  # compare's own options come last
 
 
-def test_the_none_arm_has_no_teacher_at_all_even_when_the_options_imitate_features(tmp_path):
+def test_the_none_arm_has_no_teacher_at_all_even_when_the_options_imitate_features(tmp_path, caplog):
     recipe = str(ROOT / "configs" / "distill.yaml")
-    none, soft = plan_runs(recipe, ["none", "soft"], [0], tmp_path, ["--model.feature_weight=2.5",
-                                                                      "--model.feature_pairs=[[0,1]]"])
-    assert none["command"].index("--model.feature_weight=0") > none["command"].index("--model.feature_weight=2.5")
-    assert "--model.feature_pairs=null" in none["command"]  # the gain over none: over the student alone
-    assert "--model.feature_weight=0" not in soft["command"] and "--model.feature_pairs=null" not in soft["command"]
+    none, soft = plan_runs(recipe, ["none", "soft"], [0], tmp_path, ["--model.feature_weight=2.5"])
+    assert "--model.distillation=none" in none["command"] and "--model.distillation=soft" in soft["command"]
+    args = [*config_overrides(ROOT / "configs" / "distill.yaml", tmp_path), "--model.feature_weight=2.5",
+            "--model.distillation=none"]
+    with caplog.at_level(logging.INFO, logger="distill"):
+        module = make_cli(args, run=False).model  # `none` itself drops the teacher and its features: no patch needed
+    assert module.teacher is None and module.imitation is None and module.loss.feature_weight == 0.0
+    assert "model.distillation none: no teacher runs" in caplog.text

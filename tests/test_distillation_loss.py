@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.common.errors import UserError
 from distill.training.losses import DistillationLoss
+from tests.helpers import distill_args, run_cli_error
 
 torch.manual_seed(0)
 B, C = 4, 5
@@ -74,15 +74,19 @@ def test_without_a_teacher_the_distillation_head_learns_the_labels():
     assert parts["loss_distill"].item() == pytest.approx(F.cross_entropy(DIST, LABELS).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(distillation="medium"), "none, soft, hard"),
-    (dict(alpha=1.5), "alpha"),
-    (dict(tau=0.0), "tau"),
-    (dict(kl_normalization="mean"), "batchmean or reference"),
-])
-def test_bad_loss_options_name_what_is_accepted(kwargs, word):
-    with pytest.raises(UserError, match=word):
-        DistillationLoss(**kwargs)
+@pytest.mark.parametrize("option, expected", [
+    ("--model.distillation=medium", "model.distillation: "),
+    ("--model.alpha=1.5", "model.alpha: 1.5 is out of range"),
+    ("--model.tau=0", "model.tau: 0 is out of range"),
+    ("--model.kl_normalization=mean", "model.kl_normalization: "),
+    ("--model.feature_weight=-1", "model.feature_weight: -1 is out of range"),
+    ("--model.distillation=DKD --model.distillation.beta=-1", "model.distillation.init_args.beta: -1 is out of range"),
+    ("--model.distillation=DIST --model.distillation.tau=0", "model.distillation.init_args.tau: 0 is out of range"),
+], ids=["unknown_method", "alpha", "tau", "kl_normalization", "feature_weight", "dkd_beta", "dist_tau"])
+def test_bad_loss_options_are_refused_by_their_types_in_one_line(tmp_path, capsys, option, expected):
+    line = run_cli_error([*distill_args(tmp_path), *option.split()], capsys)
+    assert line.startswith(f"error: {expected}"), line
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_distillation_without_teacher_logits_is_an_error():

@@ -36,7 +36,8 @@ from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.identity import describe_differences, finished, intended_options, trained_something
-from distill.common.ranges import DISTILLATION_TYPES, NonNegativeInt, PositiveInt
+from distill.common.ranges import NonNegativeInt, PositiveInt
+from distill.training.methods import method_names
 from distill.common.tables import format_rows
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
@@ -57,7 +58,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
             # compare's own options last: nothing in `extra` may move a run's outputs, seed or type
             command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
                        f"--seed_everything={seed}",
-                       f"--model.distillation={kind}", *(NO_TEACHER if kind == "none" else ()),
+                       f"--model.distillation={kind}",  # `none`: no teacher at all, nor its features
                        f"--trainer.logger.init_args.save_dir={out}",
                        f"--trainer.logger.init_args.name={kind}/seed_{seed}",
                        f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--metrics_json={folder / 'result.json'}",
@@ -66,9 +67,6 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": kind, "seed": seed, "folder": folder, "command": command, "options": options})
     return runs
-
-
-NO_TEACHER = ("--model.feature_weight=0", "--model.feature_pairs=null")  # `none`: no feature imitation either
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:
@@ -263,7 +261,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             (--config configs/distill.yaml --config configs/students/deit.yaml)
         seeds: seeds per distillation type (0, 1, ...)
         first_seed: the first seed
-        types: distillation types to compare, comma-separated (none, soft, hard)
+        types: distillation methods to compare, comma-separated, by name ({methods}: distill/training/methods/)
         jobs: runs at once: auto (one per GPU, else one per CPU core) or N
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
@@ -275,9 +273,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
                              *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
                              f"--jobs {jobs}", f"--out {out}", *extra])
     names = [t.strip() for t in types.split(",") if t.strip()]
-    unknown = [t for t in names if t not in DISTILLATION_TYPES]
+    unknown = [t for t in names if t not in method_names()]
     if unknown or not names:
-        raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(DISTILLATION_TYPES)}")
+        raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(method_names())}")
     if len(set(names)) != len(names):
         raise UserError(f"compare --types: {types} names a type twice")
     types = names
@@ -321,6 +319,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         signal.signal(signal.SIGTERM, previous)
     print(table)
     print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'})")
+
+
+compare.__doc__ = compare.__doc__.replace("{methods}", ", ".join(method_names()))  # --help lists the table
 
 
 main = command("distill compare", compare, extra="each run's distill fit (e.g. --data.dataset, --trainer.max_epochs)",

@@ -7,7 +7,7 @@ configs), because `torch.load(weights_only=True)` refuses unknown classes.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from jsonargparse.typing import (
     ClosedUnitInterval,
@@ -21,7 +21,7 @@ from jsonargparse.typing import (
 
 __all__ = [
     "ClosedUnitInterval", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt",
-    "HalfOpenUnitInterval", "UnitIntervalOpenAtZero", "plain", "Distillation", "KLNormalization", "DISTILLATION_TYPES",
+    "HalfOpenUnitInterval", "UnitIntervalOpenAtZero", "plain", "KLNormalization",
 ]
 
 # [0, 1): label smoothing (1 would leave no mass on the label), stochastic depth, dropout
@@ -29,10 +29,8 @@ HalfOpenUnitInterval = restricted_number_type("HalfOpenUnitInterval", float, [("
 # (0, 1]: a crop fraction, a RandomResizedCrop area
 UnitIntervalOpenAtZero = restricted_number_type("UnitIntervalOpenAtZero", float, [(">", 0), ("<=", 1)])
 
-# the loss's choices, declared once for DistillationLoss, the module's flat options and `distill compare`
-Distillation = Literal["none", "soft", "hard"]
+# soft distillation's normalisation (distill/training/methods/soft.py); the methods' names are their table's
 KLNormalization = Literal["batchmean", "reference"]
-DISTILLATION_TYPES: tuple[str, ...] = get_args(Distillation)
 
 
 def plain(value: Any) -> Any:

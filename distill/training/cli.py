@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import yaml
+from torch import nn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
 from distill.common.adapters import option_names
 from distill.common.checkpoints import read_student_checkpoint
 from distill.common.commandline import one_line
+from distill.common.configs import check_config_files, config_files
+from distill.common.console import say
 from distill.common.errors import UsageError, UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.identity import options_identity
@@ -49,6 +52,7 @@ from distill.training.run_records import (
     last_checkpoint,
     refuse_changed_options,
 )
+from distill.training.summary import ValidationHistory, fit_summary
 from distill.training.telemetry import DistillationTelemetry
 
 __all__ = ["DistillCLI", "make_cli"]
@@ -56,6 +60,9 @@ __all__ = ["DistillCLI", "make_cli"]
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "log_every_n_steps": 10,
+    # Lightning's table of the module's children (loss, metrics, ...): `Student:` / `Teacher:` lines say what
+    # counts; a config or --trainer.enable_model_summary true brings the table back
+    "enable_model_summary": False,
     "logger": {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
@@ -84,19 +91,6 @@ class OneLineErrorParser(LightningArgumentParser):
         raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
 
 
-def _check_config_files(argv: list[str]) -> None:
-    """Each --config file must be readable YAML holding a mapping; errors name the file, line and column."""
-    for name in _config_files(argv):
-        path = Path(name)
-        if not path.is_file():
-            continue  # jsonargparse names a missing file itself
-        content = load_yaml(path)
-        if not isinstance(content, dict):
-            got = "is empty" if content is None else f"holds a {type(content).__name__}"
-            raise UserError(f"{name}: a config must be a mapping of options (model:, data:, trainer:, ...) but the file "
-                            f"{got}")
-
-
 def _check_ensemble_options(argv: list[str]) -> None:
     """`--model.teacher.init_args.X` on a config whose model.teacher is a list would change its last member alone."""
     member_options = [a.split("=")[0] for a in argv if a.startswith("--model.teacher.")]
@@ -109,20 +103,9 @@ def _check_ensemble_options(argv: list[str]) -> None:
                         f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
 
 
-def _config_files(argv: list[str]) -> list[str]:
-    """The --config (-c) files of `argv`, in the order they apply (`--config X` and `--config=X` alike)."""
-    files = []
-    for index, arg in enumerate(argv):
-        if arg in ("-c", "--config") and index + 1 < len(argv):
-            files.append(argv[index + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
 def _config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
     """The (first, or `last`) --config file of `argv` that sets the dotted key, if any."""
-    files = _config_files(argv)
+    files = config_files(argv)
     for name in reversed(files) if last else files:
         try:
             node = yaml.safe_load(Path(name).read_text())
@@ -180,6 +163,7 @@ class DistillCLI(LightningCLI):
     def before_fit(self) -> None:
         self._fit_started = time.monotonic()
         self.trainer.callbacks.append(RecordRunOptions(getattr(self, "run_options", {})))
+        self.trainer.callbacks.append(ValidationHistory())  # for the summary printed after the fit
         # fail now, not after the first epoch, when an output folder cannot be written
         outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
         checkpoint = self.trainer.checkpoint_callback
@@ -199,6 +183,7 @@ class DistillCLI(LightningCLI):
             _check_writable(option, folder)
         if checkpoint is not None:
             _check_monitor(checkpoint.monitor, self.model)
+        _check_batch_norm_batch(self.datamodule.batch_size, self.model)
         leaves = [folder for option, folder in outputs.items() if option != "trainer.logger save_dir"]
         leaves += [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
         self._unused = RemoveUnusedOutputs(leaves)  # taken before anything is written
@@ -226,12 +211,16 @@ class DistillCLI(LightningCLI):
         if subcommand == "fit":  # what this run is made from, before LightningCLI lays a checkpoint's values over it
             self.run_options = options_identity(config.as_dict())
         resolved = last_checkpoint(config) if path == "last" else path
+        if path == "last" and resolved is None:  # Lightning would warn and start afresh, over the folder's results
+            raise UserError(_nothing_to_resume(config))
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
             if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
                 refuse_changed_options(checkpoint["run_options"], self.run_options, path, resolved)
             else:  # another command evaluates the checkpoint; or a checkpoint of an earlier version of this project
                 _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
+            if subcommand == "fit":  # in place of Lightning's "Restoring states from ..." (distill/common/console.py)
+                say(f"Resuming from '{resolved}' (step {checkpoint.get('global_step', '?')})")
         super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
@@ -250,6 +239,8 @@ class DistillCLI(LightningCLI):
         lock = getattr(self, "_output_lock", None)
         if lock is not None:
             lock.release()
+        if trainer.is_global_zero:  # the run's last lines: figures, checkpoints, what to run next
+            print(fit_summary(trainer), flush=True)
 
     def _write_metrics(self, path: str) -> None:
         """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
@@ -273,6 +264,21 @@ class DistillCLI(LightningCLI):
                 partial.write_text(json.dumps(result, indent=2))
 
 
+def _nothing_to_resume(config: Any) -> str:
+    """Why `--ckpt_path last` names no checkpoint, and the ways on."""
+    dirpath = (config.get("checkpoint") or {}).get("dirpath")
+    if not dirpath:
+        return ("ckpt_path: 'last' resumes the newest last.ckpt of checkpoint.dirpath, which is not set; give "
+                "--checkpoint.dirpath (the folder of the run to resume) or --ckpt_path PATH.ckpt")
+    held = sorted(p.name for p in Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
+    if held:
+        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt to resume (it holds {', '.join(held)}); resume "
+                f"from one of those with --ckpt_path PATH, or start a new run from its weights with --model.init_from "
+                "PATH and another --checkpoint.dirpath")
+    return (f"ckpt_path: 'last': '{dirpath}' holds no checkpoint to resume ({'it is empty' if Path(dirpath).is_dir() else 'it does not exist'}); "
+            "drop --ckpt_path to start a new run there")
+
+
 def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
     """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
     earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
@@ -290,6 +296,17 @@ def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str 
         raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
                         f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
                         "folder) or to an empty folder")
+
+
+def _check_batch_norm_batch(batch_size: int, model: Any) -> None:
+    """A student with BatchNorm layers cannot train on batches of one image (BatchNorm's ValueError at the first step)."""
+    if batch_size > 1:
+        return
+    norms = [name for name, m in model.student.named_modules()
+             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))]
+    if norms:
+        raise UserError(f"data.batch_size 1: the student has {len(norms)} BatchNorm layer(s) (e.g. '{norms[0]}'), which "
+                        "need at least 2 images per batch to train; use data.batch_size 2 or more")
 
 
 def _check_trainer_options(config: Any) -> None:
@@ -372,7 +389,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "disti
     """The CLI with this project's defaults; `run=False` only parses and instantiates (tests, cache-teacher).
     `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
-    _check_config_files(OneLineErrorParser.argv)
+    check_config_files(OneLineErrorParser.argv)  # distill.cli checked them already; make_cli may be called alone
     _check_ensemble_options(OneLineErrorParser.argv)
     return DistillCLI(
         DistillationModule,

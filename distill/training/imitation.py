@@ -50,9 +50,7 @@ class FeatureImitation(nn.Module):
              images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """(teacher logits, the student's (class, distillation) logits, the imitation loss) of a training batch; the
         teacher (one, or an ensemble) and the student (`forward_heads_and_features`) each run once."""
-        ensemble = hasattr(teacher, "members")
-        teacher_logits, teacher_maps = teacher.forward_with_features(
-            images, self.teacher_levels if ensemble else self.teacher_levels[0])
+        teacher_logits, teacher_maps = teacher.forward_members_with_features(images, self.teacher_levels)
         cls_logits, dist_logits, student_maps = student_forward(images, self.student_levels)
         return teacher_logits, (cls_logits, dist_logits), self(student_maps, teacher_maps)
 
@@ -90,7 +88,7 @@ def imitation_for(student: nn.Module, teacher: Optional[nn.Module], weight: floa
     if teacher is None:
         raise UserError("model.feature_weight: feature imitation needs a model.teacher; set one, or "
                         "model.feature_weight: 0 to train without it")
-    members = list(getattr(teacher, "members", [teacher]))
+    members = list(teacher.members)
     student_info = list(getattr(student, "feature_info", None) or [])
     student_levels, teacher_levels = feature_pairs(student_info, [m.feature_info for m in members], pairs)
     channels = [member.feature_info[level]["num_chs"] for member, own in zip(members, teacher_levels) for level in own]

@@ -1,19 +1,15 @@
-"""DeiT's distillation loss (Touvron et al., arXiv 2012.12877, section 5).
+"""The training loss: the label term, a distillation method's terms and feature imitation, summed once.
 
-    total = (1 - alpha) * base(cls_logits, target) + alpha * distill(dist_logits, teacher_logits)
+    total = (1 - alpha) * label(cls_logits, target)
+            + alpha * sum_t w_t * term_t(dist_logits, teacher_logits, target)     (the method: its terms, weights)
+            + feature_weight * feature                                             (feature imitation, if on)
 
-base: soft-target cross-entropy when mixup/cutmix produced soft targets (their label
-smoothing is folded in by timm's Mixup), else label-smoothing cross-entropy.
-distill:
-  - hard: cross-entropy against the teacher's argmax, no smoothing (the paper's best).
-  - soft: KL(softmax(teacher / tau) || softmax(student / tau)) * tau^2. Normalised by the
-    batch size (`batchmean`, as timm and the KL definition do). `kl_normalization="reference"`
-    reproduces the reference code, which divides the summed KL by batch * classes, so its
-    loss is 1/num_classes of the batch mean: alpha values from the reference code only
-    transfer with that option.
-  - none: no teacher. The distillation head then learns the labels too (base loss), so the
-    averaged inference output is never half an untrained head, a pitfall of the reference
-    code where `head_dist` gets no gradient but is still averaged in at evaluation.
+label: soft-target cross-entropy when mixup/cutmix produced soft targets (their label smoothing is
+folded in by timm's Mixup), else label-smoothing cross-entropy. The method is one of the table in
+distill/training/methods/ (none | soft | hard | dkd | dist), by name or as a `class_path` with its
+options. Without a teacher (`none`) the distillation head learns the labels with the same label loss,
+so the averaged inference output is never half an untrained head. Every term is returned by name
+(`loss_base`, `loss_distill` or the method's own, `loss_feature`) beside the total `loss`, unweighted.
 
 `LossRecord` keeps the parts of each training batch on the device until the host reads them,
 every few steps, in one copy (a training step reads nothing from the device: docs/speed.md).
@@ -23,59 +19,62 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from distill.common.errors import UserError
-from distill.common.ranges import (
-    DISTILLATION_TYPES,
-    ClosedUnitInterval,
-    Distillation,
-    HalfOpenUnitInterval,
-    KLNormalization,
-    PositiveFloat,
-)
+from distill.common.ranges import ClosedUnitInterval, HalfOpenUnitInterval, KLNormalization, NonNegativeFloat, PositiveFloat
+from distill.training.methods import METHODS, LogitMethod, MethodName, method_names
 
-__all__ = ["DistillationLoss", "LossRecord", "DISTILLATION_TYPES", "loss_options"]
+__all__ = ["DistillationLoss", "LossRecord", "loss_options", "method_config"]
 
 
 class DistillationLoss(nn.Module):
-    """Base loss plus none | soft | hard distillation; returns the total and its parts.
+    """The label term plus a distillation method's terms plus feature imitation; returns the total and its parts.
 
     Args:
-        distillation: none | soft | hard (the paper's best: hard; none trains on the labels alone).
-        alpha: weight of the distillation term, (1 - alpha) goes to the label term (DeiT: 0.5).
-        tau: softmax temperature of soft distillation (DeiT's soft run: 3.0).
+        distillation: a method of distill/training/methods/ by name (none | soft | hard | dkd | dist: no teacher,
+            Hinton's KL, DeiT's teacher labels, decoupled KD, DIST) or a class_path with its init_args (its
+            options, e.g. DKD's beta, or standardize: logit standardisation). By name, a method's tau and
+            kl_normalization are the ones below.
+        alpha: weight of the method's terms, (1 - alpha) goes to the label term (DeiT: 0.5).
+        tau: softmax temperature of a method given by name (DeiT's soft run: 3.0).
         label_smoothing: smoothing of the label cross-entropy (DeiT: 0.1; folded into mixup's targets).
-        kl_normalization: batchmean (KL summed over classes, averaged over the batch) or
-            reference (divided by batch * classes, as the DeiT reference code).
+        kl_normalization: soft by name: batchmean (KL summed over classes, averaged over the batch) or reference
+            (divided by batch * classes, as the DeiT reference code).
+        feature_weight: weight of feature imitation in the total (Li et al. 2022: the student's blocks learn the
+            teacher's feature maps; their weight 2.5; distill/training/imitation.py); 0: off; needs a live teacher.
     """
 
     def __init__(
         self,
-        distillation: Distillation = "hard",
+        distillation: Union[MethodName, LogitMethod] = "hard",
         alpha: ClosedUnitInterval = 0.5,
         tau: PositiveFloat = 1.0,
         label_smoothing: HalfOpenUnitInterval = 0.1,
         kl_normalization: KLNormalization = "batchmean",
+        feature_weight: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
-        if distillation not in DISTILLATION_TYPES:
-            raise UserError(f"distillation must be one of {', '.join(DISTILLATION_TYPES)}, got '{distillation}'")
-        if kl_normalization not in ("batchmean", "reference"):
-            raise UserError(f"kl_normalization must be batchmean or reference, got '{kl_normalization}'")
-        if not 0.0 <= alpha <= 1.0:
-            raise UserError(f"alpha must lie in [0, 1], got {alpha}")
-        if tau <= 0:
-            raise UserError(f"tau must be positive, got {tau}")
-        self.distillation, self.alpha, self.tau = distillation, alpha, tau
-        self.kl_normalization = kl_normalization
+        self.method = distillation if isinstance(distillation, LogitMethod) else _by_name(distillation, tau,
+                                                                                          kl_normalization)
+        self.distillation = self.method.name  # the method's name: none | soft | hard | dkd | dist | ...
+        self.alpha, self.feature_weight = float(alpha), float(feature_weight)
         self.hard_target_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()
         self.soft_target_loss = SoftTargetCrossEntropy()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.method.needs_teacher
+
+    @property
+    def repeated_parts(self) -> tuple[str, ...]:
+        """The parts of `forward`'s dict that are no term of their own, so not logged: without a teacher (`none`)
+        the total is the label loss, which `loss_base` and `loss_distill` only split by head (and repeat for a
+        student with one head)."""
+        return ("loss_base", "loss_distill") if not self.needs_teacher else ()
 
     def base(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices (B,) or mixup soft targets (B, C)."""
@@ -89,38 +88,53 @@ class DistillationLoss(nn.Module):
         dist_logits: torch.Tensor,
         target: torch.Tensor,
         teacher_logits: Optional[torch.Tensor] = None,
+        feature: Optional[torch.Tensor] = None,
+        epoch: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """Returns {loss, loss_base, loss_distill}. Logits are (B, C); target is (B,) or (B, C)."""
-        loss_base = self.base(cls_logits, target)
-        if self.distillation == "none":
-            loss_distill = self.base(dist_logits, target)
+        """Returns {loss, loss_base, loss_<term>..., [loss_feature]}. Logits are (B, C); target is (B,) or (B, C);
+        `feature`: the feature-imitation term (unweighted), when imitation is on; `epoch` (fractional) for methods
+        whose weights change with it (DKD's warm-up)."""
+        parts = {"loss_base": self.base(cls_logits, target)}
+        if not self.needs_teacher:
+            terms, weights = {"distill": self.base(dist_logits, target)}, {}
         elif teacher_logits is None:
             raise ValueError(f"distillation='{self.distillation}' needs teacher logits")
-        elif self.distillation == "hard":
-            loss_distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
         else:
-            loss_distill = self.soft_kl(dist_logits, teacher_logits)
-        loss = (1.0 - self.alpha) * loss_base + self.alpha * loss_distill
-        return {"loss": loss, "loss_base": loss_base, "loss_distill": loss_distill}
+            terms, weights = self.method(dist_logits, teacher_logits, target, epoch), self.method.weights(epoch)
+        total = (1.0 - self.alpha) * parts["loss_base"]
+        for name, term in terms.items():
+            parts[f"loss_{name}"] = term
+            total = total + self.alpha * weights.get(name, 1.0) * term
+        if feature is not None:
+            parts["loss_feature"] = feature
+            total = total + self.feature_weight * feature
+        return {"loss": total, **parts}
 
-    def soft_kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) at temperature tau, times tau^2 (keeps gradient scale)."""
-        kl = F.kl_div(
-            F.log_softmax(student_logits.float() / self.tau, dim=-1),
-            F.log_softmax(teacher_logits.float() / self.tau, dim=-1),
-            reduction="sum",
-            log_target=True,
-        )
-        denom = student_logits.numel() if self.kl_normalization == "reference" else student_logits.shape[0]
-        return kl * (self.tau**2) / denom
+
+def _by_name(name: str, tau: float, kl_normalization: str) -> LogitMethod:
+    """A method of the table by name, with the loss's tau and kl_normalization where it takes them."""
+    if name not in METHODS:
+        raise ValueError(f"distillation: '{name}' is not a method (accepted: {', '.join(method_names())})")
+    method = METHODS[name]
+    given = {"tau": float(tau), "kl_normalization": kl_normalization}
+    accepted = inspect.signature(method).parameters
+    return method(**{k: v for k, v in given.items() if k in accepted})
+
+
+def method_config(method: LogitMethod) -> dict[str, Any]:
+    """A method as jsonargparse builds it again (class_path, init_args): what a checkpoint records."""
+    return {"class_path": f"{type(method).__module__}.{type(method).__qualname__}", "init_args": method.options()}
 
 
 def loss_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """`DistillationLoss`'s options with its defaults filled in: the one declaration of them (the training module
-    takes them as `**loss` and records them flat among its hyper-parameters)."""
+    takes them as `**loss` and records them flat among its hyper-parameters; a method object as its config)."""
     bound = inspect.signature(DistillationLoss).bind(**options)
     bound.apply_defaults()
-    return dict(bound.arguments)
+    arguments = dict(bound.arguments)
+    if isinstance(arguments["distillation"], LogitMethod):
+        arguments["distillation"] = method_config(arguments["distillation"])
+    return arguments
 
 
 class LossRecord:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -22,6 +22,7 @@ from torchmetrics import MetricCollection
 
 from distill.cache.targets import cached_teacher_logits, view_checksum
 from distill.common.checkpoints import load_student_state
+from distill.common.console import say
 from distill.common.errors import UserError
 from distill.common.ranges import (
     ClosedUnitInterval,
@@ -37,6 +38,7 @@ from distill.data.batch import TrainingBatch
 from distill.training.imitation import imitation_for
 from distill.training.losses import DistillationLoss, LossRecord, loss_options
 from distill.training.step_rules import (
+    check_cache_holds,
     check_classes,
     check_optimizer,
     host_value,
@@ -97,15 +99,15 @@ class DistillationModule(pl.LightningModule):
             slower while it compiles; validation runs uncompiled. Results differ from eager within float rounding.
         fused_optimizer: torch's fused kernel for the optimiser step (adamw, adam, sgd, ...: the optimisers that
             take `fused`); off: torch's default (one kernel per operation for all tensors on a GPU, a loop on a CPU).
-        feature_weight: weight of feature imitation added to the loss (Li et al. 2022: the student's blocks learn
-            the teacher's feature maps; their weight 2.5; distill/training/imitation.py); 0: off; needs a live teacher.
         feature_pairs: the (student level, teacher level) pairs of timm feature levels (a ViT's blocks; a convnet's
             stem, then stages); null: the student's first, middle and last levels (all of them when it has fewer
             than three, as a small Swin's stages), the teacher's levels of reduction 4, 8 and 16 (give the pairs for
             a teacher without them, such as a ViT).
-        **loss: the distillation loss's options, declared once, by `DistillationLoss` (distill/training/losses.py):
-            distillation (none | soft | hard), alpha, tau, label_smoothing, kl_normalization; in a config they are
-            the model's own keys (`model.distillation`, `model.alpha`, ...).
+        **loss: the loss's options, declared once, by `DistillationLoss` (distill/training/losses.py): distillation
+            (a method of distill/training/methods/ by name, none | soft | hard | dkd | dist, or a class_path with its
+            options), alpha, tau, label_smoothing, kl_normalization, feature_weight; in a config they are the
+            model's own keys (`model.distillation`, `model.alpha`, `model.feature_weight`, ...). `none` means no
+            teacher at all: a configured teacher and feature imitation are left unused (said in one line).
     """
 
     def __init__(
@@ -132,7 +134,6 @@ class DistillationModule(pl.LightningModule):
         finite_check_every: PositiveInt = 10,
         compile: bool = False,
         fused_optimizer: bool = False,
-        feature_weight: NonNegativeFloat = 0.0,
         feature_pairs: Optional[list[tuple[NonNegativeInt, NonNegativeInt]]] = None,
         **loss: Any,
     ) -> None:
@@ -149,14 +150,19 @@ class DistillationModule(pl.LightningModule):
             raise UserError(f"model.ema_decay must lie in (0, 1) (DeiT: 0.99996) or be null, got {ema_decay}")
         teacher = teacher_beside_cache(teacher, teacher_cache, teacher_cache_verify)
         self.loss = DistillationLoss(**loss)  # jsonargparse reads its parameters from this call: model.alpha, ...
+        if not self.loss.needs_teacher:  # `none`: no teacher at all, so neither its outputs nor its features
+            if teacher is not None or self.loss.feature_weight:
+                say("model.distillation none: no teacher runs (model.teacher and feature imitation are left unused)")
+            teacher, feature_pairs, self.loss.feature_weight = None, None, 0.0
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         check_classes(self.student, teacher, num_classes, self.loss.distillation, teacher_cache)
+        check_cache_holds(self.loss.method, teacher_cache, num_classes)
         if init_from:
             self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
             teacher.set_input_normalization(input_mean, input_std)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
-        self.imitation = imitation_for(self.student, teacher, feature_weight, feature_pairs, teacher_cache)
+        self.imitation = imitation_for(self.student, teacher, self.loss.feature_weight, feature_pairs, teacher_cache)
         self._fast_path_logged = False
         self._view_mismatch_warned = False
         self._step_before = 0  # global_step when the batch started: did the batch take an optimiser step?
@@ -164,9 +170,10 @@ class DistillationModule(pl.LightningModule):
         self._losses = LossRecord()  # each batch's loss parts, on the device until read
         forward = self.student.forward_heads if self.imitation is None else self.student.forward_heads_and_features
         self._compiled_heads = torch.compile(forward) if compile else None  # at its first call
+        self._forward = self._choose_forward()  # where a training step's targets come from: decided once, here
         # timm's EMA: a frozen copy, saved in checkpoints (`ema.module.*`), never in the optimiser
         self.ema = ModelEmaV3(self.student, decay=ema_decay).requires_grad_(False) if ema_decay else None
-        members = len(teacher) if isinstance(teacher, TeacherEnsemble) else 0
+        members = len(teacher.members) if teacher is not None and len(teacher.members) > 1 else 0  # an ensemble's
         self.val_metrics = validation_metrics("val/", num_classes, members)
         self.val_ema_metrics = validation_metrics("val_ema/", num_classes, members, heads_only=True) if ema_decay else None
         self.test_metrics = validation_metrics("test/", num_classes, members)
@@ -189,36 +196,54 @@ class DistillationModule(pl.LightningModule):
         torch.manual_seed(sample_seed(global_seed(), self.current_epoch, batch_idx, self.global_rank, 2))
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch.images, batch.targets  # targets: (B,) labels, or (B, C) soft labels after mixing
-        forward = self._compiled_heads or (self.student.forward_heads if self.imitation is None
-                                           else self.student.forward_heads_and_features)
-        if self.imitation is not None:  # the teacher's features and logits, the student's, in one forward each
-            teacher_logits, (cls_logits, dist_logits), feature_loss = self.imitation.step(self.teacher, forward, images)
-        elif self.loss.distillation == "none":
-            teacher_logits = None
-        elif batch.cached:  # the teacher cache: no teacher forward
-            teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
-            self._verify_cache(images, teacher_logits, batch.checksum, batch_idx)
-        elif self.hparams.teacher_cache:
-            raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
-                             "set data.teacher_cache (the two are linked by the distill CLI)")
-        else:
-            teacher_logits = self.teacher(images)
-        if self.imitation is None:
-            cls_logits, dist_logits = forward(images)
-        parts = self.loss(cls_logits, dist_logits, targets, None if self.loss.distillation == "none" else teacher_logits)
-        if self.imitation is not None:
-            parts["loss_feature"] = feature_loss
-            parts["loss"] = parts["loss"] + self.hparams.feature_weight * feature_loss
+        # the teacher's targets and the student's outputs, from the source chosen when the module was built
+        teacher_logits, (cls_logits, dist_logits), feature = self._forward(batch, batch_idx)
+        epoch = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)  # DKD's warm-up
+        parts = self.loss(cls_logits, dist_logits, batch.targets, teacher_logits, feature, epoch)
         # nothing is read from the device here: the parts are read, checked and logged in on_train_batch_end
         self._losses.add(parts, (self.current_epoch, self.global_step, batch_idx))
         self._step_before, self._lr = self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"]
+        self._say_fast_path_once()
+        return parts["loss"]
+
+    # The sources of a training step's targets (one is chosen in `__init__`): each returns the teacher's logits (or
+    # None), the student's (class, distillation) logits and the feature-imitation term (or None).
+    Outputs = tuple[Optional[torch.Tensor], tuple[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
+    def _choose_forward(self) -> Callable[[TrainingBatch, int], "DistillationModule.Outputs"]:
+        if not self.loss.needs_teacher:
+            return self._without_teacher
+        if self.imitation is not None:
+            return self._live_teacher_with_features
+        return self._cached_teacher if self.hparams.teacher_cache else self._live_teacher
+
+    def _heads(self) -> Callable:
+        return self._compiled_heads or (self.student.forward_heads if self.imitation is None
+                                        else self.student.forward_heads_and_features)
+
+    def _without_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
+        return None, self._heads()(batch.images), None
+
+    def _live_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
+        return self.teacher(batch.images), self._heads()(batch.images), None
+
+    def _live_teacher_with_features(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
+        return self.imitation.step(self.teacher, self._heads(), batch.images)  # one forward of each
+
+    def _cached_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
+        if not batch.cached:
+            raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
+                            "set data.teacher_cache (the two are linked by the distill CLI)")
+        teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
+        self._verify_cache(batch.images, teacher_logits, batch.checksum, batch_idx)
+        return teacher_logits, self._heads()(batch.images), None
+
+    def _say_fast_path_once(self) -> None:
         if self.teacher is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
             self._fast_path_logged = True
-            rank_zero_info(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
-                           f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
+            say(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
+                f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
             self.log("train/teacher_fast_agreement", host_value(self.teacher.fast_agreement), on_step=True, on_epoch=False)
-        return parts["loss"]
 
     def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
         """On a `teacher_cache_verify` fraction of batches: live teacher vs cache, replayed view vs cached view."""
@@ -248,7 +273,8 @@ class DistillationModule(pl.LightningModule):
             self._check_finite()
         if last or writes_step_logs(self.trainer, stepped):
             # host values: the progress bar reads every logged value at every batch, a device value would make it wait
-            parts = {f"train/{k}": host_value(v) for k, v in self._losses.latest().items()}
+            parts = {f"train/{k}": host_value(v) for k, v in self._losses.latest().items()
+                     if k not in self.loss.repeated_parts}
             self.log_dict(parts, prog_bar=True, on_step=True, on_epoch=False)
             self.log("train/lr", host_value(self._lr), on_step=True, on_epoch=False)
 
@@ -311,12 +337,9 @@ class DistillationModule(pl.LightningModule):
         if tokens is not None:
             metrics["token_cosine"].update(F.cosine_similarity(tokens[:, 0].float(), tokens[:, 1].float(), dim=-1))
         if self.teacher is not None and "teacher_acc" in metrics:
-            if isinstance(self.teacher, TeacherEnsemble):
-                teacher_logits, members = self.teacher.forward_members(images)
-                for index, member_logits in enumerate(members):
-                    metrics[f"teacher_acc_{index}"].update(member_logits, targets)
-            else:
-                teacher_logits = self.teacher(images)
+            teacher_logits, members = self.teacher.forward_members(images)
+            for index, member_logits in enumerate(members if len(members) > 1 else ()):  # an ensemble's members
+                metrics[f"teacher_acc_{index}"].update(member_logits, targets)
             metrics["teacher_acc"].update(teacher_logits, targets)
             metrics["teacher_agreement"].update(logits, teacher_logits.argmax(dim=-1))
             kl = F.kl_div(logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1), log_target=True,
@@ -378,9 +401,13 @@ class DistillationModule(pl.LightningModule):
                              "resume with the config it was trained with, or use model.init_from to start from its weights")
 
     def on_fit_start(self) -> None:
+        config = getattr(self.student, "config", {})
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6  # student (+ imitation heads)
+        say(f"Student: {config.get('model_name', type(self.student).__name__)} ({trainable:.2f}M trainable params, "
+            f"{config.get('img_size', '?')} px, {config.get('num_classes', '?')} classes)")
         if self.teacher is not None:
             params = sum(p.numel() for p in self.teacher.parameters()) / 1e6
-            rank_zero_info(
+            say(
                 f"Teacher: {self.teacher.model_name} ({params:.1f}M params, frozen, eval mode, "
                 f"{self.teacher.num_classes} classes, not saved in checkpoints)"
             )

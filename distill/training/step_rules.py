@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from timm.optim import get_optimizer_class, list_optimizers
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.cache.format import TeacherCache
+from distill.common.console import say
 from distill.common.errors import UserError
 from teachers import Teacher
 
-__all__ = ["check_classes", "check_optimizer", "host_value", "lr_scale", "scaled_lr", "teacher_beside_cache",
-           "validation_metrics", "writes_step_logs"]
+__all__ = ["check_classes", "check_optimizer", "host_value", "lr_scale", "scaled_lr", "step_log_interval",
+           "teacher_beside_cache", "validation_metrics", "writes_step_logs"]
 
 
 def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
@@ -34,6 +36,13 @@ def writes_step_logs(trainer: pl.Trainer, stepped: bool) -> bool:
         return True
     every = trainer.log_every_n_steps
     return bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
+
+
+def step_log_interval(every: int, steps_per_epoch: float) -> int:
+    """`trainer.log_every_n_steps` for an epoch of `steps_per_epoch` optimiser steps: every step when the epoch is
+    shorter than `every` (Lightning would write no training curve on small data: 3 steps an epoch, logged every 10,
+    never reach a logged step before the run ends); `every` otherwise, and 0 (never) stays 0."""
+    return 1 if every and steps_per_epoch < every else every
 
 
 def host_value(value: float) -> torch.Tensor:
@@ -61,6 +70,19 @@ def check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: i
             f"teacher '{teacher.model_name}' predicts {teacher.num_classes} classes but the dataset has "
             f"{num_classes}; train or fine-tune a teacher on these classes first (see configs/teacher.yaml)"
         )
+
+
+def check_cache_holds(method: Any, teacher_cache: Optional[str], num_classes: int) -> None:
+    """A method that reads every class's teacher probability (DKD, DIST) trains from a teacher cache only if the
+    cache holds every class (its top-k is the number of classes); the rest of the mass is otherwise spread evenly."""
+    if not teacher_cache or not method.needs_full_distribution:
+        return
+    top_k = TeacherCache.read_meta(Path(teacher_cache))["top_k"]
+    if top_k < num_classes:
+        raise UserError(f"model.distillation '{method.name}' reads every class's teacher probability, but "
+                        f"data.teacher_cache '{teacher_cache}' holds the top {top_k} of {num_classes} (the rest spread "
+                        f"evenly); build the cache with --top_k {num_classes}, train with the live teacher, or use "
+                        "soft or hard, which a top-k cache serves")
 
 
 def validation_metrics(prefix: str, num_classes: int, members: int = 0, heads_only: bool = False) -> MetricCollection:
@@ -101,8 +123,8 @@ def teacher_beside_cache(teacher: Optional[nn.Module], cache: Optional[str], ver
     if cache and verify > 0 and teacher is None:
         raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
     if cache and verify == 0 and teacher is not None:
-        rank_zero_info("model.teacher is not kept: data.teacher_cache replaces it "
-                       "(set model.teacher_cache_verify to check the cache against it)")
+        say("model.teacher is not kept: data.teacher_cache replaces it "
+            "(set model.teacher_cache_verify to check the cache against it)")
         return None
     return teacher
 
@@ -116,7 +138,7 @@ def lr_scale(trainer: pl.Trainer, lr: float, base: Optional[int]) -> float:
         raise UserError("model.lr_scale_batch needs the data module's batch_size; set lr_scale_batch: null")
     scale = scaled_lr(1.0, batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches, base)
     global_batch = round(scale * base)
-    rank_zero_info(
+    say(
         f"lr scaled by the global batch: {lr:g} x {global_batch} / {base} = {lr * scale:.4g} "
         f"(global batch = {trainer.num_nodes} nodes x {trainer.num_devices} devices x {batch_size} images x "
         f"{trainer.accumulate_grad_batches} accumulated; min_lr and warmup_lr scaled alike)"

@@ -1,0 +1,28 @@
+"""Hard distillation (Touvron et al., "Training data-efficient image transformers & distillation through
+attention", 2021): the paper's best."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from distill.training.methods.base import LogitMethod
+
+__all__ = ["Hard"]
+
+
+class Hard(LogitMethod):
+    """Cross-entropy of the distillation head against the teacher's argmax, without label smoothing; one term
+    `distill`. With mixup/cutmix the teacher's argmax on the mixed view is the label. From a teacher cache it is
+    exact (the argmax is the cache's first class). Standardisation changes no argmax: it is accepted and does
+    nothing."""
+
+    name: ClassVar[str] = "hard"
+    order: ClassVar[int] = 2
+
+    def __init__(self, standardize: bool = False) -> None:
+        super().__init__(standardize)
+
+    def terms(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"distill": F.cross_entropy(student, teacher.argmax(dim=-1))}
