@@ -10,6 +10,10 @@
   413 as documented, not 400; and a --max_pixels above that limit, which PIL would overrule;
 - `kill -9` (or the OOM killer) on `distill serve`: its API servers and inference processes die with
   it and the port is free again;
+- `serve --workers` over what the machine holds (one inference process a core, each within the memory
+  available): one line naming the value, the bound and why, before anything starts (issue 35);
+- SIGTERM while the inference processes load, or landing where Python cannot raise it: every process
+  stops within seconds, with no traceback (issue 35);
 - `report --plot` of runs `teacher/version_0` and `teacher_version_0`: two PNGs, and neither is replaced
   by a later call without --overwrite.
 """
@@ -22,8 +26,10 @@ import shutil
 import signal
 import socket
 import struct
+import multiprocessing
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -39,9 +45,12 @@ from starlette.datastructures import FormData, UploadFile
 from torch.utils.tensorboard import SummaryWriter
 
 from distill.cli import cli_main
+from distill.common.errors import UserError
+from distill.common.identity import file_digest
 from distill.deploy.export import export_student
-from distill.deploy.serve import Rejected, StudentAPI, accelerators_here
-from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
+from distill.deploy.serve import Rejected, StudentAPI, accelerators_here, describe_export
+from distill.deploy.serving_host import PROCESS_MEMORY, memory_available, workers_bound
+from tests.helpers import children_of, describe, files_under, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +62,20 @@ def export(trained, tmp_path_factory) -> Path:
 
 
 def copy_of(export: Path, folder: Path, damage: Callable[[Path], None] | None = None) -> Path:
-    """A copy of the export, damaged by `damage`."""
+    """A copy of the export, damaged by `damage`, its export_report.json edited to agree (so that the checks behind
+    the digests are reached: a report edited by hand with the files)."""
     copy = Path(shutil.copytree(export, folder))
     if damage is not None:
         damage(copy)
+        recorded_again(copy)
     return copy
+
+
+def recorded_again(folder: Path) -> None:
+    """export_report.json's digests rewritten for the files the folder holds now."""
+    report = json.loads((folder / "export_report.json").read_text())
+    report["files"] = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.name != "export_report.json"}
+    (folder / "export_report.json").write_text(json.dumps(report))
 
 
 def config_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -167,13 +185,15 @@ def test_an_onnx_model_of_other_shapes_than_its_config_is_refused_before_serving
                                                                                   size, classes, expected):
     broken = copy_of(export, tmp_path / "broken")
     onnx_model(broken / ("model.onnx" if backend == "onnx" else "model.int8.onnx"), size, classes)
+    recorded_again(broken)
     line = serve_refuses(["--export", str(broken), "--backend", backend], capsys)
     assert f"error: serve --backend {backend}: '{broken}/" in line
     assert expected.format(config=broken / "config.json") in line
 
 
 # ---------------------------------------------------------------------------------------------
-# serve: an accelerator the machine lacks, images over PIL's bomb limit, a killed main process
+# serve: an accelerator the machine lacks, images over PIL's bomb limit, a killed main process, more workers than
+# the machine holds, a stop signal during start-up
 
 
 @pytest.mark.parametrize("accelerator", ["cuda", "mps"])
@@ -226,6 +246,76 @@ def test_killing_the_server_with_sigkill_takes_its_processes_along_and_frees_the
                 pass
 
 
+def test_more_workers_than_the_machine_holds_are_refused_in_one_line_before_anything_starts(export, capsys):
+    line = serve_refuses(["--export", str(export), "--workers", "10000"], capsys)
+    cores = len(os.sched_getaffinity(0))
+    assert line.startswith("error: serve --workers 10000: this machine holds at most "), line
+    assert f"(cores {cores}, memory " in line and " GiB available, at " in line, line
+    bound = int(line.split("accepted: 1 to ")[1].split()[0])
+    assert 1 <= bound <= cores
+    assert not multiprocessing.active_children()  # nothing was started
+    gib = 1 << 30
+    assert workers_bound(cores=2, memory=22 * gib, per_process=gib) == 2  # 64 workers on 2 cores: the cores bound
+    assert workers_bound(cores=64, memory=14 * gib, per_process=gib) == 14  # the memory bounds
+    assert workers_bound(cores=64, memory=gib // 2, per_process=gib) == 1  # one always: the default is never refused
+
+
+def spawned(pid: int) -> bool:
+    """Whether `pid` is a process multiprocessing spawned (LitServe's inference processes)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_sigterm_while_the_inference_processes_load_stops_every_process_within_seconds_quietly(export, tmp_path):
+    if workers_bound(len(os.sched_getaffinity(0)), memory_available(), PROCESS_MEMORY) < 2:
+        pytest.skip("this machine holds one inference process (serve --workers 2 is refused)")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "distill", "serve", "--export", str(export), "--port", str(port),
+                               "--workers", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    children: set[int] = set()
+    try:
+        assert server.stdout.readline().startswith("serving "), server.stderr.read()
+        deadline = time.time() + 60
+        while len([pid for pid in children_of(server.pid) if spawned(pid)]) < 2:  # both started, loading torch
+            assert server.poll() is None and time.time() < deadline, server.stderr.read()
+            time.sleep(0.05)
+        with pytest.raises(requests.ConnectionError):  # still starting: nothing answers yet
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        children = children_of(server.pid)
+        sent = time.time()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+        alive = wait_gone(children, 10)
+        assert not alive, [describe(pid) for pid in alive]
+        assert time.time() - sent < 10
+        out, err = server.communicate(timeout=10)
+        assert "server stopped (SIGTERM)" in out, out
+        assert "Traceback" not in err and "interrupted" not in err, err
+    finally:
+        for pid in children | {server.pid}:  # the test failed: stop what it started, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_stop_signal_that_python_cannot_raise_where_it_lands_still_stops_everything_at_once():
+    script = (  # SIGTERM's KeyboardInterrupt raised in an at-fork hook (in its sleep), where Python only reports it
+        "import multiprocessing, os, signal, time\n"
+        "from distill.deploy.serving_host import StopOnSignal\n"
+        "with StopOnSignal(grace=60):\n"
+        "    os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))\n"
+        "    multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,)).start()\n"
+        "    time.sleep(60)\n")
+    # returns once no process holds its output: the child it forked is gone too, long before the grace or the sleeps
+    stopped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=40)
+    assert stopped.returncode == 0 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.stdout.startswith("server stopped (SIGTERM"), stopped.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # report --plot: one PNG per run, none replaced unless asked
 
@@ -244,3 +334,84 @@ def test_report_plots_runs_whose_names_flatten_alike_to_two_pngs_and_never_repla
     line = run_cli_error(["report", str(tmp_path / "runs"), "--plot", str(plots)], capsys)
     assert "exists (and 1 more); pass --overwrite to replace, or choose another --plot folder" in line
     assert {p.name: p.read_bytes() for p in plots.iterdir()} == written
+
+
+# ---------------------------------------------------------------------------------------------
+# What predict, serve and a teacher read is what export wrote (export_report.json's digests)
+
+
+def another_checkpoints_onnx(export: Path, trained: Path, tmp_path: Path) -> Callable[[Path], None]:
+    """A damage: model.onnx replaced by the model.onnx of an export of another checkpoint."""
+    other = tmp_path / "other_export"
+    export_student(trained / "ckpt" / "last.ckpt", other, torchscript=False)
+    assert file_digest(other / "model.onnx") != file_digest(export / "model.onnx")
+    return lambda folder: shutil.copy(other / "model.onnx", folder / "model.onnx")
+
+
+def a_stray_int8_model(folder: Path) -> None:
+    shutil.copy(folder / "model.onnx", folder / "model.int8.onnx")
+
+
+@pytest.mark.parametrize("case", ["config_edited", "onnx_of_another_checkpoint", "int8_never_exported",
+                                  "no_report", "teacher_folder_edited"])
+def test_a_file_of_an_export_edited_replaced_or_added_by_hand_is_refused_where_it_is_read(export, trained, tmp_path,
+                                                                                        capsys, case):
+    edit_mean = config_edit(lambda c: c["pretrained_cfg"].update(mean=[0.1, 0.1, 0.1]))
+    damage, command, named, why = {
+        "config_edited": (edit_mean, ["predict"], "config.json", "changed since it was written"),
+        "onnx_of_another_checkpoint": (another_checkpoints_onnx(export, trained, tmp_path), ["serve", "onnx"],
+                                       "model.onnx", "changed since it was written"),
+        "int8_never_exported": (a_stray_int8_model, ["serve", "int8"], "model.int8.onnx", "was not written with the rest"),
+        "no_report": (lambda folder: (folder / "export_report.json").unlink(), ["predict"], "export_report.json",
+                      "is missing"),
+        "teacher_folder_edited": (edit_mean, ["teacher"], "config.json", "changed since it was written"),
+    }[case]
+    folder = Path(shutil.copytree(export, tmp_path / "edited"))
+    damage(folder)
+    out = tmp_path / "predictions.csv"
+    if command[0] == "predict":
+        line = run_cli_error(["predict", "--export", str(folder), "--images", str(trained / "images" / "val"),
+                              "--out", str(out)], capsys)
+        assert line.startswith(f"error: --export: '{folder / named}' {why}")
+    elif command[0] == "serve":
+        line = serve_refuses(["--export", str(folder), "--backend", command[1]], capsys)
+        assert line.startswith(f"error: serve --backend {command[1]}: '{folder / named}' {why}")
+    else:  # an export folder as the teacher of another run
+        from teachers import Teacher
+        with pytest.raises(UserError) as refused:
+            Teacher("deit_tiny_distilled_patch16_224", weights=str(folder))
+        line = str(refused.value)
+        assert line.startswith(f"teacher.weights: '{folder / named}' {why}")
+    assert "again" in line  # what to do: export again
+    assert not out.exists() and not list(tmp_path.glob(".predictions*"))
+
+
+def test_each_backend_reports_the_version_of_the_file_it_serves_and_exported_files_are_readable_by_all(export):
+    versions = {backend: describe_export(export, backend)["version"] for backend in ("torch", "onnx")}
+    assert versions == {"torch": file_digest(export / "model.safetensors")[7:19],
+                        "onnx": file_digest(export / "model.onnx")[7:19]}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in export.iterdir()} == {p.name: 0o666 & ~mask
+                                                                           for p in export.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk or a read-only folder: one line naming the path and the cause, nothing left behind
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+@pytest.mark.parametrize("where", ["read_only_folder", "full_disk"])
+def test_export_and_predict_onto_a_full_disk_or_into_a_read_only_folder_are_one_line_and_leave_nothing(
+        export, trained, tmp_path, capsys, request, command, where):
+    folder = request.getfixturevalue(where)
+    before = files_under(folder)
+    out = folder / "new" / ("export" if command == "export" else "predictions.csv")
+    args = (["export", "--ckpt", str(trained / "ckpt" / "best.ckpt"), "--out", str(out)] if command == "export" else
+            ["predict", "--export", str(export), "--images", str(trained / "images" / "val"), "--out", str(out)])
+    line = run_cli_error(args, capsys)
+    cause = "Read-only file system" if where == "read_only_folder" and os.geteuid() == 0 else (
+        "Permission denied" if where == "read_only_folder" else "No space left on device")
+    assert line.startswith(f"error: {command}") and cause in line and str(folder) in line, line
+    assert ("write elsewhere" if where == "read_only_folder" else "free disk space") in line
+    assert files_under(folder) == before and not (folder / "new").exists()  # no lock, no partial file, no folder

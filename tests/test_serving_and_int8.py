@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from fastapi.testclient import TestClient
 from PIL import Image
 from sklearn.datasets import load_digits
 from starlette.datastructures import FormData, UploadFile
@@ -28,7 +29,7 @@ from distill.common.identity import file_digest
 from distill.deploy.export import Int8, export_student
 from distill.deploy.inference import INT8_FILE
 from distill.deploy.predict import predict_folder
-from distill.deploy.serve import StudentAPI
+from distill.deploy.serve import StudentAPI, make_server
 from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_healthy(server, url, 180)
-        info = requests.get(f"{url}/info", timeout=10).json()["model"]
+        info = requests.get(f"{url}/info", timeout=10).json()
         assert len(info["version"]) == 12  # the weights' SHA-256, shortened
         assert info["classes"] == ["cat", "dog", "fox"] and info["input_size"] == [3, 32, 32]
 
@@ -145,6 +146,16 @@ def test_the_server_answers_as_predict_does_rejects_bad_input_and_stops_cleanly(
     finally:
         if server.poll() is None:  # the test failed while it ran: its API server and inference processes too
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_info_is_the_model_as_one_flat_object_with_the_keys_of_an_answer(export):
+    client = TestClient(make_server(export, backend="int8").app)  # no lifespan: no inference process starts
+    info = client.get("/info").json()
+    assert set(info) == {"model", "version", "backend", "classes", "input_size"}
+    assert info["model"] == json.loads((export / "config.json").read_text())["architecture"]
+    assert info["backend"] == "int8" and len(info["version"]) == 12  # the served file's SHA-256, shortened
+    assert info["classes"] == ["cat", "dog", "fox"] and info["input_size"] == [3, 32, 32]
+    assert client.get("/info/litserve").json()["model"] == info  # LitServe's own page, moved beside it
 
 
 def test_int8_export_keeps_top1_within_budget_and_serves_the_same_classes(trained, export):

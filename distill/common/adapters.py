@@ -37,6 +37,9 @@ OVERRIDDEN = [
     (_CHECKPOINT, "_should_skip_saving_checkpoint"),
     (_CHECKPOINT, "_should_save_on_train_epoch_end"),  # the epoch-end save decides like the parent's
     ("pytorch_lightning.cli.LightningCLI", "_parse_ckpt_path"),  # ckpt_path checked (and 'last' resolved) first
+    # public, but undocumented: inference processes started with Ctrl+C blocked (distill/deploy/serve.py)
+    ("litserve.LitServer", "launch_inference_worker"),
+    ("litserve.LitServer", "launch_single_inference_worker"),
 ]
 # (class, instance attribute) the subclasses read and set: the parent's own bookkeeping of what it saved
 SUBCLASS_ATTRIBUTES = [(_CHECKPOINT, "_last_global_step_saved"), (_CHECKPOINT, "_last_checkpoint_saved")]

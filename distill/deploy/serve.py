@@ -20,18 +20,21 @@ decompression bomb never reaches memory; so is one over PIL's own decompression-
 which --max_pixels may not exceed). A request that is rejected never fails the others
 batched with it. Nothing a request sends is used as a path. The server binds to loopback
 unless --host says otherwise; GET /health answers "ok" once the model is loaded, GET /info
-gives the model's name, version, classes and input size.
+gives the model as one flat JSON object: `model` (its name), `version`, `backend`, `classes` and
+`input_size`, the keys of every answer (LitServe's own page, with the server's settings, is at
+GET /info/litserve).
 
 Everything is checked before "serving ..." is printed: the export folder whole
 (`distill.deploy.inference.load_export`; an ONNX / INT8 model's input and output shapes against its
-config.json), an --accelerator this machine has, the port. Every process LitServe starts (its
-process manager, API servers and inference processes) is killed by the kernel when the
-`distill serve` process ends, however it ends (SIGKILL, the OOM killer): none is left holding
-the port or the model.
+config.json), an --accelerator this machine has, --workers within what it holds (one inference
+process a core, each within the memory available: `distill.deploy.serving_host.workers_bound`), the
+port. Every process LitServe starts (its process manager, API servers and inference processes) is
+killed by the kernel when the `distill serve` process ends, however it ends (SIGKILL, the OOM
+killer): none is left holding the port or the model. SIGTERM or Ctrl+C at any moment, start-up
+included, stops them all within seconds, without a traceback (`serving_host.StopOnSignal`).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -57,12 +60,19 @@ from distill.deploy.inference import (
     label_names,
     load_export,
     read_config,
+    verify_export,
 )
 from distill.deploy.serving_host import (
+    PROCESS_MEMORY,
     ForkedChildrenDieWithParent,
+    StopOnSignal,
     accelerators_here,
+    ctrl_c_blocked,
     die_with_parent,
+    exit_quietly,
     listen,
+    memory_available,
+    workers_bound,
 )
 
 try:  # the `serve` extra; python-multipart parses the uploads (without it every upload would be a 500)
@@ -108,12 +118,17 @@ class StudentAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if os.getpid() != self.parent:  # an inference process (spawned): it must not outlive the server
             die_with_parent(self.parent)
-        # Ctrl+C reaches every process of the terminal's group: the main process stops this one (SIGTERM) in order,
-        # a KeyboardInterrupt here would print a traceback of LitServe's loop instead
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # stopped by the main process (SIGTERM) at any moment, loading included: it ends at once, with no traceback;
+            # Ctrl+C reaches every process of the terminal's group: the main process stops this one in order, a
+            # KeyboardInterrupt here would print a traceback of LitServe's loop instead
+            signal.signal(signal.SIGTERM, exit_quietly)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
         model = load_export(self.export)
+        served = verify_export(self.export, (BACKENDS[self.backend],))[BACKENDS[self.backend]]
+        if served.removeprefix("sha256:")[:12] != self.metadata["version"]:  # replaced since the server checked it
+            raise UserError(f"serve: '{self.export / BACKENDS[self.backend]}' changed after the server started")
         self.names, self.transform = label_names(model), export_transform(model)
         self.device = torch.device(device)
         if self.backend == "torch":
@@ -180,18 +195,22 @@ class StudentAPI(ls.LitAPI):
 
 
 def describe_export(export: Path, backend: str) -> dict[str, Any]:
-    """Name, version, classes and input size of an export folder; a UserError if it cannot serve `backend`."""
-    model = load_export(export)
+    """Name, version, classes and input size of an export folder; a UserError if it cannot serve `backend`.
+
+    The version is the first 12 hex digits of the sha256 of the file `backend` serves (model.safetensors,
+    model.onnx or model.int8.onnx), verified against export_report.json: two backends of one export report
+    different versions because they run different files."""
+    model = load_export(export, "serve --export")
     served = export / BACKENDS[backend]
     if not served.is_file():
         how = {"onnx": "distill export (with --onnx, the default)", "int8": "distill export --int8"}[backend]
         raise UserError(f"serve --backend {backend}: '{export}' has no {served.name}; write it with {how}")
+    digest = verify_export(export, (served.name,), f"serve --backend {backend}")[served.name]
     if backend != "torch":
         onnx_session(served, model)
-    weights = hashlib.sha256((export / BACKENDS["torch"]).read_bytes()).hexdigest()[:12]
     config = read_config(export)
-    return {"model": config.get("architecture", type(model).__name__), "version": weights, "backend": backend,
-            "classes": label_names(model), "input_size": list(model.pretrained_cfg["input_size"])}
+    return {"model": config.get("architecture", type(model).__name__), "version": digest.removeprefix("sha256:")[:12],
+            "backend": backend, "classes": label_names(model), "input_size": list(model.pretrained_cfg["input_size"])}
 
 
 def onnx_session(path: Path, model: torch.nn.Module, threads: Optional[int] = None) -> Any:
@@ -308,7 +327,9 @@ def make_server(export: str | Path, backend: Literal["torch", "onnx", "int8"] = 
         backend: torch (the timm model), onnx (model.onnx) or int8 (model.int8.onnx, ONNX Runtime)
         max_batch_size: largest dynamic batch (1: no batching, each request alone)
         batch_timeout: seconds a batch waits to fill before it runs
-        workers: inference processes (each holds the model)
+        workers: inference processes (each holds the model); at most one a core (the CPUs this process may use)
+            and as many as the memory available holds at the weights' size + 0.75 GiB each (torch and the API
+            server LitServe starts with each), checked before anything starts
         top_k: classes per answer
         max_pixels: largest image accepted, in pixels (checked from its header, before decoding)
         max_body_mb: largest request body, in MiB
@@ -331,59 +352,81 @@ def make_server(export: str | Path, backend: Literal["torch", "onnx", "int8"] = 
         raise UserError(f"serve --max_pixels {max_pixels}: over PIL's decompression-bomb limit of {bomb} pixels "
                         f"(2 x PIL.Image.MAX_IMAGE_PIXELS), which refuses larger images first; accepted: 1 to {bomb}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    devices = torch.cuda.device_count() if accelerator == "cuda" else 1  # LitServe starts `workers` on each
+    _check_workers(workers, devices, cores, Path(export), backend)
     threads = max(1, cores // workers) if accelerator == "cpu" else None  # the cores this process may use, shared
     api = StudentAPI(export, backend, top_k, max_pixels, threads, max_batch_size=max_batch_size,
                      batch_timeout=batch_timeout if max_batch_size > 1 else 0.0)
-    return ls.LitServer(
-        api, accelerator=accelerator, devices=torch.cuda.device_count() if accelerator == "cuda" else 1,
-        workers_per_device=workers, timeout=timeout, model_metadata=api.metadata,
+    server = _LitServer(
+        api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout,
+        model_metadata=api.metadata, info_path="/info/litserve",  # LitServe's own page: the server's settings, and
+        # the metadata under "model"; GET /info is the model's, flat (below)
         restart_workers=True,  # a worker that dies is replaced
         middlewares=[(RequestGate, {"path": "/predict", "max_bytes": int(max_body_mb * (1 << 20))})],
     )
+    # the model's name, version, backend, classes and input size: the fields of every /predict answer, at the top
+    server.app.add_api_route("/info", lambda: JSONResponse(api.metadata), methods=["GET"])
+    return server
+
+
+class _LitServer(ls.LitServer):
+    """LitServer whose inference processes start with Ctrl+C blocked (`ctrl_c_blocked`): pressed while they import
+    torch, it would print a traceback from each; the main process stops them (SIGTERM, StudentAPI.setup)."""
+
+    def launch_inference_worker(self, lit_api: ls.LitAPI) -> list:
+        with ctrl_c_blocked():
+            return super().launch_inference_worker(lit_api)
+
+    def launch_single_inference_worker(self, lit_api: ls.LitAPI, worker_id: int) -> Any:  # a restart
+        with ctrl_c_blocked():
+            return super().launch_single_inference_worker(lit_api, worker_id)
+
+
+def _check_workers(workers: int, devices: int, cores: int, export: Path, backend: str) -> None:
+    """A UserError for more --workers than this machine holds (`workers_bound`), before any process starts."""
+    weights = sum(path.stat().st_size for path in {export / BACKENDS["torch"], export / BACKENDS[backend]}
+                  if path.is_file())  # what an inference process loads: the timm model, and the ONNX model served
+    memory, per_process = memory_available(), weights + PROCESS_MEMORY
+    bound = max(1, workers_bound(cores, memory, per_process) // devices)
+    if workers > bound:
+        on = f" on each of {devices} GPUs" if devices > 1 else ""
+        raise UserError(f"serve --workers {workers}: this machine holds at most {bound} inference processes{on} "
+                        f"(cores {cores}, memory {memory / 2**30:.1f} GiB available, at {per_process / 2**30:.2f} GiB "
+                        f"a process: its weights + {PROCESS_MEMORY / 2**30:.2f} GiB of torch and its API server); "
+                        f"accepted: 1 to {bound}")
 
 
 def _serve(options: dict[str, Any]) -> None:
     """`distill serve`: claim the port, load the model, serve until Ctrl+C or SIGTERM."""
-    call(listen, options)
-    server = call(make_server, options)
-    host, port = options["host"], options["port"]
-    print(f"serving {server.model_metadata['model']} ({options['backend']}, version {server.model_metadata['version']}) "
-          f"on http://{host}:{port}/predict; try: curl -F {FIELD}=@picture.png "
-          f"http://{host}:{port}/predict", flush=True)
-    # SIGTERM (docker stop, kill, a scheduler) shuts down as Ctrl+C does: LitServe stops its API server and
-    # inference processes on KeyboardInterrupt; the default action would leave them running, holding the port
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    logging.getLogger("litserve.server").addFilter(_ShutdownNoise())
-    # LitServe forks its process manager and API servers from this process (the inference processes are spawned:
-    # StudentAPI.setup); killed by SIGKILL or the OOM killer, this process could not stop them, and they would go on
-    # holding the port and the model: the kernel kills each of them when this process ends
-    forks = ForkedChildrenDieWithParent()
-    os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
-    server.run(host=host, port=port, generate_client_file=False, log_level="warning")
-    print("server stopped", flush=True)
+    # SIGTERM (docker stop, kill, a scheduler) and Ctrl+C stop the server and every process it started, from here on,
+    # start-up included; the default action would leave them running, holding the port
+    with StopOnSignal() as stop:
+        call(listen, options)
+        server = call(make_server, options)
+        host, port = options["host"], options["port"]
+        print(f"serving {server.model_metadata['model']} ({options['backend']}, version "
+              f"{server.model_metadata['version']}) on http://{host}:{port}/predict; try: curl -F {FIELD}=@picture.png "
+              f"http://{host}:{port}/predict", flush=True)
+        logging.getLogger("litserve.server").addFilter(_ShutdownNoise(stop))
+        # LitServe forks its process manager and API servers from this process (the inference processes are spawned:
+        # StudentAPI.setup); killed by SIGKILL or the OOM killer, this process could not stop them, and they would go
+        # on holding the port and the model: the kernel kills each of them when this process ends
+        forks = ForkedChildrenDieWithParent()
+        os.register_at_fork(before=forks.before, after_in_child=forks.after_in_child)
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    print(f"server stopped ({stop.stopped_by})" if stop.stopped_by else "server stopped", flush=True)
 
 
 main = command("distill serve", make_server, listen, run=_serve, description=__doc__.split("\n\n")[0])
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    if os.getpid() != _MAIN_PID:  # a process LitServe forked from this one (its manager, the API server): the main
-        return  # process stops them in order; stopped by a signal meanwhile, the others would print tracebacks
-    _ShutdownNoise.stopping = True
-    raise KeyboardInterrupt
 
 
 class _ShutdownNoise(logging.Filter):
     """LitServe's worker-monitoring thread reads the process manager that LitServe's own shutdown has just closed,
     and logs that as a crash with a traceback (litserve 0.2.19): once shutdown has begun, that record is noise."""
 
-    stopping = False
+    def __init__(self, stop: StopOnSignal) -> None:
+        super().__init__()
+        self.stop = stop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.stopping and record.getMessage().startswith("Monitoring worker crashed"))
-
-
-_MAIN_PID = os.getpid()
+        return not (self.stop.signum is not None and record.getMessage().startswith("Monitoring worker crashed"))

@@ -1,19 +1,29 @@
-"""The machine a server runs on: children that die with their parent, the accelerators here, a free port.
+"""The machine a server runs on: how many inference processes it holds, children that die with their parent and
+stop on SIGTERM, the accelerators here, a free port.
 
 LitServe forks a process manager and an API server and spawns inference workers; a `kill -9` (or the OOM
-killer) on the main process must not leave them holding the port and the model's memory.
+killer) on the main process must not leave them holding the port and the model's memory, and a SIGTERM at any
+moment (start-up included) must stop them all within seconds, without a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import socket
 import sys
-
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
+from multiprocessing.context import SpawnProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Optional
 
 import torch
 from jsonargparse.typing import restricted_number_type
@@ -25,9 +35,43 @@ from distill.common.files import OutputLock
 Port = restricted_number_type("Port", int, [(">=", 1024), ("<=", 65535)])
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 
-__all__ = ["ForkedChildrenDieWithParent", "accelerators_here", "check_port", "die_with_parent", "listen"]
+__all__ = ["ForkedChildrenDieWithParent", "StopOnSignal", "accelerators_here", "check_port", "ctrl_c_blocked",
+           "die_with_parent", "exit_quietly", "listen", "memory_available", "stop_children", "workers_bound",
+           "PROCESS_MEMORY"]
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PROCESS_MEMORY = 768 << 20
+"""Bytes an inference process takes besides its weights, with the API server LitServe starts for it: 0.75 GiB
+(measured on CPU, litserve 0.2.19, torch 2.x, a 0.1 MB model: 0.55 GiB for Python, torch, timm and LitServe in the
+inference process, 0.15 GiB for the forked API server; each further --workers took 0.6 GiB of MemAvailable)."""
+
+
+def workers_bound(cores: int, memory: int, per_process: int) -> int:
+    """One inference process a core at most (more only take turns), each within the memory available; at least 1."""
+    return max(1, min(cores, memory // per_process))
+
+
+def memory_available() -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, less where a cgroup (a container) limits it
+    lower; the physical memory where neither can be read (not Linux)."""
+    found = []
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        found += [int(line.split()[1]) << 10 for line in meminfo.read_text().splitlines()
+                  if line.startswith("MemAvailable:")]
+    cgroup = Path("/sys/fs/cgroup")
+    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2 ("max": no limit), v1 (a huge number)
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            found.append(int((cgroup / limit).read_text()) - int((cgroup / usage).read_text()))
+        except (OSError, ValueError):
+            continue
+    if found:
+        return max(0, min(found))
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no bound from memory
+        return 1 << 60
 
 
 def accelerators_here() -> dict[str, str]:
@@ -67,6 +111,131 @@ class ForkedChildrenDieWithParent:
 
     def after_in_child(self) -> None:
         die_with_parent(self.parent)
+
+
+@contextmanager
+def ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread, and delivered when the block ends: a process started meanwhile inherits the
+    block, so Ctrl+C, which reaches every process of the terminal's group, never interrupts its start (the import of
+    torch, a traceback) and leaves it to the main process to stop (no-op where threads have no signal mask)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    resource_tracker.ensure_running()  # else the first spawn starts it, and unblocks SIGINT as it does
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def exit_quietly(signum: int, frame: Any) -> None:
+    """A signal handler: end this process at once, with no traceback (an inference process stopped while it loads the
+    model would otherwise print LitServe's start-up), no cleanup (it holds nothing another process reads)."""
+    os._exit(128 + signum)
+
+
+def stop_children(children: list[BaseProcess], seconds: float = 3.0) -> None:
+    """Stop `children` (processes multiprocessing started from this one) within about `seconds`, with no traceback:
+    SIGTERM to the spawned ones (the inference processes, which exit at once: `exit_quietly`), then SIGKILL to what is
+    left, the forked process manager among them (it ignores SIGTERM: stopped before the processes that talk to it, it
+    would make them fail with tracebacks)."""
+    spawned = [child for child in children if isinstance(child, SpawnProcess)]
+    for child in spawned:
+        child.terminate()
+    deadline = time.monotonic() + seconds
+    for child in spawned:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)
+
+
+def child_pids() -> set[int]:
+    """Every process whose parent is this one (from /proc; multiprocessing's list alone where there is none): also one
+    forked a moment ago, which multiprocessing lists only once `Process.start` has returned."""
+    found = {child.pid for child in multiprocessing.active_children() if child.pid}
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                found.add(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+class StopOnSignal:
+    """`with StopOnSignal():` SIGTERM and SIGINT (Ctrl+C) stop the server and every process it started, at any moment,
+    start-up included, with no traceback; the previous handlers are back after the block.
+
+    The first signal raises KeyboardInterrupt in the main thread. Serving, LitServe catches it and shuts down in order
+    (API servers, inference processes, process manager); starting, it leaves `LitServer.run`, the block's end stops
+    the children (`stop_children`) and swallows it. Whatever the main thread is doing, a watchdog thread kills the
+    children and ends the process `grace` seconds after the first signal, at a second one, or at once when the
+    KeyboardInterrupt was lost (raised where Python only reports an exception: an at-fork hook of a fork LitServe is
+    making). The processes forked from this one inherit the handler and ignore the signal: the main process stops
+    them, in order.
+    """
+
+    def __init__(self, grace: float = 5.0) -> None:
+        self.grace = grace
+        self.signum: Optional[int] = None  # the signal that stopped the server
+        self.main, self.previous, self.unraisable = os.getpid(), {}, sys.unraisablehook
+        self.before: set[BaseProcess] = set()  # the children this process had before the block: not the block's to stop
+        self.asked, self.hurry, self.done = threading.Event(), threading.Event(), threading.Event()
+
+    @property
+    def stopped_by(self) -> Optional[str]:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def __enter__(self) -> "StopOnSignal":
+        self.main, self.before = os.getpid(), set(multiprocessing.active_children())
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.unraisable, sys.unraisablehook = sys.unraisablehook, self._lost
+        threading.Thread(target=self._watch, name="stop-on-signal", daemon=True).start()
+        return self
+
+    def __exit__(self, kind: Optional[type], error: Optional[BaseException], traceback: Any) -> bool:
+        try:
+            # the processes started in the block; none is left where LitServe shut down in order
+            stop_children([child for child in multiprocessing.active_children() if child not in self.before])
+        finally:
+            self.done.set()
+            self.asked.set()  # the watchdog returns
+            self.hurry.set()
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            sys.unraisablehook = self.unraisable
+        return kind is KeyboardInterrupt and self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.main:
+            return  # a process LitServe forked from this one (its manager, an API server): stopped in order, from here
+        if self.signum is not None:
+            self.hurry.set()  # a second signal: stop now
+            return
+        self.signum = signum
+        self.asked.set()
+        raise KeyboardInterrupt
+
+    def _lost(self, unraisable: Any) -> None:
+        if unraisable.exc_type is KeyboardInterrupt and self.signum is not None:
+            self.hurry.set()  # the signal's KeyboardInterrupt, reported instead of raised: stop now, with no traceback
+            return
+        self.unraisable(unraisable)
+
+    def _watch(self) -> None:
+        self.asked.wait()
+        self.hurry.wait(self.grace)
+        if self.done.is_set():
+            return
+        for pid in child_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        print(f"server stopped ({self.stopped_by}; the processes still running were killed)", flush=True)
+        os._exit(0)
 
 
 def check_port(host: str, port: int) -> None:
