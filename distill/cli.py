@@ -39,7 +39,7 @@ COMMANDS = {
     **{name: ("distill.commands.fit", "LightningCLI (also `lightning COMMAND`): --config FILE [--model.* --data.* ...]")
        for name in TRAINING},
     "pipeline": ("distill.commands.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
-    "compare": ("distill.commands.compare", "the same student under none / soft / hard for several seeds: what the teacher adds"),
+    "compare": ("distill.commands.compare", "the same student under several distillation methods and seeds: what the teacher adds"),
     "export": ("distill.deploy.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
     "predict --export": ("distill.deploy.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
     "serve": ("distill.deploy.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),

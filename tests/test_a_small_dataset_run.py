@@ -2,6 +2,7 @@
 lists, no distillation loss without a teacher, and a summary as the run's last lines."""
 import contextlib
 import io
+import logging
 import shlex
 from pathlib import Path
 
@@ -111,3 +112,25 @@ def test_training_curves_are_logged_every_step_when_an_epoch_is_shorter_than_the
     assert step_log_interval(10, 10) == 10 and step_log_interval(10, 250) == 10
     assert step_log_interval(0, 3) == 0  # never stays never
     assert step_log_interval(10, float("inf")) == 10  # a loader without a length
+
+
+@pytest.mark.parametrize("acc, epoch, said", [(0.11, 12, True), (0.11, 5, False), (0.40, 30, False)],
+                         ids=["at_chance_after_warmup", "too_early_to_say", "learning"])
+def test_a_run_still_at_chance_after_its_warmup_is_named_while_it_runs(caplog, acc, epoch, said):
+    from types import SimpleNamespace
+
+    import torch
+
+    from distill.training.callbacks import StallAlarm
+
+    alarm = StallAlarm(patience=10)
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=epoch - 1,
+                              callback_metrics={"val/acc": torch.tensor(acc)})
+    module = SimpleNamespace(hparams=SimpleNamespace(warmup_epochs=1.0, num_classes=10))
+    with caplog.at_level(logging.INFO, logger="distill"):
+        alarm.on_validation_end(trainer, module)
+        alarm.on_validation_end(trainer, module)  # said once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stalled")]
+    assert len(lines) == (1 if said else 0)
+    if said:
+        assert f"val/acc 11.0% after {epoch} epochs is at chance (10.0% for 10 classes)" in lines[0]

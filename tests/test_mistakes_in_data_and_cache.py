@@ -273,6 +273,8 @@ def test_a_data_folder_is_its_files_content_a_copy_elsewhere_the_same_and_unchan
     digest = digests.folder_digest(images)
     copy = Path(shutil.copytree(images, tmp_path / "elsewhere" / "copy"))
     (copy / "train" / ".DS_Store").write_text("a viewer's file, not an image")
+    (copy / "train" / "cat" / "broken.png").symlink_to(tmp_path / "gone.png")  # holds no data: left out, not an error
+    os.mkfifo(copy / "train" / "cat" / "pipe.png")  # never opened (reading it would wait forever)
     assert digests.folder_digest(copy) == digest
     reads = []
     real = digests._sha256
@@ -307,3 +309,17 @@ def test_cache_teacher_onto_a_full_disk_or_into_a_read_only_folder_is_one_line_a
     assert ("Read-only file system" if where == "read_only_folder" and os.geteuid() == 0 else
             "Permission denied" if where == "read_only_folder" else "No space left on device") in line
     assert files_under(folder) == before and not (folder / "new").exists()
+
+
+def test_a_folder_named_by_an_option_counts_by_its_files_so_a_teacher_exported_again_is_another_teacher(tmp_path):
+    from distill.common.identity import options_identity
+
+    teacher = tmp_path / "teacher_export"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"architecture": "resnet10t"}')
+    (teacher / "model.safetensors").write_bytes(b"weights of the first export")
+    before = options_identity({"model": {"teacher": {"init_args": {"weights": str(teacher)}}}})
+    copy = Path(shutil.copytree(teacher, tmp_path / "copied" / "teacher_export"))
+    assert options_identity({"model": {"teacher": {"init_args": {"weights": str(copy)}}}}) == before  # moved: same
+    (teacher / "model.safetensors").write_bytes(b"weights of an export of another checkpoint")
+    assert options_identity({"model": {"teacher": {"init_args": {"weights": str(teacher)}}}}) != before

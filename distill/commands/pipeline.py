@@ -320,7 +320,9 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
 def classes_of(dataset: Optional[str]) -> Optional[int]:
     """How many classes the data has, where that is known without loading it: the digits, or an ImageFolder's
     class folders in train/ (hidden ones left out, as training leaves them out)."""
-    if dataset in (None, DIGITS):
+    if dataset is None:  # set in the stages' configs: each stage's result.json says
+        return None
+    if dataset == DIGITS:
         return 10
     train = Path(dataset) / "train"
     folders = [p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")] if train.is_dir() else []
@@ -329,11 +331,13 @@ def classes_of(dataset: Optional[str]) -> Optional[int]:
 
 def verdict(results: list[dict], stages: list[dict], classes: Optional[int]) -> list[str]:
     """Whether each stage learned the data, and what to change when it did not: a stage whose best validation top-1
-    is near chance did not learn; a student far under its teacher needs a longer schedule."""
+    is near chance did not learn; a student far under its teacher needs a longer schedule. `classes`: the class
+    count where a stage's result.json does not record it (results of earlier versions)."""
     lines = []
-    chance = 1 / classes if classes else None
     for result, stage in zip(results, stages):
         metrics, name = result.get("metrics", {}), result["stage"]
+        classes = result.get("num_classes") or classes  # as the stage recorded it (result.json), else as counted
+        chance = 1 / classes if classes else None
         acc, teacher = metrics.get("val/acc"), metrics.get("val/teacher_acc")
         if not isinstance(acc, (int, float)):
             continue

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distill.common.commandline import command
 from distill.common.errors import UserError
-from distill.common.files import make_folder, write_atomically
+from distill.common.files import folder_for_outputs, write_atomically, writing
 from distill.common.tables import format_rows
 
 __all__ = ["read_runs", "summarize", "plot_names", "main"]
@@ -112,8 +112,12 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = make_folder(out, "report --plot")
     runs = read_runs(root)
+    with folder_for_outputs(out, "report --plot") as out:
+        return _plot(runs, out, overwrite, plt)
+
+
+def _plot(runs: dict, out: Path, overwrite: bool, plt: Any) -> list[Path]:
     targets = {label: out / name for label, name in plot_names(list(runs)).items()}
     existing = [str(path) for path in targets.values() if path.exists()]
     if existing and not overwrite:
@@ -129,7 +133,8 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
         left.set_title("validation")
         left.legend(fontsize=8)
         total = [v for _, _, v in scalars.get("train/loss", [])]
-        for tag in ("train/loss", "train/loss_base", "train/loss_distill", "train/loss_feature"):
+        parts = sorted(tag for tag in scalars if tag.startswith("train/loss_"))  # whatever terms the method has
+        for tag in ("train/loss", *parts):
             values = [v for _, _, v in scalars.get(tag, [])]
             # a part equal to the total is not drawn again (older runs without a teacher logged loss_base and
             # loss_distill, the total's repeats for a student with one head)
@@ -141,7 +146,7 @@ def plot_runs(root: str | Path, out: str | Path, overwrite: bool = False) -> lis
         figure.suptitle(label)
         figure.tight_layout()
         path = targets[label]
-        with write_atomically(path, ".partial.png") as partial:
+        with writing(path, "report --plot"), write_atomically(path, ".partial.png") as partial:
             figure.savefig(partial, dpi=100)
         plt.close(figure)
         written.append(path)

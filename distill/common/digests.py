@@ -28,8 +28,8 @@ _THREADS = 4
 
 
 def listed_files(root: Path) -> list[Path]:
-    """Every file under `root` (relative paths, sorted), hidden files and folders left out as training leaves them
-    out; symbolic links followed once."""
+    """Every regular file under `root` (relative paths, sorted), hidden files and folders left out as training leaves
+    them out; symbolic links followed once, a broken one left out (training skips it as unreadable)."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -38,7 +38,8 @@ def listed_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder, name).relative_to(root) for name in files if not name.startswith(".")]
+        found += [Path(folder, name).relative_to(root) for name in files  # regular files: a broken link or a FIFO
+                  if not name.startswith(".") and os.path.isfile(os.path.join(folder, name))]  # holds no data
     return sorted(found)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 import time
@@ -32,7 +33,7 @@ except ImportError:  # Windows: no advisory locks here; outputs are still writte
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["OutputLock", "write_atomically", "replace_folder", "free_bytes", "lock_path", "load_yaml", "make_folder",
-           "ENVIRONMENT_ERRORS", "environment_error", "writing", "human_size"]
+           "ENVIRONMENT_ERRORS", "environment_error", "writing", "human_size", "folder_for_outputs"]
 
 # OS errors that are the machine's state, not a bug: a full disk, a read-only or foreign folder, a name too long.
 # A command meeting one prints `environment_error`'s line (distill/cli.py), not a traceback.
@@ -45,6 +46,15 @@ ENVIRONMENT_ERRORS = {
     errno.ENAMETOOLONG: "choose a shorter name",
     errno.EFBIG: "the file is larger than this filesystem allows: write elsewhere",
 }
+
+
+def machine_errno(err: BaseException) -> Optional[int]:
+    """The errno of an error that is the machine's state (`ENVIRONMENT_ERRORS`): an `OSError`'s, or one a library
+    written in Rust reports in its message (safetensors: `I/O error: No space left on device (os error 28)`)."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in ENVIRONMENT_ERRORS else None
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found.group(1)) if found and int(found.group(1)) in ENVIRONMENT_ERRORS else None
 
 
 def environment_error(err: BaseException) -> Optional[str]:
@@ -70,12 +80,14 @@ def writing(path: str | os.PathLike, option: str) -> Iterator[None]:
     writing `path` into a `UserError` naming the option and the path; other errors pass as they are."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in ENVIRONMENT_ERRORS:
+    except Exception as err:  # an OSError, or a library's error carrying one (machine_errno)
+        number = machine_errno(err)
+        if number is None:
             raise
-        cause = err.strerror or os.strerror(err.errno)
-        what = f"'{err.filename}': {cause}" if err.filename else f"cannot write '{path}' ({cause})"
-        raise UserError(f"{option}: {what}; {ENVIRONMENT_ERRORS[err.errno]}") from err
+        cause = getattr(err, "strerror", None) or os.strerror(number)
+        filename = getattr(err, "filename", None)
+        what = f"'{filename}': {cause}" if filename else f"cannot write '{path}' ({cause})"
+        raise UserError(f"{option}: {what}; {ENVIRONMENT_ERRORS[number]}") from err
 
 
 class OutputLock:
@@ -253,6 +265,23 @@ def human_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.{2 if unit == 'GiB' else 1}f} {unit}"
         size /= 1024
     return f"{size:.2f} TiB"
+
+
+@contextlib.contextmanager
+def folder_for_outputs(folder: str | os.PathLike, option: str) -> Iterator[Path]:
+    """`make_folder`, for the block that writes into it: if the block fails, the folders made here are removed again
+    while empty (a failed command leaves no empty folder behind)."""
+    created = _missing_folders(folder)
+    made = make_folder(folder, option)
+    try:
+        yield made
+    except BaseException:
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def free_bytes(path: str | os.PathLike) -> int:

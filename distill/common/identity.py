@@ -6,8 +6,9 @@ command that would reuse (skip or resume) them compares it with the identity of 
 - `options_identity`: resolved options as flat dotted keys (`model.lr: 0.001`), without the options that
   say where outputs go or how a run is watched (`LEFT_OUT`); an option naming an existing file (teacher
   weights, `model.init_from`) stands for the file's content (`sha256:...`), so the same file under another
-  path is the same run; one naming an existing folder stands for its absolute path (the same data folder
-  named relative to another working folder is the same), a teacher cache for its meta.json (`CONTENT_OF`).
+  path is the same run; one naming an existing folder stands for its files' content (distill/common/digests.py: a
+  data folder or a teacher's export folder moved elsewhere is the same, regenerated or re-exported is not), a
+  teacher cache for its meta.json (`CONTENT_OF`).
 - `intended_options`: the same for a `distill fit` command that has not run yet (config files merged in
   order, then `key: value` overrides, then `--key=value` arguments), for the drivers (pipeline, compare) that
   must decide before starting a process (they import neither jsonargparse nor Lightning: 0.4 s to start).
@@ -59,9 +60,7 @@ LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint",
             "model.finite_check_every", "model.compile", "model.fused_optimizer")
 # A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
 CONTENT_OF = {"data.teacher_cache": "meta.json"}
-# A folder option that stands for every file it holds (distill/common/digests.py): the data, so that a dataset
-# regenerated, edited or grown under the same path is other data, and a copy of it elsewhere the same.
-FOLDER_CONTENT = ("data.dataset",)
+
 
 _CHUNK = 1 << 20
 _UNSET = object()
@@ -123,15 +122,15 @@ def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
 
 def _plain(value: Any) -> Any:
     """A JSON value for an option's value; a string naming an existing file is that file's content digest, one
-    naming an existing folder its absolute path."""
+    naming an existing folder the digest of its files (`folder_digest`)."""
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bool):
         text = os.fspath(value)
         if text and "://" not in text and "\n" not in text and len(text) < 4096:
             try:
                 if Path(text).is_file():
                     return file_digest(text)
-                if Path(text).is_dir():
-                    return str(Path(text).resolve())
+                if Path(text).is_dir():  # a teacher's export folder, a dataset: what it holds, wherever it is
+                    return folder_digest(text)
             except OSError:
                 pass
         return text
@@ -154,11 +153,7 @@ def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
     for key, name in CONTENT_OF.items():
         if isinstance(flat.get(key), (str, os.PathLike)) and (Path(flat[key]) / name).is_file():
             flat[key] = Path(flat[key]) / name
-    plain = {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
-    for key in FOLDER_CONTENT:
-        if isinstance(flat.get(key), (str, os.PathLike)) and Path(flat[key]).is_dir():
-            plain[key] = folder_digest(flat[key])
-    return plain
+    return {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
 
 
 def _parse_arguments(arguments: Iterable[str]) -> list[tuple[str, Any]]:

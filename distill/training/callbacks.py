@@ -106,6 +106,36 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("BestAndLastCheckpoint")  # no rank reads the file before it is in place
 
 
+class StallAlarm(pl.Callback):
+    """Says, while training runs, when a student has not left chance: a ViT on small data can stay at the loss of a
+    uniform guess (ln C) for its whole schedule on an unlucky seed (docs/recipes.md: one of three seeds of `none` on
+    the letters never left it in 200 epochs). Checked at each validation once `patience` epochs have passed after
+    the warm-up; said once, naming the epoch, the accuracy against chance and what to try; training goes on.
+
+    Args:
+        patience: epochs after the learning-rate warm-up before a run still at chance is named.
+    """
+
+    def __init__(self, patience: int = 10) -> None:
+        self.patience, self.said = patience, False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.said or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        warmup = float(getattr(pl_module.hparams, "warmup_epochs", 0.0))
+        classes = int(getattr(pl_module.hparams, "num_classes", 0))
+        acc = trainer.callback_metrics.get("val/acc")
+        if acc is None or classes < 2 or trainer.current_epoch + 1 < warmup + self.patience:
+            return
+        chance = 1.0 / classes
+        if float(acc) < chance + 0.1 * (1 - chance):
+            self.said = True
+            say(f"stalled: val/acc {100 * float(acc):.1f}% after {trainer.current_epoch + 1} epochs is at chance "
+                f"({100 * chance:.1f}% for {classes} classes); a ViT student on small data can stay there for its whole "
+                "schedule on an unlucky seed. Try another seed_everything, a lower model.lr or a longer "
+                "model.warmup_epochs, or a teacher (model.distillation soft)")
+
+
 def _refuse_diverged(trainer: pl.Trainer, filepath: str) -> None:
     """A student whose weights are NaN or inf is never saved: it would become best.ckpt, an export, predictions."""
     module = trainer.lightning_module

@@ -40,10 +40,10 @@ from distill.common.commandline import one_line
 from distill.common.configs import check_config_files, config_files
 from distill.common.console import say
 from distill.common.errors import UsageError, UserError
-from distill.common.files import OutputLock, load_yaml, write_atomically
+from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, load_yaml, write_atomically
 from distill.common.identity import options_identity
 from distill.data.datamodule import ImageDataModule
-from distill.training.callbacks import BestAndLastCheckpoint
+from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.run_records import (
     RecordRunOptions,
@@ -164,6 +164,7 @@ class DistillCLI(LightningCLI):
         self._fit_started = time.monotonic()
         self.trainer.callbacks.append(RecordRunOptions(getattr(self, "run_options", {})))
         self.trainer.callbacks.append(ValidationHistory())  # for the summary printed after the fit
+        self.trainer.callbacks.append(StallAlarm())  # a run still at chance is named while it runs
         # fail now, not after the first epoch, when an output folder cannot be written
         outputs = {"trainer.default_root_dir": self.trainer.default_root_dir}
         checkpoint = self.trainer.checkpoint_callback
@@ -212,7 +213,7 @@ class DistillCLI(LightningCLI):
             self.run_options = options_identity(config.as_dict())
         resolved = last_checkpoint(config) if path == "last" else path
         if path == "last" and resolved is None:  # Lightning would warn and start afresh, over the folder's results
-            raise UserError(_nothing_to_resume(config))
+            raise UserError(_nothing_to_resume(config, subcommand == "fit"))
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
             if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
@@ -239,8 +240,8 @@ class DistillCLI(LightningCLI):
         lock = getattr(self, "_output_lock", None)
         if lock is not None:
             lock.release()
-        if trainer.is_global_zero:  # the run's last lines: figures, checkpoints, what to run next
-            print(fit_summary(trainer), flush=True)
+        if trainer.is_global_zero:  # the run's last lines: figures, checkpoints, what to run next (unless a driver
+            print(fit_summary(trainer, next_step=not path), flush=True)  # that asked for metrics_json runs it)
 
     def _write_metrics(self, path: str) -> None:
         """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
@@ -257,6 +258,7 @@ class DistillCLI(LightningCLI):
                 "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")},
                 "final_metrics": final, "best_checkpoint": best, "epochs": self.trainer.current_epoch,
                 "steps": self.trainer.global_step, "img_size": self.model.hparams.img_size,
+                "num_classes": self.model.hparams.num_classes,
                 "wall_time_s": round(wall_time, 1),
             }
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -264,19 +266,27 @@ class DistillCLI(LightningCLI):
                 partial.write_text(json.dumps(result, indent=2))
 
 
-def _nothing_to_resume(config: Any) -> str:
-    """Why `--ckpt_path last` names no checkpoint, and the ways on."""
+def _nothing_to_resume(config: Any, fit: bool) -> str:
+    """Why `--ckpt_path last` names no checkpoint, and the ways on (`fit`: it resumes; otherwise it evaluates)."""
     dirpath = (config.get("checkpoint") or {}).get("dirpath")
     if not dirpath:
-        return ("ckpt_path: 'last' resumes the newest last.ckpt of checkpoint.dirpath, which is not set; give "
-                "--checkpoint.dirpath (the folder of the run to resume) or --ckpt_path PATH.ckpt")
-    held = sorted(p.name for p in Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
-    if held:
+        return ("ckpt_path: 'last' is the newest last.ckpt of checkpoint.dirpath, which is not set; give "
+                "--checkpoint.dirpath (the run's folder) or --ckpt_path PATH.ckpt")
+    folder = Path(dirpath)
+    held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if held and fit:
         return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt to resume (it holds {', '.join(held)}); resume "
                 f"from one of those with --ckpt_path PATH, or start a new run from its weights with --model.init_from "
                 "PATH and another --checkpoint.dirpath")
-    return (f"ckpt_path: 'last': '{dirpath}' holds no checkpoint to resume ({'it is empty' if Path(dirpath).is_dir() else 'it does not exist'}); "
-            "drop --ckpt_path to start a new run there")
+    if held:
+        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt (it holds {', '.join(held)}); give the "
+                "checkpoint to evaluate with --ckpt_path PATH")
+    state = "it is empty" if folder.is_dir() else "it does not exist"
+    if fit:
+        return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint to resume ({state}); drop --ckpt_path to start " \
+               "a new run there"
+    return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint ({state}); give the checkpoint to evaluate with " \
+           "--ckpt_path PATH"
 
 
 def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
@@ -368,8 +378,8 @@ def _same_value(text: str, saved: Any) -> bool:
 
 
 def _check_writable(option: str, folder: str | os.PathLike) -> None:
-    """`folder` can be created and written: a probe file in its nearest existing ancestor, which is left as it was
-    (a run that fails before writing leaves no empty folder); a one-line error names the option otherwise."""
+    """`folder` can be created and written: a probe file of 256 KiB in its nearest existing ancestor, which is left
+    as it was (a run that fails before writing leaves no empty folder); a one-line error names the option otherwise."""
     if "://" in str(folder):  # remote storage (s3://, gs://): checked by its own client
         return
     existing = Path(folder).absolute()
@@ -378,11 +388,13 @@ def _check_writable(option: str, folder: str | os.PathLike) -> None:
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_check"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_check") as probe:
+            probe.write(b"\0" * (256 << 10))  # flushed: a full disk fails here, not in a logger's thread later
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
-        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); "
-                        "choose a folder you can write to") from err
+        advice = ENVIRONMENT_ERRORS.get(err.errno, "choose a folder you can write to")
+        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); {advice}") from err
 
 
 def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill") -> DistillCLI:

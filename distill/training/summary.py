@@ -68,7 +68,7 @@ class ValidationHistory(pl.Callback):
 
 
 def run_summary(best: Optional[ValidationRecord], final: Optional[ValidationRecord], epochs: int, steps: int,
-                two_heads: bool, checkpoints: dict[str, str], next_step: str) -> str:
+                two_heads: bool, checkpoints: dict[str, str], next_step: Optional[str]) -> str:
     """The end-of-fit lines: validation top-1 (%) at the best validation (what best.ckpt holds) and the final one,
     per head when the student has two, the teacher's and the agreement where logged; the checkpoint files
     (`{"best": path, "last": path}`, either may be missing) and the command to run next."""
@@ -83,13 +83,14 @@ def run_summary(best: Optional[ValidationRecord], final: Optional[ValidationReco
         value = best.metrics.get(name) if best is not None else None
         rows.append((name, "-" if value is None else f"{100 * value:.2f}", f"{100 * final.metrics[name]:.2f}", what))
     if rows:
-        lines.append(format_rows(("metric", "best", "final", "validation top-1 % of"), rows))
+        lines.append(format_rows(("metric", "at best", "final", "validation top-1 % of"), rows))
     else:
         lines.append("no validation ran (trainer.limit_val_batches 0?): no figures to show")
     named = [f"{path} ({'best' if kind == 'best' else 'final'})" for kind, path in checkpoints.items() if path]
     if named:
         lines.append(f"checkpoints: {', '.join(named)}")
-    lines.append(f"next: {next_step}")
+    if next_step:
+        lines.append(f"next: {next_step}")
     return "\n".join(lines)
 
 
@@ -106,8 +107,9 @@ def next_command(checkpoint: str, teacher_run: bool, model_name: Optional[str], 
     return shlex.join(command)
 
 
-def fit_summary(trainer: pl.Trainer) -> str:
-    """`run_summary` of a finished fit: the records of its `ValidationHistory`, its checkpoint callback's files."""
+def fit_summary(trainer: pl.Trainer, next_step: bool = True) -> str:
+    """`run_summary` of a finished fit: the records of its `ValidationHistory`, its checkpoint callback's files; the
+    next command unless `next_step` is False (a pipeline or compare runs what comes next itself)."""
     history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
     records = history.records if history is not None else []
     final = records[-1] if records else None
@@ -125,7 +127,8 @@ def fit_summary(trainer: pl.Trainer) -> str:
     model_name = dict(getattr(module.student, "config", {})).get("model_name")
     step = next_command(paths.get("best") or paths.get("last", "<checkpoint>"), teacher_run, model_name,
                         getattr(trainer.datamodule, "dataset", None))
-    return run_summary(best, final, trainer.current_epoch, trainer.global_step, two_heads, paths, step)
+    return run_summary(best, final, trainer.current_epoch, trainer.global_step, two_heads, paths,
+                       step if next_step else None)
 
 
 def _shown(path: str) -> str:
