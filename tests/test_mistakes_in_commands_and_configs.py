@@ -229,3 +229,16 @@ def test_a_fit_onto_a_full_disk_is_refused_before_it_starts_and_leaves_nothing(t
     assert line.startswith(f"error: checkpoint.dirpath: cannot write to '{full_disk / 'ckpt'}' (No space left on "
                            "device); free disk space")
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_the_pipelines_int8_budget_reaches_its_export_and_a_bad_one_is_one_line(tmp_path):
+    from distill.commands.pipeline import export_command
+
+    spec = load_spec(ROOT / "configs" / "pipeline.yaml")
+    command = export_command(spec["export"], tmp_path / "best.ckpt", tmp_path / "export")
+    assert "--int8" in command and f"--int8_max_drop={spec['export']['int8_max_drop']}" in command
+    broken = tmp_path / "p.yaml"
+    broken.write_text((ROOT / "configs" / "pipeline.yaml").read_text().replace("int8_max_drop: 1.0", "int8_max_drop: -1")
+                      .replace("config: ", f"config: {ROOT / 'configs'}/"))
+    with pytest.raises(UserError, match=r"export.int8_max_drop must be a number of points, 0 or more, got -1"):
+        load_spec(broken)

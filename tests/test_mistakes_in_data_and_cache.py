@@ -97,8 +97,12 @@ def test_a_validation_label_that_no_training_row_has_is_refused_naming_split_row
 def test_the_hubs_minus_1_in_a_test_split_standing_in_for_validation_is_refused_as_unlabelled(tmp_path, capsys):
     names = datasets.ClassLabel(names=["cat", "dog", "fox"])
     data = hf_dataset(tmp_path / "data", {"train": [0, 1, 2, 0], "test": [-1, -1, -1]}, label=names)
-    with pytest.warns(UserWarning, match="validating on its test split"):
-        line = refusal(fit_on(tmp_path, data), capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(fit_on(tmp_path, data))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "UserWarning: " in err and "validating on its test split" in err  # one line
+    line = next(line for line in err.splitlines() if line.startswith("error: ")).removesuffix(
+        "  (DISTILL_DEBUG=1 shows the traceback)")
     assert line == (f"error: data.label_column: row 0 of the test split of '{data}' has the label -1, not one of the "
                     "3 classes 0..2 (its ClassLabel); -1 marks an unlabelled row on the Hub: give the dataset a "
                     "labelled validation split")

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -59,6 +60,13 @@ def export(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deployment") / "export"
     export_student(trained / "ckpt" / "best.ckpt", out, torchscript=False)
     return out
+
+
+def kill_all(pids: set[int]) -> None:
+    """SIGKILL each of `pids` that is still alive."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def copy_of(export: Path, folder: Path, damage: Callable[[Path], None] | None = None) -> Path:
@@ -239,11 +247,7 @@ def test_killing_the_server_with_sigkill_takes_its_processes_along_and_frees_the
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
     finally:
-        for pid in children | {server.pid}:  # the test failed: stop what it started, by pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(children | {server.pid})  # the test failed: stop what it started, by pid
 
 
 def test_more_workers_than_the_machine_holds_are_refused_in_one_line_before_anything_starts(export, capsys):
@@ -295,11 +299,7 @@ def test_sigterm_while_the_inference_processes_load_stops_every_process_within_s
         assert "server stopped (SIGTERM)" in out, out
         assert "Traceback" not in err and "interrupted" not in err, err
     finally:
-        for pid in children | {server.pid}:  # the test failed: stop what it started, by pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(children | {server.pid})  # the test failed: stop what it started, by pid
 
 
 def test_a_stop_signal_that_python_cannot_raise_where_it_lands_still_stops_everything_at_once():

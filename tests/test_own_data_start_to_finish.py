@@ -3,17 +3,17 @@ a row, each in its own folder named after it, nothing refused, nothing overwritt
 done, a verdict on whether the data was learned, and the served student answering."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
+from starlette.datastructures import FormData, Headers, UploadFile
 
 from distill.cli import cli_main
-from tests.helpers import ROOT, files_under, free_port, png, wait_healthy
+from distill.deploy.serve import StudentAPI, describe_export
+from tests.helpers import ROOT, files_under
 
 # the real configs, shrunk to one short epoch per stage (the options after the config go to every stage)
 QUICK = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -33,6 +33,12 @@ def own_images(root: Path, classes: tuple[str, ...], seed: int) -> Path:
                 pixels[4 * index:4 * index + 4] = 255
                 Image.fromarray(pixels).save(folder / f"img_{i}.jpg")
     return root
+
+
+def form(image: bytes) -> FormData:
+    """A multipart upload of `image` in the field `image`, as `curl -F image=@file` sends it."""
+    upload = UploadFile(io.BytesIO(image), filename="picture.jpg", headers=Headers({"content-type": "image/jpeg"}))
+    return FormData([("image", upload)])
 
 
 def test_two_datasets_go_to_two_served_students_and_a_rerun_skips_what_is_done(tmp_path, monkeypatch, capfd):
@@ -56,18 +62,14 @@ def test_two_datasets_go_to_two_served_students_and_a_rerun_skips_what_is_done(t
     assert "teacher: finished earlier, skipped" in printed and "student: finished earlier, skipped" in printed
     assert files_under(tmp_path / "runs") == before
 
-    export, port = folders[1] / "export", free_port()
-    server = subprocess.Popen([sys.executable, "-m", "distill", "serve", "--export", str(export), "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(server, f"http://127.0.0.1:{port}", 90)
-        image = Image.open(next((second / "val" / "saw").iterdir()))
-        answer = requests.post(f"http://127.0.0.1:{port}/predict", files={"image": png(image)}, timeout=30).json()
-        labels = [p["label"] for p in answer["predictions"]]
-        assert sorted(labels) == ["drill", "hammer", "pliers", "saw", "wrench"]  # the tools' own class names
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    export = folders[1] / "export"  # `distill serve`'s model behind its HTTP layer (tested in test_serving_and_int8)
+    api = StudentAPI(export, "int8")
+    api.setup("cpu")
+    image = (next((second / "val" / "saw").iterdir())).read_bytes()
+    answer = api.encode_response(api.predict(api.decode_request(form(image))))  # what POST /predict answers
+    labels = [p["label"] for p in answer["predictions"]]
+    assert sorted(labels) == ["drill", "hammer", "pliers", "saw", "wrench"]  # the tools' own class names
+    assert answer["backend"] == "int8" and answer["version"] == describe_export(export, "int8")["version"]
 
 
 def test_a_pipeline_without_a_name_needs_the_data_to_name_it(tmp_path, capsys):

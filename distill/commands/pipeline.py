@@ -105,10 +105,13 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     export = spec.get("export")
     if export is not None and not isinstance(export, dict):
         raise UserError(f"pipeline '{path}': export must be a mapping (from:, onnx:, torchscript:, int8:), got {export!r}")
-    unknown_export = set(export or {}) - {"from", "onnx", "torchscript", "int8"}
+    unknown_export = set(export or {}) - {"from", "onnx", "torchscript", "int8", "int8_max_drop"}
     if unknown_export:
         raise UserError(f"pipeline '{path}': export: unknown key(s) {sorted(unknown_export)}; accepted: from, onnx, "
-                        "torchscript, int8")
+                        "torchscript, int8, int8_max_drop")
+    drop = (export or {}).get("int8_max_drop")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
+        raise UserError(f"pipeline '{path}': export.int8_max_drop must be a number of points, 0 or more, got {drop!r}")
     for key in ("onnx", "torchscript", "int8"):
         if key in (export or {}) and not isinstance(export[key], bool):
             raise UserError(f"pipeline '{path}': export.{key} must be true or false, got {export[key]!r}")
@@ -166,7 +169,8 @@ def export_command(export: dict[str, Any], best: str | Path, out: Path) -> list[
     args = [sys.executable, "-m", "distill", "export", "--ckpt", str(best), "--out", str(out), "--overwrite_stale"]
     args += [] if export.get("onnx", True) else ["--no-onnx"]
     args += [] if export.get("torchscript", True) else ["--no-torchscript"]
-    return args + (["--int8"] if export.get("int8") else [])
+    args += ["--int8"] if export.get("int8") else []
+    return args + ([f"--int8_max_drop={export['int8_max_drop']}"] if export.get("int8_max_drop") is not None else [])
 
 
 def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str | Path | None = None,
