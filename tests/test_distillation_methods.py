@@ -44,8 +44,9 @@ def by_paper(name: str, student: torch.Tensor, teacher: torch.Tensor, target: to
              **options: object) -> dict[str, float]:
     """The method's unweighted terms from the paper's equations."""
     s_rows, t_rows = student.numpy(), teacher.numpy()
-    if standardize:
-        s_rows, t_rows = np.stack([zscore(r) for r in s_rows]), np.stack([zscore(r) for r in t_rows])
+    if standardize:  # Sun et al.: both logit vectors; hard's target is the teacher's argmax, which it keeps
+        s_rows = s_rows if name == "hard" else np.stack([zscore(r) for r in s_rows])
+        t_rows = np.stack([zscore(r) for r in t_rows])
     tau = options.get("tau", 1.0)
     if name == "soft":  # Hinton et al.: KL(p_T || p_S) at T, times T^2, mean over the batch
         return {"distill": np.mean([kl(softmax(t / tau), softmax(s / tau)) for s, t in zip(s_rows, t_rows)]) * tau**2}
@@ -136,3 +137,34 @@ def test_a_method_that_reads_every_class_is_refused_with_a_top_k_cache(monkeypat
         check_cache_holds(DKD(), "c", 7)
     check_cache_holds(Soft(), "c", 7)  # soft and hard train from a top-k cache
     check_cache_holds(DIST(), "c", 3)  # a cache of every class serves DIST
+
+
+def test_dkd_stays_exact_and_keeps_teaching_a_student_that_is_sure_of_itself():
+    """A confident student (its target logit 30 above the others) against an unsure teacher: the loss and its
+    gradient from log space, where probabilities near 0 neither vanish nor clamp away the gradient."""
+    student = torch.tensor([[30.0, 0.0, 0.0], [1500.0, 0.0, 0.0]], requires_grad=True)
+    teacher = torch.zeros(2, 3)
+    terms = DKD(tau=1.0)(student, teacher, torch.tensor([0, 0]))
+    # row 0 by hand: b_T = (1/3, 2/3), log b_S = (-log(1 + 2e^-30), log(2e^-30) - log(1 + 2e^-30))
+    log_b_s = np.array([-np.log1p(2 * np.exp(-30.0)), np.log(2.0) - 30.0 - np.log1p(2 * np.exp(-30.0))])
+    row0 = (1 / 3) * (np.log(1 / 3) - log_b_s[0]) + (2 / 3) * (np.log(2 / 3) - log_b_s[1])
+    row1 = (1 / 3) * np.log(1 / 3) + (2 / 3) * (np.log(2 / 3) - (np.log(2.0) - 1500.0))
+    assert float(terms["tckd"]) == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    assert float(terms["nckd"]) == pytest.approx(0.0, abs=1e-6)  # both spread their rest evenly
+    terms["tckd"].backward()
+    assert torch.isfinite(student.grad).all() and student.grad[0, 0] > 0.3  # it still pulls the target down
+
+
+def test_standardized_soft_is_refused_with_a_top_k_cache_and_a_method_subclass_never_takes_its_parents_name(
+        monkeypatch):
+    from distill.cache.format import TeacherCache
+    from distill.training.methods.base import LogitMethod
+
+    monkeypatch.setattr(TeacherCache, "read_meta", classmethod(lambda cls, path: {"top_k": 3}))
+    with pytest.raises(UserError, match="'soft' with standardize"):
+        check_cache_holds(Soft(standardize=True), "c", 7)
+
+    class MyDKD(DKD):
+        pass
+
+    assert LogitMethod.registry["dkd"] is DKD and MyDKD.name == "dkd"

@@ -79,7 +79,8 @@ def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: 
     with warnings.catch_warnings():  # the training options are `rest`, not the process's command line
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         # the teacher's outputs are stored, never its features: no imitation to set up (a ViT teacher has no stages)
-        cli = make_cli([*rest, "--model.feature_weight=0", "--model.feature_pairs=null"], run=False,
+        cli = make_cli([*rest, "--model.feature_weight=0", "--model.feature_pairs=null",  # and a method that has a
+                        "--model.distillation=soft"], run=False,  # teacher: `none` would drop the one to cache
                        prog="distill cache-teacher")
     model, data, config = cli.model, cli.datamodule, cli.config
     teacher = model.teacher

@@ -154,9 +154,9 @@ class DistillationModule(pl.LightningModule):
             if teacher is not None or self.loss.feature_weight:
                 say("model.distillation none: no teacher runs (model.teacher and feature imitation are left unused)")
             teacher, feature_pairs, self.loss.feature_weight = None, None, 0.0
+            self.hparams.feature_weight = 0.0  # what the run does, as its checkpoint records it
         self.student = student if isinstance(student, nn.Module) else student(num_classes, img_size)
         check_classes(self.student, teacher, num_classes, self.loss.distillation, teacher_cache)
-        check_cache_holds(self.loss.method, teacher_cache, num_classes)
         if init_from:
             self.student.load_state_dict(adapt_student_state(load_student_state(init_from), self.student))
         if teacher is not None:
@@ -184,6 +184,10 @@ class DistillationModule(pl.LightningModule):
         if self.teacher is not None:
             self.teacher._apply(fn, *args, **kwargs)
         return self
+
+    def on_fit_start(self) -> None:
+        # training from a teacher cache: only fit reads it (validate and test of such a run need no cache)
+        check_cache_holds(self.loss.method, self.hparams.teacher_cache, self.hparams.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference logits (B, C): the average of both heads for a distilled student."""

@@ -75,11 +75,12 @@ def check_classes(student: nn.Module, teacher: Optional[Teacher], num_classes: i
 def check_cache_holds(method: Any, teacher_cache: Optional[str], num_classes: int) -> None:
     """A method that reads every class's teacher probability (DKD, DIST) trains from a teacher cache only if the
     cache holds every class (its top-k is the number of classes); the rest of the mass is otherwise spread evenly."""
-    if not teacher_cache or not method.needs_full_distribution:
+    if not teacher_cache or not method.reads_every_class:
         return
     top_k = TeacherCache.read_meta(Path(teacher_cache))["top_k"]
     if top_k < num_classes:
-        raise UserError(f"model.distillation '{method.name}' reads every class's teacher probability, but "
+        what = "with standardize (z-scored logits) " if not method.needs_full_distribution else ""
+        raise UserError(f"model.distillation '{method.name}' {what}reads every class's teacher probability, but "
                         f"data.teacher_cache '{teacher_cache}' holds the top {top_k} of {num_classes} (the rest spread "
                         f"evenly); build the cache with --top_k {num_classes}, train with the live teacher, or use "
                         "soft or hard, which a top-k cache serves")

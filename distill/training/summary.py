@@ -123,7 +123,7 @@ def fit_summary(trainer: pl.Trainer, next_step: bool = True) -> str:
     paths = {kind: _shown(path) for kind, path in paths.items() if path}
     module = trainer.lightning_module
     two_heads = final is not None and "val/head_cosine" in final.metrics  # logged only when the heads differ
-    teacher_run = module.hparams.get("distillation") == "none" and not two_heads
+    teacher_run = not module.loss.needs_teacher and not two_heads
     model_name = dict(getattr(module.student, "config", {})).get("model_name")
     step = next_command(paths.get("best") or paths.get("last", "<checkpoint>"), teacher_run, model_name,
                         getattr(trainer.datamodule, "dataset", None))

@@ -32,19 +32,31 @@ class LogitMethod(nn.Module):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            LogitMethod.registry[cls.name] = cls
+        name = cls.__dict__.get("name")  # its own name: a subclass that names none does not take its parent's
+        if name:
+            if name in LogitMethod.registry and LogitMethod.registry[name].__qualname__ != cls.__qualname__:
+                raise TypeError(f"two distillation methods are named '{name}': {LogitMethod.registry[name]} and {cls}")
+            LogitMethod.registry[name] = cls
+
+    standardizes_student: ClassVar[bool] = True  # False where only the teacher's logits are z-scored (hard)
 
     def __init__(self, standardize: bool = False) -> None:
         super().__init__()
         self.standardize = standardize
+
+    @property
+    def reads_every_class(self) -> bool:
+        """Whether the method needs every class's teacher logit: a top-k cache spreads the rest evenly, which changes
+        a distribution's tail and so a z-scored row's mean and spread too (`standardize`)."""
+        return self.needs_full_distribution or self.standardize
 
     def forward(self, student: torch.Tensor, teacher: Optional[torch.Tensor], target: torch.Tensor,
                 epoch: float = 0.0) -> dict[str, torch.Tensor]:
         """The method's unweighted terms by name. `target`: (B,) class indices or (B, C) mixed soft targets."""
         student, teacher = _at_least_fp32(student), None if teacher is None else _at_least_fp32(teacher)
         if self.standardize and teacher is not None:
-            student, teacher = standardized(student), standardized(teacher)
+            student = standardized(student) if self.standardizes_student else student
+            teacher = standardized(teacher)
         return self.terms(student, teacher, target)
 
     def terms(self, student: torch.Tensor, teacher: Optional[torch.Tensor],

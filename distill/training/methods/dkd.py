@@ -43,14 +43,8 @@ class DKD(LogitMethod):
 
     def terms(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = F.one_hot(target_classes(target), student.shape[-1]).bool()  # (B, C): the target class
-        p_s, p_t = F.softmax(student / self.tau, dim=-1), F.softmax(teacher / self.tau, dim=-1)
-        b_s, b_t = _binary(p_s, mask), _binary(p_t, mask)  # (B, 2)
-        tckd = (b_t * (b_t.clamp_min(1e-12).log() - b_s.clamp_min(1e-12).log())).sum(-1).mean()
-        # the non-target distribution: the target's logit pushed to -inf before the softmax (B, C)
-        log_q_s = F.log_softmax(student / self.tau - 1000.0 * mask, dim=-1)
-        log_q_t = F.log_softmax(teacher / self.tau - 1000.0 * mask, dim=-1)
-        nckd = (log_q_t.exp() * (log_q_t - log_q_s)).masked_fill(mask, 0.0).sum(-1).mean()
-        return {"tckd": tckd * self.tau**2, "nckd": nckd * self.tau**2}
+        return {"tckd": _tckd(student / self.tau, teacher / self.tau, mask) * self.tau**2,
+                "nckd": _nckd(student / self.tau, teacher / self.tau, mask) * self.tau**2}
 
     def weights(self, epoch: float = 0.0) -> dict[str, float]:
         ramp = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
@@ -61,7 +55,25 @@ class DKD(LogitMethod):
                 "standardize": self.standardize}
 
 
-def _binary(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(p_target, 1 - p_target) of each row (B, 2)."""
-    target = (probs * mask).sum(-1, keepdim=True)
-    return torch.cat([target, (probs * ~mask).sum(-1, keepdim=True)], dim=-1)
+def _log_split(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In log space, so that no probability underflows: log p_target, log (1 - p_target) (B,), and the log of the
+    distribution over the other classes (B, C), 0 at the target (it is masked out of every sum)."""
+    lse = z.logsumexp(-1)
+    rest = z.masked_fill(mask, float("-inf")).logsumexp(-1)  # log of the other classes' mass, unnormalised
+    log_target = z.masked_fill(~mask, 0.0).sum(-1) - lse
+    return log_target, rest - lse, (z - rest[:, None]).masked_fill(mask, 0.0)
+
+
+def _tckd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(b_T || b_S) of the binary (target, rest) distributions, batch mean."""
+    s_target, s_rest, _ = _log_split(student, mask)
+    t_target, t_rest, _ = _log_split(teacher, mask)
+    kl = t_target.exp() * (t_target - s_target) + t_rest.exp() * (t_rest - s_rest)
+    return kl.mean()
+
+
+def _nckd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p_hat_T || p_hat_S) of the distributions over the non-target classes, batch mean."""
+    _, _, log_q_s = _log_split(student, mask)
+    _, _, log_q_t = _log_split(teacher, mask)
+    return (log_q_t.exp().masked_fill(mask, 0.0) * (log_q_t - log_q_s)).sum(-1).mean()

@@ -15,11 +15,12 @@ __all__ = ["Hard"]
 class Hard(LogitMethod):
     """Cross-entropy of the distillation head against the teacher's argmax, without label smoothing; one term
     `distill`. With mixup/cutmix the teacher's argmax on the mixed view is the label. From a teacher cache it is
-    exact (the argmax is the cache's first class). Standardisation changes no argmax: it is accepted and does
-    nothing."""
+    exact (the argmax is the cache's first class). Standardisation changes no argmax: `standardize` z-scores the
+    teacher alone and so changes nothing (the student's logits are left as they are)."""
 
     name: ClassVar[str] = "hard"
     order: ClassVar[int] = 2
+    standardizes_student: ClassVar[bool] = False
 
     def __init__(self, standardize: bool = False) -> None:
         super().__init__(standardize)
