@@ -3,6 +3,7 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -174,3 +175,13 @@ def test_the_recipes_table_says_what_the_configs_do():
     stages = {s["name"]: s for s in yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())["stages"]}
     epochs = [stages[name]["overrides"]["trainer.max_epochs"] for name in ("distill", "finetune_48")]
     assert f"{epochs[0]} (32 px) and {epochs[1]} (48 px)" in rows["`configs/pipeline.yaml`"]
+
+
+def test_no_config_comment_holds_a_measured_figure_that_would_go_stale():
+    """Figures live in docs/ beside the command that reproduces them; a config comment says why and links there
+    (configs/imagenet/ quotes the papers' own figures, which do not change)."""
+    figure = re.compile(r"#.*\d(\.\d+)? ?(%|s\b|min\b|minutes\b)")
+    found = [f"{path.relative_to(ROOT)}:{number}" for path in sorted(ROOT.glob("configs/**/*.yaml"))
+             if "imagenet" not in path.parts
+             for number, line in enumerate(path.read_text().splitlines(), 1) if figure.search(line)]
+    assert not found, found
