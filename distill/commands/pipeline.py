@@ -24,7 +24,6 @@ the stages' names are folder names, checked before anything runs (distill/common
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -32,11 +31,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distill.common.commandline import command
-from distill.common.digests import folder_digest
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.identity import describe_differences, differences, finished, intended_options, trained_something
-from distill.common.names import check_name, same_folder
+from distill.common.names import DIGITS, check_name, data_folder_name, same_folder
 from distill.common.tables import format_rows
 
 __all__ = ["run_pipeline", "load_spec", "main", "finished"]
@@ -48,7 +46,6 @@ RESERVED = ("--checkpoint.dirpath", "--metrics_json", "--ckpt_path", "--trainer.
 # what else the pipeline writes in <root>/<name>/ beside the stage folders; its lock and the export's working
 # folders start with '.', as no name may (distill/common/names.py)
 TAKEN = {"export": "the pipeline's export folder (<root>/<name>/export)"}
-DIGITS = "digits"  # data.dataset's bundled digits (distill/data/sources.py; not imported: it loads torch)
 VERSION = "trainer.logger.init_args.version"  # TensorBoard's folder in the stage's: a name, if text
 IN_STAGE = {name: "the stage's own " + name for name in ("checkpoints", "result.json", "stage.json")}
 
@@ -188,7 +185,11 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
     if name is not None:
         spec["name"] = check_name(name, "pipeline --name", None)
     elif spec.get("name") is None:
-        spec["name"] = data_name(config, extra or [])
+        dataset = option_value(extra or [], "--data.dataset")
+        if dataset is None:
+            raise UserError(f"pipeline '{config}': has no 'name'; give --data.dataset DIR (the runs are then named "
+                            "after the data) or --name NAME")
+        spec["name"] = data_folder_name(dataset)
     root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
     reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
     if reserved:
@@ -201,23 +202,6 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
         raise UserError(f"pipeline --root: '{root}' is a file, not a folder")
     with OutputLock(root / ".lock", f"pipeline root '{root}'"):
         return _run_stages(spec, root, extra)
-
-
-def data_name(config: str | Path, extra: list[str]) -> str:
-    """The folder of a pipeline without a name: the data's (`--data.dataset` among the options for every stage), as
-    `<folder name>-<8 hex digits of its content>`; the bundled digits are `digits`."""
-    dataset = option_value(extra, "--data.dataset")
-    if dataset is None:
-        raise UserError(f"pipeline '{config}': has no 'name'; give --data.dataset DIR (the runs are then named after "
-                        "the data) or --name NAME")
-    if dataset == DIGITS:
-        return DIGITS
-    folder = Path(dataset)
-    if not folder.is_dir():
-        raise UserError(f"pipeline --data.dataset: '{dataset}' is not a folder; give a folder with train/ and val/ "
-                        "class folders (or a Hugging Face dataset folder)")
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.resolve().name).lstrip(".-")[:40] or "data"
-    return f"{stem}-{folder_digest(folder)[7:15]}"
 
 
 def option_value(arguments: list[str], option: str) -> Optional[str]:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
+from distill.common.digests import folder_digest
 from distill.common.errors import UserError
 
-__all__ = ["MAX_LENGTH", "ACCEPTED", "check_name", "same_folder"]
+__all__ = ["MAX_LENGTH", "ACCEPTED", "DIGITS", "check_name", "data_folder_name", "same_folder"]
+
+DIGITS = "digits"  # data.dataset's bundled digits (distill/data/sources.py; not imported: it loads torch)
 
 MAX_LENGTH = 64
 ACCEPTED = f"letters, digits, '_', and after the first character '-' and '.', 1 to {MAX_LENGTH} characters"
@@ -66,3 +70,16 @@ def _why_not(value: object) -> str:
     if value[0] == "-":
         return "starts with '-'"  # it would read as an option
     return f"holds {next(c for c in value if not _CHARACTER.fullmatch(c))!r}"
+
+
+def data_folder_name(dataset: str) -> str:
+    """The folder a run on `dataset` is named after: `<folder name>-<8 hex digits of its content>` (another dataset,
+    or the same folder after its images changed, never shares it); the bundled digits are `digits`."""
+    if dataset == DIGITS:
+        return DIGITS
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise UserError(f"pipeline --data.dataset: '{dataset}' is not a folder; give a folder with train/ and val/ "
+                        "class folders (or a Hugging Face dataset folder)")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", folder.resolve().name).lstrip(".-")[:40] or "data"
+    return f"{stem}-{folder_digest(folder)[7:15]}"

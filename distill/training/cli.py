@@ -46,6 +46,8 @@ from distill.data.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.run_records import (
+    nothing_to_resume,
+    refuse_earlier_run,
     RecordRunOptions,
     RemoveUnusedOutputs,
     SaveConfigBesideRun,
@@ -194,7 +196,7 @@ class DistillCLI(LightningCLI):
             self._output_lock = self._unused.lock = OutputLock(Path(checkpoint.dirpath) / ".lock",
                                                                f"checkpoint.dirpath '{checkpoint.dirpath}'").acquire()
             try:
-                _refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"),
+                refuse_earlier_run(Path(checkpoint.dirpath), self.config[self.subcommand].get("ckpt_path"),
                                     metrics_json)
             except UserError:
                 self._unused.remove()  # the lock made the folder: a refused run leaves none
@@ -213,7 +215,7 @@ class DistillCLI(LightningCLI):
             self.run_options = options_identity(config.as_dict())
         resolved = last_checkpoint(config) if path == "last" else path
         if path == "last" and resolved is None:  # Lightning would warn and start afresh, over the folder's results
-            raise UserError(_nothing_to_resume(config, subcommand == "fit"))
+            raise UserError(nothing_to_resume(config, subcommand == "fit"))
         if resolved and "://" not in str(resolved):
             checkpoint = read_student_checkpoint(resolved, "ckpt_path")  # also: a path that does not exist is one line
             if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
@@ -264,48 +266,6 @@ class DistillCLI(LightningCLI):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with write_atomically(path) as partial:  # a stage is finished only once this file exists
                 partial.write_text(json.dumps(result, indent=2))
-
-
-def _nothing_to_resume(config: Any, fit: bool) -> str:
-    """Why `--ckpt_path last` names no checkpoint, and the ways on (`fit`: it resumes; otherwise it evaluates)."""
-    dirpath = (config.get("checkpoint") or {}).get("dirpath")
-    if not dirpath:
-        return ("ckpt_path: 'last' is the newest last.ckpt of checkpoint.dirpath, which is not set; give "
-                "--checkpoint.dirpath (the run's folder) or --ckpt_path PATH.ckpt")
-    folder = Path(dirpath)
-    held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-    if held and fit:
-        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt to resume (it holds {', '.join(held)}); resume "
-                f"from one of those with --ckpt_path PATH, or start a new run from its weights with --model.init_from "
-                "PATH and another --checkpoint.dirpath")
-    if held:
-        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt (it holds {', '.join(held)}); give the "
-                "checkpoint to evaluate with --ckpt_path PATH")
-    state = "it is empty" if folder.is_dir() else "it does not exist"
-    if fit:
-        return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint to resume ({state}); drop --ckpt_path to start " \
-               "a new run there"
-    return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint ({state}); give the checkpoint to evaluate with " \
-           "--ckpt_path PATH"
-
-
-def _refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
-    """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
-    earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
-    if metrics_json and Path(metrics_json).is_file() and not (ckpt_path and earlier):  # only the run resumed wrote it
-        if not earlier:
-            raise UserError(f"metrics_json: '{metrics_json}' exists and this run resumes nothing in '{dirpath}'; "
-                            "choose another metrics_json or remove it")
-        earlier.append(str(metrics_json))
-    if not earlier:
-        return
-    if not ckpt_path:
-        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds an earlier run's {', '.join(earlier)}; resume that run "
-                        "with --ckpt_path last, or write this one elsewhere with --checkpoint.dirpath DIR")
-    if ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).resolve().parent != dirpath.resolve():
-        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
-                        f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
-                        "folder) or to an empty folder")
 
 
 def _check_batch_norm_batch(batch_size: int, model: Any) -> None:

@@ -6,6 +6,8 @@
 - `SaveConfigBesideRun`: LightningCLI's config.yaml in the logger's version folder, or beside the
   checkpoints without a logger (not one `runs/config.yaml` that every run replaces).
 - `RemoveUnusedOutputs`: a failed run leaves no empty output folders.
+- `refuse_earlier_run`, `nothing_to_resume`: a checkpoint folder is written only to resume its run, and a
+  `--ckpt_path last` that names nothing is refused, never a fresh start.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from distill.common.files import OutputLock
 from distill.common.identity import describe_differences
 
 __all__ = ["RecordRunOptions", "SaveConfigBesideRun", "RemoveUnusedOutputs", "first_missing", "last_checkpoint",
-           "refuse_changed_options"]
+           "nothing_to_resume", "refuse_changed_options", "refuse_earlier_run"]
 
 
 class SaveConfigBesideRun(SaveConfigCallback):
@@ -78,6 +80,48 @@ def refuse_changed_options(saved: dict[str, Any], now: dict[str, Any], path: str
     raise UserError(f"ckpt_path: {named} was saved by a run with other options ({describe_differences(saved, now)}, "
                     "as checkpoint -> now); a resumed run continues that run: restore those options, or start a new "
                     "run from its weights with --model.init_from and another --checkpoint.dirpath")
+
+
+def nothing_to_resume(config: Any, fit: bool) -> str:
+    """Why `--ckpt_path last` names no checkpoint, and the ways on (`fit`: it resumes; otherwise it evaluates)."""
+    dirpath = (config.get("checkpoint") or {}).get("dirpath")
+    if not dirpath:
+        return ("ckpt_path: 'last' is the newest last.ckpt of checkpoint.dirpath, which is not set; give "
+                "--checkpoint.dirpath (the run's folder) or --ckpt_path PATH.ckpt")
+    folder = Path(dirpath)
+    held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if held and fit:
+        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt to resume (it holds {', '.join(held)}); resume "
+                f"from one of those with --ckpt_path PATH, or start a new run from its weights with --model.init_from "
+                "PATH and another --checkpoint.dirpath")
+    if held:
+        return (f"ckpt_path: 'last': '{dirpath}' holds no last.ckpt (it holds {', '.join(held)}); give the "
+                "checkpoint to evaluate with --ckpt_path PATH")
+    state = "it is empty" if folder.is_dir() else "it does not exist"
+    if fit:
+        return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint to resume ({state}); drop --ckpt_path to start " \
+               "a new run there"
+    return f"ckpt_path: 'last': '{dirpath}' holds no checkpoint ({state}); give the checkpoint to evaluate with " \
+           "--ckpt_path PATH"
+
+
+def refuse_earlier_run(dirpath: Path, ckpt_path: str | None, metrics_json: str | None) -> None:
+    """Nothing an earlier run wrote is replaced: its checkpoint folder is written only to resume that run."""
+    earlier = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    if metrics_json and Path(metrics_json).is_file() and not (ckpt_path and earlier):  # only the run resumed wrote it
+        if not earlier:
+            raise UserError(f"metrics_json: '{metrics_json}' exists and this run resumes nothing in '{dirpath}'; "
+                            "choose another metrics_json or remove it")
+        earlier.append(str(metrics_json))
+    if not earlier:
+        return
+    if not ckpt_path:
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds an earlier run's {', '.join(earlier)}; resume that run "
+                        "with --ckpt_path last, or write this one elsewhere with --checkpoint.dirpath DIR")
+    if ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).resolve().parent != dirpath.resolve():
+        raise UserError(f"checkpoint.dirpath: '{dirpath}' holds another run's {', '.join(earlier)}, which resuming from "
+                        f"'{ckpt_path}' would replace; set --checkpoint.dirpath to '{Path(ckpt_path).parent}' (that run's "
+                        "folder) or to an empty folder")
 
 
 class RemoveUnusedOutputs(Callback):
