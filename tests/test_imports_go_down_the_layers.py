@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIGHTNING = {"distill.data.datamodule", "distill.cache.writer", "distill.training.module", "distill.training.callbacks",
              "distill.training.cli",
              "distill.training.telemetry", "distill.training.step_rules", "distill.training.run_records",
-             "distill.training.summary"}
+             "distill.training.summary", "distill.training.teacher_targets"}
 COMMANDS = {"distill.cli", "distill.__main__", "distill.commands.fit", "distill.commands.pipeline",
             "distill.commands.compare", "distill.commands.report", "distill.cache.command", "distill.deploy.export",
             "distill.deploy.predict", "distill.deploy.serve"}

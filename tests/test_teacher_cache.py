@@ -21,7 +21,7 @@ from distill.data.datamodule import ImageDataModule
 from distill.training.cli import make_cli
 from distill.training.losses import DistillationLoss
 from teachers import Teacher
-from tests.helpers import TINY_TEACHER, random_teacher_file, scalars, shrink
+from tests.helpers import TINY_TEACHER, random_teacher_file, run_cli_error, scalars, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 # the DeiT recipe's augmentation: RandAugment, random erasing, mixup and cutmix, all replayed
@@ -292,3 +292,14 @@ def test_check_finds_a_complete_cache_whole_and_names_an_unfinished_or_damaged_s
     with pytest.raises(SystemExit):
         cli_main(["cache-teacher", f"--check={cache}", "--epochs=2"])
     assert "--check DIR takes no other option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [["--model.distillation=dkd"],
+                                    ["--model.distillation=Soft", "--model.distillation.standardize=true"]],
+                         ids=["dkd", "standardized_soft"])
+def test_a_method_that_reads_every_class_is_refused_when_fit_trains_from_a_top_k_cache(cache, tmp_path, teacher_file,
+                                                                                        capsys, method):
+    args = [*common(tmp_path, teacher_file), f"--data.teacher_cache={cache}", "--model.teacher=null", *method]
+    line = run_cli_error(["fit", *args], capsys)
+    assert f"reads every class's teacher probability, but data.teacher_cache '{cache}' holds the top 3 of 10" in line
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional, Union
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -20,7 +19,6 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MetricCollection
 
-from distill.cache.targets import cached_teacher_logits, view_checksum
 from distill.common.checkpoints import load_student_state
 from distill.common.console import say
 from distill.common.errors import UserError
@@ -36,6 +34,7 @@ from distill.common.ranges import (
 from distill.common.seeding import global_seed, sample_seed
 from distill.data.batch import TrainingBatch
 from distill.training.imitation import imitation_for
+from distill.training.teacher_targets import TeacherTargets
 from distill.training.losses import DistillationLoss, LossRecord, loss_options
 from distill.training.step_rules import (
     check_cache_holds,
@@ -56,7 +55,7 @@ __all__ = ["DistillationModule", "scaled_lr", "writes_step_logs"]
 StudentFactory = Callable[[int, int], nn.Module]  # (num_classes, img_size) -> student
 
 
-class DistillationModule(pl.LightningModule):
+class DistillationModule(TeacherTargets, pl.LightningModule):
     """Student + frozen teacher + DistillationLoss + per-head metrics + AdamW/cosine.
 
     Args:
@@ -185,10 +184,6 @@ class DistillationModule(pl.LightningModule):
             self.teacher._apply(fn, *args, **kwargs)
         return self
 
-    def on_fit_start(self) -> None:
-        # training from a teacher cache: only fit reads it (validate and test of such a run need no cache)
-        check_cache_holds(self.loss.method, self.hparams.teacher_cache, self.hparams.num_classes)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference logits (B, C): the average of both heads for a distilled student."""
         cls_logits, dist_logits = self.student.forward_heads(x)
@@ -209,63 +204,6 @@ class DistillationModule(pl.LightningModule):
         self._step_before, self._lr = self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"]
         self._say_fast_path_once()
         return parts["loss"]
-
-    # The sources of a training step's targets (one is chosen in `__init__`): each returns the teacher's logits (or
-    # None), the student's (class, distillation) logits and the feature-imitation term (or None).
-    Outputs = tuple[Optional[torch.Tensor], tuple[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
-
-    def _choose_forward(self) -> Callable[[TrainingBatch, int], "DistillationModule.Outputs"]:
-        if not self.loss.needs_teacher:
-            return self._without_teacher
-        if self.imitation is not None:
-            return self._live_teacher_with_features
-        return self._cached_teacher if self.hparams.teacher_cache else self._live_teacher
-
-    def _heads(self) -> Callable:
-        return self._compiled_heads or (self.student.forward_heads if self.imitation is None
-                                        else self.student.forward_heads_and_features)
-
-    def _without_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
-        return None, self._heads()(batch.images), None
-
-    def _live_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
-        return self.teacher(batch.images), self._heads()(batch.images), None
-
-    def _live_teacher_with_features(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
-        return self.imitation.step(self.teacher, self._heads(), batch.images)  # one forward of each
-
-    def _cached_teacher(self, batch: TrainingBatch, batch_idx: int) -> "DistillationModule.Outputs":
-        if not batch.cached:
-            raise UserError("model.teacher_cache is set but the training batches carry no cached teacher outputs; "
-                            "set data.teacher_cache (the two are linked by the distill CLI)")
-        teacher_logits = cached_teacher_logits(batch.teacher_index, batch.teacher_prob, self.hparams.num_classes)
-        self._verify_cache(batch.images, teacher_logits, batch.checksum, batch_idx)
-        return teacher_logits, self._heads()(batch.images), None
-
-    def _say_fast_path_once(self) -> None:
-        if self.teacher is not None and not self._fast_path_logged and self.teacher.fast_agreement is not None:
-            self._fast_path_logged = True
-            say(f"Teacher fast path: {self.teacher.fast_dtype or 'fp32 (fell back)'}; top-1 agreement with "
-                f"fp32 on its first batch {self.teacher.fast_agreement:.1%}")
-            self.log("train/teacher_fast_agreement", host_value(self.teacher.fast_agreement), on_step=True, on_epoch=False)
-
-    def _verify_cache(self, images: torch.Tensor, cached: torch.Tensor, checksum: torch.Tensor, batch_idx: int) -> None:
-        """On a `teacher_cache_verify` fraction of batches: live teacher vs cache, replayed view vs cached view."""
-        fraction = self.hparams.teacher_cache_verify
-        # the same batch indices on every rank: the logged values are all-reduced (sync_dist) as they are logged
-        if not fraction or sample_seed(global_seed(), self.current_epoch, batch_idx, 4) >= fraction * 2**32:
-            return
-        live = self.teacher(images)
-        agreement = (live.argmax(-1) == cached.argmax(-1)).float().mean()
-        expected = checksum.cpu().view(torch.float64)  # float64 bits carried as int64 (see distill.data.batch)
-        match = torch.isclose(view_checksum(images).cpu(), expected, rtol=1e-9, atol=1e-6).to(images.device)
-        self.log("train/cache_agreement", agreement, on_step=True, on_epoch=True, sync_dist=True)
-        self.log("train/cache_view_match", match.double().mean().float(), on_step=True, on_epoch=True, sync_dist=True)
-        if not bool(match.all()) and not self._view_mismatch_warned:
-            self._view_mismatch_warned = True
-            rank_zero_warn(f"data.teacher_cache: {int((~match).sum())} of {len(match)} training views differ from the "
-                           "views the cache was built from (the transform code or a library version changed since): "
-                           "the cached targets label other images; rebuild the cache with distill cache-teacher")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         stepped = self.global_step != self._step_before  # not a batch that only accumulated gradients
@@ -405,6 +343,8 @@ class DistillationModule(pl.LightningModule):
                              "resume with the config it was trained with, or use model.init_from to start from its weights")
 
     def on_fit_start(self) -> None:
+        # training from a teacher cache: only fit reads it (validate and test of such a run need no cache)
+        check_cache_holds(self.loss.method, self.hparams.teacher_cache, self.hparams.num_classes)
         config = getattr(self.student, "config", {})
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6  # student (+ imitation heads)
         say(f"Student: {config.get('model_name', type(self.student).__name__)} ({trainable:.2f}M trainable params, "
