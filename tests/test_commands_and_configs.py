@@ -73,13 +73,14 @@ def test_the_losss_options_are_declared_once_and_stay_the_models_flat_keys(tmp_p
     assert cli.model.hparams.kl_normalization == inspect.signature(DistillationLoss).parameters["kl_normalization"].default
 
 
-def test_the_ensemble_overlay_reads_the_three_teacher_runs_its_comment_trains(tmp_path, monkeypatch):
-    overlay = ROOT / "configs" / "teachers" / "ensemble.yaml"
+@pytest.mark.parametrize("overlay, folder", [("ensemble.yaml", "teacher_seed"), ("ensemble_200.yaml", "teacher200_seed")])
+def test_each_ensemble_overlay_reads_the_three_teacher_runs_its_comment_trains(overlay, folder, tmp_path, monkeypatch):
+    overlay = ROOT / "configs" / "teachers" / overlay
     members = yaml.safe_load(overlay.read_text())["model"]["teacher"]
-    monkeypatch.chdir(tmp_path)  # the overlay names runs/teacher_seed<s>/checkpoints/best.ckpt, relative to the run
+    monkeypatch.chdir(tmp_path)  # the overlay names runs/<folder><s>/checkpoints/best.ckpt, relative to the run
     for seed, member in enumerate(members):
-        assert member["init_args"]["weights"] == f"runs/teacher_seed{seed}/checkpoints/best.ckpt"
-        assert f"--checkpoint.dirpath runs/teacher_seed{seed}/checkpoints" in overlay.read_text().replace("$s", str(seed))
+        assert member["init_args"]["weights"] == f"runs/{folder}{seed}/checkpoints/best.ckpt"
+        assert f"--checkpoint.dirpath runs/{folder}{seed}/checkpoints" in overlay.read_text().replace("$s", str(seed))
         path = tmp_path / member["init_args"]["weights"]
         path.parent.mkdir(parents=True)
         torch.save(timm.create_model(member["init_args"]["model_name"], num_classes=10).state_dict(), path)

@@ -168,3 +168,18 @@ def test_standardized_soft_is_refused_with_a_top_k_cache_and_a_method_subclass_n
         pass
 
     assert LogitMethod.registry["dkd"] is DKD and MyDKD.name == "dkd"
+
+
+def test_validate_takes_a_methods_class_and_options_as_trained_and_refuses_other_ones(tmp_path, capsys):
+    from distill.cli import cli_main
+    from tests.helpers import distill_args, run_cli_error
+
+    args = [*distill_args(tmp_path), "--model.distillation=DKD", "--model.distillation.beta=2"]
+    cli_main(args)
+    checkpoint = f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"
+    cli_main(["validate", *args[1:], checkpoint])  # the same class and options as trained: measured
+    assert "val/acc" in capsys.readouterr().out
+    line = run_cli_error(["validate", *args[1:-1], "--model.distillation.beta=3", checkpoint], capsys)
+    assert "sets model.distillation.beta=3 (the checkpoint has 2.0)" in line
+    line = run_cli_error(["validate", *args[1:-2], "--model.distillation=DIST", checkpoint], capsys)
+    assert "sets model.distillation=DIST (the checkpoint has {'class_path': 'distill.training.methods.dkd.DKD'" in line

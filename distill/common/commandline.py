@@ -17,6 +17,7 @@ its help (the function's docstring, the "Args:" section), so an option is declar
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import re
 import typing
@@ -71,6 +72,10 @@ def one_line(message: str) -> str:
     ranged = out_of_range(text)
     if ranged:
         return ranged
+    named = re.search(r'Parser key "([\w.]+)":.*?Subtypes: \[typing\.Literal\[(.*?)\], <class \'([\w.]+)\'>\].*'
+                      r'Given value: (.*)$', text)
+    if named:  # a name of a table or a class_path (model.distillation): what was given, the names, the classes
+        return _name_or_class(text, *named.groups())
     union = re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes.*?Errors: - (.*?)'
                       r'(?: - Expected a <class .NoneType.>.*)?$', text)
     if union:  # an optional number: the number's own complaint (a range, not an integer), and that null is accepted
@@ -82,6 +87,42 @@ def one_line(message: str) -> str:
     text = re.sub(r"could not convert string to float: (.*)$", r"expected a number, got \1", text)
     keyed = re.match(r'Parser key "([\w.]+)": (?:Not of type \w+: )?(.*)$', text)
     return f"{keyed.group(1)}: {keyed.group(2)}" if keyed else text
+
+
+def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> str:
+    """An option that takes a name of a table or a class_path (model.distillation: `dkd` or `DKD` with options)."""
+    base_name = base.rpartition(".")[2]
+    classes = ", ".join(c.__name__ for c in _subclasses(base))
+    problem = re.search(r"Problem with given class_path '([\w.]+)': (.*?)(?: Given value type|$)", text)
+    if problem:  # the class was found: its own complaint, and the options it takes
+        found = _import(problem.group(1))
+        accepted = ", ".join(inspect.signature(found).parameters) if found else ""
+        return f"{key}: {problem.group(1).rpartition('.')[2]}: {problem.group(2)}" + (f" (its options: {accepted})"
+                                                                                    if accepted else "")
+    nested = re.match(r"NestedArg\(key='([\w.]+)'", given)
+    if nested:  # `--key name --key.option v`: a name takes no options of its own, its class does
+        return (f"{key}: a method given by name takes no options of its own ('{nested.group(1)}'); give its class "
+                f"with them, e.g. --{key} DKD --{key}.{nested.group(1)} VALUE (classes: {classes})")
+    return f"{key}: {given} is not one of {names} (or a {base_name} class with its options: {classes})"
+
+
+def _import(path: str) -> Any:
+    """The object a dotted path names, or None."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _subclasses(path: str) -> list[type]:
+    """The subclasses a class registers (those a `class_path` may name), in their table's order if it has one."""
+    base = _import(path)
+    if base is None:
+        return []
+    found = getattr(base, "registry", None)
+    found = list(found.values()) if isinstance(found, dict) else base.__subclasses__()
+    return sorted(found, key=lambda c: getattr(c, "order", 0))
 
 
 def out_of_range(text: str) -> str | None:

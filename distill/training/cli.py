@@ -308,16 +308,21 @@ def _check_monitor(monitor: str | None, model: Any) -> None:
 
 
 def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
-    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored."""
+    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored
+    (a model option, or a method's own: --model.distillation.beta)."""
     given = {}
     for index, arg in enumerate(argv):
-        if arg.startswith("--model.") and "." not in arg[len("--model."):].split("=")[0]:
+        if arg.startswith("--model."):
             key, equals, value = arg[len("--model."):].partition("=")
             if not equals and index + 1 < len(argv):
                 value = argv[index + 1]
             given[key] = value
-    differ = [f"model.{k}={v} (the checkpoint has {hparams[k]!r})" for k, v in given.items()
-              if k in hparams and not _same_value(v, hparams[k])]
+    missing = object()
+    differ = []
+    for key, value in given.items():
+        saved = _saved_value(hparams, key, missing)
+        if saved is not missing and not _same_value(value, saved):
+            differ.append(f"model.{key}={value} (the checkpoint has {saved!r})")
     if not differ:
         return
     what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
@@ -325,8 +330,23 @@ def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str
                     "ignored: drop them, or start a new run from its weights with model.init_from")
 
 
+def _saved_value(hparams: dict[str, Any], key: str, missing: Any) -> Any:
+    """The checkpoint's value of a dotted model option (a class's own through its init_args), or `missing`."""
+    parts = [part for part in key.split(".") if part != "init_args"]
+    node: Any = hparams
+    for depth, part in enumerate(parts):
+        if depth and isinstance(node, dict) and "class_path" in node:
+            node = node.get("init_args") or {}
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
 def _same_value(text: str, saved: Any) -> bool:
     """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
+    if isinstance(saved, dict) and "class_path" in saved:  # a class given by name or path (its options come apart)
+        return text in (saved["class_path"], saved["class_path"].rpartition(".")[2])
     if isinstance(saved, bool) or saved is None:
         return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
     if isinstance(saved, (int, float)):

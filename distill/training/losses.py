@@ -25,6 +25,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from distill.common.errors import UserError
 from distill.common.ranges import ClosedUnitInterval, HalfOpenUnitInterval, KLNormalization, NonNegativeFloat, PositiveFloat
 from distill.training.methods import METHODS, LogitMethod, MethodName, method_names
 
@@ -58,8 +59,11 @@ class DistillationLoss(nn.Module):
         feature_weight: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
-        self.method = distillation if isinstance(distillation, LogitMethod) else _by_name(distillation, tau,
-                                                                                          kl_normalization)
+        if isinstance(distillation, LogitMethod):
+            _check_loss_options_reach(distillation, tau=tau, kl_normalization=kl_normalization)
+            self.method = distillation
+        else:
+            self.method = _by_name(distillation, tau, kl_normalization)
         self.distillation = self.method.name  # the method's name: none | soft | hard | dkd | dist | ...
         self.alpha, self.feature_weight = float(alpha), float(feature_weight)
         self.hard_target_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()
@@ -119,6 +123,17 @@ def _by_name(name: str, tau: float, kl_normalization: str) -> LogitMethod:
     given = {"tau": float(tau), "kl_normalization": kl_normalization}
     accepted = inspect.signature(method).parameters
     return method(**{k: v for k, v in given.items() if k in accepted})
+
+
+def _check_loss_options_reach(method: LogitMethod, **given: Any) -> None:
+    """model.tau / model.kl_normalization set a method given by name; a method given as a class has its own: a value
+    set on the model that differs from the class's would otherwise be recorded and not used."""
+    defaults = inspect.signature(DistillationLoss).parameters
+    for option, value in given.items():
+        own = getattr(method, option, value)
+        if value != defaults[option].default and own != value:
+            raise UserError(f"model.{option}: {value} applies to a method given by name; {type(method).__name__} "
+                            f"takes its own ({own} now): --model.distillation.{option} {value}")
 
 
 def method_config(method: LogitMethod) -> dict[str, Any]:
