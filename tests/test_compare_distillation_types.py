@@ -10,6 +10,7 @@ import pytest
 
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
+from distill.commands.speed_figure import speed_table
 from distill.training.cli import make_cli
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, config_overrides, random_teacher_file, run_cli_error
 
@@ -37,6 +38,19 @@ def test_a_student_level_with_its_teacher_up_to_rounding_shows_a_gap_of_plus_zer
     runs = [{"type": "hard", "seed": 0, "result": result(0.9944445, 0.9944445, teacher=0.9944444)}]
     table = format_table(summarize_runs(runs, ["hard"]))
     assert "-0.00" not in table and "+0.00" in table.splitlines()[2]
+
+
+def test_the_speed_table_has_each_students_type_the_ensemble_and_each_member_at_both_batch_sizes():
+    runs = [{"type": "soft", "seed": s, "result": result(0.90 + s / 100, 0.95)} for s in (0, 1)]
+    for run in runs:
+        run["result"]["metrics"].update({"val/teacher_acc_0": 0.80, "val/teacher_acc_1": 0.85})
+    summary = summarize_runs(runs, ["soft"])
+    per_s = {"student": {"1": 900.0, "64": 2000.0}, "teacher": {"1": 300.0, "64": 600.0},
+             "teacher 0": {"1": 600.0, "64": 1200.0}, "teacher 1": {"1": 600.0, "64": 1200.0}}
+    lines = speed_table(summary, {"images_per_s": per_s, "threads": 1}).splitlines()
+    assert lines[2].split() == ["student", "(soft)", "90.50", "+-", "0.71", "900", "2000"]
+    assert lines[3].split() == ["teacher", "(ensemble", "of", "2)", "99.00", "300", "600"]
+    assert [line.split()[:3] for line in lines[4:]] == [["teacher", "0", "80.00"], ["teacher", "1", "85.00"]]
 
 
 def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:
@@ -69,6 +83,17 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     cli_main(command[3:])  # again, in this process: nothing left to train
     assert "4 of 4 runs finished earlier, skipped" in capsys.readouterr().out
     record = json.loads((out / "compare.json").read_text())
+    assert record["speed"] is None and not (out / "accuracy_vs_speed.png").exists()
+
+    cli_main([*command[3:], "--plot"])  # DeiT's Figure 1 of the finished runs: nothing trained again
+    printed = capsys.readouterr().out
+    assert "4 of 4 runs finished earlier, skipped" in printed and "images/s, batch 64" in printed
+    assert (out / "accuracy_vs_speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "compare.json").read_text())
+    speed = record["speed"]["images_per_s"]
+    assert set(speed) == {"student", "teacher"} and all(v > 0 for by_batch in speed.values() for v in by_batch.values())
+    assert set(speed["student"]) == {"1", "64"} and "student (hard)" in printed.split("images/s, batch 64")[1]
+    assert "images/s, batch 1" in (out / "compare.md").read_text()
 
     line = run_cli_error([*command[3:], "--model.lr=0.1"], capsys)
     assert "was run with other options (model.lr: 0.001 -> 0.1, as then -> now)" in line

@@ -32,13 +32,14 @@ from typing import Any, Optional
 
 import torch
 
+from distill.commands.speed_figure import draw, measure_comparison, speed_table
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.identity import describe_differences, finished, intended_options, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
-from distill.training.methods import method_names
 from distill.common.tables import format_rows
+from distill.training.methods import method_names
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
 
@@ -253,7 +254,8 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeInt = 0, types: str = "none,soft,hard",
-            jobs: str = "auto", out: str = "runs/compare", overwrite: bool = False, extra: Optional[list[str]] = None) -> None:
+            jobs: str = "auto", out: str = "runs/compare", overwrite: bool = False, plot: bool = False,
+            extra: Optional[list[str]] = None) -> None:
     """Train the config's student under each distillation type for several seeds, and print the table.
 
     Args:
@@ -266,6 +268,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
             options); finished runs are never replaced
+        plot: also measure the inference throughput of the student and the teacher(s) (ONNX Runtime on this
+            machine's CPU, batch 1 and 64, side by side, one thread) and draw OUT/accuracy_vs_speed.png: top-1
+            against images/s, DeiT's Figure 1 (docs/recipes.md)
         extra: options for each run's distill fit (--data.dataset, --trainer.max_epochs)
     """
     extra = list(extra or [])
@@ -307,9 +312,14 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             summary = summarize_runs(runs, types)
             table = format_table(summary)
             wall = time.monotonic() - started
+            speed = measure_comparison(runs, threads=1) if plot else None
+            if speed:
+                table += "\n\n" + speed_table(summary, speed)
+                draw(summary, speed, out / "accuracy_vs_speed.png", command_line)
             record = {"config": config if len(config) > 1 else config[0], "extra": extra, "made_from": made_from,
                       "seeds": seeds, "jobs": jobs, "threads": threads, "wall_time_s": round(wall, 1), "summary": summary,
-                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs]}
+                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs],
+                      "speed": speed}
             with write_atomically(out / "compare.json") as partial:
                 partial.write_text(json.dumps(record, indent=2))
             with write_atomically(out / "compare.md") as partial:
@@ -318,7 +328,8 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(table)
-    print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'})")
+    print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'}"
+          f"{'' if not speed else ', the figure to ' + str(out / 'accuracy_vs_speed.png')})")
 
 
 compare.__doc__ = compare.__doc__.replace("{methods}", ", ".join(method_names()))  # --help lists the table

@@ -1,0 +1,90 @@
+"""DeiT's Figure 1 for a comparison: validation top-1 against inference throughput, students and teachers.
+
+`distill compare ... --plot` measures the throughput of the comparison's student and teacher(s) with ONNX Runtime
+on this machine (distill/deploy/throughput.py) and draws, for batch 1 and batch 64, each distillation type's student
+(final-epoch top-1, mean and standard deviation over the seeds) and each teacher (its top-1 on the same split).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from distill.common.files import write_atomically
+from distill.common.tables import format_rows
+
+__all__ = ["measure_comparison", "speed_table", "draw"]
+
+BATCHES = (1, 64)
+
+
+def measure_comparison(runs: list[dict[str, Any]], threads: int) -> Optional[dict[str, Any]]:
+    """The throughput of the comparison's student and teachers (from the first finished run that had a teacher, so
+    that `none` alone still gives the student), with the load of the machine when it was measured."""
+    from distill.deploy.throughput import comparison_models, measure_throughput
+
+    done = [run for run in runs if run.get("result")]
+    with_teacher = [run for run in done if run["type"] != "none"] or done
+    if not with_teacher:
+        return None
+    checkpoint = with_teacher[0]["folder"] / "checkpoints" / "best.ckpt"
+    load_before = os.getloadavg()[0]
+    speed = measure_throughput(comparison_models(checkpoint), BATCHES, threads=threads)
+    return {"images_per_s": {name: {str(b): v for b, v in by_batch.items()} for name, by_batch in speed.items()},
+            "threads": threads, "backend": "onnxruntime CPU, fp32", "from": str(checkpoint),
+            "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _points(summary: dict[str, Any], speed: dict[str, Any], batch: int) -> list[tuple[str, float, float, float]]:
+    """(label, images/s, top-1 %, its standard deviation) of every student type and teacher that has both."""
+    per_s = speed["images_per_s"]
+    points = []
+    for kind, row in summary["types"].items():
+        if row["final"]["mean"] is not None and "student" in per_s:
+            points.append((f"student ({kind})", per_s["student"][str(batch)], 100 * row["final"]["mean"],
+                           100 * row["final"]["std"]))
+    members = summary.get("teacher_members") or []
+    if summary.get("teacher_acc") is not None and "teacher" in per_s:
+        label = f"teacher (ensemble of {len(members)})" if members else "teacher"
+        points.append((label, per_s["teacher"][str(batch)], 100 * summary["teacher_acc"], 0.0))
+    for index, accuracy in enumerate(members):
+        if f"teacher {index}" in per_s:
+            points.append((f"teacher {index}", per_s[f"teacher {index}"][str(batch)], 100 * accuracy, 0.0))
+    return points
+
+
+def speed_table(summary: dict[str, Any], speed: dict[str, Any]) -> str:
+    """The figure's points as a table: top-1 and images/s at each batch size."""
+    rows: dict[str, list[str]] = {}
+    for batch in BATCHES:
+        for label, per_s, top1, std in _points(summary, speed, batch):
+            rows.setdefault(label, [label, f"{top1:.2f}" + (f" +- {std:.2f}" if std else "")]).append(f"{per_s:.0f}")
+    header = ("model", "top-1 (final)", *(f"images/s, batch {b}" for b in BATCHES))
+    return format_rows(header, list(rows.values()))
+
+
+def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str) -> Path:
+    """The PNG: one panel per batch size, throughput (log scale) on x, top-1 on y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(BATCHES), figsize=(5.5 * len(BATCHES), 4.2), squeeze=False)
+    for axis, batch in zip(axes[0], BATCHES):
+        for label, per_s, top1, std in _points(summary, speed, batch):
+            student = label.startswith("student")
+            axis.errorbar([per_s], [top1], yerr=[std] if std else None, fmt="o" if student else "s",
+                          color="tab:red" if student else "tab:blue", capsize=3)
+            axis.annotate(label, (per_s, top1), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.set_xscale("log")
+        axis.margins(x=0.3, y=0.15)  # room for the labels
+        axis.set_xlabel(f"images/s, batch {batch} (ONNX Runtime, {speed['threads']} thread(s), this CPU)")
+        axis.set_ylabel("validation top-1 (%)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    with write_atomically(path) as partial:
+        figure.savefig(partial, format="png", dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,99 @@
+"""Inference throughput on this machine with ONNX Runtime: the x axis of DeiT's Figure 1 (accuracy against
+images per second), for a comparison's student and its teachers.
+
+Every model is exported to ONNX (fp32, the batch dimension dynamic, as `distill export` does) and run by ONNX
+Runtime's CPU provider with the same thread count. The models are timed *side by side*: each timed repeat runs
+every model once, in turn, so a change of load during the measurement reaches all of them alike; a model's figure
+is the batch size over its median time. An ensemble runs its members one after another for each batch (its
+throughput is that of the sum of their times). Speed depends on the architecture, not on the trained weights, so
+a teacher is measured as its timm architecture with the comparison's classes.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from students import DEIT_VARIANTS
+
+__all__ = ["comparison_models", "measure_throughput"]
+
+
+Member = tuple[nn.Module, int]  # a model and its input size
+
+
+def measure_throughput(models: dict[str, list[Member]], batches: tuple[int, ...] = (1, 64), repeats: int = 15,
+                       threads: int = 1) -> dict[str, dict[int, float]]:
+    """{name: {batch: images/s}} for `models` ({name: [(module, image size), ...]}), timed side by side."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="distill-speed-") as folder:
+        exported: dict[int, tuple[Any, int]] = {}  # a module shared by two entries (a member, the ensemble): once
+        for members in models.values():
+            for module, size in members:
+                if id(module) not in exported:
+                    exported[id(module)] = (_session(module, size, Path(folder) / f"{len(exported)}.onnx", options), size)
+        speed: dict[str, dict[int, float]] = {name: {} for name in models}
+        for batch in batches:
+            inputs = {size: np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+                      for _, size in exported.values()}
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for repeat in range(repeats + 2):  # the first two warm up (memory, ONNX Runtime's first-run work)
+                for name, members in models.items():
+                    began = time.perf_counter()
+                    for module, _ in members:
+                        session, size = exported[id(module)]
+                        session.run(None, {"images": inputs[size]})
+                    if repeat >= 2:
+                        times[name].append(time.perf_counter() - began)
+            for name in models:
+                speed[name][batch] = batch / statistics.median(times[name])
+    return speed
+
+
+def _session(module: nn.Module, size: int, path: Path, options: Any) -> Any:
+    import onnxruntime as ort
+
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on timm's shape asserts
+        torch.onnx.export(module, (torch.randn(2, 3, size, size),), str(path), input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                          verbose=False, external_data=False)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
+    """The student of a run's checkpoint (its heads averaged, as exported) and its teacher: with several members,
+    each alone (`teacher 0`, ...) and the ensemble (`teacher`); {name: [(module, image size), ...]}."""
+    from distill.deploy.export import load_student
+
+    student, saved = load_student(checkpoint)
+    size = int(saved.get("hyper_parameters", {}).get("img_size", 224))
+    models = {"student": [(student.fused_model(), size)]}
+    teachers = saved.get("teacher_config")
+    teachers = [] if teachers is None else teachers if isinstance(teachers, list) else [teachers]
+    members = [(_architecture(t["model_name"], int(student.num_classes)), int(t.get("img_size") or size))
+               for t in teachers]
+    if len(members) > 1:
+        models.update({f"teacher {index}": [member] for index, member in enumerate(members)})
+    if members:
+        models["teacher"] = members
+    return models
+
+
+def _architecture(model_name: str, classes: int) -> nn.Module:
+    """A teacher's timm architecture (its hub tag dropped, this project's DeiT names resolved), untrained."""
+    arch = model_name.split(".")[0]
+    return timm.create_model(DEIT_VARIANTS.get(arch, arch), num_classes=classes)
