@@ -29,7 +29,7 @@ from torch import nn
 
 from distill.common.adapters import cpu_computes_bf16
 from distill.common.checkpoints import extract_state_dict, read_weights_file, student_state
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 from distill.common.identity import verify_files
 from distill.common.ranges import ClosedUnitInterval, PositiveInt, plain
 from students.vit import DEIT_VARIANTS, Student, check_model_name
@@ -250,7 +250,7 @@ def _build(model_name: str, weights: str, num_classes: Optional[int]) -> tuple[n
             return timm.create_model(model_name, pretrained=True, **extra), {}
         except (OSError, RuntimeError) as err:  # no network, no cached file, bad hub id
             raise UserError(
-                f"teacher: could not fetch pretrained weights for '{model_name}' ({str(err).splitlines()[0][:120]}); "
+                f"teacher: could not fetch pretrained weights for '{model_name}' ({first_line(err, 120)}); "
                 "set teacher.weights to a local .safetensors/.pth/.ckpt file or folder"
             ) from err
     if weights == "none":
@@ -294,7 +294,7 @@ def _from_run_checkpoint(raw: object, model_name: str, num_classes: Optional[int
         student.load_state_dict(student_state(raw))
     except (RuntimeError, KeyError, TypeError) as err:
         raise UserError(f"teacher.weights: '{path}' does not fit its own student_config ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}); the checkpoint is "
+                        f"{first_line(err)}); the checkpoint is "
                         "damaged or of another version of this project") from err
     hparams = raw.get("hyper_parameters") or {}
     return student.fused_model(), {"mean": hparams.get("input_mean"), "std": hparams.get("input_std"),
@@ -315,8 +315,7 @@ def _load_folder(path: Path) -> nn.Module:
     try:
         return timm.create_model(f"local-dir:{path}", pretrained=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign weights file fails in many ways inside timm
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"teacher.weights: folder '{path}' could not be loaded by timm ({first}); re-export it "
+        raise UserError(f"teacher.weights: folder '{path}' could not be loaded by timm ({first_line(err)}); re-export it "
                         "or give a weights file") from err
 
 

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 from distill.common.files import human_size
 
 __all__ = ["TeacherCache", "library_versions", "FORMAT"]
@@ -187,7 +187,7 @@ class TeacherCache:
                 try:
                     array = np.load(file, mmap_mode="r")
                 except (OSError, ValueError, EOFError) as err:  # missing, truncated, not a .npy
-                    raise UserError(f"{option}: '{file}' cannot be read ({str(err).splitlines()[0][:120]}); "
+                    raise UserError(f"{option}: '{file}' cannot be read ({first_line(err, 120)}); "
                                     "the cache is damaged: rebuild it with distill cache-teacher") from err
                 if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
                     raise UserError(f"{option}: '{file}' holds {array.dtype} {tuple(array.shape)}, but meta.json "

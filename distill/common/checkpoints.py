@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 
 __all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "extract_state_dict", "load_student_state", "read_student_checkpoint",
            "read_weights_file", "student_state"]
@@ -30,10 +30,6 @@ ACCEPTED = "a .safetensors file, a PyTorch state dict (.pth/.pt/.bin) or a check
 RUN_CHECKPOINT = "best.ckpt or last.ckpt of a `distill fit` run"
 
 
-def _first_line(err: Exception, limit: int) -> str:
-    return str(err).strip().splitlines()[0][:limit] if str(err).strip() else type(err).__name__
-
-
 def read_weights_file(path: str | Path, option: str = "teacher.weights") -> dict[str, Any]:
     """Read a weights file without running code from it; errors name the file and what is accepted."""
     path = Path(path)
@@ -44,7 +40,7 @@ def read_weights_file(path: str | Path, option: str = "teacher.weights") -> dict
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError (code or garbage), SafetensorError, EOFError...
-        raise UserError(f"{option}: '{path}' is not a weights file ({_first_line(err, 160)}); expected {ACCEPTED}") from err
+        raise UserError(f"{option}: '{path}' is not a weights file ({first_line(err)}); expected {ACCEPTED}") from err
 
 
 def extract_state_dict(obj: Any, path: str | Path, option: str = "teacher.weights") -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -79,7 +75,7 @@ def read_student_checkpoint(path: str | Path, option: str = "checkpoint") -> dic
         # mmap: tensors are read only when used
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # unpickling errors of every kind
-        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project ({_first_line(err, 120)})") from err
+        raise UserError(f"{option}: '{path}' is not a student checkpoint of this project ({first_line(err, 120)})") from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not isinstance(checkpoint.get("student_config"), dict):
         raise UserError(f"{option}: '{path}' is not a student checkpoint of this project (expected {RUN_CHECKPOINT})")

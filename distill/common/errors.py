@@ -8,7 +8,7 @@ translates a library's error, chain that one (`raise UserError(...) from err`) s
 """
 from __future__ import annotations
 
-__all__ = ["UsageError", "UserError"]
+__all__ = ["UsageError", "UserError", "first_line"]
 
 
 class UserError(Exception):
@@ -22,3 +22,13 @@ class UserError(Exception):
 class UsageError(UserError):
     """A command line the parser rejects (an unknown option, a missing one, a value of the wrong type): printed
     with a pointer to `--help` instead of to the traceback, which would only show the parser."""
+
+
+def first_line(err: BaseException, limit: int = 160, typed: bool = False) -> str:
+    """A library error quoted in one of our lines: its message's first line, cut at `limit` characters; its type's
+    name when it has no message (`typed`: always `Type: message`)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0][:limit] if lines else ""
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text}" if typed else text

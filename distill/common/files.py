@@ -25,7 +25,7 @@ from typing import IO, Iterator, Optional
 
 import yaml
 
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 
 try:
     import fcntl
@@ -319,4 +319,4 @@ def load_yaml(path: str | os.PathLike) -> object:
         tabs = " (YAML is indented with spaces, not tabs)" if "'\\t'" in str(err) else ""
         raise UserError(f"{path}: not valid YAML{where}: {err.problem or err}{tabs}") from err
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: not a readable YAML file ({first_line(err)})") from err

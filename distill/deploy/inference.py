@@ -30,7 +30,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import students  # noqa: F401 - registers this project's architectures with timm (students.hybrid)
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 from distill.common.identity import verify_files
 
 __all__ = ["INT8_FILE", "REPORT", "load_export", "verify_export", "read_config", "export_transform", "label_names", "best_classes", "CONFIG", "WEIGHTS",
@@ -61,7 +61,7 @@ def load_export(folder: str | Path, option: str = "--export", verify: bool = Tru
         model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=False).eval()
     except Exception as err:  # noqa: BLE001 - a factory refuses its arguments in many ways (TypeError, assert...)
         raise UserError(f"{option}: '{folder / CONFIG}' does not build its architecture {config['architecture']!r} "
-                        f"({_first_line(err)}); {EXPORT_AGAIN}") from err
+                        f"({first_line(err, typed=True)}); {EXPORT_AGAIN}") from err
     _load_weights(folder, model, option)
     _check_forward(folder, config, model, option)
     return model
@@ -81,7 +81,7 @@ def read_config(folder: Path, option: str = "--export") -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{option}: '{path}' is not readable JSON ({_first_line(err)}); {EXPORT_AGAIN}") from err
+        raise UserError(f"{option}: '{path}' is not readable JSON ({first_line(err, typed=True)}); {EXPORT_AGAIN}") from err
     if not isinstance(config, dict):
         raise UserError(f"{option}: '{path}' holds a JSON {type(config).__name__}, not a mapping of fields; "
                         f"{EXPORT_AGAIN}")
@@ -133,7 +133,7 @@ def _load_weights(folder: Path, model: nn.Module, option: str) -> None:
         with safe_open(str(path), "pt") as weights:  # the header alone: names and shapes
             found = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
     except (SafetensorError, OSError) as err:
-        raise UserError(f"{option}: '{path}' could not be loaded ({_first_line(err)}); the file is damaged: "
+        raise UserError(f"{option}: '{path}' could not be loaded ({first_line(err, typed=True)}); the file is damaged: "
                         f"{EXPORT_AGAIN}") from err
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     heads = model.pretrained_cfg.get("classifier") or []
@@ -168,7 +168,7 @@ def _check_forward(folder: Path, config: dict[str, Any], model: nn.Module, optio
             logits = model(torch.zeros(1, *size))  # (1, num_classes)
         except Exception as err:  # noqa: BLE001 - a model refuses an input size in many ways (assert, RuntimeError)
             raise UserError(f"{option}: '{folder / CONFIG}' pretrained_cfg.input_size: {list(size)} is not an input "
-                            f"the model takes ({_first_line(err)}); {EXPORT_AGAIN}") from err
+                            f"the model takes ({first_line(err, typed=True)}); {EXPORT_AGAIN}") from err
     if tuple(logits.shape) != (1, model.num_classes):
         raise UserError(f"{option}: '{folder}' num_classes: {model.num_classes} in {CONFIG}, but the model gives "
                         f"{logits.shape[-1]} outputs; {EXPORT_AGAIN}")
@@ -183,12 +183,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _first_line(err: BaseException) -> str:
-    """`Type: first line of the message` (at most 160 characters), for a library's error inside one line."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
 
 
 def export_transform(model: torch.nn.Module) -> Callable[[Any], torch.Tensor]:

@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 
+from distill.common.errors import first_line
+
 __all__ = ["FIELD", "RequestGate"]
 
 FIELD = "image"  # the multipart file field a request carries its image in
@@ -69,8 +71,7 @@ async def _malformed(scope: dict, body: bytes) -> Optional[str]:
     try:
         form = await MultiPartParser(Headers(raw=scope["headers"]), stream()).parse()
     except Exception as err:  # noqa: BLE001 - python-multipart and starlette raise several kinds for a bad body
-        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
-        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+        return first_line(err, 120, typed=True)
     await form.close()
     return None
 

@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from distill.common.commandline import call, command
-from distill.common.errors import UserError
+from distill.common.errors import UserError, first_line
 from distill.common.ranges import PositiveFloat, PositiveInt
 from distill.data.images import TooManyPixels, UnreadableImage, load_image
 from distill.deploy.inference import (
@@ -225,8 +225,7 @@ def onnx_session(path: Path, model: torch.nn.Module, threads: Optional[int] = No
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - a damaged model file fails inside ONNX Runtime in many ways
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"{option}: '{path}' could not be loaded ({type(err).__name__}: {first}); "
+        raise UserError(f"{option}: '{path}' could not be loaded ({first_line(err, typed=True)}); "
                         f"{EXPORT_AGAIN}") from err
     config = path.parent / CONFIG
     size, classes = list(model.pretrained_cfg["input_size"]), model.num_classes
