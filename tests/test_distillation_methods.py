@@ -183,3 +183,16 @@ def test_validate_takes_a_methods_class_and_options_as_trained_and_refuses_other
     assert "sets model.distillation.beta=3 (the checkpoint has 2.0)" in line
     line = run_cli_error(["validate", *args[1:-2], "--model.distillation=DIST", checkpoint], capsys)
     assert "sets model.distillation=DIST (the checkpoint has {'class_path': 'distill.training.methods.dkd.DKD'" in line
+
+
+def test_none_builds_no_teacher_so_the_recipes_teacher_file_need_not_exist(tmp_path, capsys):
+    from distill.cli import cli_main
+    from tests.helpers import distill_args
+
+    args = [a if not a.startswith("--model.teacher.init_args.weights=") else
+            f"--model.teacher.init_args.weights={tmp_path / 'not_trained_yet.ckpt'}" for a in distill_args(tmp_path)]
+    cli_main([*args, "--model.distillation=none"])
+    import torch
+
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved.get("teacher_config") is None and saved["hyper_parameters"]["feature_weight"] == 0.0

@@ -45,6 +45,7 @@ from distill.common.identity import options_identity
 from distill.data.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
+from distill.training.methods import needs_teacher
 from distill.training.run_records import (
     nothing_to_resume,
     refuse_earlier_run,
@@ -156,6 +157,12 @@ class DistillCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         _check_trainer_options(config)
+
+    def before_instantiate_classes(self) -> None:
+        """`none` runs no teacher: its model.teacher (the recipe's) is not built, so its weights need not exist."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("model") is not None and not needs_teacher(config.model.get("distillation")):
+            config.model.teacher = None
 
     def before_validate(self) -> None:
         if not self.config[self.subcommand].get("ckpt_path"):

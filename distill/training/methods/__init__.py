@@ -22,7 +22,7 @@ from typing import Literal
 
 from distill.training.methods.base import LogitMethod, standardized
 
-__all__ = ["LogitMethod", "METHODS", "MethodName", "method_names", "standardized"]
+__all__ = ["LogitMethod", "METHODS", "MethodName", "method_names", "needs_teacher", "standardized"]
 
 for _module in pkgutil.iter_modules(__path__):  # every file of the folder: its class registers itself by name
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -36,3 +36,16 @@ def method_names() -> tuple[str, ...]:
 
 
 MethodName = Literal[method_names()]  # type: ignore[valid-type] - the table's names, for jsonargparse
+
+
+def needs_teacher(method: object) -> bool:
+    """Whether `model.distillation` as configured (a name, a method, or its class_path and init_args before they are
+    instantiated) runs a teacher: False only for `none`, which builds no teacher at all."""
+    if isinstance(method, str):
+        return method not in METHODS or METHODS[method].needs_teacher
+    if isinstance(method, LogitMethod):
+        return method.needs_teacher
+    path = method.get("class_path") if hasattr(method, "get") else None
+    found = next((cls for cls in METHODS.values() if path in (f"{cls.__module__}.{cls.__qualname__}", cls.__name__)),
+                 None)
+    return found is None or found.needs_teacher
