@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import cli_main
-from distill.training.step_rules import step_log_interval
+from distill.training.step_logging import step_log_interval
 from distill.training.summary import ValidationRecord, next_command, run_summary
 from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
 

@@ -14,7 +14,7 @@ from distill.training.methods.dist import DIST
 from distill.training.methods.dkd import DKD
 from distill.training.methods.hard import Hard
 from distill.training.methods.soft import Soft
-from distill.training.step_rules import check_cache_holds
+from distill.training.run_checks import check_cache_holds
 
 B, C = 6, 7
 GEN = torch.Generator().manual_seed(0)

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each layer by sub-package, with the modules of a sub-package that sit in another layer named one by one.
 LIGHTNING = {"distill.data.datamodule", "distill.cache.writer", "distill.training.module", "distill.training.callbacks",
              "distill.training.cli",
-             "distill.training.telemetry", "distill.training.step_rules", "distill.training.run_records",
+             "distill.training.telemetry", "distill.training.step_logging", "distill.training.learning_rate",
+             "distill.training.run_checks", "distill.training.metrics", "distill.training.run_records",
              "distill.training.summary", "distill.training.teacher_targets"}
 COMMANDS = {"distill.cli", "distill.__main__", "distill.commands.fit", "distill.commands.pipeline",
             "distill.commands.compare", "distill.commands.report", "distill.cache.command", "distill.deploy.export",

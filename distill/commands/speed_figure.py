@@ -12,17 +12,34 @@ from typing import Any, Optional
 
 from distill.common.files import write_atomically
 from distill.common.tables import format_rows
+from distill.deploy.inference import load_student
+from distill.deploy.throughput import Member, architecture, measure_throughput
 
-__all__ = ["measure_comparison", "speed_table", "draw"]
+__all__ = ["comparison_models", "measure_comparison", "speed_table", "draw"]
 
 BATCHES = (1, 64)
+
+
+def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
+    """The student of a run's checkpoint (its heads averaged, as exported) and its teacher: with several members,
+    each alone (`teacher 0`, ...) and the ensemble (`teacher`); {name: [(module, image size), ...]}."""
+    student, saved = load_student(checkpoint, option="compare --plot")
+    size = int(saved.get("hyper_parameters", {}).get("img_size", 224))
+    models = {"student": [(student.fused_model(), size)]}
+    teachers = saved.get("teacher_config")
+    teachers = [] if teachers is None else teachers if isinstance(teachers, list) else [teachers]
+    members = [(architecture(t["model_name"], int(student.num_classes)), int(t.get("img_size") or size))
+               for t in teachers]
+    if len(members) > 1:
+        models.update({f"teacher {index}": [member] for index, member in enumerate(members)})
+    if members:
+        models["teacher"] = members
+    return models
 
 
 def measure_comparison(runs: list[dict[str, Any]], threads: int) -> Optional[dict[str, Any]]:
     """The throughput of the comparison's student and teachers (from the first finished run that had a teacher, so
     that `none` alone still gives the student), with the load of the machine when it was measured."""
-    from distill.deploy.throughput import comparison_models, measure_throughput
-
     done = [run for run in runs if run.get("result")]
     with_teacher = [run for run in done if run["type"] != "none"] or done
     if not with_teacher:

@@ -33,15 +33,14 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
+from distill.common.checkpoints import read_student_checkpoint
 from distill.common.commandline import call, command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, lock_path, replace_folder, writing
 from distill.common.identity import describe_differences, file_digest
 from distill.common.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
-from distill.deploy.inference import INT8_FILE, load_export
+from distill.deploy.inference import INT8_FILE, load_export, load_student
 from distill.deploy.quantize import Int8Method, quantize_int8, training_data
-from students import Student
 
 __all__ = ["export_student", "load_export", "load_student", "main", "Int8", "INT8_FILE"]
 
@@ -76,18 +75,6 @@ def int8_request(int8: bool = False, int8_method: Int8Method = Int8.method,
         data: the training data, for --int8 (default: the dataset recorded in the checkpoint)
     """
     return Int8(calibration_images, int8_max_drop, data, int8_method) if int8 else None
-
-
-def load_student(ckpt: str | Path, ema: bool = False) -> tuple[Student, dict]:
-    """The student of a checkpoint of this project (its EMA weights with `ema`), in eval mode, and the checkpoint."""
-    checkpoint = read_student_checkpoint(ckpt, "export --ckpt")
-    config = dict(checkpoint["student_config"], pretrained=False)  # weights come from the checkpoint
-    student = Student(**config)
-    state = student_state(checkpoint, EMA if ema else STUDENT)
-    if not state:
-        raise UserError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
-    student.load_state_dict(state)
-    return student.eval(), checkpoint
 
 
 def export_student(

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-import students  # noqa: F401 - registers this project's architectures with timm (students.hybrid)
+import students  # also registers this project's architectures with timm (students.hybrid)
+from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
 from distill.common.errors import UserError, first_line
 from distill.common.identity import verify_files
 
@@ -40,6 +41,18 @@ INT8_FILE = "model.int8.onnx"  # the INT8 ONNX model of an export (`distill expo
 
 CONFIG, WEIGHTS, REPORT = "config.json", "model.safetensors", "export_report.json"
 EXPORT_AGAIN = "run distill export again"  # how every refusal of a damaged export ends
+
+
+def load_student(ckpt: str | Path, ema: bool = False, option: str = "export --ckpt") -> tuple[students.Student, dict]:
+    """The student of a checkpoint of this project (its EMA weights with `ema`), in eval mode, and the checkpoint."""
+    checkpoint = read_student_checkpoint(ckpt, option)
+    config = dict(checkpoint["student_config"], pretrained=False)  # weights come from the checkpoint
+    student = students.Student(**config)
+    state = student_state(checkpoint, EMA if ema else STUDENT)
+    if not state:
+        raise UserError(f"export --ema: '{ckpt}' holds no EMA weights (train with model.ema_decay set)")
+    student.load_state_dict(state)
+    return student.eval(), checkpoint
 
 
 def load_export(folder: str | Path, option: str = "--export", verify: bool = True) -> nn.Module:

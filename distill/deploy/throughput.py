@@ -24,7 +24,7 @@ from torch import nn
 
 from students import DEIT_VARIANTS
 
-__all__ = ["comparison_models", "measure_throughput"]
+__all__ = ["Member", "architecture", "measure_throughput"]
 
 
 Member = tuple[nn.Module, int]  # a model and its input size
@@ -74,26 +74,7 @@ def _session(module: nn.Module, size: int, path: Path, options: Any) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
-    """The student of a run's checkpoint (its heads averaged, as exported) and its teacher: with several members,
-    each alone (`teacher 0`, ...) and the ensemble (`teacher`); {name: [(module, image size), ...]}."""
-    from distill.deploy.export import load_student
-
-    student, saved = load_student(checkpoint)
-    size = int(saved.get("hyper_parameters", {}).get("img_size", 224))
-    models = {"student": [(student.fused_model(), size)]}
-    teachers = saved.get("teacher_config")
-    teachers = [] if teachers is None else teachers if isinstance(teachers, list) else [teachers]
-    members = [(_architecture(t["model_name"], int(student.num_classes)), int(t.get("img_size") or size))
-               for t in teachers]
-    if len(members) > 1:
-        models.update({f"teacher {index}": [member] for index, member in enumerate(members)})
-    if members:
-        models["teacher"] = members
-    return models
-
-
-def _architecture(model_name: str, classes: int) -> nn.Module:
+def architecture(model_name: str, classes: int) -> nn.Module:
     """A teacher's timm architecture (its hub tag dropped, this project's DeiT names resolved), untrained."""
     arch = model_name.split(".")[0]
     return timm.create_model(DEIT_VARIANTS.get(arch, arch), num_classes=classes)

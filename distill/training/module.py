@@ -36,17 +36,10 @@ from distill.data.batch import TrainingBatch
 from distill.training.imitation import imitation_for
 from distill.training.teacher_targets import TeacherTargets
 from distill.training.losses import DistillationLoss, LossRecord, loss_options
-from distill.training.step_rules import (
-    check_cache_holds,
-    check_classes,
-    check_optimizer,
-    host_value,
-    lr_scale,
-    scaled_lr,
-    teacher_beside_cache,
-    validation_metrics,
-    writes_step_logs,
-)
+from distill.training.learning_rate import lr_scale, scaled_lr
+from distill.training.metrics import validation_metrics
+from distill.training.run_checks import check_cache_holds, check_classes, check_optimizer, teacher_beside_cache
+from distill.training.step_logging import host_value, writes_step_logs
 from students.resize import adapt_student_state
 from teachers import Teacher, TeacherEnsemble
 

@@ -18,7 +18,7 @@ from distill.common.console import say
 from distill.common.errors import UserError
 from distill.common.seeding import global_seed, sample_seed
 from distill.data.batch import TrainingBatch
-from distill.training.step_rules import host_value
+from distill.training.step_logging import host_value
 
 __all__ = ["Outputs", "TeacherTargets"]
 

@@ -36,7 +36,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from distill.common.adapters import attention_weights  # noqa: E402
 from distill.common.console import say  # noqa: E402
 from distill.common.ranges import NonNegativeInt  # noqa: E402
-from distill.training.step_rules import step_log_interval, writes_step_logs  # noqa: E402
+from distill.training.step_logging import step_log_interval, writes_step_logs  # noqa: E402
 
 __all__ = ["DistillationTelemetry", "attention_maps"]
 
