@@ -40,8 +40,7 @@ def predict_folder(export: str | Path, images: str | Path, out: str | Path = "pr
         batch_size: images per forward pass
         overwrite: replace an existing --out file
     """
-    if top_k < 1 or batch_size < 1:
-        raise UserError(f"predict: --top_k and --batch_size must be 1 or more, got {top_k} and {batch_size}")
+    assert top_k >= 1 and batch_size >= 1, (top_k, batch_size)  # PositiveInt on the command line
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise UserError(f"predict --images: '{images}' is not a folder")

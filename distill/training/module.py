@@ -138,8 +138,7 @@ class DistillationModule(TeacherTargets, pl.LightningModule):
         if isinstance(teacher, (list, tuple)):
             teacher = TeacherEnsemble(list(teacher)) if len(teacher) != 1 else teacher[0]
         check_optimizer(optimizer, fused_optimizer)
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise UserError(f"model.ema_decay must lie in (0, 1) (DeiT: 0.99996) or be null, got {ema_decay}")
+        assert ema_decay is None or 0.0 < ema_decay < 1.0, ema_decay  # OpenUnitInterval on the command line
         teacher = teacher_beside_cache(teacher, teacher_cache, teacher_cache_verify)
         self.loss = DistillationLoss(**loss)  # jsonargparse reads its parameters from this call: model.alpha, ...
         if not self.loss.needs_teacher:  # `none`: no teacher at all, so neither its outputs nor its features

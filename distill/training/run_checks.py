@@ -64,8 +64,7 @@ def check_optimizer(optimizer: str, fused: bool) -> None:
 
 def teacher_beside_cache(teacher: Optional[nn.Module], cache: Optional[str], verify: float) -> Optional[nn.Module]:
     """The teacher a run keeps: none beside a teacher cache unless it verifies the cache (`teacher_cache_verify`)."""
-    if not 0.0 <= verify <= 1.0:
-        raise UserError(f"model.teacher_cache_verify must lie in [0, 1], got {verify}")
+    assert 0.0 <= verify <= 1.0, verify  # ClosedUnitInterval on the command line
     if cache and verify > 0 and teacher is None:
         raise UserError("model.teacher_cache_verify needs model.teacher (the teacher the cache was built with)")
     if cache and verify == 0 and teacher is not None:
