@@ -134,3 +134,10 @@ def test_a_run_still_at_chance_after_its_warmup_is_named_while_it_runs(caplog, a
     assert len(lines) == (1 if said else 0)
     if said:
         assert f"val/acc 11.0% after {epoch} epochs is at chance (10.0% for 10 classes)" in lines[0]
+        assert "configs/baselines/no_teacher.yaml" in lines[0]  # no teacher: the augmentation is what to change
+        caplog.clear()
+        taught = SimpleNamespace(hparams=module.hparams, teacher=object())
+        with caplog.at_level(logging.INFO, logger="distill"):
+            StallAlarm(patience=10).on_validation_end(trainer, taught)
+        advice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stalled")]
+        assert len(advice) == 1 and "no_teacher.yaml" not in advice[0] and "model.lr" in advice[0]

@@ -108,8 +108,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 class StallAlarm(pl.Callback):
     """Says, while training runs, when a student has not left chance: a ViT on small data can stay at the loss of a
-    uniform guess (ln C) for its whole schedule on an unlucky seed (docs/recipes.md: one of three seeds of `none` on
-    the letters never left it in 200 epochs). Checked at each validation once `patience` epochs have passed after
+    uniform guess (ln C) for its whole schedule (docs/recipes.md: `none` under the recipe's augmentation on the
+    letters). Checked at each validation once `patience` epochs have passed after
     the warm-up; said once, naming the epoch, the accuracy against chance and what to try; training goes on.
 
     Args:
@@ -130,10 +130,14 @@ class StallAlarm(pl.Callback):
         chance = 1.0 / classes
         if float(acc) < chance + 0.1 * (1 - chance):
             self.said = True
+            alone = getattr(pl_module, "teacher", None) is None and not getattr(pl_module.hparams, "teacher_cache", None)
+            advice = ("without a teacher, the distillation recipe's augmentation (mixup, cutmix, crops down to a "
+                      "twelfth of the image) can keep it there: train it with configs/baselines/no_teacher.yaml (no "
+                      "mixing, crops of at least 35%), or with a teacher (model.distillation soft)" if alone else
+                      "try a lower model.lr, a longer model.warmup_epochs or another seed_everything")
             say(f"stalled: val/acc {100 * float(acc):.1f}% after {trainer.current_epoch + 1} epochs is at chance "
                 f"({100 * chance:.1f}% for {classes} classes); a ViT student on small data can stay there for its whole "
-                "schedule on an unlucky seed. Try another seed_everything, a lower model.lr or a longer "
-                "model.warmup_epochs, or a teacher (model.distillation soft)")
+                f"schedule. {advice[0].upper()}{advice[1:]}")
 
 
 def _refuse_diverged(trainer: pl.Trainer, filepath: str) -> None:
