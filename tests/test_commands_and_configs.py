@@ -63,14 +63,15 @@ def test_every_student_overlay_parses_on_the_recipe_and_keeps_its_recipe(overlay
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
 
 
-def test_the_no_teacher_baseline_runs_no_teacher_without_mixing_and_with_larger_crops(tmp_path):
+def test_the_no_teacher_baseline_runs_no_teacher_with_the_teachers_augmentation(tmp_path):
     base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path)
     overlay = ROOT / "configs" / "baselines" / "no_teacher.yaml"
     args = [*base[:2], "--config", str(overlay), *[a for a in base[2:] if not a.startswith("--model.teacher")]]
     cli = make_cli(args, run=False)  # the recipe's teacher file need not exist: none builds no teacher
     assert cli.model.teacher is None and cli.model.imitation is None and cli.model.hparams.distillation == "none"
-    assert (cli.datamodule.hparams.mixup, cli.datamodule.hparams.cutmix) == (0.0, 0.0)
-    assert list(cli.datamodule.hparams.scale) == [0.35, 1.0]
+    teacher = yaml.safe_load((ROOT / "configs" / "teacher.yaml").read_text())["data"]
+    for key in ("auto_augment", "re_prob", "scale", "mixup", "cutmix"):
+        assert cli.datamodule.hparams[key] == (tuple(teacher[key]) if key == "scale" else teacher[key]), key
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
 
 

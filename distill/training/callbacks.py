@@ -131,9 +131,9 @@ class StallAlarm(pl.Callback):
         if float(acc) < chance + 0.1 * (1 - chance):
             self.said = True
             alone = getattr(pl_module, "teacher", None) is None and not getattr(pl_module.hparams, "teacher_cache", None)
-            advice = ("without a teacher, the distillation recipe's augmentation (mixup, cutmix, crops down to a "
-                      "twelfth of the image) can keep it there: train it with configs/baselines/no_teacher.yaml (no "
-                      "mixing, crops of at least 35%), or with a teacher (model.distillation soft)" if alone else
+            advice = ("without a teacher, the distillation recipe's augmentation (RandAugment, erasing, mixup, cutmix, "
+                      "small crops) can keep it there: train it with configs/baselines/no_teacher.yaml (the teacher's "
+                      "lighter augmentation), or with a teacher (model.distillation soft)" if alone else
                       "try a lower model.lr, a longer model.warmup_epochs or another seed_everything")
             say(f"stalled: val/acc {100 * float(acc):.1f}% after {trainer.current_epoch + 1} epochs is at chance "
                 f"({100 * chance:.1f}% for {classes} classes); a ViT student on small data can stay there for its whole "
