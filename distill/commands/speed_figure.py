@@ -7,6 +7,7 @@ on this machine (distill/deploy/throughput.py) and draws, for batch 1 and batch 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,17 +90,21 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
 
     figure, axes = plt.subplots(1, len(BATCHES), figsize=(5.5 * len(BATCHES), 4.2), squeeze=False)
     for axis, batch in zip(axes[0], BATCHES):
+        placed: list[tuple[float, float]] = []
         for label, per_s, top1, std in _points(summary, speed, batch):
             student = label.startswith("student")
             axis.errorbar([per_s], [top1], yerr=[std] if std else None, fmt="o" if student else "s",
                           color="tab:red" if student else "tab:blue", capsize=3)
-            axis.annotate(label, (per_s, top1), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # a point on another's spot (the students share their speed, and may tie): its label goes lower
+            below = sum(1 for x, y in placed if abs(x / per_s - 1) < 0.05 and abs(y - top1) < 0.5)
+            placed.append((per_s, top1))
+            axis.annotate(label, (per_s, top1), textcoords="offset points", xytext=(6, 4 - 11 * below), fontsize=8)
         axis.set_xscale("log")
         axis.margins(x=0.3, y=0.15)  # room for the labels
         axis.set_xlabel(f"images/s, batch {batch} (ONNX Runtime, {speed['threads']} thread(s), this CPU)")
         axis.set_ylabel("validation top-1 (%)")
         axis.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     figure.tight_layout()
     with write_atomically(path) as partial:
         figure.savefig(partial, format="png", dpi=110)
