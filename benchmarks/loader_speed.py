@@ -71,7 +71,7 @@ def reference_loader(args: argparse.Namespace):
 
 
 def project_loader(args: argparse.Namespace):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
     data = ImageDataModule(str(args.data), img_size=args.img_size, batch_size=args.batch, num_workers=args.workers,
                            **RECIPE)
     data.setup("fit")

@@ -42,7 +42,7 @@ import requests
 import torch
 from PIL import Image
 
-from distill.deploy.export import INT8_FILE
+from distill.deploy.inference import INT8_FILE
 from distill.deploy.inference import load_export
 
 FILES = {"torch": "model.safetensors", "onnx": "model.onnx", "int8": INT8_FILE}

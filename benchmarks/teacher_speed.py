@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.data == "digits":
-        from distill.data.datamodule import ImageDataModule
+        from distill.training.datamodule import ImageDataModule
         data = ImageDataModule("digits", img_size=args.img_size, crop_pct=1.0, mixup=0, cutmix=0)
         data.setup("validate")
         images = torch.stack([data.val_set[i][0] for i in range(min(args.batch, len(data.val_set)))]).to(args.device)

@@ -4,10 +4,10 @@ that prints a user error.
     distill fit --config configs/distill.yaml                                        (distill/commands/fit.py, LightningCLI)
     distill pipeline --config configs/pipeline.yaml                                  (distill/commands/pipeline.py)
     distill compare --config configs/distill.yaml --seeds 5                          (distill/commands/compare.py)
-    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/deploy/export.py)
-    distill predict --export exports/student --images photos/ --out predictions.csv  (distill/deploy/predict.py)
-    distill serve --export exports/student --port 8000                               (distill/deploy/serve.py)
-    distill cache-teacher --config configs/distill.yaml --epochs 30 --out runs/cache (distill/cache/command.py)
+    distill export --ckpt runs/distill/checkpoints/best.ckpt --out exports/student   (distill/commands/export.py)
+    distill predict --export exports/student --images photos/ --out predictions.csv  (distill/commands/predict.py)
+    distill serve --export exports/student --port 8000                               (distill/commands/serve.py)
+    distill cache-teacher --config configs/distill.yaml --epochs 30 --out runs/cache (distill/commands/cache_teacher.py)
     distill report runs/digits [--plot plots/]                                       (distill/commands/report.py)
 
 Each command is a module with a `main(argv)`, imported only when it runs (`distill report` does not
@@ -40,10 +40,10 @@ COMMANDS = {
        for name in TRAINING},
     "pipeline": ("distill.commands.pipeline", "teacher -> distillation -> hi-res fine-tune -> export, resumable"),
     "compare": ("distill.commands.compare", "the same student under several distillation methods and seeds: what the teacher adds"),
-    "export": ("distill.deploy.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
-    "predict --export": ("distill.deploy.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
-    "serve": ("distill.deploy.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
-    "cache-teacher": ("distill.cache.command", "the teacher's outputs on every augmented view, to train without it"),
+    "export": ("distill.commands.export", "the student alone: a timm folder, ONNX, TorchScript (and INT8 ONNX), each verified"),
+    "predict --export": ("distill.commands.predict", "--export DIR --images FOLDER: top-k classes per image to CSV"),
+    "serve": ("distill.commands.serve", "--export DIR: an HTTP endpoint (LitServe, dynamic batching) answering top-k JSON"),
+    "cache-teacher": ("distill.commands.cache_teacher", "the teacher's outputs on every augmented view, to train without it"),
     "report": ("distill.commands.report", "a run's (or a pipeline's) figures from its TensorBoard files"),
 }
 

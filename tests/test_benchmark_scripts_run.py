@@ -74,7 +74,7 @@ def test_fit_probe_trains_without_augmentation_and_prints_both_losses(tmp_path):
 @pytest.mark.parametrize("script, classes", [("make_letters.py", 26), ("make_shapes.py", 24)])
 def test_each_dataset_generator_writes_an_image_folder_the_data_module_reads_and_never_overwrites(tmp_path, script,
                                                                                                    classes):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     out = tmp_path / "data"
     command = [sys.executable, f"benchmarks/{script}", f"--out={out}", "--train=2", "--val=1"]

@@ -110,12 +110,12 @@ def test_help_shows_each_option_with_its_docstring_range_and_default(capsys):
 
 
 @pytest.mark.parametrize("name, functions", [
-    ("serve", ["distill.deploy.serve:make_server", "distill.deploy.serving_host:listen"]),
-    ("export", ["distill.deploy.export:export_student", "distill.deploy.export:int8_request"]),
-    ("predict", ["distill.deploy.predict:predict_folder"]),
+    ("serve", ["distill.commands.serve:make_server", "distill.deploy.serving_host:listen"]),
+    ("export", ["distill.commands.export:export_student", "distill.commands.export:int8_request"]),
+    ("predict", ["distill.commands.predict:predict_folder"]),
     ("compare", ["distill.commands.compare:compare"]),
     ("pipeline", ["distill.commands.pipeline:run_pipeline"]),
-    ("cache-teacher", ["distill.cache.command:cache_teacher"]),
+    ("cache-teacher", ["distill.commands.cache_teacher:cache_teacher"]),
     ("report", ["distill.commands.report:report_command"]),
 ])
 def test_every_command_offers_exactly_the_parameters_of_the_functions_it_calls(name, functions, capsys):

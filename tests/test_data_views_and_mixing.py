@@ -5,7 +5,7 @@ import torch
 
 from distill.common.errors import UserError
 from distill.data.batch import TrainingBatch
-from distill.data.datamodule import DigitsDataset, EpochSampler, ImageDataModule
+from distill.training.datamodule import DigitsDataset, EpochSampler, ImageDataModule
 
 
 def test_digits_split_is_fixed_stratified_and_upscaled():
@@ -167,7 +167,7 @@ class Squares:
 
 
 def test_a_new_kind_of_data_is_one_source_class_and_the_data_module_takes_it_from_there(monkeypatch):
-    monkeypatch.setattr("distill.data.datamodule.open_source", lambda *args, **kwargs: Squares())
+    monkeypatch.setattr("distill.training.datamodule.open_source", lambda *args, **kwargs: Squares())
     data = ImageDataModule("squares", img_size=16, batch_size=4, num_workers=0, mixup=0.0, cutmix=0.0, auto_augment=None,
                            re_prob=0.0)
     data.setup("fit")

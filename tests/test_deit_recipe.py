@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.common.errors import UserError
-from distill.data.datamodule import AUGREG_PRESETS, EpochSampler, ImageDataModule
+from distill.training.datamodule import AUGREG_PRESETS, EpochSampler, ImageDataModule
 from distill.training.cli import make_cli
 from distill.training.module import DistillationModule, scaled_lr
 from students import Student
@@ -86,7 +86,7 @@ def test_augreg_presets_set_randaugment_and_mixup(preset):
 
 
 def test_ema_is_validated_beside_the_raw_weights_and_exported_on_request(tmp_path, teacher_file):
-    from distill.deploy.export import export_student, load_student
+    from distill.commands.export import export_student, load_student
     args = [*shrink(tmp_path, "distill.yaml"), f"--model.teacher.init_args.model_name={TINY_TEACHER}",
             f"--model.teacher.init_args.weights={teacher_file}", "--model.ema_decay=0.5"]
     cli = make_cli(["fit", *args])
@@ -107,7 +107,7 @@ def test_ema_is_validated_beside_the_raw_weights_and_exported_on_request(tmp_pat
 
 
 def test_export_ema_of_a_run_without_ema_is_a_clear_error(tmp_path, teacher_file):
-    from distill.deploy.export import export_student
+    from distill.commands.export import export_student
     make_cli(["fit", *shrink(tmp_path, "teacher.yaml")])
     with pytest.raises(UserError, match="holds no EMA weights"):
         export_student(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export", ema=True)

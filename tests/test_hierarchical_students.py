@@ -9,7 +9,7 @@ import timm
 import torch
 
 from distill.common.errors import UserError
-from distill.deploy.export import export_student
+from distill.commands.export import export_student
 from distill.training.cli import make_cli
 from distill.training.module import DistillationModule
 from students import Student
@@ -85,7 +85,7 @@ def test_swin_export_is_a_plain_timm_swin_matching_the_student(trained_swin, tmp
     assert config["model_args"]["window_size"] == 4 and config["model_args"]["depths"] == [1, 1]
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert type(model).__name__ == "SwinTransformer"
-    from distill.deploy.export import load_student
+    from distill.commands.export import load_student
     student, _ = load_student(trained_swin / "ckpt" / "best.ckpt")
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -19,7 +19,7 @@ import yaml
 from distill.cli import cli_main
 from distill.commands.pipeline import load_spec, stage_command
 from distill.common.errors import UserError
-from distill.deploy.export import export_student, load_student
+from distill.commands.export import export_student, load_student
 from distill.training.cli import make_cli
 from students import Student
 from students.resize import adapt_student_state

@@ -7,8 +7,8 @@ import torch
 
 from distill.cli import cli_main
 from distill.common.errors import UserError
-from distill.data.datamodule import ImageDataModule
-from distill.deploy.export import Int8, export_student
+from distill.training.datamodule import ImageDataModule
+from distill.commands.export import Int8, export_student
 from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
 
 datasets = pytest.importorskip("datasets")

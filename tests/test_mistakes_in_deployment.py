@@ -48,8 +48,8 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.cli import cli_main
 from distill.common.errors import UserError
 from distill.common.identity import file_digest
-from distill.deploy.export import export_student
-from distill.deploy.serve import Rejected, StudentAPI, accelerators_here, describe_export
+from distill.commands.export import export_student
+from distill.commands.serve import Rejected, StudentAPI, accelerators_here, describe_export
 from distill.deploy.serving_host import PROCESS_MEMORY, memory_available, workers_bound
 from tests.helpers import children_of, describe, files_under, free_port, png, run_cli_error, wait_gone, wait_healthy
 

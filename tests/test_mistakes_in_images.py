@@ -45,7 +45,7 @@ def test_a_photo_taken_sideways_is_read_upright_by_its_exif_orientation(tmp_path
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwarn):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     for split in ("train", "val"):
@@ -63,7 +63,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, recwa
 
 
 def test_files_left_out_for_their_extension_are_named_not_dropped_silently(tmp_path):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "scan.gif")
@@ -86,7 +86,7 @@ def test_a_class_folder_named_in_another_encoding_trains_and_draws_its_confusion
 
 
 def test_a_symbolic_link_back_up_the_tree_does_not_repeat_images_under_another_class(tmp_path):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     (root / "train" / "cat" / "back").symlink_to(root / "train")  # a loop through every class
@@ -96,7 +96,7 @@ def test_a_symbolic_link_back_up_the_tree_does_not_repeat_images_under_another_c
 
 
 def test_the_name_digits_beside_a_folder_called_digits_warns_which_one_is_used(tmp_path, monkeypatch):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     make_image_folder(tmp_path / "digits")
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ from PIL import Image
 from starlette.datastructures import FormData, Headers, UploadFile
 
 from distill.cli import cli_main
-from distill.deploy.serve import StudentAPI, describe_export
+from distill.commands.serve import StudentAPI, describe_export
 from tests.helpers import ROOT, files_under
 
 # the real configs, shrunk to one short epoch per stage (the options after the config go to every stage)

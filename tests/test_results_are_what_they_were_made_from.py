@@ -31,7 +31,7 @@ from distill.commands.compare import check_same_options, plan_runs
 from distill.commands.pipeline import _check_unchanged, stage_identity
 from distill.common.errors import UserError
 from distill.common.identity import intended_options
-from distill.deploy.export import export_student
+from distill.commands.export import export_student
 from tests.helpers import ROOT, distill_args, run_cli_error
 
 

@@ -163,7 +163,7 @@ def broken_images(root: Path) -> list[Path]:
 
 
 def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path):
-    from distill.data.datamodule import ImageDataModule
+    from distill.training.datamodule import ImageDataModule
 
     root = make_image_folder(tmp_path / "images")
     bad = broken_images(root)

@@ -26,10 +26,10 @@ import distill.deploy.quantize
 from distill.common.errors import UserError
 from distill.common.files import OutputLock
 from distill.common.identity import file_digest
-from distill.deploy.export import Int8, export_student
+from distill.commands.export import Int8, export_student
 from distill.deploy.inference import INT8_FILE
-from distill.deploy.predict import predict_folder
-from distill.deploy.serve import StudentAPI, make_server
+from distill.commands.predict import predict_folder
+from distill.commands.serve import StudentAPI, make_server
 from tests.helpers import children_of, describe, free_port, png, run_cli_error, wait_gone, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,6 @@ def test_int8_needs_onnx_and_the_training_data(trained, tmp_path, capsys):
 
 def test_serve_without_its_extra_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)  # as if `pip install deit-distill` without [serve]
-    monkeypatch.delitem(sys.modules, "distill.deploy.serve")
+    monkeypatch.delitem(sys.modules, "distill.commands.serve")
     message = run_cli_error(["serve", "--export", "exports/student"], capsys)
     assert "distill serve needs LitServe and python-multipart: pip install 'deit-distill[serve]'" in message

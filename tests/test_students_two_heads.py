@@ -8,7 +8,7 @@ import torch
 
 from distill.cli import cli_main
 from distill.common.errors import UserError
-from distill.deploy.export import export_student, load_student
+from distill.commands.export import export_student, load_student
 from distill.training.cli import make_cli
 from distill.training.module import DistillationModule
 from students import Student

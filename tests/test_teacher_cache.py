@@ -17,7 +17,7 @@ from distill.cache.targets import cached_teacher_logits
 from distill.cli import cli_main
 from distill.common.seeding import sample_seed
 from distill.data.batch import TrainingBatch
-from distill.data.datamodule import ImageDataModule
+from distill.training.datamodule import ImageDataModule
 from distill.training.cli import make_cli
 from distill.training.losses import DistillationLoss
 from teachers import Teacher
@@ -213,7 +213,7 @@ def test_targets_from_top_k_spread_the_rest_evenly_and_keep_the_temperature_exac
 
 
 def test_with_repeated_augmentation_the_cache_holds_what_any_world_size_trains_on():
-    from distill.cache.writer import CacheSampler
+    from distill.training.cache_writer import CacheSampler
     data = ImageDataModule("digits", batch_size=8, num_workers=0, repeated_aug=3, **DATA)
     data.setup("fit")
     cached = set(CacheSampler(data.train_sampler(), epochs=1, num_replicas=1, rank=0))

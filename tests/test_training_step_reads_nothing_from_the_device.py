@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from distill.data.batch import TrainingBatch
-from distill.data.datamodule import ImageDataModule
+from distill.training.datamodule import ImageDataModule
 from distill.training.cli import make_cli
 from tests.helpers import TINY_TEACHER, random_teacher_file, shrink
 

@@ -185,8 +185,8 @@ def test_help_shows_each_numbers_range(capsys):
 
 def test_an_image_over_the_decompression_bomb_limit_is_skipped_in_training_and_predict(tmp_path, monkeypatch,
                                                                                         earlier_run):
-    from distill.data.datamodule import ImageDataModule
-    from distill.deploy.predict import predict_folder
+    from distill.training.datamodule import ImageDataModule
+    from distill.commands.predict import predict_folder
 
     root = make_image_folder(tmp_path / "images")
     Image.fromarray(np.zeros((200, 200, 3), dtype=np.uint8)).save(root / "train" / "cat" / "bomb.png")

@@ -1,3 +1,3 @@
-"""The teacher cache, the whole feature: its on-disk format and reader (`format.py`, no Lightning), the writer that
-labels every augmented view under `trainer.predict` (`writer.py`), and the `distill cache-teacher` command
-(`command.py`). The training module reads its targets through `targets.py`."""
+"""The teacher cache's model side: its on-disk format and reader (`format.py`) and what training reads from it
+(`targets.py`). The writer that labels every augmented view under `trainer.predict` is a Lightning piece
+(`distill/training/cache_writer.py`); the `distill cache-teacher` command is `distill/commands/cache_teacher.py`."""

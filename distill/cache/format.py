@@ -3,8 +3,8 @@
     distill cache-teacher --config configs/distill.yaml --epochs 30 --top_k 10 --out runs/cache
     distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null --model.feature_weight 0
 
-This module is the storage format (model-side: numpy and torch, no Lightning); `distill.cache.writer`
-runs the teacher over the views (a Lightning `predict`), `distill.cache.command` is the command.
+This module is the storage format (model-side: numpy and torch, no Lightning); `distill.training.cache_writer`
+runs the teacher over the views (a Lightning `predict`), `distill.commands.cache_teacher` is the command.
 
 In the DeiT recipe the frozen teacher costs more than the student. As in TinyViT, the cache
 stores, for every (epoch, sample) of the training schedule, the seed of its augmented view

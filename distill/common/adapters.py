@@ -37,7 +37,7 @@ OVERRIDDEN = [
     (_CHECKPOINT, "_should_skip_saving_checkpoint"),
     (_CHECKPOINT, "_should_save_on_train_epoch_end"),  # the epoch-end save decides like the parent's
     ("pytorch_lightning.cli.LightningCLI", "_parse_ckpt_path"),  # ckpt_path checked (and 'last' resolved) first
-    # public, but undocumented: inference processes started with Ctrl+C blocked (distill/deploy/serve.py)
+    # public, but undocumented: inference processes started with Ctrl+C blocked (distill/commands/serve.py)
     ("litserve.LitServer", "launch_inference_worker"),
     ("litserve.LitServer", "launch_single_inference_worker"),
 ]

@@ -1,6 +1,6 @@
 """Reading a user's image files: every image as the RGB picture a viewer shows, or a clear reason why not.
 
-Shared by training (`distill.data.datamodule`), `distill predict` and the teacher cache, so that the
+Shared by training (`distill.training.datamodule`), `distill predict` and the teacher cache, so that the
 three can never read a file differently.
 
 - Modes PIL's `convert("RGB")` gets wrong are converted by their range: 16-bit greyscale

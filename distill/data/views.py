@@ -2,7 +2,7 @@
 
 `EpochSampler` shuffles by (seed, epoch) and hands each index to the dataset together with its epoch, and
 `SeededViews` seeds every random number generator the transform uses from those numbers: the same view comes
-back whatever the number of workers, processes or restarts (distill/data/datamodule.py's docstring says why).
+back whatever the number of workers, processes or restarts (distill/training/datamodule.py's docstring says why).
 """
 from __future__ import annotations
 

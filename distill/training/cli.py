@@ -42,7 +42,7 @@ from distill.common.console import say
 from distill.common.errors import UsageError, UserError
 from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, load_yaml, write_atomically
 from distill.common.identity import options_identity
-from distill.data.datamodule import ImageDataModule
+from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.methods import needs_teacher

@@ -1,7 +1,7 @@
 """Writing a teacher cache: `trainer.predict` over every view of E epochs, mixed as training mixes them.
 
 The format is `distill.cache.format`; the command that calls this is `distill cache-teacher`
-(`distill.cache.command`). Under DDP each rank labels its own share of the views into its own
+(`distill.commands.cache_teacher`). Under DDP each rank labels its own share of the views into its own
 shard (no file is written by two processes); rank 0 writes meta.json first, and renames
 `OUT.partial` to `OUT` once every shard is complete.
 """

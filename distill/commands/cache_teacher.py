@@ -4,7 +4,7 @@
     distill fit --config configs/distill.yaml --data.teacher_cache runs/cache --model.teacher null --model.feature_weight 0
     distill cache-teacher --check runs/cache
 
-The format is described in `distill.cache.format`; the labelling is `distill.cache.writer.CacheWriter`.
+The format is described in `distill.cache.format`; the labelling is `distill.training.cache_writer.CacheWriter`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from distill.cache.format import TeacherCache
-from distill.cache.writer import CacheSampler, CacheWriter
+from distill.training.cache_writer import CacheSampler, CacheWriter
 from distill.common.commandline import command
 from distill.common.console import say
 from distill.common.errors import UserError
