@@ -343,3 +343,20 @@ def test_overwrite_rebuilds_a_current_export_and_a_stray_file_makes_it_stale(tra
     before = (out / "export_report.json").stat().st_mtime_ns
     cli_main(["export", "--ckpt", str(best), "--out", str(out), "--no-onnx", "--no-torchscript", "--overwrite"])
     assert (out / "export_report.json").stat().st_mtime_ns != before  # asked for: built again
+
+
+def test_a_failed_fit_closes_its_tensorboard_writer_before_removing_its_folders(tmp_path):
+    """The writer thread of TensorBoard flushes on its own: a folder removed under it made Lightning's next
+    `logger.finalize("failed")` raise FileNotFoundError in place of the run's one-line error (seen under load)."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from distill.common.errors import UserError
+    from distill.training.run_records import RemoveUnusedOutputs
+
+    logger = TensorBoardLogger(tmp_path / "runs", name="run", default_hp_metric=False)
+    unused = RemoveUnusedOutputs([tmp_path / "runs"])
+    logger.experiment.add_text("note", "queued in the writer, not yet on disk")
+    unused.on_exception(SimpleNamespace(loggers=[logger], is_global_zero=True), None, UserError("bad option"))
+    logger.finalize("failed")  # what Lightning does next

@@ -281,7 +281,7 @@ def test_a_crafted_pickle_is_refused_without_running_its_code(tmp_path, capsys, 
 
 
 def test_a_killed_export_leaves_the_previous_export_intact(tmp_path, monkeypatch):
-    from distill.deploy import export
+    from distill.commands import export
 
     cli_main(distill_args(tmp_path))
     out = tmp_path / "export"

@@ -143,6 +143,8 @@ class RemoveUnusedOutputs(Callback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.is_global_zero:
+            for logger in trainer.loggers:  # its writer thread flushes on its own: closed first, or it writes into a
+                logger.finalize("failed")   # removed folder and its FileNotFoundError replaces the run's error
             self.remove()
 
     def remove(self) -> None:
