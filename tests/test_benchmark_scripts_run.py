@@ -85,3 +85,18 @@ def test_each_dataset_generator_writes_an_image_folder_the_data_module_reads_and
     assert data.num_classes == classes and len(data.train_set) == 2 * classes and len(data.val_set) == classes
     again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_teacher_share_prints_the_teachers_share_of_a_step_and_what_a_cache_of_it_would_hold(tmp_path):
+    from tests.helpers import TINY_STUDENT, TINY_TEACHER, random_teacher_file
+
+    teacher = random_teacher_file(tmp_path, TINY_TEACHER, 10)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/teacher_share.py", "--steps=1", "--config", "configs/distill.yaml",
+         f"--model.teacher.init_args.model_name={TINY_TEACHER}", f"--model.teacher.init_args.weights={teacher}",
+         *[f"--model.student.init_args.{k}={v}" for k, v in TINY_STUDENT.items()], "--data.batch_size=8"],
+        cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 teacher member(s), feature imitation on" in run.stdout  # the recipe's imitation, on a tiny pair
+    assert "% of a live step: a cache of its outputs makes a step at most" in run.stdout
+    assert "KiB of feature maps (fp16, every member's)" in run.stdout
