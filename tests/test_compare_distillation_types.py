@@ -10,7 +10,7 @@ import pytest
 
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
-from distill.commands.speed_figure import speed_table
+from distill.commands.speed_figure import speed_table, teacher_configs
 from distill.training.cli import make_cli
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, config_overrides, random_teacher_file, run_cli_error
 
@@ -51,6 +51,12 @@ def test_the_speed_table_has_each_students_type_the_ensemble_and_each_member_at_
     assert lines[2].split() == ["student", "(soft)", "90.50", "+-", "0.71", "900", "2000"]
     assert lines[3].split() == ["teacher", "(ensemble", "of", "2)", "99.00", "300", "600"]
     assert [line.split()[:3] for line in lines[4:]] == [["teacher", "0", "80.00"], ["teacher", "1", "85.00"]]
+
+
+def test_the_figure_finds_the_teachers_a_checkpoint_records_one_or_an_ensembles_members():
+    one = {"model_name": "resnet10t", "img_size": None}
+    assert teacher_configs(None) == [] and teacher_configs(one) == [one]
+    assert teacher_configs({"members": [one, {**one, "img_size": 48}]}) == [one, {**one, "img_size": 48}]
 
 
 def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:

@@ -315,8 +315,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             speed = measure_comparison(runs, threads=1) if plot else None
             if speed:
                 table += "\n\n" + speed_table(summary, speed)
-                title = " ".join(["distill compare", *(f"--config {Path(c).name}" for c in config), *extra])
-                draw(summary, speed, out / "accuracy_vs_speed.png", f"{title} ({len(seeds)} seed(s))")
+                title = " ".join(["distill compare", *(f"--config {Path(c).name}" for c in config), *extra,
+                                  f"--types {','.join(types)} ({len(seeds)} seed(s))"])
+                draw(summary, speed, out / "accuracy_vs_speed.png", title)
             record = {"config": config if len(config) > 1 else config[0], "extra": extra, "made_from": made_from,
                       "seeds": seeds, "jobs": jobs, "threads": threads, "wall_time_s": round(wall, 1), "summary": summary,
                       "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs],

@@ -16,7 +16,7 @@ from distill.common.tables import format_rows
 from distill.deploy.inference import load_student
 from distill.deploy.throughput import Member, architecture, measure_throughput
 
-__all__ = ["comparison_models", "measure_comparison", "speed_table", "draw"]
+__all__ = ["comparison_models", "measure_comparison", "speed_table", "draw", "teacher_configs"]
 
 BATCHES = (1, 64)
 
@@ -27,8 +27,7 @@ def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
     student, saved = load_student(checkpoint, option="compare --plot")
     size = int(saved.get("hyper_parameters", {}).get("img_size", 224))
     models = {"student": [(student.fused_model(), size)]}
-    teachers = saved.get("teacher_config")
-    teachers = [] if teachers is None else teachers if isinstance(teachers, list) else [teachers]
+    teachers = teacher_configs(saved.get("teacher_config"))
     members = [(architecture(t["model_name"], int(student.num_classes)), int(t.get("img_size") or size))
                for t in teachers]
     if len(members) > 1:
@@ -36,6 +35,15 @@ def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
     if members:
         models["teacher"] = members
     return models
+
+
+def teacher_configs(recorded: Any) -> list[dict[str, Any]]:
+    """The teacher members a checkpoint records: none, one teacher's config, or an ensemble's `members`."""
+    if not recorded:
+        return []
+    if isinstance(recorded, dict) and "members" in recorded:
+        return list(recorded["members"])
+    return list(recorded) if isinstance(recorded, list) else [recorded]
 
 
 def measure_comparison(runs: list[dict[str, Any]], threads: int) -> Optional[dict[str, Any]]:
@@ -91,12 +99,15 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
     figure, axes = plt.subplots(1, len(BATCHES), figsize=(5.5 * len(BATCHES), 4.2), squeeze=False)
     for axis, batch in zip(axes[0], BATCHES):
         placed: list[tuple[float, float]] = []
-        for label, per_s, top1, std in _points(summary, speed, batch):
+        points = _points(summary, speed, batch)
+        tops = [top1 for _, _, top1, _ in points]
+        near = 0.04 * ((max(tops) - min(tops)) if len(tops) > 1 and max(tops) > min(tops) else 1.0)
+        for label, per_s, top1, std in points:
             student = label.startswith("student")
             axis.errorbar([per_s], [top1], yerr=[std] if std else None, fmt="o" if student else "s",
                           color="tab:red" if student else "tab:blue", capsize=3)
             # a point on another's spot (the students share their speed, and may tie): its label goes lower
-            below = sum(1 for x, y in placed if abs(x / per_s - 1) < 0.05 and abs(y - top1) < 0.5)
+            below = sum(1 for x, y in placed if abs(x / per_s - 1) < 0.05 and abs(y - top1) < near)
             placed.append((per_s, top1))
             axis.annotate(label, (per_s, top1), textcoords="offset points", xytext=(6, 4 - 11 * below), fontsize=8)
         axis.set_xscale("log")
