@@ -54,6 +54,7 @@ from distill.training.run_records import (
     SaveConfigBesideRun,
     last_checkpoint,
     refuse_changed_options,
+    refuse_overridden,
 )
 from distill.training.summary import ValidationHistory, fit_summary
 from distill.training.telemetry import DistillationTelemetry
@@ -228,7 +229,7 @@ class DistillCLI(LightningCLI):
             if subcommand == "fit" and isinstance(checkpoint.get("run_options"), dict):
                 refuse_changed_options(checkpoint["run_options"], self.run_options, path, resolved)
             else:  # another command evaluates the checkpoint; or a checkpoint of an earlier version of this project
-                _refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
+                refuse_overridden(OneLineErrorParser.argv, checkpoint.get("hyper_parameters") or {}, subcommand, path)
             if subcommand == "fit":  # in place of Lightning's "Restoring states from ..." (distill/common/console.py)
                 say(f"Resuming from '{resolved}' (step {checkpoint.get('global_step', '?')})")
         super()._parse_ckpt_path()
@@ -312,56 +313,6 @@ def _check_monitor(monitor: str | None, model: Any) -> None:
         close = difflib.get_close_matches(monitor, sorted(names), n=1)
         raise UserError(f"checkpoint.monitor: '{monitor}' is not a metric this run logs"
                         f"{f'; did you mean {close[0]!r}' if close else ''} (validation logs {', '.join(sorted(names)[:6])}, ...)")
-
-
-def _refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
-    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored
-    (a model option, or a method's own: --model.distillation.beta)."""
-    given = {}
-    for index, arg in enumerate(argv):
-        if arg.startswith("--model."):
-            key, equals, value = arg[len("--model."):].partition("=")
-            if not equals and index + 1 < len(argv):
-                value = argv[index + 1]
-            given[key] = value
-    missing = object()
-    differ = []
-    for key, value in given.items():
-        saved = _saved_value(hparams, key, missing)
-        if saved is not missing and not _same_value(value, saved):
-            differ.append(f"model.{key}={value} (the checkpoint has {saved!r})")
-    if not differ:
-        return
-    what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
-    raise UserError(f"ckpt_path: '{path}' sets {', '.join(differ[:3])}; {what}, so the command line's would be "
-                    "ignored: drop them, or start a new run from its weights with model.init_from")
-
-
-def _saved_value(hparams: dict[str, Any], key: str, missing: Any) -> Any:
-    """The checkpoint's value of a dotted model option (a class's own through its init_args), or `missing`."""
-    parts = [part for part in key.split(".") if part != "init_args"]
-    node: Any = hparams
-    for depth, part in enumerate(parts):
-        if depth and isinstance(node, dict) and "class_path" in node:
-            node = node.get("init_args") or {}
-        if not isinstance(node, dict) or part not in node:
-            return missing
-        node = node[part]
-    return node
-
-
-def _same_value(text: str, saved: Any) -> bool:
-    """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
-    if isinstance(saved, dict) and "class_path" in saved:  # a class given by name or path (its options come apart)
-        return text in (saved["class_path"], saved["class_path"].rpartition(".")[2])
-    if isinstance(saved, bool) or saved is None:
-        return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
-    if isinstance(saved, (int, float)):
-        try:
-            return float(text) == float(saved)
-        except ValueError:
-            return False
-    return text == str(saved) or yaml.safe_load(text) == saved
 
 
 def _check_writable(option: str, folder: str | os.PathLike) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from pytorch_lightning import Callback
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from distill.common.errors import UserError
@@ -26,7 +27,7 @@ from distill.common.files import OutputLock
 from distill.common.identity import describe_differences
 
 __all__ = ["RecordRunOptions", "SaveConfigBesideRun", "RemoveUnusedOutputs", "first_missing", "last_checkpoint",
-           "nothing_to_resume", "refuse_changed_options", "refuse_earlier_run"]
+           "nothing_to_resume", "refuse_changed_options", "refuse_earlier_run", "refuse_overridden"]
 
 
 class SaveConfigBesideRun(SaveConfigCallback):
@@ -184,3 +185,53 @@ def _events_without_scalars(path: Path) -> bool:
     except Exception:  # unreadable: not ours to judge, keep it
         return False
     return all(tag.startswith(("hp/", "_hparams_/")) for tag in tags)
+
+
+def refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
+    """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored
+    (a model option, or a method's own: --model.distillation.beta)."""
+    given = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--model."):
+            key, equals, value = arg[len("--model."):].partition("=")
+            if not equals and index + 1 < len(argv):
+                value = argv[index + 1]
+            given[key] = value
+    missing = object()
+    differ = []
+    for key, value in given.items():
+        saved = _saved_value(hparams, key, missing)
+        if saved is not missing and not _same_value(value, saved):
+            differ.append(f"model.{key}={value} (the checkpoint has {saved!r})")
+    if not differ:
+        return
+    what = "a resumed run keeps the checkpoint's values" if subcommand == "fit" else "the model is rebuilt from it"
+    raise UserError(f"ckpt_path: '{path}' sets {', '.join(differ[:3])}; {what}, so the command line's would be "
+                    "ignored: drop them, or start a new run from its weights with model.init_from")
+
+
+def _saved_value(hparams: dict[str, Any], key: str, missing: Any) -> Any:
+    """The checkpoint's value of a dotted model option (a class's own through its init_args), or `missing`."""
+    parts = [part for part in key.split(".") if part != "init_args"]
+    node: Any = hparams
+    for depth, part in enumerate(parts):
+        if depth and isinstance(node, dict) and "class_path" in node:
+            node = node.get("init_args") or {}
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def _same_value(text: str, saved: Any) -> bool:
+    """Whether a command-line value means the saved one (5e-4 and 0.0005 alike; null and None)."""
+    if isinstance(saved, dict) and "class_path" in saved:  # a class given by name or path (its options come apart)
+        return text in (saved["class_path"], saved["class_path"].rpartition(".")[2])
+    if isinstance(saved, bool) or saved is None:
+        return str(yaml.safe_load(text)).lower() == str(saved).lower() or (saved is None and text.lower() == "none")
+    if isinstance(saved, (int, float)):
+        try:
+            return float(text) == float(saved)
+        except ValueError:
+            return False
+    return text == str(saved) or yaml.safe_load(text) == saved
