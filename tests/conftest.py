@@ -1,7 +1,9 @@
 """Shared fixtures: tiny models, weights files and image folders made in tmp_path; no network."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -15,6 +17,7 @@ from tests.helpers import TINY_STUDENT, fill, make_image_folder, random_teacher_
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # the data folders' remembered digests (distill/common/digests.py) go to a folder of the test run, not ~/.cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="distill-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # one folder a test run, not kept
 
 
 @pytest.fixture
