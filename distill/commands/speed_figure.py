@@ -6,11 +6,13 @@ on this machine (distill/deploy/throughput.py) and draws, for batch 1 and batch 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
+from distill.common.errors import UserError
 from distill.common.files import write_atomically
 from distill.common.tables import format_rows
 from distill.deploy.inference import load_student
@@ -28,13 +30,23 @@ def comparison_models(checkpoint: str | Path) -> dict[str, list[Member]]:
     size = int(saved.get("hyper_parameters", {}).get("img_size", 224))
     models = {"student": [(student.fused_model(), size)]}
     teachers = teacher_configs(saved.get("teacher_config"))
-    members = [(architecture(t["model_name"], int(student.num_classes)), int(t.get("img_size") or size))
-               for t in teachers]
+    members = [(_teacher_model(t, int(student.num_classes)), int(t.get("img_size") or size)) for t in teachers]
     if len(members) > 1:
         models.update({f"teacher {index}": [member] for index, member in enumerate(members)})
     if members:
         models["teacher"] = members
     return models
+
+
+def _teacher_model(config: dict[str, Any], classes: int) -> Any:
+    """The teacher as the run built it (a ViT trained here has its run's sizes); its timm architecture when its
+    weights are not where the run read them (speed does not depend on the weights)."""
+    from teachers import Teacher
+
+    try:
+        return Teacher(**{k: v for k, v in config.items() if k in inspect.signature(Teacher).parameters}).model
+    except UserError:
+        return architecture(config["model_name"], classes)
 
 
 def teacher_configs(recorded: Any) -> list[dict[str, Any]]:
