@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -109,12 +110,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 class StallAlarm(pl.Callback):
     """Says, while training runs, when a student has not left chance: a ViT on small data can stay at the loss of a
     uniform guess (ln C) for its whole schedule (docs/recipes.md: `none` under the recipe's augmentation on the
-    letters). Checked at each validation once `patience` epochs have passed after
-    the warm-up; said once, naming the epoch, the accuracy against chance and what to try; training goes on.
+    letters). Checked at each validation once `patience` epochs have passed after the warm-up: a run is stalled when
+    its validation top-1 is near chance and its validation loss is still within `LOSS_SHARE` of ln C (a distilled
+    run can sit near chance in top-1 for a dozen epochs while its loss falls, and then learn); said once, naming the
+    epoch, the accuracy against chance and what to try; training goes on.
 
     Args:
         patience: epochs after the learning-rate warm-up before a run still at chance is named.
     """
+
+    LOSS_SHARE = 0.03  # a stalled run stays at ln C; a distilled one still near chance is clearly under it (docs/recipes.md)
 
     def __init__(self, patience: int = 10) -> None:
         self.patience, self.said = patience, False
@@ -127,8 +132,9 @@ class StallAlarm(pl.Callback):
         acc = trainer.callback_metrics.get("val/acc")
         if acc is None or classes < 2 or trainer.current_epoch + 1 < warmup + self.patience:
             return
-        chance = 1.0 / classes
-        if float(acc) < chance + 0.1 * (1 - chance):
+        chance, loss = 1.0 / classes, trainer.callback_metrics.get("val/loss")
+        uniform = loss is None or float(loss) >= (1 - self.LOSS_SHARE) * math.log(classes)
+        if float(acc) < chance + 0.1 * (1 - chance) and uniform:
             self.said = True
             alone = getattr(pl_module, "teacher", None) is None and not getattr(pl_module.hparams, "teacher_cache", None)
             advice = ("without a teacher, the distillation recipe's augmentation (RandAugment, erasing, mixup, cutmix, "
