@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from distill.common.argv import given, is_option
 from distill.common.configs import check_config_files
 from distill.common.console import quiet_console
 from distill.common.errors import UsageError, UserError
@@ -59,28 +60,23 @@ COMMANDS_HELP = "\n".join([
 def command_of(argv: list[str]) -> tuple[str, Callable[[list[str] | None], None]]:
     """The command named by argv and its module's `main`; a name that is not a command is a `UsageError`."""
     typed = argv[0] if argv else ""
-    if typed.startswith("-"):
+    if is_option(typed):
         raise UsageError(f"'{typed}' before the command: options go after it (distill COMMAND [options]; `distill` "
                          "alone lists the commands)")
     if typed not in COMMANDS or " " in typed:
         close = difflib.get_close_matches(typed, [n for n in COMMANDS if " " not in n], n=1)
         raise UsageError(f"'{typed}' is not a command{f'; did you mean {close[0]!r}?' if close else ''}  "
                          "(`distill` alone lists them)")
-    name, helps, configured = typed, _given(argv, "--help", "-h"), _given(argv, "--config", "-c")
-    if typed == "predict" and (_given(argv, "--export") or helps and not configured):
+    name, helps, configured = typed, given(argv, "--help", "-h"), given(argv, "--config", "-c")
+    if typed == "predict" and (given(argv, "--export") or helps and not configured):
         name = "predict --export"  # `predict` on an export folder (the common case, so its --help too); with
         # --config and without --export: LightningCLI's predict
-    elif typed == "predict" and not helps and (_given(argv, "--images") or not configured):
+    elif typed == "predict" and not helps and (given(argv, "--images") or not configured):
         raise UsageError("predict: give --export DIR --images FOLDER (a folder written by `distill export`), or "
                          "--config FILE --ckpt_path CKPT for LightningCLI's predict on the validation split")
     if name in TRAINING:  # before the module loads torch, Lightning and timm (seconds): a config file that is
         check_config_files(argv[1:])  # missing or not a mapping of options is named at once
     return name, importlib.import_module(COMMANDS[name][0]).main
-
-
-def _given(argv: list[str], *options: str) -> bool:
-    """Whether the command line gives one of `options` (`--x value` or `--x=value`)."""
-    return any(a in options or a.split("=", 1)[0] in options for a in argv)
 
 
 def _user_error(err: BaseException) -> UserError | None:
@@ -134,10 +130,10 @@ def _library_error(err: BaseException, module: str, name: str) -> bool:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of `distill`, `lightning` and `python -m distill`; tests pass `args`."""
     argv = sys.argv[1:] if args is None else list(args)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or given(argv[:1], "-h", "--help"):
         print(COMMANDS_HELP)
         return
-    if argv[0] == "--version":
+    if given(argv[:1], "--version"):
         print(f"distill {importlib.metadata.version('deit-distill')}")
         return
     name = ""

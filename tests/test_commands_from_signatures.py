@@ -148,3 +148,52 @@ def test_no_command_declares_its_options_by_hand():
             if name in ("add_argument", "ArgumentParser"):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, f"options declared by hand: {found}"
+
+
+def _option_text(node: ast.AST) -> bool:
+    """A str constant (or f-string) that spells an option: `--model.lr`, `-c`, `--{name}`."""
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("-") \
+        and node.value != "-"
+
+
+def test_no_code_reads_the_command_line_or_merges_config_files_beside_jsonargparse():
+    """jsonargparse (LightningCLI for fit, commandline.py for the other commands) is the one reader of options: a
+    token is looked at as an option only in distill/common/argv.py (the lookups taken before a parser exists) and
+    commandline.py's splitter; sys.argv is read by the two entry points; YAML is read only where named below."""
+    token_readers = {ROOT / "distill" / "common" / name for name in ("argv.py", "commandline.py")}
+    argv_readers = {ROOT / "distill" / "cli.py", ROOT / "distill" / "training" / "cli.py"}
+    yaml_readers = {
+        "common/files.py": "load_yaml itself (a strict loader)",
+        "common/configs.py": "checks that each --config file is a mapping before the imports",
+        "commands/pipeline.py": "its own pipeline file, and a stage config's output options",
+        "training/cli.py": "names the --config file that holds a mistaken key",
+        "training/run_records.py": "reads a command-line value as YAML to compare it with a checkpoint's",
+    }
+    found = []
+    for path in sorted((ROOT / "distill").rglob("*.py")):
+        where = path.relative_to(ROOT / "distill").as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            line = f"{where}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                method, args = node.func.attr, node.args
+                if path not in token_readers and (
+                        method in ("startswith", "removeprefix") and args and _option_text(args[0])
+                        or method in ("split", "partition") and args and isinstance(args[0], ast.Constant)
+                        and args[0].value == "="):
+                    found.append(f"{line} tests a token with .{method}")
+                if method in ("safe_load", "full_load", "load") and getattr(node.func.value, "id", "") == "yaml" \
+                        and where not in yaml_readers:
+                    found.append(f"{line} reads YAML")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "load_yaml" and where not in yaml_readers:
+                found.append(f"{line} reads YAML")
+            if isinstance(node, ast.Compare) and path not in token_readers:
+                sides = [node.left, *node.comparators]
+                items = [e for s in sides for e in (s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [s])]
+                if any(_option_text(item) for item in items):
+                    found.append(f"{line} compares a token with an option")
+            if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys" \
+                    and path not in argv_readers:
+                found.append(f"{line} reads sys.argv")
+    assert not found, f"options read beside jsonargparse: {found}"

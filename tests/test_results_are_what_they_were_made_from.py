@@ -29,9 +29,9 @@ import distill.training.module
 from distill.cli import cli_main
 from distill.commands.compare import check_same_options, plan_runs
 from distill.commands.pipeline import _check_unchanged, stage_identity
-from distill.common.errors import UserError
-from distill.common.identity import intended_options
+from distill.common.errors import UsageError, UserError
 from distill.commands.export import export_student
+from distill.training.cli import fit_options
 from tests.helpers import ROOT, distill_args, run_cli_error
 
 
@@ -249,10 +249,13 @@ def test_compare_refuses_runs_made_from_a_config_file_since_edited(tmp_path):
 
 
 def test_compare_after_a_run_that_failed_on_a_bad_option_accepts_the_fixed_command(tmp_path):
-    (run,) = plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", ["--model.lrr=1"])
-    run["folder"].mkdir(parents=True)
-    (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
-    (run["folder"] / "fit.log").write_text("error: model.lrr ...")  # nothing trained
+    with pytest.raises(UsageError, match=r"--model.lrr=1; did you mean 'model.lr'"):  # refused before any run starts
+        plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", ["--model.lrr=1"])
+    assert not (tmp_path / "c").exists()
+    folder = tmp_path / "c" / "none" / "seed_0"  # as a run of a version that let the bad option reach its fit left it
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"options": {"model.lrr": 1}}))
+    (folder / "fit.log").write_text("error: model.lrr ...")  # nothing trained
     check_same_options(plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", []))
 
 
@@ -280,29 +283,49 @@ def test_another_comparison_into_the_same_out_does_not_replace_its_table(tmp_pat
     assert json.loads((out / "compare.json").read_text())["made_from"]["runs"] == [["soft", 0], ["soft", 1]]
 
 
-def test_intended_options_merge_configs_by_content_then_overrides_then_arguments(tmp_path):
+def test_fit_options_merge_config_files_in_order_then_the_command_line_as_fit_does(tmp_path):
     base, overlay = tmp_path / "base.yaml", tmp_path / "overlay.yaml"
-    base.write_text("model:\n  lr: 0.001\n  student:\n    class_path: A\n    init_args: {depth: 6}\ndata:\n  img_size: 32\n")
-    overlay.write_text("model:\n  student:\n    class_path: B\n")
-    options = intended_options([base, overlay], {"data.img_size": 48}, ["--model.lr", "2e-3", "--trainer.devices=2"])
-    assert (options["model.lr"], options["model.student.class_path"]) == (0.002, "B")
-    assert (options["data.img_size"], options["trainer.devices"]) == (48, 2)
-    assert intended_options([base], None, ["--model.lr=0.002"]) == intended_options([base], None, ["--model.lr=2e-3"])
+    base.write_text("model:\n  lr: 0.001\n  student:\n    class_path: students.Student\n    init_args: {depth: 6}\n"
+                    "data:\n  img_size: 32\n")
+    overlay.write_text("model:\n  student:\n    init_args: {embed_dim: 64}\ndata:\n  img_size: 48\n")
+    options = fit_options(["--config", str(base), "-c", str(overlay), "--model.lr", "2e-3", "--trainer.devices=2"])
+    assert (options["model.lr"], options["data.img_size"], options["trainer.devices"]) == (0.002, 48, 2)
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("trainer:\n  devices: 2\n")  # the same count, from a file (jsonargparse gives it as 2, not '2')
+    assert fit_options(["-c", str(base), "-c", str(overlay), "-c", str(devices), "--model.lr=2e-3"]) == options
+    assert (options["model.student.init_args.depth"], options["model.student.init_args.embed_dim"]) == (6, 64)
+    assert options["model.tau"] == 1.0  # defaults count: a run made before a default changed is another run
+    assert fit_options(["-c", str(base), "--model.lr=0.002"]) == fit_options(["-c", str(base), "--model.lr=2e-3"])
+    with pytest.raises(UsageError, match="model.lrr"):  # the one-line error distill fit gives
+        fit_options(["-c", str(base), "--model.lrr=0.1"])
+
+
+def test_fit_options_are_what_the_run_records_in_its_checkpoints(finished_fit):
+    import torch
+    args, mine = finished_fit
+    cwd = os.getcwd()
+    os.chdir(mine.parent)
+    try:
+        options = fit_options(args[1:])  # args: ["fit", ...]
+    finally:
+        os.chdir(cwd)
+    recorded = torch.load(mine.parent / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["run_options"]
+    assert options == recorded
 
 
 def test_a_data_folder_is_the_same_named_from_another_folder_and_an_overlay_or_nested_override_counts(tmp_path,
                                                                                                      monkeypatch):
     (tmp_path / "A" / "images").mkdir(parents=True)
     (tmp_path / "B").mkdir()
+    recipe = ["--config", str(ROOT / "configs" / "distill.yaml")]
     monkeypatch.chdir(tmp_path / "A")
-    here = intended_options([], None, ["--data.dataset=images"])
+    here = fit_options([*recipe, "--data.dataset=images"])
     monkeypatch.chdir(tmp_path / "B")
-    assert intended_options([], None, ["--data.dataset", "../A/images"]) == here
-    assert intended_options([], None, [f"--data.dataset={tmp_path / 'A' / 'images'}"]) == here
-    recipe = str(ROOT / "configs" / "distill.yaml")
-    overlay = intended_options([recipe], None, ["-c", str(ROOT / "configs" / "students" / "deit.yaml")])
-    assert overlay != intended_options([recipe]) and overlay["model.student.init_args.model_name"] == "deit_tiny"
-    nested = intended_options([recipe], {"model.student.init_args": {"depth": 2}})
+    assert fit_options([*recipe, "--data.dataset", "../A/images"]) == here
+    assert fit_options([*recipe, f"--data.dataset={tmp_path / 'A' / 'images'}"]) == here
+    overlay = fit_options([*recipe, "-c", str(ROOT / "configs" / "students" / "deit.yaml")])
+    assert overlay != fit_options(recipe) and overlay["model.student.init_args.model_name"] == "deit_tiny"
+    nested = fit_options([*recipe, '--model.student.init_args={"depth": 2}'])
     assert nested["model.student.init_args.depth"] == 2 and nested["model.student.init_args.embed_dim"] == 128
 
 

@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import yaml
 import torch
 
 from distill.cli import cli_main
@@ -116,10 +117,12 @@ def test_the_comparison_shows_each_head_alone_and_each_teacher_of_an_ensemble():
 
 def test_a_pipeline_stage_of_an_ensemble_cannot_take_its_teacher_from_a_stage(tmp_path):
     from distill.commands.pipeline import stage_identity
-    config = tmp_path / "ensemble_stage.yaml"
-    config.write_text("model:\n  teacher:\n" + "".join(
-        f"    - class_path: teachers.Teacher\n      init_args: {{model_name: {TINY_TEACHER}, weights: m{i}.ckpt}}\n"
-        for i in range(2)))
+    from tests.helpers import ROOT
+    config = tmp_path / "ensemble_stage.yaml"  # the recipe with a list of two teachers
+    recipe = yaml.safe_load((ROOT / "configs" / "distill.yaml").read_text())
+    recipe["model"]["teacher"] = [{"class_path": "teachers.Teacher",
+                                   "init_args": {"model_name": TINY_TEACHER, "weights": f"m{i}.ckpt"}} for i in range(2)]
+    config.write_text(yaml.safe_dump(recipe))
     stage = {"name": "distill", "config": str(config), "teacher_from": "teacher"}
     with pytest.raises(UserError, match="stage 'distill' takes teacher_from 'teacher'.*list of teachers.*last member"):
         stage_identity(stage, tmp_path / "runs", [])
@@ -131,7 +134,7 @@ def test_compare_refuses_an_option_that_would_change_one_member_of_an_ensemble(t
     line = run_cli_error(["compare", "--config", str(ROOT / "configs" / "distill.yaml"), "--config",
                           str(ROOT / "configs" / "teachers" / "ensemble.yaml"), "--out", str(tmp_path / "c"),
                           "--model.teacher.init_args.weights=other.ckpt"], capsys)
-    assert "--model.teacher.init_args.weights would change the last teacher of the config's ensemble alone" in line
+    assert "--model.teacher.init_args.weights would change the last teacher of the ensemble of 3 in" in line
     assert not (tmp_path / "c").exists()
 
 

@@ -33,15 +33,20 @@ from typing import Any, Optional
 import torch
 
 from distill.commands.speed_figure import draw, measure_comparison, speed_table
+from distill.common.argv import given
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
-from distill.common.identity import describe_differences, finished, intended_options, trained_something
+from distill.common.identity import describe_differences, finished, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
+from distill.training.cli import fit_options
 from distill.training.methods import method_names
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
+
+# what compare sets for each run itself
+RESERVED = ("--seed_everything", "--model.distillation", "--metrics_json", "--checkpoint.dirpath", "--ckpt_path")
 
 
 def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: Path,
@@ -51,7 +56,8 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     `config`: one fit config, or several (a recipe, then overlays such as configs/students/deit.yaml), in order.
     """
     configs = [config] if isinstance(config, str) else list(config)
-    options = intended_options(configs, None, extra)  # by content: config files, and any file an option names
+    # what each run is made from, as its fit records it (by content: config files, and any file an option names)
+    options = fit_options([*[a for c in configs for a in ("--config", c)], *extra])
     runs = []
     for seed in seeds:
         for kind in types:
@@ -287,14 +293,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     for name in config:
         if not Path(name).is_file():
             raise UserError(f"compare --config: '{name}' does not exist")
-    reserved = [a for a in extra if a.split("=")[0] in ("--seed_everything", "--model.distillation", "--metrics_json",
-                                                       "--checkpoint.dirpath", "--ckpt_path")]
+    reserved = [name for name in RESERVED if given(extra, name)]
     if reserved:
-        raise UserError(f"compare: {reserved[0].split('=')[0]} is set by compare for each run; leave it out")
-    member_options = [a.split("=")[0] for a in extra if a.startswith("--model.teacher.")]
-    if member_options and isinstance(intended_options(config, None, []).get("model.teacher"), list):
-        raise UserError(f"compare: {member_options[0]} would change the last teacher of the config's ensemble alone "
-                        "(model.teacher is a list); name each member's options in the config instead")
+        raise UserError(f"compare: {reserved[0]} is set by compare for each run; leave it out")
     out = Path(out)
     seeds = list(range(first_seed, first_seed + seeds))
     runs = plan_runs(config, types, seeds, out, extra)

@@ -30,19 +30,21 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from distill.common.argv import given, last_value, values
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
-from distill.common.identity import describe_differences, differences, finished, intended_options, trained_something
+from distill.common.identity import describe_differences, differences, finished, trained_something
 from distill.common.names import DIGITS, check_name, data_folder_name, same_folder
 from distill.common.tables import format_rows
+from distill.training.cli import fit_options
 
 __all__ = ["run_pipeline", "load_spec", "main", "finished"]
 
 STAGE_KEYS = {"name", "config", "overrides", "teacher_from", "init_from"}
 # set by the pipeline for each stage (its folder, its result file, its resume point, the best.ckpt later stages read)
-RESERVED = ("--checkpoint.dirpath", "--metrics_json", "--ckpt_path", "--trainer.logger.init_args.save_dir",
-            "--trainer.logger.init_args.name", "--checkpoint.filename")
+RESERVED = ("checkpoint.dirpath", "metrics_json", "ckpt_path", "trainer.logger.init_args.save_dir",
+            "trainer.logger.init_args.name", "checkpoint.filename")
 # what else the pipeline writes in <root>/<name>/ beside the stage folders; its lock and the export's working
 # folders start with '.', as no name may (distill/common/names.py)
 TAKEN = {"export": "the pipeline's export folder (<root>/<name>/export)"}
@@ -123,7 +125,7 @@ def _check_outputs_left_alone(stage: dict[str, Any], where: str, config: Path) -
     """A stage's overrides leave the options that place its outputs to the pipeline, and a logger version given as
     text (in its overrides or config file) is a name like the stage's own."""
     for key, value in _flat(stage.get("overrides") or {}):
-        if f"--{key}" in RESERVED:
+        if key in RESERVED:
             raise UserError(f"{where}: {key} is set by the pipeline for each stage; leave it out")
         if key == VERSION and isinstance(value, str):
             check_name(value, f"{where}.{key}", IN_STAGE)
@@ -142,8 +144,8 @@ def _flat(options: dict[Any, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return pairs
 
 
-def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[str]:
-    """The `distill fit` command line of one stage."""
+def stage_command(stage: dict[str, Any], root: Path, extra: list[str], resume: bool = True) -> list[str]:
+    """The `distill fit` command line of one stage (`resume`: from its last.ckpt, where it has one)."""
     out = root / stage["name"]
     args = [sys.executable, "-m", "distill", "fit", "--config", stage["config"]]
     for key, value in (stage.get("overrides") or {}).items():
@@ -156,7 +158,7 @@ def stage_command(stage: dict[str, Any], root: Path, extra: list[str]) -> list[s
     if stage.get("init_from"):
         args.append(f"--model.init_from={root / stage['init_from'] / 'checkpoints' / 'best.ckpt'}")
     last = out / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    if resume and last.is_file():
         args.append(f"--ckpt_path={last}")
     return [*args, *extra]
 
@@ -185,51 +187,35 @@ def run_pipeline(config: str | Path, extra: list[str] | None = None, root: str |
     if name is not None:
         spec["name"] = check_name(name, "pipeline --name", None)
     elif spec.get("name") is None:
-        dataset = option_value(extra or [], "--data.dataset")
+        dataset = last_value(extra or [], "--data.dataset")
         if dataset is None:
             raise UserError(f"pipeline '{config}': has no 'name'; give --data.dataset DIR (the runs are then named "
                             "after the data) or --name NAME")
         spec["name"] = data_folder_name(dataset)
     root = Path(root or spec.get("root", "runs")).absolute() / spec["name"]  # stages and results name it whole
-    reserved = [a.split("=")[0] for a in (extra or []) if a.split("=")[0] in RESERVED]
+    reserved = [key for key in RESERVED if given(extra or [], f"--{key}")]
     if reserved:
-        raise UserError(f"pipeline: {reserved[0]} is set by the pipeline for each stage; leave it out")
-    for at, arg in enumerate(extra or []):
-        if arg.split("=")[0] == f"--{VERSION}":
-            given = arg.partition("=")[2] if "=" in arg else (extra[at + 1:] or [""])[0]
-            check_name(given, f"pipeline: --{VERSION}", IN_STAGE)
+        raise UserError(f"pipeline: --{reserved[0]} is set by the pipeline for each stage; leave it out")
+    for version in values(extra or [], f"--{VERSION}"):
+        check_name(version, f"pipeline: --{VERSION}", IN_STAGE)
     if root.exists() and not root.is_dir():
         raise UserError(f"pipeline --root: '{root}' is a file, not a folder")
     with OutputLock(root / ".lock", f"pipeline root '{root}'"):
         return _run_stages(spec, root, extra)
 
 
-def option_value(arguments: list[str], option: str) -> Optional[str]:
-    """The last value of `option` in a command line (`--option value` or `--option=value`), or None."""
-    value = None
-    for at, arg in enumerate(arguments):
-        if arg == option and at + 1 < len(arguments):
-            value = arguments[at + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[str, Any]:
     """What a stage's result is made from: the merged options of its fit (its config file's content, its overrides,
     the options given to every stage) with the checkpoints of the stages it starts from by their content; neither
     the paths that named them nor the folder the pipeline runs from (distill/common/identity.py)."""
-    arguments = list(extra)
     if stage.get("teacher_from") and isinstance(
-            intended_options([stage["config"]], stage.get("overrides"), arguments).get("model.teacher"), list):
+            fit_options(stage_command({**stage, "teacher_from": None}, root, extra, resume=False)[4:])
+            .get("model.teacher"), list):
         raise UserError(f"pipeline: stage '{stage['name']}' takes teacher_from '{stage['teacher_from']}', but its "
                         f"config '{stage['config']}' gives a list of teachers (an ensemble), of which teacher_from "
                         "would replace the last member alone; name each member's weights in the config instead")
-    for ref, key in (("teacher_from", "model.teacher.init_args.weights"), ("init_from", "model.init_from")):
-        if stage.get(ref):
-            arguments.append(f"--{key}={root / stage[ref] / 'checkpoints' / 'best.ckpt'}")
     refs = {ref: stage[ref] for ref in ("teacher_from", "init_from") if stage.get(ref)}
-    return {"options": intended_options([stage["config"]], stage.get("overrides"), arguments), "from": refs}
+    return {"options": fit_options(stage_command(stage, root, extra, resume=False)[4:]), "from": refs}
 
 
 def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
@@ -276,7 +262,7 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
             with write_atomically(root / stage["name"] / "stage.json") as partial:  # a kill never leaves half of it
                 partial.write_text(json.dumps(identity, indent=2))
             command = stage_command(stage, root, extra or [])
-            resumed = next((a.split("=", 1)[1] for a in command if a.startswith("--ckpt_path=")), None)
+            resumed = last_value(command, "--ckpt_path")
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
             code = _run_stage(command)
             if code in (143, -signal.SIGTERM):  # stopped by Lightning's handler, or before it was installed
@@ -297,7 +283,7 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
         if code != 0:
             _stop_after_failure("export", code, "(finished stages are skipped)")
     print(format_table(results), flush=True)
-    for line in verdict(results, spec["stages"], classes_of(option_value(extra or [], "--data.dataset"))):
+    for line in verdict(results, spec["stages"], classes_of(last_value(extra or [], "--data.dataset"))):
         print(f"[pipeline] {line}", flush=True)
     if export:
         print(f"[pipeline] next: distill serve --export {root / 'export'}   (or distill predict --export "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from distill.common.argv import values
 from distill.common.errors import UserError
 from distill.common.files import load_yaml
 
@@ -20,13 +21,7 @@ __all__ = ["check_config_files", "config_files"]
 
 def config_files(argv: list[str]) -> list[str]:
     """The --config (-c) values of `argv`, in the order they apply (`--config X` and `--config=X` alike)."""
-    files = []
-    for index, arg in enumerate(argv):
-        if arg in ("-c", "--config") and index + 1 < len(argv):
-            files.append(argv[index + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
+    return values(argv, "--config", "-c")
 
 
 def check_config_files(argv: list[str]) -> None:

@@ -9,9 +9,9 @@ command that would reuse (skip or resume) them compares it with the identity of 
   path is the same run; one naming an existing folder stands for its files' content (distill/common/digests.py: a
   data folder or a teacher's export folder moved elsewhere is the same, regenerated or re-exported is not), a
   teacher cache for its meta.json (`CONTENT_OF`).
-- `intended_options`: the same for a `distill fit` command that has not run yet (config files merged in
-  order, then `key: value` overrides, then `--key=value` arguments), for the drivers (pipeline, compare) that
-  must decide before starting a process (they import neither jsonargparse nor Lightning: 0.4 s to start).
+  `distill.training.cli.fit_options` gives it for a `distill fit` command that has not run yet (the fit
+  command's own parser merges its config files and options), for the drivers (pipeline, compare) that decide
+  before they start a process.
 - `differences`: the keys that differ, as `key: before -> now`, for the one-line refusal.
 - `finished` / `trained_something`: whether a run folder (a pipeline stage, a compare run) holds a finished
   result, or anything trained at all.
@@ -23,16 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distill.common.digests import folder_digest
 from distill.common.errors import UserError
-from distill.common.files import load_yaml
 
 __all__ = [
     "LEFT_OUT",
@@ -41,7 +37,6 @@ __all__ = [
     "file_digest",
     "verify_files",
     "finished",
-    "intended_options",
     "options_identity",
     "trained_something",
 ]
@@ -133,7 +128,8 @@ def _plain(value: Any) -> Any:
                     return folder_digest(text)
             except OSError:
                 pass
-        return text
+        # jsonargparse gives a `str | int` option (trainer.devices) as '2' from the command line, 2 from a file
+        return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else text
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -154,77 +150,6 @@ def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(flat.get(key), (str, os.PathLike)) and (Path(flat[key]) / name).is_file():
             flat[key] = Path(flat[key]) / name
     return {key: _plain(flat[key]) for key in sorted(flat) if not _left_out(key)}
-
-
-def _parse_arguments(arguments: Iterable[str]) -> list[tuple[str, Any]]:
-    """`--key=value` / `--key value` pairs of a command line, values read as YAML (as jsonargparse reads them)."""
-    pairs, items = [], list(arguments)
-    index = 0
-    while index < len(items):
-        arg = items[index]
-        index += 1
-        if arg == "-c" or arg.startswith("-c="):  # jsonargparse's short form of --config
-            arg = "--config" + arg[2:]
-        if not arg.startswith("--"):
-            continue
-        key, equals, value = arg[2:].partition("=")
-        key = key.removesuffix("+")  # `--trainer.callbacks+=...` appends to the list it names
-        if not equals:
-            if index < len(items) and not items[index].startswith("--"):
-                value, index = items[index], index + 1
-            else:
-                value = "true"
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        pairs.append((key, value if parsed is None and value not in ("null", "None", "~", "") else parsed))
-    return pairs
-
-
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _number(value: Any) -> Any:
-    """`1e-3` as the number jsonargparse makes of it (YAML 1.1 reads it as text: it wants `1.0e-3`)."""
-    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
-
-
-def intended_options(configs: Iterable[str | os.PathLike], overrides: Mapping[str, Any] | None = None,
-                     arguments: Iterable[str] = ()) -> dict[str, Any]:
-    """The identity of `distill fit --config C1 [--config C2 ...] <overrides> <arguments>` before it runs.
-
-    Config files are merged by their content (their paths do not count); a `--config` among `arguments` is
-    merged where it stands, as jsonargparse does.
-    """
-    flat: dict[str, Any] = {}
-
-    def merge(key: str, value: Any) -> None:
-        if key == "config":
-            content = load_yaml(value)
-            if isinstance(content, Mapping):
-                merge_mapping(content)
-            return
-        if not (isinstance(value, Mapping) and value):  # a mapping merges into what is there, as jsonargparse does;
-            for old in [k for k in flat if k == key or k.startswith(key + ".")]:  # any other value replaces it
-                del flat[old]
-        _flatten(value, key, flat)
-        for name in [k for k in flat if k == key or k.startswith(key + ".")]:
-            flat[name] = _number(flat[name])
-
-    def merge_mapping(content: Mapping[str, Any]) -> None:
-        nested: dict[str, Any] = {}
-        _flatten(content, "", nested)
-        for key, value in nested.items():
-            merge(key, value)
-
-    for config in configs:
-        merge("config", config)
-    for key, value in (overrides or {}).items():
-        merge(str(key), value)
-    for key, value in _parse_arguments(arguments):
-        merge(key, value)
-    return options_identity(flat)
 
 
 def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

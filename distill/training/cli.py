@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import errno
 import json
+import logging
 import os
 import re
 import sys
@@ -35,12 +36,13 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
 from distill.common.adapters import option_names
+from distill.common.argv import given, pairs
 from distill.common.checkpoints import read_student_checkpoint
 from distill.common.commandline import one_line
 from distill.common.configs import check_config_files, config_files
 from distill.common.console import say
 from distill.common.errors import UsageError, UserError
-from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, load_yaml, write_atomically
+from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, write_atomically
 from distill.common.identity import options_identity
 from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
@@ -59,7 +61,7 @@ from distill.training.run_records import (
 from distill.training.summary import ValidationHistory, fit_summary
 from distill.training.telemetry import DistillationTelemetry
 
-__all__ = ["DistillCLI", "make_cli"]
+__all__ = ["DistillCLI", "fit_options", "make_cli"]
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
@@ -95,16 +97,16 @@ class OneLineErrorParser(LightningArgumentParser):
         raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
 
 
-def _check_ensemble_options(argv: list[str]) -> None:
-    """`--model.teacher.init_args.X` on a config whose model.teacher is a list would change its last member alone."""
-    member_options = [a.split("=")[0] for a in argv if a.startswith("--model.teacher.")]
-    if any(a.split("=")[0] == "--model.teacher" for a in argv):
-        return  # the command line gives the teacher (or the list) whole
-    source = _config_with_key(argv, "model.teacher", last=True) if member_options else None
-    teacher = (load_yaml(Path(source)).get("model") or {}).get("teacher") if source else None
-    if isinstance(teacher, list) and len(teacher) > 1:
-        raise UserError(f"{member_options[0]} would change the last teacher of the ensemble of {len(teacher)} in "
-                        f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
+def _check_ensemble_options(config: Any, argv: list[str]) -> None:
+    """`--model.teacher.init_args.X` on a config whose model.teacher is a list changes its last member alone (as
+    jsonargparse applies it): refused, unless the command line gives the teacher (or the list) whole."""
+    teacher = (config.get("model") or {}).get("teacher")
+    member_options = [name for name, _ in pairs(argv, "--model.teacher.")]
+    if not isinstance(teacher, list) or len(teacher) < 2 or not member_options or given(argv, "--model.teacher"):
+        return
+    source = _config_with_key(argv, "model.teacher", last=True) or "the config"
+    raise UserError(f"{member_options[0]} would change the last teacher of the ensemble of {len(teacher)} in "
+                    f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
 
 
 def _config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
@@ -158,6 +160,7 @@ class DistillCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         _check_trainer_options(config)
+        _check_ensemble_options(config, OneLineErrorParser.argv)
 
     def before_instantiate_classes(self) -> None:
         """`none` runs no teacher: its model.teacher (the recipe's) is not built, so its weights need not exist."""
@@ -335,13 +338,13 @@ def _check_writable(option: str, folder: str | os.PathLike) -> None:
         raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); {advice}") from err
 
 
-def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill") -> DistillCLI:
+def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill",
+             cli_class: type[DistillCLI] = DistillCLI) -> DistillCLI:
     """The CLI with this project's defaults; `run=False` only parses and instantiates (tests, cache-teacher).
     `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
     check_config_files(OneLineErrorParser.argv)  # distill.cli checked them already; make_cli may be called alone
-    _check_ensemble_options(OneLineErrorParser.argv)
-    return DistillCLI(
+    return cli_class(
         DistillationModule,
         ImageDataModule,
         args=args,
@@ -354,3 +357,29 @@ def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "disti
         parser_class=OneLineErrorParser,
         parser_kwargs={"prog": prog},
     )
+
+
+class _Parsed(Exception):
+    """Ends a `fit_options` parse before anything is built, carrying the options the run would record."""
+
+
+class _ParseOnly(DistillCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.run_options)
+
+
+def fit_options(args: list[str]) -> dict[str, Any]:
+    """The options `distill fit ARGS` would record in its checkpoints (`options_identity` of what jsonargparse
+    resolves: config files merged in order, overrides applied, defaults filled in), from the fit command's own parser
+    and its checks, with nothing built: what pipeline and compare compare a run folder's record with. A mistake in
+    ARGS is the one-line error `distill fit` would give. ARGS must not resume (`--ckpt_path`)."""
+    seed_log = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0": no seed is used here
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        make_cli(["fit", *args], cli_class=_ParseOnly)
+    except _Parsed as parsed:
+        return parsed.args[0]
+    finally:
+        seed_log.setLevel(level)
+    raise AssertionError("DistillCLI built its classes before before_instantiate_classes")

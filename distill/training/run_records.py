@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import yaml
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from distill.common.argv import under
 from distill.common.errors import UserError
 from distill.common.files import OutputLock
 from distill.common.identity import describe_differences
@@ -190,13 +191,7 @@ def _events_without_scalars(path: Path) -> bool:
 def refuse_overridden(argv: list[str], hparams: dict[str, Any], subcommand: str, path: str) -> None:
     """LightningCLI lays a checkpoint's hyper-parameters over the command line: a value typed there would be ignored
     (a model option, or a method's own: --model.distillation.beta)."""
-    given = {}
-    for index, arg in enumerate(argv):
-        if arg.startswith("--model."):
-            key, equals, value = arg[len("--model."):].partition("=")
-            if not equals and index + 1 < len(argv):
-                value = argv[index + 1]
-            given[key] = value
+    given = under(argv, "model")
     missing = object()
     differ = []
     for key, value in given.items():
