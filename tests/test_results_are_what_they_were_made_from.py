@@ -249,7 +249,7 @@ def test_compare_refuses_runs_made_from_a_config_file_since_edited(tmp_path):
 
 
 def test_compare_after_a_run_that_failed_on_a_bad_option_accepts_the_fixed_command(tmp_path):
-    with pytest.raises(UsageError, match=r"--model.lrr=1; did you mean 'model.lr'"):  # refused before any run starts
+    with pytest.raises(UsageError, match=r"^compare: .*--model.lrr=1; did you mean 'model.lr'"):  # before any run
         plan_runs(str(ROOT / "configs" / "distill.yaml"), ["none"], [0], tmp_path / "c", ["--model.lrr=1"])
     assert not (tmp_path / "c").exists()
     folder = tmp_path / "c" / "none" / "seed_0"  # as a run of a version that let the bad option reach its fit left it
@@ -288,16 +288,18 @@ def test_fit_options_merge_config_files_in_order_then_the_command_line_as_fit_do
     base.write_text("model:\n  lr: 0.001\n  student:\n    class_path: students.Student\n    init_args: {depth: 6}\n"
                     "data:\n  img_size: 32\n")
     overlay.write_text("model:\n  student:\n    init_args: {embed_dim: 64}\ndata:\n  img_size: 48\n")
-    options = fit_options(["--config", str(base), "-c", str(overlay), "--model.lr", "2e-3", "--trainer.devices=2"])
+    options = fit_options(["--config", str(base), "-c", str(overlay), "--model.lr", "2e-3", "--trainer.devices=2"],
+                          "test")
     assert (options["model.lr"], options["data.img_size"], options["trainer.devices"]) == (0.002, 48, 2)
     devices = tmp_path / "devices.yaml"
     devices.write_text("trainer:\n  devices: 2\n")  # the same count, from a file (jsonargparse gives it as 2, not '2')
-    assert fit_options(["-c", str(base), "-c", str(overlay), "-c", str(devices), "--model.lr=2e-3"]) == options
+    assert fit_options(["-c", str(base), "-c", str(overlay), "-c", str(devices), "--model.lr=2e-3"], "test") == options
     assert (options["model.student.init_args.depth"], options["model.student.init_args.embed_dim"]) == (6, 64)
     assert options["model.tau"] == 1.0  # defaults count: a run made before a default changed is another run
-    assert fit_options(["-c", str(base), "--model.lr=0.002"]) == fit_options(["-c", str(base), "--model.lr=2e-3"])
-    with pytest.raises(UsageError, match="model.lrr"):  # the one-line error distill fit gives
-        fit_options(["-c", str(base), "--model.lrr=0.1"])
+    assert fit_options(["-c", str(base), "--model.lr=0.002"], "test") == fit_options(["-c", str(base), "--model.lr=2e-3"],
+                                                                                    "test")
+    with pytest.raises(UsageError, match="^compare: its distill fit options: .*model.lrr.*did you mean 'model.lr'"):
+        fit_options(["-c", str(base), "--model.lrr=0.1"], "compare")  # the one-line error distill fit gives
 
 
 def test_fit_options_are_what_the_run_records_in_its_checkpoints(finished_fit):
@@ -306,7 +308,7 @@ def test_fit_options_are_what_the_run_records_in_its_checkpoints(finished_fit):
     cwd = os.getcwd()
     os.chdir(mine.parent)
     try:
-        options = fit_options(args[1:])  # args: ["fit", ...]
+        options = fit_options(args[1:], "test")  # args: ["fit", ...]
     finally:
         os.chdir(cwd)
     recorded = torch.load(mine.parent / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["run_options"]
@@ -319,13 +321,13 @@ def test_a_data_folder_is_the_same_named_from_another_folder_and_an_overlay_or_n
     (tmp_path / "B").mkdir()
     recipe = ["--config", str(ROOT / "configs" / "distill.yaml")]
     monkeypatch.chdir(tmp_path / "A")
-    here = fit_options([*recipe, "--data.dataset=images"])
+    here = fit_options([*recipe, "--data.dataset=images"], "test")
     monkeypatch.chdir(tmp_path / "B")
-    assert fit_options([*recipe, "--data.dataset", "../A/images"]) == here
-    assert fit_options([*recipe, f"--data.dataset={tmp_path / 'A' / 'images'}"]) == here
-    overlay = fit_options([*recipe, "-c", str(ROOT / "configs" / "students" / "deit.yaml")])
-    assert overlay != fit_options(recipe) and overlay["model.student.init_args.model_name"] == "deit_tiny"
-    nested = fit_options([*recipe, '--model.student.init_args={"depth": 2}'])
+    assert fit_options([*recipe, "--data.dataset", "../A/images"], "test") == here
+    assert fit_options([*recipe, f"--data.dataset={tmp_path / 'A' / 'images'}"], "test") == here
+    overlay = fit_options([*recipe, "-c", str(ROOT / "configs" / "students" / "deit.yaml")], "test")
+    assert overlay != fit_options(recipe, "test") and overlay["model.student.init_args.model_name"] == "deit_tiny"
+    nested = fit_options([*recipe, '--model.student.init_args={"depth": 2}'], "test")
     assert nested["model.student.init_args.depth"] == 2 and nested["model.student.init_args.embed_dim"] == 128
 
 

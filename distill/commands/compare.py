@@ -57,7 +57,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     """
     configs = [config] if isinstance(config, str) else list(config)
     # what each run is made from, as its fit records it (by content: config files, and any file an option names)
-    options = fit_options([*[a for c in configs for a in ("--config", c)], *extra])
+    options = fit_options([*[a for c in configs for a in ("--config", c)], *extra], "compare")
     runs = []
     for seed in seeds:
         for kind in types:

@@ -208,14 +208,15 @@ def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[
     """What a stage's result is made from: the merged options of its fit (its config file's content, its overrides,
     the options given to every stage) with the checkpoints of the stages it starts from by their content; neither
     the paths that named them nor the folder the pipeline runs from (distill/common/identity.py)."""
+    where = f"pipeline: stage '{stage['name']}'"
     if stage.get("teacher_from") and isinstance(
-            fit_options(stage_command({**stage, "teacher_from": None}, root, extra, resume=False)[4:])
+            fit_options(stage_command({**stage, "teacher_from": None}, root, extra, resume=False)[4:], where)
             .get("model.teacher"), list):
         raise UserError(f"pipeline: stage '{stage['name']}' takes teacher_from '{stage['teacher_from']}', but its "
                         f"config '{stage['config']}' gives a list of teachers (an ensemble), of which teacher_from "
                         "would replace the last member alone; name each member's weights in the config instead")
     refs = {ref: stage[ref] for ref in ("teacher_from", "init_from") if stage.get(ref)}
-    return {"options": fit_options(stage_command(stage, root, extra, resume=False)[4:]), "from": refs}
+    return {"options": fit_options(stage_command(stage, root, extra, resume=False)[4:], where), "from": refs}
 
 
 def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -368,18 +369,23 @@ class _ParseOnly(DistillCLI):
         raise _Parsed(self.run_options)
 
 
-def fit_options(args: list[str]) -> dict[str, Any]:
+def fit_options(args: list[str], driver: str) -> dict[str, Any]:
     """The options `distill fit ARGS` would record in its checkpoints (`options_identity` of what jsonargparse
     resolves: config files merged in order, overrides applied, defaults filled in), from the fit command's own parser
     and its checks, with nothing built: what pipeline and compare compare a run folder's record with. A mistake in
-    ARGS is the one-line error `distill fit` would give. ARGS must not resume (`--ckpt_path`)."""
+    ARGS is the one-line error `distill fit` would give, after `driver` (the command that asks: `compare`).
+    ARGS must not resume (`--ckpt_path`)."""
     seed_log = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0": no seed is used here
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
     try:
-        make_cli(["fit", *args], cli_class=_ParseOnly)
+        with warnings.catch_warnings():  # the driver's own command line is in sys.argv, not a mistake
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            make_cli(["fit", *args], cli_class=_ParseOnly)
     except _Parsed as parsed:
         return parsed.args[0]
+    except UserError as err:  # UsageError too
+        raise type(err)(f"{driver}: its distill fit options: {err}") from err
     finally:
         seed_log.setLevel(level)
     raise AssertionError("DistillCLI built its classes before before_instantiate_classes")
