@@ -15,6 +15,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 from torch import nn
 
+from distill.common.checkpoints import shapes_of, state_mismatch
 from distill.common.errors import UserError
 
 __all__ = ["adapt_student_state"]
@@ -25,12 +26,9 @@ HEAD_KEYS = ("head.", "head_dist.", "fc.", "classifier.")
 def adapt_student_state(state: dict[str, torch.Tensor], student: nn.Module) -> dict[str, torch.Tensor]:
     """Return `state` (keys of `student.state_dict()`) fitted to `student`'s grid and classes."""
     own = student.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise UserError(
-            f"the checkpoint's student does not match this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    mismatch = state_mismatch(shapes_of(own), shapes_of(state), shapes=False)  # other shapes: resampled below
+    if mismatch:
+        raise UserError(f"the checkpoint's student does not match this student: {mismatch}")
     adapted, dropped = {}, []
     for key, value in state.items():
         if value.shape == own[key].shape:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.common.adapters import cpu_computes_bf16
-from distill.common.checkpoints import extract_state_dict, read_weights_file, student_state
+from distill.common.checkpoints import extract_state_dict, read_weights_file, shapes_of, state_mismatch, student_state
 from distill.common.errors import UserError, first_line
 from distill.common.identity import verify_files
 from distill.common.ranges import ClosedUnitInterval, PositiveInt, plain
@@ -341,12 +341,7 @@ def _classes_in(state_dict: dict[str, torch.Tensor], model: nn.Module) -> Option
 
 def _load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], model_name: str, path: Path) -> None:
     """Strict load with a one-line error naming the first mismatched keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {names[:3]}" for label, names in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch at", shapes)) if names]
-        raise UserError(f"teacher.weights: '{path}' does not fit '{model_name}': {'; '.join(parts)}")
+    mismatch = state_mismatch(shapes_of(model.state_dict()), shapes_of(state_dict))
+    if mismatch:
+        raise UserError(f"teacher.weights: '{path}' does not fit '{model_name}': {mismatch}")
     model.load_state_dict(state_dict)

@@ -96,7 +96,7 @@ def test_a_missing_weights_file_is_named(tmp_path):
 
 def test_weights_of_another_architecture_name_the_first_mismatched_keys(tmp_path):
     save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(tmp_path / "r10.safetensors"))
-    with pytest.raises(UserError, match=r"does not fit 'test_resnet': missing keys \["):
+    with pytest.raises(UserError, match=r"does not fit 'test_resnet': \d+ (missing|unexpected|of another shape) \(e\.g\. '"):
         Teacher(TINY_TEACHER, weights=str(tmp_path / "r10.safetensors"))
 
 
@@ -213,3 +213,13 @@ def test_an_export_folder_without_weights_given_as_the_teacher_is_named(tmp_path
     (folder / "config.json").write_text("{}")
     line = run_cli_error([*distill_args(tmp_path), f"--model.teacher.init_args.weights={folder}"], capsys)
     assert f"teacher.weights: folder '{folder}' is not a timm model folder" in line and "config.json" in line
+
+
+def test_a_state_that_does_not_fit_is_named_by_counts_and_first_keys():
+    from distill.common.checkpoints import state_mismatch
+    model = {"stem.weight": (8, 3), "head.weight": (26, 8), "head.bias": (26,)}
+    assert state_mismatch(model, dict(model)) is None
+    found = {"stem.weight": (8, 3), "head.weight": (10, 8), "fc.bias": (10,)}
+    assert state_mismatch(model, found) == ("1 missing (e.g. 'head.bias'), 1 unexpected (e.g. 'fc.bias'), 1 of another "
+                                            "shape (e.g. 'head.weight': [10, 8] in the file, [26, 8] in the model)")
+    assert state_mismatch(model, found, shapes=False) == "1 missing (e.g. 'head.bias'), 1 unexpected (e.g. 'fc.bias')"

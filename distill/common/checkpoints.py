@@ -18,7 +18,7 @@ from timm.models import clean_state_dict
 from distill.common.errors import UserError, first_line
 
 __all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "extract_state_dict", "load_student_state", "read_student_checkpoint",
-           "read_weights_file", "student_state"]
+           "read_weights_file", "shapes_of", "state_mismatch", "student_state"]
 
 # Where the student's weights sit in a checkpoint of `distill fit` (DistillationModule.state_dict()):
 STUDENT = "student."                 # the Student module (its timm model and a distillation head, if any)
@@ -90,3 +90,24 @@ def student_state(checkpoint: dict, prefix: str = STUDENT) -> dict[str, torch.Te
 def load_student_state(path: str | Path, option: str = "model.init_from") -> dict[str, torch.Tensor]:
     """The Student's weights (keys of `Student.state_dict()`) from a checkpoint of this project."""
     return student_state(read_student_checkpoint(path, option))
+
+
+def state_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                   shapes: bool = True) -> str | None:
+    """What keeps a strict load of `found` (tensor name -> shape) into a model whose state has `expected` from
+    fitting, as one line (`2 missing (e.g. 'head.bias'), 1 of another shape (e.g. 'head.weight': [10, 64] in the
+    file, [26, 64] in the model)`), or None when it fits; `shapes=False` compares the names alone (a caller that
+    resamples what differs). Hand-written: torch's strict load lists every key, over many lines."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = [name for name in expected if shapes and name in found and tuple(found[name]) != tuple(expected[name])]
+    parts = [f"{len(names)} {what} (e.g. '{names[0]}'{shape})" for names, what, shape in (
+        (missing, "missing", ""), (unexpected, "unexpected", ""),
+        (reshaped, "of another shape", f": {list(found[reshaped[0]])} in the file, {list(expected[reshaped[0]])} "
+                                       "in the model" if reshaped else "")) if names]
+    return ", ".join(parts) or None
+
+
+def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, for `state_mismatch`."""
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}

@@ -30,7 +30,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import students  # also registers this project's architectures with timm (students.hybrid)
-from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, student_state
+from distill.common.checkpoints import EMA, STUDENT, read_student_checkpoint, shapes_of, state_mismatch, student_state
 from distill.common.errors import UserError, first_line
 from distill.common.identity import verify_files
 
@@ -148,24 +148,16 @@ def _load_weights(folder: Path, model: nn.Module, option: str) -> None:
     except (SafetensorError, OSError) as err:
         raise UserError(f"{option}: '{path}' could not be loaded ({first_line(err, typed=True)}); the file is damaged: "
                         f"{EXPORT_AGAIN}") from err
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    expected = shapes_of(model.state_dict())
     heads = model.pretrained_cfg.get("classifier") or []
     for head in [f"{name}.weight" for name in ([heads] if isinstance(heads, str) else heads)]:
         if head in found and head in expected and found[head][:1] != expected[head][:1]:
             raise UserError(f"{option}: '{folder}' num_classes: {expected[head][0]} in {CONFIG}, but the head "
                             f"'{head}' in {WEIGHTS} has {found[head][0]} rows; {EXPORT_AGAIN}")
-    missing = sorted(expected.keys() - found.keys())
-    unexpected = sorted(found.keys() - expected.keys())
-    reshaped = [name for name in expected if name in found and found[name] != expected[name]]
-    if missing or unexpected or reshaped:
-        parts = [f"{len(names)} {what} (e.g. '{names[0]}'{shape})" for names, what, shape in (
-            (missing, "missing", ""), (unexpected, "unexpected", ""),
-            (reshaped, "of another shape", f": {list(found[reshaped[0]])} in the file, "
-                                           f"{list(expected[reshaped[0]])} in the model" if reshaped else ""))
-            if names]
+    mismatch = state_mismatch(expected, found)
+    if mismatch:
         raise UserError(f"{option}: '{path}' does not hold the tensors of architecture "
-                        f"'{model.pretrained_cfg.get('architecture')}' that {CONFIG} names: {', '.join(parts)}; "
-                        f"{EXPORT_AGAIN}")
+                        f"'{model.pretrained_cfg.get('architecture')}' that {CONFIG} names: {mismatch}; {EXPORT_AGAIN}")
     model.load_state_dict(load_file(str(path)), strict=True)
 
 
