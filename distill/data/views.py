@@ -61,7 +61,8 @@ class EpochSampler(DistributedSampler):
     shuffled epoch appears `num_repeats` times in a row, so consecutive copies land on
     consecutive ranks (each rank sees its own augmented view, `(epoch, index, repeat)`), and
     each rank keeps `len(dataset) // num_replicas` samples, so an epoch stays one dataset
-    long. (The reference also rounds that down to a multiple of 256 images; not done here.)
+    long. (The reference also rounds that down to a multiple of 256 images; not done here.) timm's
+    `RepeatAugSampler` repeats alike but yields bare indices and cannot skip into an epoch: hence this.
 
     `pairs=True` (mixup/cutmix on): the shuffled epoch is cut into fixed pairs (TinyViT's
     fixed mixing partners) and a pair is never split between ranks or batches (batches are

@@ -30,7 +30,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     checkpoints in place, so a kill during the write would leave a truncated file; here each
     file is written beside its target and renamed over it. On SIGTERM (a cluster preempting
     the job) Lightning stops after the current batch; `last.ckpt` is then saved mid-epoch and
-    `--ckpt_path last` continues from the next batch.
+    `--ckpt_path last` continues from the next batch. (Lightning's `OnExceptionCheckpoint` saves on any
+    exception through the strategy's barrier, which hangs when DDP ranks stop at different batches, and knows
+    nothing of an open accumulation window: hence this.)
     """
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

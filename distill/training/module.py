@@ -210,6 +210,7 @@ class DistillationModule(TeacherTargets, pl.LightningModule):
             parts = {f"train/{k}": host_value(v) for k, v in self._losses.latest().items()
                      if k not in self.loss.repeated_parts}
             self.log_dict(parts, prog_bar=True, on_step=True, on_epoch=False)
+            # one curve of the scheduled rate (LearningRateMonitor would draw one per timm optimiser group, alike)
             self.log("train/lr", host_value(self._lr), on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
