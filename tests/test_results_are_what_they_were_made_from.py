@@ -385,3 +385,11 @@ def test_a_failed_fit_closes_its_tensorboard_writer_before_removing_its_folders(
     logger.experiment.add_text("note", "queued in the writer, not yet on disk")
     unused.on_exception(SimpleNamespace(loggers=[logger], is_global_zero=True), None, UserError("bad option"))
     logger.finalize("failed")  # what Lightning does next
+
+
+def test_a_pipeline_with_a_mistaken_option_is_refused_before_any_stage_runs(tmp_path):
+    from distill.commands.pipeline import run_pipeline
+    with pytest.raises(UsageError, match=r"^pipeline: stage 'teacher': its distill fit options: .*--model.lrr 1; did "
+                                         r"you mean 'model.lr'"):
+        run_pipeline(ROOT / "configs" / "pipeline.yaml", ["--model.lrr", "1"], root=tmp_path / "runs")
+    assert not any((tmp_path / "runs").rglob("*.ckpt")) and not any((tmp_path / "runs").rglob("stage.json"))
