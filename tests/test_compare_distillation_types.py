@@ -102,7 +102,7 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     assert "images/s, batch 1" in (out / "compare.md").read_text()
 
     line = run_cli_error([*command[3:], "--model.lr=0.1"], capsys)
-    assert "was run with other options (model.lr: 0.001 -> 0.1, as then -> now)" in line
+    assert "was made earlier, but its options changed (model.lr: 0.001 -> 0.1, as then -> now)" in line
     assert json.loads((out / "compare.json").read_text()) == record  # the earlier table is not relabelled
 
 

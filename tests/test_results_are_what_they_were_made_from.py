@@ -244,7 +244,7 @@ def test_compare_refuses_runs_made_from_a_config_file_since_edited(tmp_path):
     (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
     check_same_options([run])
     recipe.write_text(recipe.read_text().replace("lr: 1.0e-3", "lr: 5.0e-4"))
-    with pytest.raises(UserError, match=r"was run with other options \(model.lr: 0.001 -> 0.0005, as then -> now\)"):
+    with pytest.raises(UserError, match=r"was made earlier, but its options changed \(model.lr: 0.001 -> 0.0005, as then -> now\)"):
         check_same_options(plan_runs(str(recipe), ["none"], [0], tmp_path / "c", []))
 
 

@@ -37,7 +37,7 @@ from distill.common.argv import given
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
-from distill.common.identity import describe_differences, finished, trained_something
+from distill.common.identity import finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
@@ -89,15 +89,11 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
                             "choose another --out")
         if not trained_something(run["folder"]):
             continue
-        try:
-            before = json.loads(record.read_text()).get("options")
-        except (OSError, ValueError, AttributeError):
-            before = None
+        before = (read_record(record) or {}).get("options")
         if before != run["options"]:
-            what = (describe_differences(before, run["options"]) + ", as then -> now" if isinstance(before, dict)
-                    else "its run.json does not record them by content: an earlier version of distill")
-            raise UserError(f"compare --out: '{run['folder']}' was run with other options ({what}); its result would "
-                            "not be this comparison's: choose another --out, or repeat the same options to resume it")
+            raise UserError(f"compare --out: '{run['folder']}' was made earlier, but "
+                            f"{options_change(before, run['options'], 'run.json')}; its result would not be this "
+                            "comparison's: choose another --out, or repeat the same options to resume it")
 
 
 def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: bool) -> None:

@@ -34,7 +34,7 @@ from distill.common.argv import given, last_value, values
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
-from distill.common.identity import describe_differences, differences, finished, trained_something
+from distill.common.identity import differences, finished, options_change, read_record, trained_something
 from distill.common.names import DIGITS, check_name, data_folder_name, same_folder
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
@@ -219,6 +219,13 @@ def stage_identity(stage: dict[str, Any], root: Path, extra: list[str]) -> dict[
     return {"options": fit_options(stage_command(stage, root, extra, resume=False)[4:], where), "from": refs}
 
 
+def _upstream_only(stage: dict[str, Any], before: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether only the checkpoints a stage starts from changed (its upstream stages were trained again)."""
+    changed = {line.split(":")[0] for line in differences(before, identity["options"])}
+    upstream = {f"model.{k}" for k in ("teacher.init_args.weights", "init_from")}
+    return changed <= upstream and any(stage.get(r) for r in ("teacher_from", "init_from"))
+
+
 def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]) -> None:
     """A stage is skipped or resumed only if it was made from the options and upstream results it would be made
     from now; a folder in which nothing was trained is simply started again."""
@@ -226,25 +233,17 @@ def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]
     record = folder / "stage.json"
     if not record.is_file() or not trained_something(folder):
         return
-    try:
-        recorded = json.loads(record.read_text())
-        before, refs_before = recorded.get("options"), recorded.get("from", {})
-    except (OSError, ValueError, AttributeError):
-        before, refs_before = None, None
+    recorded = read_record(record) or {}
+    before, refs_before = recorded.get("options"), recorded.get("from", {})
     if before == identity["options"] and refs_before == identity["from"]:
         return
-    if not isinstance(before, dict):
-        what = "its stage.json does not record what it was made from (an earlier version of distill, or edited)"
+    if not isinstance(before, dict) or refs_before == identity["from"] and not _upstream_only(stage, before, identity):
+        what = options_change(before, identity["options"], "stage.json")
     elif refs_before != identity["from"]:
         what = f"it started from other stages then ({refs_before} -> {identity['from']})"
     else:
-        changed = {line.split(":")[0] for line in differences(before, identity["options"])}
-        upstream = {f"model.{k}" for k in ("teacher.init_args.weights", "init_from")}
         refs = [stage[r] for r in ("teacher_from", "init_from") if stage.get(r)]
-        if changed <= upstream and refs:
-            what = f"the stage(s) it starts from ({', '.join(dict.fromkeys(refs))}) were trained again since"
-        else:
-            what = f"its options changed ({describe_differences(before, identity['options'])}, as then -> now)"
+        what = f"the stage(s) it starts from ({', '.join(dict.fromkeys(refs))}) were trained again since"
     raise UserError(f"pipeline: stage '{stage['name']}' in '{folder}' was made earlier, but {what}; its results "
                     "would not be this pipeline's: restore the options, write this pipeline elsewhere (--root DIR), or "
                     f"remove '{folder}' to train the stage again (its results are then lost)")

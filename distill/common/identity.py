@@ -37,7 +37,9 @@ __all__ = [
     "file_digest",
     "verify_files",
     "finished",
+    "options_change",
     "options_identity",
+    "read_record",
     "trained_something",
 ]
 
@@ -173,6 +175,24 @@ def describe_differences(before: Mapping[str, Any], now: Mapping[str, Any], show
     found = differences(before, now)
     more = f" and {len(found) - shown} more" if len(found) > shown else ""
     return "; ".join(found[:shown]) + more
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A run folder's JSON record of what made it (a stage's stage.json, a compare run's run.json), or None when it
+    is missing, unreadable or not a mapping."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def options_change(before: Any, now: Mapping[str, Any], record: str) -> str:
+    """Why a folder's results are not what options `now` would make, for a one-line refusal: the options that
+    differ (`key: then -> now`), or that its `record` holds none (an earlier version of distill, or edited)."""
+    if not isinstance(before, Mapping):
+        return f"its {record} does not record the options it was made from (an earlier version of distill, or edited)"
+    return f"its options changed ({describe_differences(before, now)}, as then -> now)"
 
 
 def trained_something(folder: Path) -> bool:
