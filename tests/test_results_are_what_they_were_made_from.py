@@ -283,7 +283,8 @@ def test_another_comparison_into_the_same_out_does_not_replace_its_table(tmp_pat
     assert json.loads((out / "compare.json").read_text())["made_from"]["runs"] == [["soft", 0], ["soft", 1]]
 
 
-def test_fit_options_merge_config_files_in_order_then_the_command_line_as_fit_does(tmp_path):
+def test_fit_options_merge_config_files_in_order_then_the_command_line_as_fit_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # as in a fresh driver process
     base, overlay = tmp_path / "base.yaml", tmp_path / "overlay.yaml"
     base.write_text("model:\n  lr: 0.001\n  student:\n    class_path: students.Student\n    init_args: {depth: 6}\n"
                     "data:\n  img_size: 32\n")
@@ -296,6 +297,7 @@ def test_fit_options_merge_config_files_in_order_then_the_command_line_as_fit_do
     assert fit_options(["-c", str(base), "-c", str(overlay), "-c", str(devices), "--model.lr=2e-3"], "test") == options
     assert (options["model.student.init_args.depth"], options["model.student.init_args.embed_dim"]) == (6, 64)
     assert options["model.tau"] == 1.0  # defaults count: a run made before a default changed is another run
+    assert "PL_GLOBAL_SEED" not in os.environ  # the parse seeds nothing a driver's children would inherit
     assert fit_options(["-c", str(base), "--model.lr=0.002"], "test") == fit_options(["-c", str(base), "--model.lr=2e-3"],
                                                                                     "test")
     with pytest.raises(UsageError, match="^compare: its distill fit options: .*model.lrr.*did you mean 'model.lr'"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -113,30 +112,35 @@ class StallAlarm(pl.Callback):
     """Says, while training runs, when a student has not left chance: a ViT on small data can stay at the loss of a
     uniform guess (ln C) for its whole schedule (docs/recipes.md: `none` under the recipe's augmentation on the
     letters). Checked at each validation once `patience` epochs have passed after the warm-up: a run is stalled when
-    its validation top-1 is near chance and its validation loss is still within `LOSS_SHARE` of ln C (a distilled
-    run can sit near chance in top-1 for a dozen epochs while its loss falls, and then learn); said once, naming the
-    epoch, the accuracy against chance and what to try; training goes on.
+    its validation top-1 is near chance and its validation loss fell less than `LOSS_SHARE` over the last `patience`
+    epochs (a distilled run can sit near chance in top-1 for a dozen epochs while its loss falls, and then learn; a
+    stalled one stays at the loss of a guess that ignores the image: ln C, or the entropy of the class shares on
+    unbalanced data); said once, naming the epoch, the accuracy against chance and what to try; training goes on.
 
     Args:
         patience: epochs after the learning-rate warm-up before a run still at chance is named.
     """
 
-    LOSS_SHARE = 0.03  # a stalled run stays at ln C; a distilled one still near chance is clearly under it (docs/recipes.md)
+    LOSS_SHARE = 0.03  # a stalled run's loss is flat; a distilled one still near chance is falling (docs/recipes.md)
 
     def __init__(self, patience: int = 10) -> None:
         self.patience, self.said = patience, False
+        self.losses: dict[int, float] = {}  # validation loss by epoch (a resumed run starts counting again)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.said or trainer.sanity_checking or not trainer.is_global_zero:
             return
         warmup = float(getattr(pl_module.hparams, "warmup_epochs", 0.0))
         classes = int(getattr(pl_module.hparams, "num_classes", 0))
-        acc = trainer.callback_metrics.get("val/acc")
+        acc, loss = trainer.callback_metrics.get("val/acc"), trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.losses[trainer.current_epoch] = float(loss)
         if acc is None or classes < 2 or trainer.current_epoch + 1 < warmup + self.patience:
             return
-        chance, loss = 1.0 / classes, trainer.callback_metrics.get("val/loss")
-        uniform = loss is None or float(loss) >= (1 - self.LOSS_SHARE) * math.log(classes)
-        if float(acc) < chance + 0.1 * (1 - chance) and uniform:
+        chance = 1.0 / classes
+        then = [value for epoch, value in sorted(self.losses.items()) if epoch <= trainer.current_epoch - self.patience]
+        flat = loss is None or not then or float(loss) >= (1 - self.LOSS_SHARE) * then[-1]
+        if float(acc) < chance + 0.1 * (1 - chance) and flat:
             self.said = True
             alone = getattr(pl_module, "teacher", None) is None and not getattr(pl_module.hparams, "teacher_cache", None)
             advice = ("without a teacher, the distillation recipe's augmentation (RandAugment, erasing, mixup, cutmix, "

@@ -378,6 +378,9 @@ def fit_options(args: list[str], driver: str) -> dict[str, Any]:
     seed_log = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0": no seed is used here
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
+    # LightningCLI seeds before building: its PL_GLOBAL_SEED would reach the driver's children (a run with
+    # seed_everything false would take another run's seed), so the environment is left as it was found
+    seeded = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     try:
         with warnings.catch_warnings():  # the driver's own command line is in sys.argv, not a mistake
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -388,4 +391,9 @@ def fit_options(args: list[str], driver: str) -> dict[str, Any]:
         raise type(err)(f"{driver}: its distill fit options: {err}") from err
     finally:
         seed_log.setLevel(level)
+        for name, value in seeded.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     raise AssertionError("DistillCLI built its classes before before_instantiate_classes")
