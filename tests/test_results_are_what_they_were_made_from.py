@@ -395,3 +395,37 @@ def test_a_pipeline_with_a_mistaken_option_is_refused_before_any_stage_runs(tmp_
                                          r"you mean 'model.lr'"):
         run_pipeline(ROOT / "configs" / "pipeline.yaml", ["--model.lrr", "1"], root=tmp_path / "runs")
     assert not any((tmp_path / "runs").rglob("*.ckpt")) and not any((tmp_path / "runs").rglob("stage.json"))
+
+
+def test_runs_recorded_by_an_earlier_version_are_reused_when_their_checkpoint_says_the_same_options(tmp_path):
+    import torch
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    (run,) = plan_runs(recipe, ["none"], [0], tmp_path / "c", [])
+    (run["folder"] / "checkpoints").mkdir(parents=True)
+    made = {**run["options"], "seed_everything": 0, "model.distillation": "none"}
+    torch.save({"run_options": made}, run["folder"] / "checkpoints" / "last.ckpt")  # as its fit recorded them
+    (run["folder"] / "run.json").write_text(json.dumps({"options": {"model.lr": 0.001}}))  # an old record: no defaults
+    check_same_options([run])  # reused, and its record brought up to date
+    assert json.loads((run["folder"] / "run.json").read_text())["options"] == run["options"]
+    torch.save({"run_options": {**made, "model.lr": 0.5}}, run["folder"] / "checkpoints" / "last.ckpt")
+    (run["folder"] / "run.json").write_text(json.dumps({"options": {"model.lr": 0.5}}))
+    with pytest.raises(UserError, match=r"was made earlier, but its options changed \(model.lr: 0.5 -> 0.001"):
+        check_same_options([run])  # its checkpoint says otherwise: refused as before
+    from distill.common.identity import as_recorded_now
+    assert as_recorded_now({"trainer.devices": "2", "data.dataset": "sha256:12"}) == {"trainer.devices": 2,
+                                                                                      "data.dataset": "sha256:12"}
+
+
+def test_a_pipeline_stage_recorded_by_an_earlier_version_is_reused_when_its_checkpoint_agrees(tmp_path):
+    import torch
+    configs = copy_configs(tmp_path / "pipe")
+    root = tmp_path / "runs"
+    stage = {"name": "teacher", "config": str(configs / "teacher.yaml")}
+    finished_stage(root, stage)
+    identity = stage_identity(stage, root, [])
+    torch.save({"run_options": identity["options"]}, root / "teacher" / "checkpoints" / "last.ckpt")
+    (root / "teacher" / "stage.json").write_text(json.dumps({"options": {"model.lr": 0.001}, "from": {}}))
+    _check_unchanged(stage, root, identity)
+    assert json.loads((root / "teacher" / "stage.json").read_text()) == identity
+    with pytest.raises(UserError, match=r"model.lr: .* -> 0.1"):
+        _check_unchanged(stage, root, stage_identity(stage, root, ["--model.lr", "0.1"]))

@@ -37,7 +37,8 @@ from distill.common.argv import given
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
-from distill.common.identity import finished, options_change, read_record, trained_something
+from distill.common.checkpoints import recorded_run_options
+from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
@@ -89,11 +90,19 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
                             "choose another --out")
         if not trained_something(run["folder"]):
             continue
-        before = (read_record(record) or {}).get("options")
+        before = as_recorded_now((read_record(record) or {}).get("options"))
+        made = as_recorded_now(recorded_run_options(run["folder"]))
+        expected = {**run["options"], "seed_everything": run["seed"], "model.distillation": run["type"]}
+        if before != run["options"] and made == expected:
+            # a record of an earlier version (without the defaults), whose checkpoint says it was made from these
+            with write_atomically(record) as partial:
+                partial.write_text(json.dumps({**(read_record(record) or {}), "options": run["options"]}, indent=2))
+            continue
         if before != run["options"]:
-            raise UserError(f"compare --out: '{run['folder']}' was made earlier, but "
-                            f"{options_change(before, run['options'], 'run.json')}; its result would not be this "
-                            "comparison's: choose another --out, or repeat the same options to resume it")
+            change = (options_change(made, expected, "checkpoint") if isinstance(made, dict)  # what it trained with
+                      else options_change(before, run["options"], "run.json"))
+            raise UserError(f"compare --out: '{run['folder']}' was made earlier, but {change}; its result would not be "
+                            "this comparison's: choose another --out, or repeat the same options to resume it")
 
 
 def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: bool) -> None:
@@ -109,8 +118,12 @@ def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: boo
         counted = {(str(kind), int(seed)) for kind, seed in before["runs"]} if isinstance(before, dict) else None
     except (KeyError, TypeError, ValueError):  # a compare.json edited by hand: another table
         counted = None
-    if overwrite or (counted is not None and before.get("options") == made_from["options"]
-                     and counted <= {(kind, seed) for kind, seed in made_from["runs"]}):
+    # a table of an earlier version records its options without the defaults: its runs' records, checked and brought
+    # up to date by check_same_options, then say whether it is this comparison's
+    same = counted is not None and (before.get("options") == made_from["options"] or all(
+        (read_record(out / kind / f"seed_{seed}" / "run.json") or {}).get("options") == made_from["options"]
+        for kind, seed in counted))
+    if overwrite or (same and counted <= {(kind, seed) for kind, seed in made_from["runs"]}):
         return
     shown = f" ({', '.join(sorted({r[0] for r in counted}))} x {len({r[1] for r in counted})} seed(s))" if counted else ""
     raise UserError(f"compare --out: '{out / 'compare.md'}' holds the table of another comparison{shown}; choose "

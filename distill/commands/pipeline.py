@@ -34,7 +34,8 @@ from distill.common.argv import given, last_value, values
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, load_yaml, write_atomically
-from distill.common.identity import differences, finished, options_change, read_record, trained_something
+from distill.common.checkpoints import recorded_run_options
+from distill.common.identity import as_recorded_now, differences, finished, options_change, read_record, trained_something
 from distill.common.names import DIGITS, check_name, data_folder_name, same_folder
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
@@ -234,8 +235,13 @@ def _check_unchanged(stage: dict[str, Any], root: Path, identity: dict[str, Any]
     if not record.is_file() or not trained_something(folder):
         return
     recorded = read_record(record) or {}
-    before, refs_before = recorded.get("options"), recorded.get("from", {})
+    before, refs_before = as_recorded_now(recorded.get("options")), recorded.get("from", {})
     if before == identity["options"] and refs_before == identity["from"]:
+        return
+    if refs_before == identity["from"] and as_recorded_now(recorded_run_options(folder)) == identity["options"]:
+        # a record of an earlier version (without the defaults), whose checkpoint says it was made from these options
+        with write_atomically(record) as partial:
+            partial.write_text(json.dumps(identity, indent=2))
         return
     if not isinstance(before, dict) or refs_before == identity["from"] and not _upstream_only(stage, before, identity):
         what = options_change(before, identity["options"], "stage.json")

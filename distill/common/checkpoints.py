@@ -18,7 +18,7 @@ from timm.models import clean_state_dict
 from distill.common.errors import UserError, first_line
 
 __all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "extract_state_dict", "load_student_state", "read_student_checkpoint",
-           "read_weights_file", "shapes_of", "state_mismatch", "student_state"]
+           "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch", "student_state"]
 
 # Where the student's weights sit in a checkpoint of `distill fit` (DistillationModule.state_dict()):
 STUDENT = "student."                 # the Student module (its timm model and a distillation head, if any)
@@ -111,3 +111,17 @@ def state_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[
 def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, for `state_mismatch`."""
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def recorded_run_options(folder: Path) -> dict[str, Any] | None:
+    """The options a run folder's newest checkpoint (`checkpoints/last.ckpt`, else `best.ckpt`) records it was made
+    from (`run_options`, written by every `distill fit`), or None where there is none to read."""
+    for name in ("last.ckpt", "best.ckpt"):
+        path = Path(folder) / "checkpoints" / name
+        if path.is_file():
+            try:
+                options = torch.load(path, map_location="cpu", weights_only=True).get("run_options")
+            except Exception:  # unreadable or not a checkpoint of ours: nothing recorded to go by
+                return None
+            return options if isinstance(options, dict) else None
+    return None

@@ -37,6 +37,7 @@ __all__ = [
     "file_digest",
     "verify_files",
     "finished",
+    "as_recorded_now",
     "options_change",
     "options_identity",
     "read_record",
@@ -185,6 +186,15 @@ def read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def as_recorded_now(options: Any) -> Any:
+    """A record's options as `options_identity` writes them today (a digit string as its number: records written
+    before that rule hold trainer.devices '2'); anything that is not a mapping is returned as it is."""
+    if not isinstance(options, Mapping):
+        return options
+    return {key: int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19
+            else value for key, value in options.items()}
 
 
 def options_change(before: Any, now: Mapping[str, Any], record: str) -> str:

@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from distill.common.argv import under
 from distill.common.errors import UserError
 from distill.common.files import OutputLock
-from distill.common.identity import describe_differences
+from distill.common.identity import as_recorded_now, describe_differences
 
 __all__ = ["RecordRunOptions", "SaveConfigBesideRun", "RemoveUnusedOutputs", "first_missing", "last_checkpoint",
            "nothing_to_resume", "refuse_changed_options", "refuse_earlier_run", "refuse_overridden"]
@@ -75,7 +75,7 @@ LONGER = ("trainer.max_epochs", "trainer.max_steps", "trainer.min_epochs", "trai
 def refuse_changed_options(saved: dict[str, Any], now: dict[str, Any], path: str, resolved: str) -> None:
     """A run resumes only with the options it was started with (config files compared by content, not path), except
     its length (`LONGER`)."""
-    saved, now = ({k: v for k, v in options.items() if k not in LONGER} for options in (saved, now))
+    saved, now = ({k: v for k, v in options.items() if k not in LONGER} for options in (as_recorded_now(saved), now))
     if saved == now:
         return
     named = f"'{path}' ({resolved})" if path != resolved else f"'{path}'"
