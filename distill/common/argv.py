@@ -38,13 +38,21 @@ def pairs(argv: list[str], prefix: str) -> list[tuple[str, str | None]]:
             found.append((name, arg.split("=", 1)[1]))
         else:
             following = argv[index + 1] if index + 1 < len(argv) else None
-            found.append((name, None if following is None or following.startswith("--") else following))
+            found.append((name, following if following is not None and _value(following) else None))
     return found
 
 
 def under(argv: list[str], key: str) -> dict[str, str]:
     """The values `argv` gives to the options below `key` (`--model.lr` for `model`), by their name below it."""
     return {name.removeprefix(f"--{key}."): found for name, found in pairs(argv, f"--{key}.") if found is not None}
+
+
+def _value(token: str) -> bool:
+    """Whether a token after an option is its value: not an option, unless a negative number (`--lr -1`)."""
+    try:
+        return not is_option(token) or float(token) < 0
+    except ValueError:
+        return False
 
 
 def given(argv: list[str], *options: str) -> bool:
