@@ -90,15 +90,16 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
                             "choose another --out")
         if not trained_something(run["folder"]):
             continue
-        before = as_recorded_now((read_record(record) or {}).get("options"))
-        made = as_recorded_now(recorded_run_options(run["folder"]))
-        expected = {**run["options"], "seed_everything": run["seed"], "model.distillation": run["type"]}
-        if before != run["options"] and made == expected:
-            # a record of an earlier version (without the defaults), whose checkpoint says it was made from these
-            with write_atomically(record) as partial:
-                partial.write_text(json.dumps({**(read_record(record) or {}), "options": run["options"]}, indent=2))
+        recorded = read_record(record) or {}
+        before = as_recorded_now(recorded.get("options"))
+        if before == run["options"]:
             continue
-        if before != run["options"]:
+        made = as_recorded_now(recorded_run_options(run["folder"]))  # what its fit recorded (read only when needed)
+        expected = {**run["options"], "seed_everything": run["seed"], "model.distillation": run["type"]}
+        if made == expected:  # a record of an earlier version (without the defaults): brought up to date
+            with write_atomically(record) as partial:
+                partial.write_text(json.dumps({**recorded, "options": run["options"]}, indent=2))
+        else:
             change = (options_change(made, expected, "checkpoint") if isinstance(made, dict)  # what it trained with
                       else options_change(before, run["options"], "run.json"))
             raise UserError(f"compare --out: '{run['folder']}' was made earlier, but {change}; its result would not be "

@@ -131,8 +131,7 @@ def _plain(value: Any) -> Any:
                     return folder_digest(text)
             except OSError:
                 pass
-        # jsonargparse gives a `str | int` option (trainer.devices) as '2' from the command line, 2 from a file
-        return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else text
+        return _digits_as_number(text)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -143,6 +142,12 @@ def _plain(value: Any) -> Any:
         if isinstance(value, kind):
             return kind(value)
     return str(value)
+
+
+def _digits_as_number(value: Any) -> Any:
+    """jsonargparse gives a `str | int` option (trainer.devices) as '2' from the command line, 2 from a file: a
+    string of digits counts as its number."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19 else value
 
 
 def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,8 +198,7 @@ def as_recorded_now(options: Any) -> Any:
     before that rule hold trainer.devices '2'); anything that is not a mapping is returned as it is."""
     if not isinstance(options, Mapping):
         return options
-    return {key: int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19
-            else value for key, value in options.items()}
+    return {key: _digits_as_number(value) for key, value in options.items()}
 
 
 def options_change(before: Any, now: Mapping[str, Any], record: str) -> str:
