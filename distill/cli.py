@@ -29,6 +29,7 @@ from distill.common.configs import check_config_files
 from distill.common.console import quiet_console
 from distill.common.errors import UsageError, UserError
 from distill.common.files import OutputLock, environment_error
+from distill.common.processes import STOPPED
 
 __all__ = ["COMMANDS", "TRAINING", "cli_main", "command_of"]
 
@@ -154,7 +155,7 @@ def cli_main(args: list[str] | None = None) -> None:
         if _library_error(err, "pytorch_lightning.utilities.exceptions", "SIGTERMException"):  # a SystemExit
             # preempted: Lightning stopped after a batch, last.ckpt was saved
             print("stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
-            raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
+            raise SystemExit(STOPPED) from None  # 128 + SIGTERM, what schedulers expect of a terminated job
         if name in TRAINING and err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
             # Lightning's own Ctrl+C handling during fit ends in exit(1)
             print("interrupted (Ctrl+C); resume with the same command and --ckpt_path last", file=sys.stderr)

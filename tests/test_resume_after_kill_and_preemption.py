@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -309,4 +310,35 @@ def test_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the pipeline is preempted
     assert _run_stage(stage) == 143  # the stage saw it (and, being `distill fit`, saved last.ckpt)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "error", "ctrl_c"])
+def test_a_command_stopped_stops_the_processes_it_started_and_waits_for_them(tmp_path, stop):
+    # compare's runs and the pipeline's stages: a SIGTERM (or a failure) of the command reaches each running child
+    # as SIGTERM, which `distill fit` answers by saving last.ckpt; on Ctrl+C, which reaches them from the terminal,
+    # they are waited for, not signalled again
+    import signal
+    import threading
+
+    from distill.common.processes import stop_on_sigterm
+
+    child = [sys.executable, "-c", "import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(r'{tmp_path}', 'got_sigterm').touch(), sys.exit(143)))\n"
+             "time.sleep(60 if sys.argv[1] == 'wait' else 1)", "wait" if stop != "ctrl_c" else "quick"]
+    before = signal.getsignal(signal.SIGTERM)
+    expected = {"sigterm": SystemExit, "error": RuntimeError, "ctrl_c": KeyboardInterrupt}[stop]
+    with pytest.raises(expected) as caught:
+        with stop_on_sigterm() as children:
+            processes = [children.start(child), children.start(child)]
+            time.sleep(0.5)  # the children's handlers are installed
+            if stop == "sigterm":
+                threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                processes[0].wait()
+            raise expected() if stop != "sigterm" else AssertionError("SIGTERM did not stop the block")
+    assert all(p.returncode is not None for p in processes)  # none left running
+    assert (tmp_path / "got_sigterm").exists() == (stop != "ctrl_c")
+    assert [p.returncode for p in processes] == ([143, 143] if stop != "ctrl_c" else [0, 0])
+    if stop == "sigterm":
+        assert caught.value.code == 143
     assert signal.getsignal(signal.SIGTERM) == before

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from distill.common.argv import given
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
+from distill.common.processes import Children, stop_on_sigterm
 from distill.common.checkpoints import recorded_run_options
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
@@ -131,8 +131,8 @@ def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: boo
                     "another --out, or pass --overwrite to replace that table (the runs it counted are kept)")
 
 
-def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> list[dict[str, Any]]:
-    """Run the unfinished runs, `jobs` at a time; returns the results of every finished run."""
+def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int, children: Children) -> list[dict[str, Any]]:
+    """Run the unfinished runs, `jobs` at a time, as `children`; returns the results of every finished run."""
     todo = [run for run in runs if finished(run["folder"] / "result.json") is None]
     done = len(runs) - len(todo)
     if done:
@@ -151,7 +151,7 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> l
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                 log = open(run["folder"] / "fit.log", "a")
-                process = subprocess.Popen(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                process = children.start(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env)
                 active[slot] = (run, process, time.monotonic(), log)
                 print(f"[compare] {run['type']} seed {run['seed']}: started (log: {run['folder'] / 'fit.log'})", flush=True)
             time.sleep(0.5)
@@ -171,10 +171,8 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int) -> l
                 final = result.get("final_metrics", {}).get("val/acc")
                 print(f"[compare] {run['type']} seed {run['seed']}: final top-1 {_pct(final)} in "
                       f"{time.monotonic() - started:.0f} s ({done}/{len(runs)})", flush=True)
-    finally:  # Ctrl+C or SIGTERM: stop the runs (each saves its last.ckpt); the next call resumes them
-        for run, process, _, log in active.values():
-            process.terminate()
-            process.wait()
+    finally:  # Ctrl+C or SIGTERM: `children` stops the runs (each saves its last.ckpt); the next call resumes them
+        for _, _, _, log in active.values():
             log.close()
     if failed:
         names = ", ".join(f"{run['type']} seed {run['seed']}" for run in failed)
@@ -265,10 +263,6 @@ def _parallelism(jobs: str, count: int) -> tuple[int, int, int]:
     return parallel, max(1, cores // parallel), gpus
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise SystemExit(143)  # unwinds run_all's `finally`, which stops the runs
-
-
 def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeInt = 0, types: str = "none,soft,hard",
             jobs: str = "auto", out: str = "runs/compare", overwrite: bool = False, plot: bool = False,
             extra: Optional[list[str]] = None) -> None:
@@ -312,14 +306,13 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     jobs, threads, gpus = _parallelism(jobs, len(runs))
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _stop)  # the runs are stopped (and save their last.ckpt) when compare is
-    try:
-        with OutputLock(out / ".lock", f"compare --out '{out}'"):
+    with OutputLock(out / ".lock", f"compare --out '{out}'"):
+        with stop_on_sigterm() as children:  # stopped, compare stops its runs (each saves its last.ckpt), no table
             check_same_options(runs)
             made_from = {"options": runs[0]["options"], "runs": [[r["type"], r["seed"]] for r in runs]}
             check_table_replaceable(out, made_from, overwrite)
             started = time.monotonic()
-            runs = run_all(runs, jobs, threads, gpus)
+            runs = run_all(runs, jobs, threads, gpus, children)
             summary = summarize_runs(runs, types)
             table = format_table(summary)
             wall = time.monotonic() - started
@@ -338,8 +331,6 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             with write_atomically(out / "compare.md") as partial:
                 partial.write_text(f"`{command_line}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
                                    f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(table)
     print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'}"
           f"{'' if not speed else ', the figure to ' + str(out / 'accuracy_vs_speed.png')})")

@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from distill.common.commandline import call, command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, lock_path, replace_folder, writing
 from distill.common.identity import describe_differences, file_digest
+from distill.common.processes import stop_on_sigterm
 from distill.common.ranges import NonNegativeFloat, PositiveFloat, PositiveInt
 from distill.deploy.inference import INT8_FILE, load_export, load_student
 from distill.deploy.quantize import Int8Method, quantize_int8, training_data
@@ -301,14 +301,10 @@ def _run_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> torc
         return torch.jit.load(str(path))(images)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(143)  # unwinds the `finally` that removes the folder being built
-
-
 def _export_command(options: dict[str, Any]) -> None:
     """`distill export`: the export, then one line per format checked."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # killed by SIGTERM: clean up the half-built folder first
-    report = call(export_student, {**options, "int8": call(int8_request, options)})
+    with stop_on_sigterm():  # killed by SIGTERM, the half-built folder is removed first
+        report = call(export_student, {**options, "int8": call(int8_request, options)})
     out = options["out"]
     if report.get("kept"):
         print(f"export: '{out}' is already the export of '{options['ckpt']}' with these options (same checkpoint "

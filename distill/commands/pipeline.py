@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +36,7 @@ from distill.common.files import OutputLock, load_yaml, write_atomically
 from distill.common.checkpoints import recorded_run_options
 from distill.common.identity import as_recorded_now, differences, finished, options_change, read_record, trained_something
 from distill.common.names import DIGITS, check_name, data_folder_name, same_folder
+from distill.common.processes import STOPPED, stop_on_sigterm
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
 
@@ -271,10 +271,10 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
             resumed = last_value(command, "--ckpt_path")
             print(f"[pipeline] {stage['name']}: " + (f"resuming from {resumed}" if resumed else "starting"), flush=True)
             code = _run_stage(command)
-            if code in (143, -signal.SIGTERM):  # stopped by Lightning's handler, or before it was installed
+            if code in (STOPPED, -signal.SIGTERM):  # stopped by Lightning's handler, or before it was installed
                 print(f"[pipeline] {stage['name']}: stopped by SIGTERM, its last.ckpt saved; "
                       "re-run the same command to resume it", file=sys.stderr, flush=True)
-                raise SystemExit(143)
+                raise SystemExit(STOPPED)
             if code != 0 or finished(result_file) is None:
                 _stop_after_failure(f"stage '{stage['name']}'", code, "to resume the stage")
         results.append({"stage": stage["name"], **finished(result_file)})
@@ -282,10 +282,10 @@ def _run_stages(spec: dict[str, Any], root: Path, extra: list[str] | None) -> li
     if export:  # `distill export` keeps an export made from the same checkpoint (by content) with the same options
         best = next(r["best_checkpoint"] for r in results if r["stage"] == export["from"])
         code = _run_stage(export_command(export, best, root / "export"))
-        if code in (143, -signal.SIGTERM):  # the half-built folder is removed by the export itself
+        if code in (STOPPED, -signal.SIGTERM):  # the half-built folder is removed by the export itself
             print("[pipeline] export: stopped by SIGTERM; re-run the same command to export", file=sys.stderr,
                   flush=True)
-            raise SystemExit(143)
+            raise SystemExit(STOPPED)
         if code != 0:
             _stop_after_failure("export", code, "(finished stages are skipped)")
     print(format_table(results), flush=True)
@@ -346,28 +346,15 @@ def _stop_after_failure(step: str, code: int, then: str) -> None:
 
 
 def _run_stage(command: list[str]) -> int:
-    """Run one stage; a SIGTERM sent to the pipeline goes to the stage, which saves and exits."""
-    started: list[subprocess.Popen] = []
-    stop_requested = []
-
-    def forward(signum: int, frame: object) -> None:
-        stop_requested.append(signum)
-        for process in started:
-            process.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)  # installed first: no window before the stage exists
+    """Run one stage, and return its exit status; the pipeline stopped by SIGTERM stops it (it saves its last.ckpt)
+    and returns 143."""
     try:
-        process = subprocess.Popen(command)
-        started.append(process)
-        if stop_requested:
-            process.send_signal(signal.SIGTERM)
-        return process.wait()
-    except KeyboardInterrupt:  # Ctrl+C reached the stage too: let it save its checkpoint
-        for process in started:
-            process.wait()
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with stop_on_sigterm() as children:
+            return children.start(command).wait()
+    except SystemExit as stopped:
+        if stopped.code != STOPPED:
+            raise
+        return STOPPED
 
 
 def format_table(results: list[dict]) -> str:
