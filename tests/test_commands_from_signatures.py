@@ -197,3 +197,24 @@ def test_no_code_reads_the_command_line_or_merges_config_files_beside_jsonargpar
                     and path not in argv_readers:
                 found.append(f"{line} reads sys.argv")
     assert not found, f"options read beside jsonargparse: {found}"
+
+
+def test_regular_expressions_read_a_librarys_words_in_one_module_only():
+    """A library's message is text that its next release may reword: jsonargparse's is read in
+    distill/training/option_messages.py alone (pinned by tests/test_private_library_members.py); the other
+    regular expressions read the project's own input, each for the reason named below."""
+    allowed = {
+        "training/option_messages.py": "jsonargparse's refusals of a fit option (its errors carry the option as text only)",
+        "common/files.py": "the errno a Rust library (safetensors) reports only in its message",
+        "common/names.py": "the characters a name from a config may hold",
+        "training/datamodule.py": "the sections of an --data.auto_augment policy, which timm skips silently",
+        "data/images.py": "drops the object repr PIL puts in its message (a rewording only leaves it in the line)",
+    }
+    found = []
+    for path in sorted((ROOT / "distill").rglob("*.py")):
+        where = path.relative_to(ROOT / "distill").as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and where not in allowed and "re" in (
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]):
+                found.append(f"{where}:{node.lineno}")
+    assert not found, f"regular expressions outside the modules allowed to use them: {found}"

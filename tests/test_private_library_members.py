@@ -120,3 +120,41 @@ def test_option_names_lists_options_of_a_parser_and_its_subcommands():
     parser.add_subcommands().add_subcommand("fit", fit)
     names = adapters.option_names(parser)
     assert {"seed", "model.lr"} <= names and "help" not in names
+
+
+class _Said(Exception):
+    pass
+
+
+class _Recording(ArgumentParser):
+    def error(self, message, ex=None):  # what jsonargparse says, kept instead of printed
+        raise _Said(message)
+
+
+def _jsonargparse_says(argv: list[str]) -> str:
+    from typing import Literal, Optional
+
+    from distill.common.ranges import PositiveFloat, PositiveInt
+
+    parser = _Recording(prog="check")
+    parser.add_argument("--count", type=PositiveInt, default=1)
+    parser.add_argument("--rate", type=Optional[PositiveFloat], default=None)
+    parser.add_argument("--mode", type=Literal["fast", "slow"], default="fast")
+    with pytest.raises(_Said) as said:
+        parser.parse_args(argv)
+    return str(said.value)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--count=0"], "count: 0 is out of range (accepted: > 0)"),
+    (["--count=two"], "count: expected an integer, got 'two'"),
+    (["--rate=-1"], "rate: -1 is out of range (accepted: > 0 or null)"),
+    (["--mode=medium"], "mode: medium is not one of 'fast', 'slow'"),
+])
+def test_the_jsonargparse_wordings_option_messages_reads_are_what_it_says(argv, line):
+    # distill/training/option_messages.py reads jsonargparse's text (its errors carry the option only there): a
+    # release that rewords one fails here, naming the wording, not in a user's one-line error
+    from distill.training.option_messages import one_line, unknown_option
+
+    assert one_line(_jsonargparse_says(argv)) == line
+    assert unknown_option(one_line(_jsonargparse_says(["--cuont=3"]))) == "cuont"

@@ -17,19 +17,21 @@ its help (the function's docstring, the "Args:" section), so an option is declar
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
-import re
+import operator
+import types
 import typing
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import docstring_parser
 from jsonargparse import ActionYesNo, ArgumentParser
 
+from distill.common.argv import given, is_option, name_of
 from distill.common.errors import UsageError
+from distill.common.ranges import accepted
 
-__all__ = ["call", "command", "one_line", "out_of_range"]
+__all__ = ["call", "command", "value_problem"]
 
 
 class CommandParser(ArgumentParser):
@@ -48,98 +50,16 @@ class CommandParser(ArgumentParser):
     def _repeatable(self, text: str) -> str:
         """A list option as the user gives it (`--config CONFIG`, again for more), not as jsonargparse adds an item."""
         for name in self.list_names:
-            text = re.sub(rf"--{re.escape(name)} \[ITEM,\.\.\.\](, --{re.escape(name)}\+ \[ITEM,\.\.\.\])?",
-                          f"--{name} {name.upper()}", text)
+            for shown in (f"--{name} [ITEM,...], --{name}+ [ITEM,...]", f"--{name} [ITEM,...]"):
+                text = text.replace(shown, f"--{name} {name.upper()}")
         return text
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
-        text = one_line(message)
-        for name in self.option_names:  # jsonargparse names a key by its parameter: the user typed --key
-            text = re.sub(rf"^{re.escape(name)}:", f"--{name}:", text)
-        required = re.match(r"the following arguments are required: (.+)", text)
-        if required:
-            names = [n.strip() for n in required.group(1).split(",")]
-            text = f"{', '.join(n.upper() if n in self.positional_names else f'--{n}' for n in names)} is required"
-        typo = re.search(r"unrecognized arguments: (--[\w.-]+)", text)
-        close = difflib.get_close_matches(typo.group(1), [f"--{n}" for n in self.option_names], n=1) if typo else []
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UsageError(f"{self.prog}: {text}{hint}  ({self.prog} --help lists the options)")
-
-
-def one_line(message: str) -> str:
-    """jsonargparse's (often several-line) message about one value, as one line: `key: what is wrong`."""
-    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    ranged = out_of_range(text)
-    if ranged:
-        return ranged
-    named = re.search(r'Parser key "([\w.]+)":.*?Subtypes: \[typing\.Literal\[(.*?)\], <class \'([\w.]+)\'>\].*'
-                      r'Given value: (.*)$', text)
-    if named:  # a name of a table or a class_path (model.distillation): what was given, the names, the classes
-        return _name_or_class(text, *named.groups())
-    union = re.search(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes.*?Errors: - (.*?)'
-                      r'(?: - Expected a <class .NoneType.>.*)?$', text)
-    if union:  # an optional number: the number's own complaint (a range, not an integer), and that null is accepted
-        return one_line(f'Parser key "{union.group(1)}": {union.group(2)}') + " (or null)"
-    choice = re.search(r'Parser key "([\w.]+)": Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$', text)
-    if choice:
-        return f"{choice.group(1)}: {choice.group(3)} is not one of {choice.group(2)}"
-    text = re.sub(r"invalid literal for int\(\) with base 10: (.*)$", r"expected an integer, got \1", text)
-    text = re.sub(r"could not convert string to float: (.*)$", r"expected a number, got \1", text)
-    keyed = re.match(r'Parser key "([\w.]+)": (?:Not of type \w+: )?(.*)$', text)
-    return f"{keyed.group(1)}: {keyed.group(2)}" if keyed else text
-
-
-def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> str:
-    """An option that takes a name of a table or a class_path (model.distillation: `dkd` or `DKD` with options)."""
-    base_name = base.rpartition(".")[2]
-    classes = ", ".join(c.__name__ for c in _subclasses(base))
-    problem = re.search(r"Problem with given class_path '([\w.]+)': (.*?)(?: Given value type|$)", text)
-    if problem:  # the class was found: its own complaint, and the options it takes
-        found = _import(problem.group(1))
-        accepted = ", ".join(inspect.signature(found).parameters) if found else ""
-        return f"{key}: {problem.group(1).rpartition('.')[2]}: {problem.group(2)}" + (f" (its options: {accepted})"
-                                                                                    if accepted else "")
-    nested = re.match(r"NestedArg\(key='([\w.]+)'", given)
-    if nested:  # `--key name --key.option v`: a name takes no options of its own, its class does
-        return (f"{key}: a method given by name takes no options of its own ('{nested.group(1)}'); give its class "
-                f"with them, e.g. --{key} DKD --{key}.{nested.group(1)} VALUE (classes: {classes})")
-    return f"{key}: {given} is not one of {names} (or a {base_name} class with its options: {classes})"
-
-
-def _import(path: str) -> Any:
-    """The object a dotted path names, or None."""
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
-def _subclasses(path: str) -> list[type]:
-    """The subclasses a class registers (those a `class_path` may name), in their table's order if it has one."""
-    base = _import(path)
-    if base is None:
-        return []
-    found = getattr(base, "registry", None)
-    found = list(found.values()) if isinstance(found, dict) else base.__subclasses__()
-    return sorted(found, key=lambda c: getattr(c, "order", 0))
-
-
-def out_of_range(text: str) -> str | None:
-    """jsonargparse's message for a value outside its range type, as `option: value is out of range (accepted: ...)`."""
-    found = re.search(r"(?:Not of type \w+: )?(\S+)? ?does not conform to restriction (.+?)(?:\. Got value| - | Given value|$)",
-                      text)
-    keys = re.findall(r'Parser key "([\w.]+)"', text)
-    if not found or not keys:
-        return None
-    key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{keys[-1]}"  # a class's own option: model.student...
-    value, rule = found.groups()
-    rule = rule.strip().replace("v>=", ">= ").replace("v<=", "<= ").replace("v>", "> ").replace("v<", "< ")
-    if not value:
-        given = re.search(r"Given value: (\S+)", text)
-        value = given.group(1) if given else None
-    nullable = " or null" if "NoneType" in text else ""
-    return f"{key}: {value} is out of range (accepted: {rule}{nullable})" if value else f"{key}: out of range (accepted: {rule}{nullable})"
+        """A mistake as one line. The ones users make (an unknown or missing option, a number out of its range, a
+        choice not offered) are found before jsonargparse (`_split`, `_check_value`, `_check_required`) and named
+        there; what jsonargparse alone finds is its own message, on one line."""
+        raise UsageError(f"{self.prog}: {' '.join(line.strip() for line in str(message).splitlines() if line.strip())}"
+                         f"  ({self.prog} --help lists the options)")
 
 
 def _parameters(function: Callable, skip: set[str]) -> dict[str, tuple[inspect.Parameter, Any]]:
@@ -189,9 +109,13 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
         lists = {name for name, (_, hint) in declared.items() if typing.get_origin(hint) is list}
         parser.list_names = sorted(lists)
         flags = {name for name, (_, hint) in declared.items() if hint is bool}
-        mine, rest = _split(list(argv or []), declared, flags, lists, positional, parser.error)
+        mine, rest, arguments = _split(list(argv or []), declared, flags, lists, positional, parser.error)
         if rest and not extra:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            unknown = next((arg for arg in rest if is_option(arg)), rest[0])
+            close = difflib.get_close_matches(name_of(unknown), [f"--{n}" for n in declared], n=1)
+            parser.error(f"unrecognized arguments: {' '.join(rest)}" + (f"; did you mean '{close[0]}'?" if close else ""))
+        if "-h" not in mine and "--help" not in mine:
+            _check_required(declared, mine, parser.positional_names, arguments, parser.error)
         options = parser.parse_args(mine).as_dict()
         if extra:
             options["extra"] = rest
@@ -202,20 +126,23 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
 
 
 def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], positional: bool,
-           error: Callable[[str], NoReturn]) -> tuple[list[str], list[str]]:
-    """argv as (what the parser takes, the rest): a list option repeated adds an item (jsonargparse's `--name+`)."""
+           error: Callable[[str], NoReturn]) -> tuple[list[str], list[str], int]:
+    """argv as (what the parser takes, the rest, how many positional arguments it gives): a list option repeated adds
+    an item (jsonargparse's `--name+`); a value its option's type refuses is an `error`."""
     known = {f"--{n}" for n in declared} | {f"--no-{n}" for n in flags} | {"-h", "--help"}
-    mine, rest, index = [], [], 0
+    mine, rest, index, arguments = [], [], 0, 0
     while index < len(argv):
         arg = argv[index]
         index += 1
         if arg == "--":  # what follows is not options: positional arguments (the parser sees the `--` too), or
             # options passed on whole
             (mine if positional else rest).extend(argv[index - 1 if positional and index < len(argv) else index:])
+            arguments += len(argv) - index if positional else 0
             break
         name, equals, value = arg.partition("=")
         if not arg.startswith("-") or arg == "-":
             (mine if positional else rest).append(arg)  # a positional argument, or the value of an option passed on
+            arguments += positional
             continue
         if name not in known:
             underscored = name[:2] + name[2:].replace("-", "_")
@@ -232,13 +159,74 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
             mine.append(_flag(name, argv[index], flags, error))
             index += 1
         elif equals:
+            _check_value(option, declared[option][1], value, error)
             mine.append(f"{target}={value}")
         elif option in flags or name.startswith("--no-") or name in ("-h", "--help") or index >= len(argv):
             mine.append(target)
         else:
+            _check_value(option, declared[option][1], argv[index], error)
             mine += [target, argv[index]]
             index += 1
-    return mine, rest
+    return mine, rest, arguments
+
+
+def _check_required(declared: dict, mine: list[str], positional: list[str], arguments: int,
+                    error: Callable[[str], NoReturn]) -> None:
+    """`NAME is required` for the first `positional` argument beyond the `arguments` given, else `--option is
+    required` for the first option without a default that the command line leaves out."""
+    if len(positional) > arguments:
+        error(f"{positional[arguments].upper()} is required")
+    for name, (parameter, _) in declared.items():
+        if (parameter.default is inspect.Parameter.empty and name not in positional
+                and not given(mine, f"--{name}", f"--{name}+")):
+            error(f"--{name} is required")
+
+
+def _check_value(option: str, hint: Any, text: str, error: Callable[[str], NoReturn]) -> None:
+    """`--option: what is wrong` for a value its type refuses, before jsonargparse (whose messages name the option
+    only in their text): a number, its range, a choice; other types are left to jsonargparse."""
+    items = typing.get_args(hint) if typing.get_origin(hint) is list else ()
+    problem = value_problem(items[0] if items else hint, text)
+    if problem:
+        error(f"--{option}: {problem}")
+
+
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+_NULL = ("null", "Null", "NULL", "~")  # YAML's null, as jsonargparse reads an option's value
+
+
+def value_problem(hint: Any, text: str) -> str | None:
+    """What is wrong with `text` as a value of `hint` (an int or float, a range type of distill.common.ranges, a
+    Literal, any of them or None), or None: nothing wrong, or a type this does not check."""
+    choices = [a for a in typing.get_args(hint) if a is not type(None)]
+    nullable = len(choices) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if nullable:
+        if text in _NULL:
+            return None
+        hint = choices[0]
+    if typing.get_origin(hint) is Literal:
+        names = typing.get_args(hint)
+        return None if text in [str(n) for n in names] else f"{text} is not one of {', '.join(map(repr, names))}"
+    rules = accepted(hint)
+    base = rules[0] if rules else hint if hint in (int, float) else None
+    if base is None:
+        return None
+    or_null = " or null" if nullable else ""
+    try:
+        number = float(text) if base is float else int(text) if text.lstrip("+-").isdigit() else _whole(float(text))
+    except ValueError:
+        return f"expected {'an integer' if base is int else 'a number'}, got {text!r}" + (" (or null)" if nullable else "")
+    if rules and not all(_COMPARE[comparison](number, bound) for comparison, bound in rules[1]):
+        rule = " and ".join(f"{comparison} {bound}" for comparison, bound in rules[1])
+        return f"{text} is out of range (accepted: {rule}{or_null})"
+    return None
+
+
+def _whole(number: float) -> int:
+    """A float that is a whole number (`3.0`, `1e3`) as an int, as jsonargparse takes it for an int option."""
+    if not number.is_integer():
+        raise ValueError(number)
+    return int(number)
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")

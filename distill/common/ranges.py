@@ -9,25 +9,41 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from jsonargparse.typing import (
-    ClosedUnitInterval,
-    NonNegativeFloat,
-    NonNegativeInt,
-    OpenUnitInterval,
-    PositiveFloat,
-    PositiveInt,
-    restricted_number_type,
-)
+from jsonargparse.typing import restricted_number_type
 
 __all__ = [
     "ClosedUnitInterval", "NonNegativeFloat", "NonNegativeInt", "OpenUnitInterval", "PositiveFloat", "PositiveInt",
-    "HalfOpenUnitInterval", "UnitIntervalOpenAtZero", "plain", "KLNormalization",
+    "HalfOpenUnitInterval", "UnitIntervalOpenAtZero", "Port", "accepted", "plain", "KLNormalization",
 ]
 
+_ACCEPTED: dict[type, tuple[type, list[tuple[str, int | float]]]] = {}
+
+
+def ranged(name: str, base: type, *rules: tuple[str, int | float]) -> type:
+    """jsonargparse's restricted number type `name` (the same class as jsonargparse's own of that name), with its
+    rules kept here for `accepted`: jsonargparse keeps them in private attributes only."""
+    made = restricted_number_type(name, base, list(rules))
+    _ACCEPTED[made] = (base, list(rules))
+    return made
+
+
+def accepted(hint: Any) -> tuple[type, list[tuple[str, int | float]]] | None:
+    """(int or float, [(comparison, bound), ...]) of a range type made by `ranged`; None for any other type."""
+    return _ACCEPTED.get(hint)
+
+
+PositiveInt = ranged("PositiveInt", int, (">", 0))
+NonNegativeInt = ranged("NonNegativeInt", int, (">=", 0))
+PositiveFloat = ranged("PositiveFloat", float, (">", 0))
+NonNegativeFloat = ranged("NonNegativeFloat", float, (">=", 0))
+ClosedUnitInterval = ranged("ClosedUnitInterval", float, (">=", 0), ("<=", 1))
+OpenUnitInterval = ranged("OpenUnitInterval", float, (">", 0), ("<", 1))
 # [0, 1): label smoothing (1 would leave no mass on the label), stochastic depth, dropout
-HalfOpenUnitInterval = restricted_number_type("HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)])
+HalfOpenUnitInterval = ranged("HalfOpenUnitInterval", float, (">=", 0), ("<", 1))
 # (0, 1]: a crop fraction, a RandomResizedCrop area
-UnitIntervalOpenAtZero = restricted_number_type("UnitIntervalOpenAtZero", float, [(">", 0), ("<=", 1)])
+UnitIntervalOpenAtZero = ranged("UnitIntervalOpenAtZero", float, (">", 0), ("<=", 1))
+# a TCP port LitServe accepts (below 1024 needs root)
+Port = ranged("Port", int, (">=", 1024), ("<=", 65535))
 
 # soft distillation's normalisation (distill/training/methods/soft.py); the methods' names are their table's
 KLNormalization = Literal["batchmean", "reference"]

@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from jsonargparse.typing import restricted_number_type
 
 from distill.common.errors import UserError
 from distill.common.files import OutputLock
+from distill.common.ranges import Port
 
-# a TCP port LitServe accepts (below 1024 needs root)
-Port = restricted_number_type("Port", int, [(">=", 1024), ("<=", 65535)])
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 
 __all__ = ["ForkedChildrenDieWithParent", "StopOnSignal", "accelerators_here", "check_port", "ctrl_c_blocked",

@@ -23,7 +23,6 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -39,7 +38,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from distill.common.adapters import option_names
 from distill.common.argv import given, pairs
 from distill.common.checkpoints import read_student_checkpoint
-from distill.common.commandline import one_line
 from distill.common.configs import check_config_files, config_files
 from distill.common.console import say
 from distill.common.errors import UsageError, UserError
@@ -49,6 +47,7 @@ from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.methods import needs_teacher
+from distill.training.option_messages import one_line, unknown_option
 from distill.training.run_records import (
     nothing_to_resume,
     refuse_earlier_run,
@@ -89,10 +88,10 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = one_line(message)
-        typo = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
-        close = difflib.get_close_matches(typo.group(1), sorted(option_names(self) | option_names(parser)), n=1) if typo else []
+        typo = unknown_option(text)
+        close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        source = _config_with_key(self.argv, typo.group(1)) if typo else None
+        source = _config_with_key(self.argv, typo) if typo else None
         if source:
             text = f"{source}: {text}"
         raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
