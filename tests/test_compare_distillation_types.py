@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
 from distill.commands.speed_figure import speed_table, teacher_configs
+from distill.common.errors import UsageError, UserError
 from distill.training.cli import make_cli
 from tests.helpers import ROOT, TINY_STUDENT, TINY_TEACHER, config_overrides, random_teacher_file, run_cli_error
 
@@ -71,8 +73,10 @@ def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:
 
 def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished_runs(tmp_path, capsys):
     out = tmp_path / "compare"
-    command = tiny_compare(tmp_path, out, "--types", "none,hard", "--seeds", "2", "--jobs", "2", "--trainer.max_epochs=1",
-                           "--trainer.limit_val_batches=2")
+    arm = tmp_path / "hard.yaml"  # an arm given as its method's class (with options, if it had any): named 'hard'
+    arm.write_text("model:\n  distillation:\n    class_path: Hard\n")
+    command = tiny_compare(tmp_path, out, "--types", f"none,{arm}", "--seeds", "2", "--jobs", "2",
+                           "--trainer.max_epochs=1", "--trainer.limit_val_batches=2")
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "4 runs (none, hard x seeds 0..1), 2 at a time, 1 thread(s) each" in first.stdout
@@ -107,7 +111,7 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--types", "none,medium"], "compare --types: ['medium'] not among none, soft, hard"),
+    (["--types", "none,medium"], "compare --types: 'medium' is neither a method (none, soft, hard, dkd, dist"),
     (["--jobs", "0"], "compare --jobs: expected auto or a number of 1 or more, got 0"),
     (["--types", "none,none"], "compare --types: none,none names a type twice"),
     (["--first_seed", "-1"], "distill compare: --first_seed: -1 is out of range (accepted: >= 0)"),
@@ -159,3 +163,48 @@ def test_the_none_arm_has_no_teacher_at_all_even_when_the_options_imitate_featur
         module = make_cli(args, run=False).model  # `none` itself drops the teacher and its features: no patch needed
     assert module.teacher is None and module.imitation is None and module.loss.feature_weight == 0.0
     assert "model.distillation none: no teacher runs" in caplog.text
+
+
+def test_an_arm_given_as_a_file_runs_its_method_class_with_its_options_named_by_the_file(tmp_path):
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    arm = tmp_path / "dkd_beta2.yaml"
+    arm.write_text("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: 2.0}\n")
+    soft, dkd = plan_runs(recipe, ["soft", str(arm)], [0], tmp_path / "c", [])
+    assert (soft["type"], dkd["type"]) == ("soft", "dkd_beta2")
+    assert dkd["folder"] == tmp_path / "c" / "dkd_beta2" / "seed_0"
+    assert str(arm) in dkd["command"] and not any(a.startswith("--model.distillation") for a in dkd["command"])
+    assert dkd["arm"]["model.distillation.class_path"].endswith(".DKD")
+    assert dkd["arm"]["model.distillation.init_args.beta"] == 2.0  # the file's option; the others DKD's defaults
+    assert soft["arm"] is None and soft["options"] == dkd["options"]  # the same recipe, another method
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model:\n  distillation: DKD\n  lr: 0.01\n", "sets model.lr besides model.distillation"),
+    ("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: -1}\n",
+     "model.distillation.init_args.beta: -1 is out of range"),
+    (None, "dkd_beta2.yaml' does not exist (an arm's file: it sets model.distillation)"),
+])
+def test_an_arm_file_that_changes_more_than_the_method_or_is_wrong_is_refused(tmp_path, content, message):
+    arm = tmp_path / "dkd_beta2.yaml"
+    if content is not None:
+        arm.write_text(content)
+    with pytest.raises((UserError, UsageError), match=re.escape(message)):
+        plan_runs(str(ROOT / "configs" / "distill.yaml"), ["soft", str(arm)], [0], tmp_path / "c", [])
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_arm_file_edited_after_its_runs_is_refused_naming_the_option(tmp_path):
+    from distill.commands.compare import check_same_options
+
+    recipe, arm = str(ROOT / "configs" / "distill.yaml"), tmp_path / "dkd.yaml"
+    arm.write_text("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: 2.0}\n")
+    (run,) = plan_runs(recipe, [str(arm)], [0], tmp_path / "c", [])
+    (run["folder"] / "checkpoints").mkdir(parents=True)
+    (run["folder"] / "checkpoints" / "last.ckpt").write_bytes(b"an interrupted run")
+    (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"], "arm": run["arm"]}))
+    check_same_options([run])  # the same file: resumed
+    with pytest.raises(UserError, match="type twice"):
+        plan_runs(recipe, ["dkd", str(arm)], [0], tmp_path / "c", [])  # the file's stem is a method's name
+    arm.write_text(arm.read_text().replace("2.0", "3.0"))
+    with pytest.raises(UserError, match=r"model.distillation.init_args.beta: 2.0 -> 3.0"):
+        check_same_options(plan_runs(recipe, [str(arm)], [0], tmp_path / "c", []))

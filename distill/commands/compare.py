@@ -38,6 +38,7 @@ from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.processes import Children, stop_on_sigterm
 from distill.common.checkpoints import recorded_run_options
+from distill.common.names import check_name
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
@@ -55,26 +56,58 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     """One `distill fit` command per (type, seed), in the order they run (seed-major: a partial table is balanced).
 
     `config`: one fit config, or several (a recipe, then overlays such as configs/students/deit.yaml), in order.
+    `types`: method names, or YAML files that set `model.distillation` alone (a class with its options; the arm is
+    named by the file's stem).
     """
     configs = [config] if isinstance(config, str) else list(config)
+    given_configs = [a for c in configs for a in ("--config", c)]
     # what each run is made from, as its fit records it (by content: config files, and any file an option names)
-    options = fit_options([*[a for c in configs for a in ("--config", c)], *extra], "compare")
+    options = fit_options([*given_configs, *extra], "compare")
+    arms = {kind: _arm(kind, given_configs, extra, options) for kind in types}
+    named = [arm[0] for arm in arms.values()]
+    if len(set(named)) != len(types):
+        raise UserError(f"compare --types: {','.join(types)} names a type twice")
     runs = []
     for seed in seeds:
         for kind in types:
-            folder = out / kind / f"seed_{seed}"
+            name, method_args, arm = arms[kind]
+            folder = out / name / f"seed_{seed}"
             # compare's own options last: nothing in `extra` may move a run's outputs, seed or type
-            command = [sys.executable, "-m", "distill", "fit", *[a for c in configs for a in ("--config", c)], *extra,
-                       f"--seed_everything={seed}",
-                       f"--model.distillation={kind}",  # `none`: no teacher at all, nor its features
+            command = [sys.executable, "-m", "distill", "fit", *given_configs, *extra, f"--seed_everything={seed}",
+                       *method_args,  # `none`: no teacher at all, nor its features
                        f"--trainer.logger.init_args.save_dir={out}",
-                       f"--trainer.logger.init_args.name={kind}/seed_{seed}",
+                       f"--trainer.logger.init_args.name={name}/seed_{seed}",
                        f"--checkpoint.dirpath={folder / 'checkpoints'}", f"--metrics_json={folder / 'result.json'}",
                        "--trainer.enable_progress_bar=false"]
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
-            runs.append({"type": kind, "seed": seed, "folder": folder, "command": command, "options": options})
+            runs.append({"type": name, "seed": seed, "folder": folder, "command": command, "options": options,
+                         "arm": arm})
     return runs
+
+
+def _is_method_option(key: str) -> bool:
+    return key == "model.distillation" or key.startswith("model.distillation.")
+
+
+def _arm(kind: str, configs: list[str], extra: list[str], options: dict[str, Any]) -> tuple[str, list[str], Any]:
+    """(its name, the fit options that choose its method, its method's resolved options: None for a method by name)
+    of one of compare's --types: a method's name, or a YAML file that sets model.distillation alone."""
+    if kind in method_names():
+        return kind, [f"--model.distillation={kind}"], None
+    if kind.endswith((".yaml", ".yml")) and not Path(kind).is_file():
+        raise UserError(f"compare --types: '{kind}' does not exist (an arm's file: it sets model.distillation)")
+    if not kind.endswith((".yaml", ".yml")):
+        raise UserError(f"compare --types: '{kind}' is neither a method ({', '.join(method_names())}) nor a YAML file "
+                        "that sets model.distillation (a method's class with its options)")
+    name = check_name(Path(kind).stem, f"compare --types '{kind}' (its file name names the arm)", None)
+    resolved = fit_options([*configs, *extra, "--config", kind], "compare")
+    besides = sorted(key for key in set(resolved) | set(options)
+                     if not _is_method_option(key) and resolved.get(key) != options.get(key))
+    if besides:
+        raise UserError(f"compare --types: '{kind}' sets {besides[0]} besides model.distillation; an arm differs from "
+                        "the others in its method alone (give shared options to every run with --config or --KEY)")
+    return name, ["--config", kind], {k: v for k, v in resolved.items() if _is_method_option(k)}
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:
@@ -92,18 +125,26 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
             continue
         recorded = read_record(record) or {}
         before = as_recorded_now(recorded.get("options"))
-        if before == run["options"]:
+        if before == run["options"] and as_recorded_now(recorded.get("arm")) == run["arm"]:
             continue
         made = as_recorded_now(recorded_run_options(run["folder"]))  # what its fit recorded (read only when needed)
-        expected = {**run["options"], "seed_everything": run["seed"], "model.distillation": run["type"]}
+        expected = {**{k: v for k, v in run["options"].items() if not _is_method_option(k)},
+                    **(run["arm"] or {"model.distillation": run["type"]}), "seed_everything": run["seed"]}
         if made == expected:  # a record of an earlier version (without the defaults): brought up to date
             with write_atomically(record) as partial:
-                partial.write_text(json.dumps({**recorded, "options": run["options"]}, indent=2))
+                partial.write_text(json.dumps(_record(run, recorded), indent=2))
         else:
             change = (options_change(made, expected, "checkpoint") if isinstance(made, dict)  # what it trained with
-                      else options_change(before, run["options"], "run.json"))
+                      else options_change({**(before or {}), **(as_recorded_now(recorded.get("arm")) or {})},
+                                          {**run["options"], **(run["arm"] or {})}, "run.json"))
             raise UserError(f"compare --out: '{run['folder']}' was made earlier, but {change}; its result would not be "
                             "this comparison's: choose another --out, or repeat the same options to resume it")
+
+
+def _record(run: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's run.json: what it is made from (the shared options; an arm's method options, for a method given by
+    a file), beside what else was `recorded` (its command)."""
+    return {**recorded, "options": run["options"], **({"arm": run["arm"]} if run["arm"] is not None else {})}
 
 
 def check_table_replaceable(out: Path, made_from: dict[str, Any], overwrite: bool) -> None:
@@ -146,7 +187,7 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int, chil
                 run, slot = todo.pop(0), slots.pop(0)
                 run["folder"].mkdir(parents=True, exist_ok=True)
                 with write_atomically(run["folder"] / "run.json") as partial:  # a kill never leaves half of it
-                    partial.write_text(json.dumps({"options": run["options"], "command": run["command"]}, indent=2))
+                    partial.write_text(json.dumps(_record(run, {"command": run["command"]}), indent=2))
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
@@ -273,7 +314,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             (--config configs/distill.yaml --config configs/students/deit.yaml)
         seeds: seeds per distillation type (0, 1, ...)
         first_seed: the first seed
-        types: distillation methods to compare, comma-separated, by name ({methods}: distill/training/methods/)
+        types: distillation methods to compare, comma-separated: by name ({methods}: distill/training/methods/),
+            or as a YAML file that sets model.distillation to a method's class with its options (the arm is named
+            by the file's stem: dkd_beta2.yaml -> dkd_beta2)
         jobs: runs at once: auto (one per GPU, else one per CPU core) or N
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
@@ -288,12 +331,8 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
                              *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
                              f"--jobs {jobs}", f"--out {out}", *extra])
     names = [t.strip() for t in types.split(",") if t.strip()]
-    unknown = [t for t in names if t not in method_names()]
-    if unknown or not names:
-        raise UserError(f"compare --types: {unknown or 'none given'} not among {', '.join(method_names())}")
-    if len(set(names)) != len(names):
-        raise UserError(f"compare --types: {types} names a type twice")
-    types = names
+    if not names:
+        raise UserError(f"compare --types: none given; give methods ({', '.join(method_names())}) or YAML files")
     for name in config:
         if not Path(name).is_file():
             raise UserError(f"compare --config: '{name}' does not exist")
@@ -302,7 +341,8 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         raise UserError(f"compare: {reserved[0]} is set by compare for each run; leave it out")
     out = Path(out)
     seeds = list(range(first_seed, first_seed + seeds))
-    runs = plan_runs(config, types, seeds, out, extra)
+    runs = plan_runs(config, names, seeds, out, extra)
+    types = list(dict.fromkeys(run["type"] for run in runs))  # the arms' names: a method's, a file's stem
     jobs, threads, gpus = _parallelism(jobs, len(runs))
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
