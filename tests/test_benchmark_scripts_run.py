@@ -100,3 +100,17 @@ def test_teacher_share_prints_the_teachers_share_of_a_step_and_what_a_cache_of_i
     assert "1 teacher member(s), feature imitation on" in run.stdout  # the recipe's imitation, on a tiny pair
     assert "% of a live step: a cache of its outputs makes a step at most" in run.stdout
     assert "KiB of feature maps (fp16, every member's)" in run.stdout
+
+
+def test_student_speed_prints_each_student_against_its_teacher():
+    run = subprocess.run(
+        [sys.executable, "benchmarks/student_speed.py", "--sizes=2x64,1x32", "--teacher=test_resnet", "--classes=5",
+         "--repeats=1"], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in run.stdout.splitlines() if line.startswith("| ") and "params" not in line}
+    assert list(rows) == ["student depth 2, width 64", "student depth 1, width 32", "teacher test_resnet"]
+    assert rows["teacher test_resnet"][3] == rows["teacher test_resnet"][5] == "1.00"  # the reference
+    assert all(float(cells[2]) > 0 and float(cells[4]) > 0 for cells in rows.values())  # images/s measured
+    assert float(rows["student depth 2, width 64"][0].rstrip("M")) > float(rows["student depth 1, width 32"][0].rstrip("M"))
