@@ -120,6 +120,7 @@ def test_option_names_lists_options_of_a_parser_and_its_subcommands():
     parser.add_subcommands().add_subcommand("fit", fit)
     names = adapters.option_names(parser)
     assert {"seed", "model.lr"} <= names and "help" not in names
+    assert adapters.subcommand_parsers(parser) == {"fit": fit} and adapters.subcommand_parsers(fit) == {}
 
 
 class _Said(Exception):
@@ -158,3 +159,20 @@ def test_the_jsonargparse_wordings_option_messages_reads_are_what_it_says(argv, 
 
     assert one_line(_jsonargparse_says(argv)) == line
     assert unknown_option(one_line(_jsonargparse_says(["--cuont=3"]))) == "cuont"
+
+
+def test_the_wordings_of_a_subcommands_option_refused_by_the_root_parser_are_read_as_the_subcommands():
+    # `distill fit --print_config` with a config's unknown key, and a config without a required key, are refused by
+    # the root parser, which names the key under its group or with the subcommand's prefix
+    from distill.training.option_messages import for_subcommand, unknown_option
+
+    root, fit = _Recording(prog="check"), ArgumentParser()
+    fit.add_argument("--model.lr", type=float, default=1e-3)
+    fit.add_argument("--model.depth", type=int, required=True)
+    root.add_subcommands().add_subcommand("fit", fit)
+    with pytest.raises(_Said) as said:
+        root.parse_args(["fit"])
+    assert for_subcommand(str(said.value), "fit") == "the following arguments are required: model.depth"
+    with pytest.raises(_Said) as said:
+        root.parse_object({"fit": {"model": {"lrr": 1}}})
+    assert unknown_option(str(said.value)) == "model.lrr"

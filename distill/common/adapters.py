@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from timm.data import Mixup
 
-__all__ = ["mixup_draw", "dump_checkpoint", "batches_done_this_epoch", "option_names", "is_local_path",
+__all__ = ["mixup_draw", "dump_checkpoint", "batches_done_this_epoch", "option_names", "subcommand_parsers", "is_local_path",
            "cpu_computes_bf16", "attention_weights", "OVERRIDDEN", "SUBCLASS_ATTRIBUTES"]
 
 _CHECKPOINT = "pytorch_lightning.callbacks.ModelCheckpoint"
@@ -66,10 +66,15 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
     """Every option name of a (jsonargparse) parser and its subcommands, for "did you mean" hints: argparse keeps
     its actions and subparsers in private members only."""
     names = {action.dest for action in parser._actions if action.dest and action.dest != "help"}
-    subcommands = getattr(parser, "_subcommands_action", None)
-    for sub in (subcommands._name_parser_map.values() if subcommands else []):
+    for sub in subcommand_parsers(parser).values():
         names |= option_names(sub)
     return names
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A (jsonargparse) parser's subcommands by name (`fit`: its parser), {} without: in a private member only."""
+    subcommands = getattr(parser, "_subcommands_action", None)
+    return dict(subcommands._name_parser_map) if subcommands else {}
 
 
 def is_local_path(path: str) -> bool:

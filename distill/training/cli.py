@@ -35,7 +35,7 @@ from torch import nn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
-from distill.common.adapters import option_names
+from distill.common.adapters import option_names, subcommand_parsers
 from distill.common.argv import given, pairs
 from distill.common.checkpoints import read_student_checkpoint
 from distill.common.configs import check_config_files, config_files
@@ -47,7 +47,7 @@ from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.methods import needs_teacher
-from distill.training.option_messages import one_line, unknown_option
+from distill.training.option_messages import for_subcommand, one_line, unknown_option
 from distill.training.run_records import (
     nothing_to_resume,
     refuse_earlier_run,
@@ -88,12 +88,14 @@ class OneLineErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         text = one_line(message)
+        chosen = next((name for name in self.argv if name in subcommand_parsers(self)), None)  # `fit`, as typed
+        if parser is self and chosen:  # the root parser refusing the subcommand's options: said in its words
+            parser, text = subcommand_parsers(self)[chosen], for_subcommand(text, chosen)
         typo = unknown_option(text)
         close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
         source = _config_with_key(self.argv, typo) if typo else None
-        if source:
-            text = f"{source}: {text}"
+        text = f"{source}: {text}" if source else text
         raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
 
 

@@ -16,14 +16,23 @@ import inspect
 import re
 from typing import Any
 
-__all__ = ["one_line", "out_of_range", "unknown_option"]
+__all__ = ["for_subcommand", "one_line", "out_of_range", "unknown_option"]
 
 
 def unknown_option(text: str) -> str | None:
     """The option jsonargparse's one-line message calls unknown (`unrecognized arguments: --model.lrr=1`, `... does
-    not accept option 'model.lrr'`), or None."""
+    not accept option 'model.lrr'`, `Group 'model' does not accept option 'lrr'`), or None."""
+    grouped = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text)
+    if grouped:
+        return f"{grouped.group(1)}.{grouped.group(2)}"
     found = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
     return found.group(1) if found else None
+
+
+def for_subcommand(text: str, subcommand: str) -> str:
+    """A message of the root parser about a subcommand's options in the subcommand's words: `fit.model.student` is
+    `model.student` to a user of `distill fit`."""
+    return re.sub(rf"(?<![\w.]){re.escape(subcommand)}\.(?=\w)", "", text)
 
 
 def one_line(message: str) -> str:
