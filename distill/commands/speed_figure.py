@@ -107,6 +107,7 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, len(BATCHES), figsize=(5.5 * len(BATCHES), 4.2), squeeze=False)
     for axis, batch in zip(axes[0], BATCHES):
@@ -123,6 +124,10 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
             placed.append((per_s, top1))
             axis.annotate(label, (per_s, top1), textcoords="offset points", xytext=(6, 4 - 11 * below), fontsize=8)
         axis.set_xscale("log")
+        # 1000, 2000, 3000, 5000 as numbers: a log axis spanning less than a decade labels its minor ticks as 3x10^3
+        axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:.0f}"))
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.margins(x=0.3, y=0.15)  # room for the labels
         axis.set_xlabel(f"images/s, batch {batch} (ONNX Runtime, {speed['threads']} thread(s), this CPU)")
         axis.set_ylabel("validation top-1 (%)")
