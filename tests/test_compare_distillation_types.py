@@ -73,21 +73,21 @@ def tiny_compare(tmp_path: Path, out: Path, *extra: str) -> list[str]:
 
 def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished_runs(tmp_path, capsys):
     out = tmp_path / "compare"
-    arm = tmp_path / "hard.yaml"  # an arm given as its method's class (with options, if it had any): named 'hard'
+    arm = tmp_path / "hard_class.yaml"  # an arm given as its method's class (with options, if it had any)
     arm.write_text("model:\n  distillation:\n    class_path: Hard\n")
     command = tiny_compare(tmp_path, out, "--types", f"none,{arm}", "--seeds", "2", "--jobs", "2",
                            "--trainer.max_epochs=1", "--trainer.limit_val_batches=2")
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "4 runs (none, hard x seeds 0..1), 2 at a time, 1 thread(s) each" in first.stdout
+    assert "4 runs (none, hard_class x seeds 0..1), 2 at a time, 1 thread(s) each" in first.stdout
     record = json.loads((out / "compare.json").read_text())
-    assert [(r["type"], r["seed"]) for r in record["runs"]] == [("none", 0), ("hard", 0), ("none", 1), ("hard", 1)]
+    assert [(r["type"], r["seed"]) for r in record["runs"]] == [("none", 0), ("hard_class", 0), ("none", 1), ("hard_class", 1)]
     for run in record["runs"]:
         assert run["result"]["steps"] == 2 and 0.0 <= run["result"]["final_metrics"]["val/acc"] <= 1.0
         assert (out / run["type"] / f"seed_{run['seed']}" / "checkpoints" / "best.ckpt").is_file()
-    assert record["summary"]["types"]["hard"]["runs"] == 2
+    assert record["summary"]["types"]["hard_class"]["runs"] == 2
     table = (out / "compare.md").read_text()
-    assert "gain over none" in table and "hard" in table and "teacher" in table
+    assert "gain over none" in table and "hard_class" in table and "teacher" in table
 
     capsys.readouterr()
     cli_main(command[3:])  # again, in this process: nothing left to train
@@ -102,7 +102,7 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     record = json.loads((out / "compare.json").read_text())
     speed = record["speed"]["images_per_s"]
     assert set(speed) == {"student", "teacher"} and all(v > 0 for by_batch in speed.values() for v in by_batch.values())
-    assert set(speed["student"]) == {"1", "64"} and "student (hard)" in printed.split("images/s, batch 64")[1]
+    assert set(speed["student"]) == {"1", "64"} and "student (hard_class)" in printed.split("images/s, batch 64")[1]
     assert "images/s, batch 1" in (out / "compare.md").read_text()
 
     line = run_cli_error([*command[3:], "--model.lr=0.1"], capsys)
@@ -196,15 +196,20 @@ def test_an_arm_file_that_changes_more_than_the_method_or_is_wrong_is_refused(tm
 def test_an_arm_file_edited_after_its_runs_is_refused_naming_the_option(tmp_path):
     from distill.commands.compare import check_same_options
 
-    recipe, arm = str(ROOT / "configs" / "distill.yaml"), tmp_path / "dkd.yaml"
+    recipe, arm = str(ROOT / "configs" / "distill.yaml"), tmp_path / "dkd_tuned.yaml"
     arm.write_text("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: 2.0}\n")
     (run,) = plan_runs(recipe, [str(arm)], [0], tmp_path / "c", [])
     (run["folder"] / "checkpoints").mkdir(parents=True)
     (run["folder"] / "checkpoints" / "last.ckpt").write_bytes(b"an interrupted run")
     (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"], "arm": run["arm"]}))
     check_same_options([run])  # the same file: resumed
-    with pytest.raises(UserError, match="type twice"):
-        plan_runs(recipe, ["dkd", str(arm)], [0], tmp_path / "c", [])  # the file's stem is a method's name
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "DKD_Tuned.yaml").write_text(arm.read_text())
+    with pytest.raises(UserError, match="type twice"):  # one folder on a case-insensitive filesystem
+        plan_runs(recipe, [str(arm), str(tmp_path / "other" / "DKD_Tuned.yaml")], [0], tmp_path / "c", [])
+    (tmp_path / "other" / "None.yaml").write_text(arm.read_text())
+    with pytest.raises(UserError, match="'None' is taken by the method none"):  # not the baseline
+        plan_runs(recipe, ["soft", str(tmp_path / "other" / "None.yaml")], [0], tmp_path / "c", [])
     arm.write_text(arm.read_text().replace("2.0", "3.0"))
     with pytest.raises(UserError, match=r"model.distillation.init_args.beta: 2.0 -> 3.0"):
         check_same_options(plan_runs(recipe, [str(arm)], [0], tmp_path / "c", []))

@@ -172,7 +172,8 @@ def test_the_wordings_of_a_subcommands_option_refused_by_the_root_parser_are_rea
     root.add_subcommands().add_subcommand("fit", fit)
     with pytest.raises(_Said) as said:
         root.parse_args(["fit"])
-    assert for_subcommand(str(said.value), "fit") == "the following arguments are required: model.depth"
+    assert for_subcommand(str(said.value), "fit", {"model.depth"}) == "the following arguments are required: model.depth"
+    assert for_subcommand("model.name: fit.soft is unknown", "fit", {"model.name"}) == "model.name: fit.soft is unknown"
     with pytest.raises(_Said) as said:
         root.parse_object({"fit": {"model": {"lrr": 1}}})
     assert unknown_option(str(said.value)) == "model.lrr"

@@ -313,21 +313,24 @@ def test_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "error", "ctrl_c"])
-def test_a_command_stopped_stops_the_processes_it_started_and_waits_for_them(tmp_path, stop):
+@pytest.mark.parametrize("stop", ["sigterm", "error", "ctrl_c", "ctrl_c_here_alone"])
+def test_a_command_stopped_stops_the_processes_it_started_and_waits_for_them(tmp_path, monkeypatch, stop):
     # compare's runs and the pipeline's stages: a SIGTERM (or a failure) of the command reaches each running child
-    # as SIGTERM, which `distill fit` answers by saving last.ckpt; on Ctrl+C, which reaches them from the terminal,
-    # they are waited for, not signalled again
+    # as SIGTERM, which `distill fit` answers by saving last.ckpt; a Ctrl+C from the terminal reaches them too, so
+    # they are given time to stop by themselves, then (an interrupt of this process alone) SIGTERM
     import signal
     import threading
 
-    from distill.common.processes import stop_on_sigterm
+    from distill.common.processes import Children, stop_on_sigterm
 
+    monkeypatch.setattr(Children, "GRACE_S", 3.0)
+    quick = stop == "ctrl_c"  # the children got the Ctrl+C too and stop within the grace
     child = [sys.executable, "-c", "import pathlib, signal, sys, time\n"
              f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(r'{tmp_path}', 'got_sigterm').touch(), sys.exit(143)))\n"
-             "time.sleep(60 if sys.argv[1] == 'wait' else 1)", "wait" if stop != "ctrl_c" else "quick"]
+             "time.sleep(1 if sys.argv[1] == 'quick' else 60)", "quick" if quick else "slow"]
     before = signal.getsignal(signal.SIGTERM)
-    expected = {"sigterm": SystemExit, "error": RuntimeError, "ctrl_c": KeyboardInterrupt}[stop]
+    expected = {"sigterm": SystemExit, "error": RuntimeError}.get(stop, KeyboardInterrupt)
+    began = time.monotonic()
     with pytest.raises(expected) as caught:
         with stop_on_sigterm() as children:
             processes = [children.start(child), children.start(child)]
@@ -337,8 +340,9 @@ def test_a_command_stopped_stops_the_processes_it_started_and_waits_for_them(tmp
                 processes[0].wait()
             raise expected() if stop != "sigterm" else AssertionError("SIGTERM did not stop the block")
     assert all(p.returncode is not None for p in processes)  # none left running
-    assert (tmp_path / "got_sigterm").exists() == (stop != "ctrl_c")
-    assert [p.returncode for p in processes] == ([143, 143] if stop != "ctrl_c" else [0, 0])
+    assert (tmp_path / "got_sigterm").exists() == (not quick)
+    assert [p.returncode for p in processes] == ([0, 0] if quick else [143, 143])
+    assert time.monotonic() - began < (6 if stop == "ctrl_c_here_alone" else 3)  # the grace, not their 60 s
     if stop == "sigterm":
         assert caught.value.code == 143
     assert signal.getsignal(signal.SIGTERM) == before

@@ -38,7 +38,7 @@ from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.processes import Children, stop_on_sigterm
 from distill.common.checkpoints import recorded_run_options
-from distill.common.names import check_name
+from distill.common.names import check_name, same_folder
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
@@ -65,8 +65,8 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     options = fit_options([*given_configs, *extra], "compare")
     arms = {kind: _arm(kind, given_configs, extra, options) for kind in types}
     named = [arm[0] for arm in arms.values()]
-    if len(set(named)) != len(types):
-        raise UserError(f"compare --types: {','.join(types)} names a type twice")
+    if len(named) != len(types) or any(same_folder(a, b) for i, a in enumerate(named) for b in named[:i]):
+        raise UserError(f"compare --types: {','.join(types)} names a type twice")  # (one folder, in any case)
     runs = []
     for seed in seeds:
         for kind in types:
@@ -100,7 +100,8 @@ def _arm(kind: str, configs: list[str], extra: list[str], options: dict[str, Any
     if not kind.endswith((".yaml", ".yml")):
         raise UserError(f"compare --types: '{kind}' is neither a method ({', '.join(method_names())}) nor a YAML file "
                         "that sets model.distillation (a method's class with its options)")
-    name = check_name(Path(kind).stem, f"compare --types '{kind}' (its file name names the arm)", None)
+    name = check_name(Path(kind).stem, f"compare --types '{kind}' (its file name names the arm)",
+                      {method: f"the method {method}" for method in method_names()})  # `none` is the baseline
     resolved = fit_options([*configs, *extra, "--config", kind], "compare")
     besides = sorted(key for key in set(resolved) | set(options)
                      if not _is_method_option(key) and resolved.get(key) != options.get(key))

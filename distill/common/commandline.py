@@ -213,20 +213,13 @@ def value_problem(hint: Any, text: str) -> str | None:
         return None
     or_null = " or null" if nullable else ""
     try:
-        number = float(text) if base is float else int(text) if text.lstrip("+-").isdigit() else _whole(float(text))
+        number = float(text) if base is float else int(text)  # jsonargparse refuses `1e2` and `2.0` for an int too
     except ValueError:
         return f"expected {'an integer' if base is int else 'a number'}, got {text!r}" + (" (or null)" if nullable else "")
     if rules and not all(_COMPARE[comparison](number, bound) for comparison, bound in rules[1]):
         rule = " and ".join(f"{comparison} {bound}" for comparison, bound in rules[1])
         return f"{text} is out of range (accepted: {rule}{or_null})"
     return None
-
-
-def _whole(number: float) -> int:
-    """A float that is a whole number (`3.0`, `1e3`) as an int, as jsonargparse takes it for an int option."""
-    if not number.is_integer():
-        raise ValueError(number)
-    return int(number)
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")

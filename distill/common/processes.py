@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +24,11 @@ STOPPED = 143  # the exit status of a process stopped by SIGTERM (128 + 15), as 
 
 class Children:
     """The processes started in a `stop_on_sigterm()` block; those still running when it is left early (SIGTERM,
-    an error) get SIGTERM and are waited for. On Ctrl+C, which the terminal sends to them too, they are waited for."""
+    an error) get SIGTERM and are waited for. On Ctrl+C, which a terminal sends to them too, they have `GRACE_S`
+    to stop by themselves (a SIGTERM on top would cut a `distill fit` saving its checkpoint short), then get SIGTERM:
+    an interrupt that reached this process alone (a notebook, `kill -INT`) does not wait for their whole training."""
+
+    GRACE_S = 10.0
 
     def __init__(self) -> None:
         self.started: list[subprocess.Popen] = []
@@ -51,8 +56,14 @@ class Children:
     def _stop(self, interrupted: bool) -> None:
         self.stopping = True
         running = [process for process in self.started if process.poll() is None]
-        if not interrupted:
-            for process in running:
+        deadline = time.monotonic() + (self.GRACE_S if interrupted else 0.0)
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for process in running:
+            if process.poll() is None:
                 process.terminate()
         for process in running:
             process.wait()
@@ -66,6 +77,7 @@ def stop_on_sigterm() -> Iterator[Children]:
     try:
         yield children
     except BaseException as stopped:
+        children.stopping = True  # first: a SIGTERM from here on does not cut the stop short
         children._stop(interrupted=isinstance(stopped, KeyboardInterrupt))
         raise
     finally:

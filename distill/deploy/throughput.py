@@ -55,9 +55,10 @@ def measure_throughput(models: dict[str, list[Member]], batches: tuple[int, ...]
             inputs = {size: np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
                       for _, size in exported.values()}
 
-            # the warm-up (memory, ONNX Runtime's first-run work) also sizes each model's block
+            for name in names:  # the warm-up: memory, ONNX Runtime's first-run work
+                _call(models[name], exported, inputs, 2)
             block = {name: max(1, math.ceil(BLOCK_S / max(_call(models[name], exported, inputs, 3), 1e-6)))
-                     for name in names}
+                     for name in names}  # sized on warm calls
             times: dict[str, list[float]] = {name: [] for name in names}
             for repeat in range(repeats):
                 for name in names[repeat % len(names):] + names[:repeat % len(names)]:

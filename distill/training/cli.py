@@ -77,9 +77,8 @@ TRAINER_DEFAULTS = {
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """A parser whose errors are a `UsageError` (one line, printed by `cli_main`) naming the option, with a close
-    match for a typo and the accepted range for a number out of range, not jsonargparse's page of usage;
-    DISTILL_DEBUG=1 restores the full output."""
+    """A parser whose errors are one `UsageError` line naming the option (a close match for a typo, the range of a
+    number out of it; distill/training/option_messages.py), not a page of usage; DISTILL_DEBUG=1 shows the page."""
 
     argv: ClassVar[list[str]] = []  # the command line, set by make_cli: to name the config file a bad key is in
 
@@ -90,13 +89,14 @@ class OneLineErrorParser(LightningArgumentParser):
         text = one_line(message)
         chosen = next((name for name in self.argv if name in subcommand_parsers(self)), None)  # `fit`, as typed
         if parser is self and chosen:  # the root parser refusing the subcommand's options: said in its words
-            parser, text = subcommand_parsers(self)[chosen], for_subcommand(text, chosen)
+            parser = subcommand_parsers(self)[chosen]
+            text = for_subcommand(text, chosen, option_names(parser))
         typo = unknown_option(text)
         close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
         source = _config_with_key(self.argv, typo) if typo else None
-        text = f"{source}: {text}" if source else text
-        raise UsageError(f"{text}{hint}  ({parser.prog.replace(' [options]', '')} --help lists the options)")
+        raise UsageError(f"{f'{source}: ' if source else ''}{text}{hint}  ({parser.prog.replace(' [options]', '')} "
+                         "--help lists the options)")
 
 
 def _check_ensemble_options(config: Any, argv: list[str]) -> None:

@@ -25,14 +25,16 @@ def unknown_option(text: str) -> str | None:
     grouped = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text)
     if grouped:
         return f"{grouped.group(1)}.{grouped.group(2)}"
-    found = re.search(r"(?:option '|arguments: .*?--)([\w.]+)", text)
+    found = re.search(r"(?:[Oo]ption '|arguments: .*?--)([\w.]+)", text)
     return found.group(1) if found else None
 
 
-def for_subcommand(text: str, subcommand: str) -> str:
+def for_subcommand(text: str, subcommand: str, options: set[str]) -> str:
     """A message of the root parser about a subcommand's options in the subcommand's words: `fit.model.student` is
-    `model.student` to a user of `distill fit`."""
-    return re.sub(rf"(?<![\w.]){re.escape(subcommand)}\.(?=\w)", "", text)
+    `model.student` to a user of `distill fit` (only where what follows is one of its `options`, not in a value)."""
+    def own(found: re.Match) -> str:
+        return found.group(1) if found.group(1) in options else found.group(0)
+    return re.sub(rf"(?<![\w.]){re.escape(subcommand)}\.([\w.]*\w)", own, text)
 
 
 def one_line(message: str) -> str:
