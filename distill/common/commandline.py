@@ -37,8 +37,6 @@ __all__ = ["call", "command", "value_problem"]
 class CommandParser(ArgumentParser):
     """jsonargparse's parser whose mistakes are one `UsageError` line (printed by `distill.cli.cli_main`)."""
 
-    option_names: list[str] = []
-    positional_names: list[str] = []
     list_names: list[str] = []
 
     def format_help(self) -> str:
@@ -103,9 +101,7 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
                 parser.add_argument(f"--{name}", action=ActionYesNo(no_prefix="no-"),
                                     default=bool(default), help=helps.get(name))
             declared.update(own)
-        parser.option_names = list(declared)
-        if positional:
-            parser.positional_names = [n for n, (p, _) in declared.items() if p.default is inspect.Parameter.empty]
+        required = [n for n, (p, _) in declared.items() if p.default is inspect.Parameter.empty]
         lists = {name for name, (_, hint) in declared.items() if typing.get_origin(hint) is list}
         parser.list_names = sorted(lists)
         flags = {name for name, (_, hint) in declared.items() if hint is bool}
@@ -115,7 +111,7 @@ def command(prog: str, *functions: Callable, run: Callable[[dict[str, Any]], Any
             close = difflib.get_close_matches(name_of(unknown), [f"--{n}" for n in declared], n=1)
             parser.error(f"unrecognized arguments: {' '.join(rest)}" + (f"; did you mean '{close[0]}'?" if close else ""))
         if "-h" not in mine and "--help" not in mine:
-            _check_required(declared, mine, parser.positional_names, arguments, parser.error)
+            _check_required(declared, mine, required if positional else [], arguments, parser.error)
         options = parser.parse_args(mine).as_dict()
         if extra:
             options["extra"] = rest

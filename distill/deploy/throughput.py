@@ -54,7 +54,6 @@ def measure_throughput(models: dict[str, list[Member]], batches: tuple[int, ...]
         for batch in batches:
             inputs = {size: np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
                       for _, size in exported.values()}
-
             for name in names:  # the warm-up: memory, ONNX Runtime's first-run work
                 _call(models[name], exported, inputs, 2)
             block = {name: max(1, math.ceil(BLOCK_S / max(_call(models[name], exported, inputs, 3), 1e-6)))
