@@ -116,11 +116,35 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     (["--types", "none,none"], "compare --types: none,none names a type twice"),
     (["--first_seed", "-1"], "distill compare: --first_seed: -1 is out of range (accepted: >= 0)"),
     (["--model.distillation=soft"], "--model.distillation is set by compare for each run; leave it out"),
+    (["--types", "none,soft", "--model.teacher.init_args.weights=nope.ckpt"],
+     "compare: model.teacher: weights 'nope.ckpt' does not exist"),
 ])
 def test_compare_mistakes_are_one_line(tmp_path, capsys, args, message):
     line = run_cli_error(["compare", "--config", str(ROOT / "configs" / "distill.yaml"), "--out", str(tmp_path / "c"),
                           *args], capsys)
     assert message in line and not (tmp_path / "c").exists()
+
+
+def test_a_teachers_missing_weights_are_named_before_any_run_and_only_arms_with_a_teacher_need_them(tmp_path,
+                                                                                                      monkeypatch):
+    from distill.commands.compare import check_teacher_weights
+
+    monkeypatch.chdir(tmp_path)  # the overlay's members are runs/teacher_seed0..2 here: none exists
+    recipe, ensemble = (str(ROOT / "configs" / name) for name in ("distill.yaml", "teachers/ensemble.yaml"))
+    arm = tmp_path / "dkd_beta2.yaml"
+    arm.write_text("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: 2.0}\n")
+    none, soft, dkd = plan_runs([recipe, ensemble], ["none", "soft", str(arm)], [0], tmp_path / "c", [])
+    assert (none["needs_teacher"], soft["needs_teacher"], dkd["needs_teacher"]) == (False, True, True)
+    with pytest.raises(UserError, match=re.escape("model.teacher (member 1 of 3): weights "
+                                                  "'runs/teacher_seed0/checkpoints/best.ckpt' does not exist")):
+        check_teacher_weights(soft["options"])
+    for seed in (0, 1):  # the first two members trained (only their existence is checked here): the third is named
+        (tmp_path / "runs" / f"teacher_seed{seed}" / "checkpoints").mkdir(parents=True)
+        random_teacher_file(tmp_path / "runs" / f"teacher_seed{seed}" / "checkpoints", name="best.ckpt")
+    (soft,) = plan_runs([recipe, ensemble], ["soft"], [0], tmp_path / "c", [])
+    with pytest.raises(UserError, match=re.escape("member 3 of 3): weights 'runs/teacher_seed2/")):
+        check_teacher_weights(soft["options"])
+    check_teacher_weights({**soft["options"], "data.teacher_cache": "cache"})  # a cache stands in for the teacher
 
 
 def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_path):

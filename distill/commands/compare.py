@@ -37,13 +37,13 @@ from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.processes import Children, stop_on_sigterm
-from distill.common.checkpoints import recorded_run_options
+from distill.common.checkpoints import ACCEPTED, recorded_run_options
 from distill.common.names import check_name, same_folder
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
 from distill.training.cli import fit_options
-from distill.training.methods import method_names
+from distill.training.methods import method_names, needs_teacher
 
 __all__ = ["plan_runs", "summarize_runs", "format_table", "main"]
 
@@ -82,7 +82,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": name, "seed": seed, "folder": folder, "command": command, "options": options,
-                         "arm": arm})
+                         "arm": arm, "needs_teacher": needs_teacher(_method_of(kind, arm))})
     return runs
 
 
@@ -109,6 +109,31 @@ def _arm(kind: str, configs: list[str], extra: list[str], options: dict[str, Any
         raise UserError(f"compare --types: '{kind}' sets {besides[0]} besides model.distillation; an arm differs from "
                         "the others in its method alone (give shared options to every run with --config or --KEY)")
     return name, ["--config", kind], {k: v for k, v in resolved.items() if _is_method_option(k)}
+
+
+def _method_of(kind: str, arm: Optional[dict[str, Any]]) -> str:
+    """The method an arm runs: its name, or the class path (or name) its file sets."""
+    return kind if arm is None else arm.get("model.distillation.class_path", arm.get("model.distillation", kind))
+
+
+def check_teacher_weights(options: dict[str, Any]) -> None:
+    """Refuse a teacher (or an ensemble's member) whose weights are a path that does not exist. An existing file or
+    folder is recorded by its content (`sha256:...`); `pretrained` and `none` name no file; a teacher cache stands
+    in for the teacher."""
+    if options.get("data.teacher_cache"):
+        return
+    teacher = options.get("model.teacher")
+    members = teacher if isinstance(teacher, list) else [{"init_args": {"weights": options.get(
+        "model.teacher.init_args.weights")}}]
+    for index, member in enumerate(members):
+        weights = (member.get("init_args") or {}).get("weights") if isinstance(member, dict) else None
+        if not isinstance(weights, str) or weights in ("pretrained", "none") or weights.startswith("sha256:"):
+            continue
+        if not Path(weights).exists():
+            which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
+            raise UserError(f"compare: {which}: weights '{weights}' does not exist (from {Path.cwd()}); train the "
+                            f"teacher first or give its path; expected {ACCEPTED}, a folder `distill export` wrote, "
+                            "'pretrained' or 'none'")
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:
@@ -345,6 +370,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     runs = plan_runs(config, names, seeds, out, extra)
     types = list(dict.fromkeys(run["type"] for run in runs))  # the arms' names: a method's, a file's stem
     jobs, threads, gpus = _parallelism(jobs, len(runs))
+    # a teacher's missing weights fail each run that builds it: named now, before any run folder is made
+    if any(run["needs_teacher"] and finished(run["folder"] / "result.json") is None for run in runs):
+        check_teacher_weights(runs[0]["options"])
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
     with OutputLock(out / ".lock", f"compare --out '{out}'"):
