@@ -37,7 +37,7 @@ from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.processes import Children, stop_on_sigterm
-from distill.common.checkpoints import ACCEPTED, recorded_run_options
+from distill.common.checkpoints import check_teacher_weights, recorded_run_options
 from distill.common.names import check_name, same_folder
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
@@ -114,26 +114,6 @@ def _arm(kind: str, configs: list[str], extra: list[str], options: dict[str, Any
 def _method_of(kind: str, arm: Optional[dict[str, Any]]) -> str:
     """The method an arm runs: its name, or the class path (or name) its file sets."""
     return kind if arm is None else arm.get("model.distillation.class_path", arm.get("model.distillation", kind))
-
-
-def check_teacher_weights(options: dict[str, Any]) -> None:
-    """Refuse a teacher (or an ensemble's member) whose weights are a path that does not exist. An existing file or
-    folder is recorded by its content (`sha256:...`); `pretrained` and `none` name no file; a teacher cache stands
-    in for the teacher."""
-    if options.get("data.teacher_cache"):
-        return
-    teacher = options.get("model.teacher")
-    members = teacher if isinstance(teacher, list) else [{"init_args": {"weights": options.get(
-        "model.teacher.init_args.weights")}}]
-    for index, member in enumerate(members):
-        weights = (member.get("init_args") or {}).get("weights") if isinstance(member, dict) else None
-        if not isinstance(weights, str) or weights in ("pretrained", "none") or weights.startswith("sha256:"):
-            continue
-        if not Path(weights).exists():
-            which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
-            raise UserError(f"compare: {which}: weights '{weights}' does not exist (from {Path.cwd()}); train the "
-                            f"teacher first or give its path; expected {ACCEPTED}, a folder `distill export` wrote, "
-                            "'pretrained' or 'none'")
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:

@@ -17,8 +17,8 @@ from timm.models import clean_state_dict
 
 from distill.common.errors import UserError, first_line
 
-__all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "extract_state_dict", "load_student_state", "read_student_checkpoint",
-           "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch", "student_state"]
+__all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "check_teacher_weights", "extract_state_dict", "load_student_state",
+           "read_student_checkpoint", "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch", "student_state"]
 
 # Where the student's weights sit in a checkpoint of `distill fit` (DistillationModule.state_dict()):
 STUDENT = "student."                 # the Student module (its timm model and a distillation head, if any)
@@ -125,3 +125,23 @@ def recorded_run_options(folder: Path) -> dict[str, Any] | None:
                 return None
             return options if isinstance(options, dict) else None
     return None
+
+
+def check_teacher_weights(options: dict[str, Any], driver: str = "compare") -> None:
+    """Refuse a teacher (or an ensemble's member) whose weights are a path that does not exist, in the run options
+    a driver resolved (`fit_options`): an existing file or folder is recorded there by its content (`sha256:...`);
+    `pretrained` and `none` name no file; a teacher cache stands in for the teacher."""
+    if options.get("data.teacher_cache"):
+        return
+    teacher = options.get("model.teacher")
+    members = teacher if isinstance(teacher, list) else [{"init_args": {"weights": options.get(
+        "model.teacher.init_args.weights")}}]
+    for index, member in enumerate(members):
+        weights = (member.get("init_args") or {}).get("weights") if isinstance(member, dict) else None
+        if not isinstance(weights, str) or weights in ("pretrained", "none") or weights.startswith("sha256:"):
+            continue
+        if not Path(weights).exists():
+            which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
+            raise UserError(f"{driver}: {which}: weights '{weights}' does not exist (from {Path.cwd()}); train the "
+                            f"teacher first or give its path; expected {ACCEPTED}, a folder `distill export` wrote, "
+                            "'pretrained' or 'none'")
