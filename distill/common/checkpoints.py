@@ -18,7 +18,8 @@ from timm.models import clean_state_dict
 from distill.common.errors import UserError, first_line
 
 __all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "check_teacher_weights", "extract_state_dict", "load_student_state",
-           "read_student_checkpoint", "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch", "student_state"]
+           "read_student_checkpoint", "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch",
+           "student_state"]
 
 # Where the student's weights sit in a checkpoint of `distill fit` (DistillationModule.state_dict()):
 STUDENT = "student."                 # the Student module (its timm model and a distillation head, if any)
