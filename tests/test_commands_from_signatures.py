@@ -87,6 +87,21 @@ def test_a_hyphenated_spelling_of_an_option_is_refused_not_passed_on_and_dashes_
     assert main(["--top_k", "3", "--", "--top_k", "4"]) == (3, ["--top_k", "4"])  # after `--`: passed on whole
 
 
+def test_a_positional_argument_given_as_an_option_is_named_as_positional_not_as_missing():
+    def report(run_dir: str, smoothing: float = 0.6) -> tuple:
+        """Args:
+            run_dir: the run's folder
+            smoothing: curve smoothing
+        """
+        return run_dir, smoothing
+    main = command("distill report", report, positional=True)
+    for argv in (["--run_dir", "runs/x"], ["--run-dir=runs/x"]):
+        with pytest.raises(UsageError, match=re.escape("RUN_DIR is a positional argument; give its value alone "
+                                                       "('runs/x', not '--run")):
+            main(argv)
+    assert main(["runs/x", "--smoothing", "0.5"]) == ("runs/x", 0.5)
+
+
 def test_an_optional_number_names_its_own_complaint_in_one_line():
     def build(epochs: Optional[PositiveInt] = None) -> Optional[int]:
         """Args:

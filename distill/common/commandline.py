@@ -140,6 +140,11 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
             (mine if positional else rest).append(arg)  # a positional argument, or the value of an option passed on
             arguments += positional
             continue
+        option = name.removeprefix("--").replace("-", "_")
+        if positional and option in declared and declared[option][0].default is inspect.Parameter.empty:
+            shown = value if equals else (argv[index] if index < len(argv) else option.upper())
+            error(f"{name}: {option.upper()} is a positional argument; give its value alone ('{shown}', not "
+                  f"'{name} {shown}')")
         if name not in known:
             underscored = name[:2] + name[2:].replace("-", "_")
             if underscored in known and underscored != name:  # --top-k for --top_k: not an option to pass on
