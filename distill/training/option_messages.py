@@ -65,6 +65,9 @@ def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> st
     base_name = base.rpartition(".")[2]
     classes = ", ".join(c.__name__ for c in _subclasses(base))
     problem = re.search(r"Problem with given class_path '([\w.]+)': (.*?)(?: Given value type|$)", text)
+    if problem and _import(problem.group(1)) is None:  # a dotted path that names no class: shown whole
+        return (f"{key}: '{problem.group(1)}' names no class ({problem.group(2)}); give one of {names} or a "
+                f"{base_name} class: {classes}")
     if problem:  # the class was found: its own complaint, and the options it takes
         found = _import(problem.group(1))
         accepted = ", ".join(inspect.signature(found).parameters) if found else ""
