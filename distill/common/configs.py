@@ -16,7 +16,7 @@ from distill.common.argv import values
 from distill.common.errors import UserError
 from distill.common.files import load_yaml
 
-__all__ = ["check_config_files", "config_files"]
+__all__ = ["check_config_files", "config_files", "config_with_key"]
 
 
 def config_files(argv: list[str]) -> list[str]:
@@ -48,3 +48,20 @@ def _inline_mapping(value: str) -> bool:
         return isinstance(yaml.safe_load(value), dict)
     except yaml.YAMLError:
         return False
+
+
+def config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
+    """The (first, or `last`) --config file of `argv` that sets the dotted key, if any."""
+    files = config_files(argv)
+    for name in reversed(files) if last else files:
+        try:
+            node = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            return name
+    return None

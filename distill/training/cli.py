@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-import yaml
 from torch import nn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
@@ -38,7 +37,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from distill.common.adapters import option_names, subcommand_parsers
 from distill.common.argv import given, pairs
 from distill.common.checkpoints import read_student_checkpoint
-from distill.common.configs import check_config_files, config_files
+from distill.common.configs import check_config_files, config_with_key
 from distill.common.console import say
 from distill.common.errors import UsageError, UserError
 from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, write_atomically
@@ -94,7 +93,7 @@ class OneLineErrorParser(LightningArgumentParser):
         typo = unknown_option(text)
         close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        source = _config_with_key(self.argv, typo) if typo else None
+        source = config_with_key(self.argv, typo) if typo else None
         raise UsageError(f"{f'{source}: ' if source else ''}{text}{hint}  ({parser.prog.replace(' [options]', '')} "
                          "--help lists the options)")
 
@@ -106,26 +105,9 @@ def _check_ensemble_options(config: Any, argv: list[str]) -> None:
     member_options = [name for name, _ in pairs(argv, "--model.teacher.")]
     if not isinstance(teacher, list) or len(teacher) < 2 or not member_options or given(argv, "--model.teacher"):
         return
-    source = _config_with_key(argv, "model.teacher", last=True) or "the config"
+    source = config_with_key(argv, "model.teacher", last=True) or "the config"
     raise UserError(f"{member_options[0]} would change the last teacher of the ensemble of {len(teacher)} in "
                     f"{source} alone; edit the list in that file (or give --model.teacher with the whole list)")
-
-
-def _config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | None:
-    """The (first, or `last`) --config file of `argv` that sets the dotted key, if any."""
-    files = config_files(argv)
-    for name in reversed(files) if last else files:
-        try:
-            node = yaml.safe_load(Path(name).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        else:
-            return name
-    return None
 
 
 class DistillCLI(LightningCLI):
