@@ -55,9 +55,11 @@ def test_every_student_overlay_parses_on_the_recipe_and_keeps_its_recipe(overlay
     base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path)
     cli = make_cli([*base[:2], "--config", str(overlay), *base[2:]], run=False)  # as a user types it
     recipe, student = yaml.safe_load((ROOT / "configs/distill.yaml").read_text()), cli.model.student
-    chosen = yaml.safe_load(overlay.read_text())["model"]["student"]["init_args"]["model_name"]
-    assert student.config["model_name"] == chosen != recipe["model"]["student"]["init_args"]["model_name"]  # applied
-    assert student.config["embed_dim"] == recipe["model"]["student"]["init_args"]["embed_dim"]  # only the stem changes
+    chosen = yaml.safe_load(overlay.read_text())["model"]["student"]["init_args"]
+    kept = recipe["model"]["student"]["init_args"]
+    assert any(chosen[key] != kept.get(key) for key in chosen)  # it changes the student
+    assert all(student.config[key] == value for key, value in chosen.items())  # applied
+    assert all(student.config[key] == value for key, value in kept.items() if key not in chosen)  # the rest: recipe's
     assert student.model.patch_embed.grid_size == (4, 4)
     assert cli.model.hparams.distillation == recipe["model"]["distillation"]
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "ckpt")
