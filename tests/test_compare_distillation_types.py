@@ -202,11 +202,27 @@ def test_an_arm_given_as_a_file_runs_its_method_class_with_its_options_named_by_
     assert soft["arm"] is None and soft["options"] == dkd["options"]  # the same recipe, another method
 
 
+def test_the_baseline_file_is_an_arm_at_its_own_augmentation_and_the_gains_are_measured_from_it(tmp_path):
+    recipe, baseline = (str(ROOT / "configs" / name) for name in ("distill.yaml", "baselines/no_teacher.yaml"))
+    alone, soft = plan_runs(recipe, [baseline, "soft"], [0], tmp_path / "c", [])
+    assert (alone["type"], alone["needs_teacher"], soft["needs_teacher"]) == ("no_teacher", False, True)
+    assert alone["arm"]["data.mixup"] == 0.0 and alone["arm"]["data.auto_augment"] is None  # the file's augmentation
+    assert soft["options"]["data.mixup"] == 0.8 and soft["arm"] is None  # the others keep the recipe's
+    dirpath = next(a for a in alone["command"] if a.startswith("--checkpoint.dirpath="))  # the file sets one too
+    assert alone["command"].index(baseline) < alone["command"].index(dirpath) and "no_teacher/seed_0" in dirpath
+    runs = [{**alone, "result": result(0.90, 0.91)}, {**soft, "result": result(0.95, 0.96)}]
+    summary = summarize_runs(runs, ["no_teacher", "soft"])
+    assert summary["baseline"] == "no_teacher" and math.isclose(summary["types"]["soft"]["gain_over_none"], 0.05)
+    assert "gain over no_teacher" in format_table(summary)
+
+
 @pytest.mark.parametrize("content, message", [
     ("model:\n  distillation: DKD\n  lr: 0.01\n", "sets model.lr besides model.distillation"),
     ("model:\n  distillation:\n    class_path: DKD\n    init_args: {beta: -1}\n",
      "model.distillation.init_args.beta: -1 is out of range"),
     (None, "dkd_beta2.yaml' does not exist (an arm's file: it sets model.distillation)"),
+    ("model:\n  distillation: DKD\ndata:\n  mixup: 0.0\n", "sets data.mixup besides model.distillation"),
+    ("model:\n  distillation: none\ndata:\n  img_size: 48\n", "sets data.img_size besides model.distillation"),
 ])
 def test_an_arm_file_that_changes_more_than_the_method_or_is_wrong_is_refused(tmp_path, content, message):
     arm = tmp_path / "dkd_beta2.yaml"

@@ -9,7 +9,8 @@ at a time, then prints mean +- standard deviation over the seeds of the averaged
 on the validation split at the final epoch (and at the best epoch: choosing the epoch on the
 split it is measured on flatters it), the gap to the teacher (its accuracy on the same split)
 and the gain over `none` (the same student, recipe and budget without the teacher, so without feature
-imitation either). The table
+imitation either; or over an arm file without a teacher at its own augmentation: `--types
+configs/baselines/no_teacher.yaml,soft`). The table
 and every run's figures are also written to `OUT/compare.md` and `OUT/compare.json`.
 
 Running the command again skips finished runs and resumes interrupted ones (as the pipeline
@@ -31,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from distill.commands.arms import arm_of, is_method_option, method_of
 from distill.commands.speed_figure import draw, measure_comparison, speed_table
 from distill.common.argv import given
 from distill.common.commandline import command
@@ -38,7 +40,7 @@ from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
 from distill.common.processes import Children, stop_on_sigterm
 from distill.common.checkpoints import check_teacher_weights, recorded_run_options
-from distill.common.names import check_name, same_folder
+from distill.common.names import same_folder
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
 from distill.common.tables import format_rows
@@ -63,7 +65,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
     given_configs = [a for c in configs for a in ("--config", c)]
     # what each run is made from, as its fit records it (by content: config files, and any file an option names)
     options = fit_options([*given_configs, *extra], "compare")
-    arms = {kind: _arm(kind, given_configs, extra, options) for kind in types}
+    arms = {kind: arm_of(kind, given_configs, extra, options) for kind in types}
     named = [arm[0] for arm in arms.values()]
     if len(named) != len(types) or any(same_folder(a, b) for i, a in enumerate(named) for b in named[:i]):
         raise UserError(f"compare --types: {','.join(types)} names a type twice")  # (one folder, in any case)
@@ -82,38 +84,8 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": name, "seed": seed, "folder": folder, "command": command, "options": options,
-                         "arm": arm, "needs_teacher": needs_teacher(_method_of(kind, arm))})
+                         "arm": arm, "needs_teacher": needs_teacher(method_of(kind, arm))})
     return runs
-
-
-def _is_method_option(key: str) -> bool:
-    return key == "model.distillation" or key.startswith("model.distillation.")
-
-
-def _arm(kind: str, configs: list[str], extra: list[str], options: dict[str, Any]) -> tuple[str, list[str], Any]:
-    """(its name, the fit options that choose its method, its method's resolved options: None for a method by name)
-    of one of compare's --types: a method's name, or a YAML file that sets model.distillation alone."""
-    if kind in method_names():
-        return kind, [f"--model.distillation={kind}"], None
-    if kind.endswith((".yaml", ".yml")) and not Path(kind).is_file():
-        raise UserError(f"compare --types: '{kind}' does not exist (an arm's file: it sets model.distillation)")
-    if not kind.endswith((".yaml", ".yml")):
-        raise UserError(f"compare --types: '{kind}' is neither a method ({', '.join(method_names())}) nor a YAML file "
-                        "that sets model.distillation (a method's class with its options)")
-    name = check_name(Path(kind).stem, f"compare --types '{kind}' (its file name names the arm)",
-                      {method: f"the method {method}" for method in method_names()})  # `none` is the baseline
-    resolved = fit_options([*configs, *extra, "--config", kind], "compare")
-    besides = sorted(key for key in set(resolved) | set(options)
-                     if not _is_method_option(key) and resolved.get(key) != options.get(key))
-    if besides:
-        raise UserError(f"compare --types: '{kind}' sets {besides[0]} besides model.distillation; an arm differs from "
-                        "the others in its method alone (give shared options to every run with --config or --KEY)")
-    return name, ["--config", kind], {k: v for k, v in resolved.items() if _is_method_option(k)}
-
-
-def _method_of(kind: str, arm: Optional[dict[str, Any]]) -> str:
-    """The method an arm runs: its name, or the class path (or name) its file sets."""
-    return kind if arm is None else arm.get("model.distillation.class_path", arm.get("model.distillation", kind))
 
 
 def check_same_options(runs: list[dict[str, Any]]) -> None:
@@ -134,7 +106,7 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
         if before == run["options"] and as_recorded_now(recorded.get("arm")) == run["arm"]:
             continue
         made = as_recorded_now(recorded_run_options(run["folder"]))  # what its fit recorded (read only when needed)
-        expected = {**{k: v for k, v in run["options"].items() if not _is_method_option(k)},
+        expected = {**{k: v for k, v in run["options"].items() if not is_method_option(k)},
                     **(run["arm"] or {"model.distillation": run["type"]}), "seed_everything": run["seed"]}
         if made == expected:  # a record of an earlier version (without the defaults): brought up to date
             with write_atomically(record) as partial:
@@ -250,13 +222,21 @@ def summarize_runs(runs: list[dict[str, Any]], types: list[str]) -> dict[str, An
                       "wall_s": statistics.fmean([r["wall_time_s"] for r in results]) if results else None,
                       "seeds": [run["seed"] for run in runs if run["type"] == kind and run.get("result")]}
     teacher_acc = statistics.fmean(teacher) if teacher else None
-    none = rows.get("none", {}).get("final", {}).get("mean")
+    baseline = _baseline(runs, types)
+    none = rows.get(baseline, {}).get("final", {}).get("mean")
     for row in rows.values():
         mean = row["final"]["mean"]
         row["gap_to_teacher"] = teacher_acc - mean if teacher_acc is not None and mean is not None else None
         row["gain_over_none"] = mean - none if none is not None and mean is not None else None
-    return {"teacher_acc": teacher_acc, "types": rows,
+    return {"teacher_acc": teacher_acc, "types": rows, "baseline": baseline,
             "teacher_members": [statistics.fmean(members[i]) for i in sorted(members)]}
+
+
+def _baseline(runs: list[dict[str, Any]], types: list[str]) -> str:
+    """The arm the gains are measured from: `none`, else the first arm that runs no teacher (a file's: the student
+    alone at its own augmentation), else `none` (absent: no gain column)."""
+    alone = [kind for kind in types if any(run["type"] == kind and not run.get("needs_teacher", True) for run in runs)]
+    return "none" if "none" in types or not alone else alone[0]
 
 
 def _stats(values: list[float]) -> dict[str, Optional[float]]:
@@ -276,7 +256,7 @@ def format_table(summary: dict[str, Any]) -> str:
         return "-" if value is None else f"{round(100 * value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
     header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "class head", "dist. head", "gap to teacher",
-              "gain over none", "wall s/run")
+              f"gain over {summary.get('baseline', 'none')}", "wall s/run")
     rows = [(kind, str(row["runs"]), pm(row["final"]), pm(row["best"]), pm(row["final_cls"]), pm(row["final_dist"]),
              signed(row["gap_to_teacher"]), signed(row["gain_over_none"]),
              "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}")
@@ -322,7 +302,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         first_seed: the first seed
         types: distillation methods to compare, comma-separated: by name ({methods}: distill/training/methods/),
             or as a YAML file that sets model.distillation to a method's class with its options (the arm is named
-            by the file's stem: dkd_beta2.yaml -> dkd_beta2)
+            by the file's stem: dkd_beta2.yaml -> dkd_beta2); a file whose method is none may also set data options,
+            and the gains are measured from it (configs/baselines/no_teacher.yaml: the student alone at the
+            augmentation it learns from)
         jobs: runs at once: auto (one per GPU, else one per CPU core) or N
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
