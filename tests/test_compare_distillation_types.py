@@ -144,7 +144,8 @@ def test_a_teachers_missing_weights_are_named_before_any_run_and_only_arms_with_
     (soft,) = plan_runs([recipe, ensemble], ["soft"], [0], tmp_path / "c", [])
     with pytest.raises(UserError, match=re.escape("member 3 of 3): weights 'runs/teacher_seed2/")):
         check_teacher_weights(soft["options"])
-    check_teacher_weights({**soft["options"], "data.teacher_cache": "cache"})  # a cache stands in for the teacher
+    with pytest.raises(UserError, match="member 3 of 3"):  # a run from a cache builds its teacher too (to verify it)
+        check_teacher_weights({**soft["options"], "data.teacher_cache": "cache"})
 
 
 def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_path):
@@ -202,7 +203,8 @@ def test_an_arm_given_as_a_file_runs_its_method_class_with_its_options_named_by_
     assert soft["arm"] is None and soft["options"] == dkd["options"]  # the same recipe, another method
 
 
-def test_the_baseline_file_is_an_arm_at_its_own_augmentation_and_the_gains_are_measured_from_it(tmp_path):
+def test_the_baseline_file_is_an_arm_at_its_own_augmentation_and_the_gains_are_measured_from_it(tmp_path,
+                                                                                                  monkeypatch):
     recipe, baseline = (str(ROOT / "configs" / name) for name in ("distill.yaml", "baselines/no_teacher.yaml"))
     alone, soft = plan_runs(recipe, [baseline, "soft"], [0], tmp_path / "c", [])
     assert (alone["type"], alone["needs_teacher"], soft["needs_teacher"]) == ("no_teacher", False, True)
@@ -215,6 +217,32 @@ def test_the_baseline_file_is_an_arm_at_its_own_augmentation_and_the_gains_are_m
     assert summary["baseline"] == "no_teacher" and math.isclose(summary["types"]["soft"]["gain_over_none"], 0.05)
     assert "gain over no_teacher" in format_table(summary)
 
+    import distill.commands.speed_figure as speed_figure
+    measured = []  # DeiT's Figure 1 takes its teachers from a run that had them, not from the baseline's
+    monkeypatch.setattr(speed_figure, "comparison_models", lambda checkpoint: measured.append(checkpoint) or {})
+    monkeypatch.setattr(speed_figure, "measure_throughput", lambda models, batches, threads: {})
+    speed_figure.measure_comparison(runs, threads=1)
+    assert measured == [soft["folder"] / "checkpoints" / "best.ckpt"]
+
+
+def test_a_comparison_without_a_teacher_does_not_need_the_teachers_weights(tmp_path, monkeypatch):
+    import distill.commands.compare as compare
+
+    class Reached(Exception):
+        pass
+
+    def run_all(runs, *args):
+        raise Reached([run["type"] for run in runs])
+    monkeypatch.setattr(compare, "run_all", run_all)
+    monkeypatch.chdir(tmp_path)
+    recipe, baseline = (str(ROOT / "configs" / name) for name in ("distill.yaml", "baselines/no_teacher.yaml"))
+    for index, types in enumerate(("none", baseline)):  # the recipe's teacher file does not exist here: none needs it
+        with pytest.raises(Reached):
+            compare.main(["--config", recipe, "--types", types, "--seeds", "1", "--out", str(tmp_path / f"a{index}")])
+    with pytest.raises(UserError, match="model.teacher: weights 'runs/teacher/checkpoints/best.ckpt' does not exist"):
+        compare.main(["--config", recipe, "--types", "none,soft", "--seeds", "1", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
 
 @pytest.mark.parametrize("content, message", [
     ("model:\n  distillation: DKD\n  lr: 0.01\n", "sets model.lr besides model.distillation"),
@@ -222,7 +250,8 @@ def test_the_baseline_file_is_an_arm_at_its_own_augmentation_and_the_gains_are_m
      "model.distillation.init_args.beta: -1 is out of range"),
     (None, "dkd_beta2.yaml' does not exist (an arm's file: it sets model.distillation)"),
     ("model:\n  distillation: DKD\ndata:\n  mixup: 0.0\n", "sets data.mixup besides model.distillation"),
-    ("model:\n  distillation: none\ndata:\n  img_size: 48\n", "sets data.img_size besides model.distillation"),
+    ("model:\n  distillation: none\ndata:\n  img_size: 48\n", "sets data.img_size besides model.distillation and"),
+    ("model:\n  distillation: none\ndata:\n  crop_pct: 0.5\n", "sets data.crop_pct besides"),  # validation views
 ])
 def test_an_arm_file_that_changes_more_than_the_method_or_is_wrong_is_refused(tmp_path, content, message):
     arm = tmp_path / "dkd_beta2.yaml"

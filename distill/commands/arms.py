@@ -10,9 +10,12 @@ from typing import Any, Optional
 from distill.common.errors import UserError
 from distill.common.names import check_name
 from distill.training.cli import fit_options
+from distill.training.datamodule import TRAINING_VIEWS
 from distill.training.methods import method_names, needs_teacher
 
 __all__ = ["arm_of", "is_method_option", "method_of"]
+
+BASELINE_OPTIONS = tuple(f"data.{name}" for name in TRAINING_VIEWS)  # what an arm without a teacher may set too
 
 
 def is_method_option(key: str) -> bool:
@@ -36,9 +39,11 @@ def arm_of(kind: str, configs: list[str], extra: list[str], options: dict[str, A
     besides = sorted(key for key in set(resolved) | set(options)
                      if not own(key) and resolved.get(key) != options.get(key))
     if besides:
-        raise UserError(f"compare --types: '{kind}' sets {besides[0]} besides model.distillation; an arm differs from "
-                        "the others in its method alone, and an arm without a teacher also in the data options "
-                        "(its augmentation; give shared options to every run with --config or --KEY)")
+        alone = own is _is_baseline_option
+        raise UserError(f"compare --types: '{kind}' sets {besides[0]} besides model.distillation" +
+                        (" and the training views' options" if alone else "") + "; an arm differs from the others in "
+                        "its method alone" + ("" if alone else " (one without a teacher also in its augmentation)") +
+                        "; give shared options to every run with --config or --KEY")
     return name, ["--config", kind], {k: v for k, v in resolved.items()
                                       if own(k) and (is_method_option(k) or resolved.get(k) != options.get(k))}
 
@@ -48,9 +53,9 @@ def _method_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_baseline_option(key: str) -> bool:
-    """What an arm without a teacher may set besides its method: the data module's options (the augmentation the
-    student learns best from alone: configs/baselines/no_teacher.yaml), not the data itself."""
-    return is_method_option(key) or (key.startswith("data.") and key not in ("data.dataset", "data.img_size"))
+    """What an arm without a teacher may set besides its method: the training views' options (the augmentation the
+    student learns best from alone: configs/baselines/no_teacher.yaml), not the data nor the validation views."""
+    return is_method_option(key) or key in BASELINE_OPTIONS
 
 
 def method_of(kind: str, arm: Optional[dict[str, Any]]) -> Any:

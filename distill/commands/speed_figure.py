@@ -62,7 +62,7 @@ def measure_comparison(runs: list[dict[str, Any]], threads: int) -> Optional[dic
     """The throughput of the comparison's student and teachers (from the first finished run that had a teacher, so
     that `none` alone still gives the student), with the load of the machine when it was measured."""
     done = [run for run in runs if run.get("result")]
-    with_teacher = [run for run in done if run["type"] != "none"] or done
+    with_teacher = [run for run in done if run.get("needs_teacher", run["type"] != "none")] or done
     if not with_teacher:
         return None
     checkpoint = with_teacher[0]["folder"] / "checkpoints" / "best.ckpt"

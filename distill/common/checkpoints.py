@@ -131,9 +131,7 @@ def recorded_run_options(folder: Path) -> dict[str, Any] | None:
 def check_teacher_weights(options: dict[str, Any], driver: str = "compare") -> None:
     """Refuse a teacher (or an ensemble's member) whose weights are a path that does not exist, in the run options
     a driver resolved (`fit_options`): an existing file or folder is recorded there by its content (`sha256:...`);
-    `pretrained` and `none` name no file; a teacher cache stands in for the teacher."""
-    if options.get("data.teacher_cache"):
-        return
+    `pretrained` and `none` name no file. (A run from a teacher cache builds its teacher too, to verify the cache.)"""
     teacher = options.get("model.teacher")
     members = teacher if isinstance(teacher, list) else [{"init_args": {"weights": options.get(
         "model.teacher.init_args.weights")}}]

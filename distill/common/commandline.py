@@ -142,7 +142,8 @@ def _split(argv: list[str], declared: dict, flags: set[str], lists: set[str], po
             continue
         option = name.removeprefix("--").replace("-", "_")
         if positional and option in declared and declared[option][0].default is inspect.Parameter.empty:
-            shown = value if equals else (argv[index] if index < len(argv) else option.upper())
+            shown = value if equals else (argv[index] if index < len(argv) else "")
+            shown = option.upper() if not shown or is_option(shown) else shown
             error(f"{name}: {option.upper()} is a positional argument; give its value alone ('{shown}', not "
                   f"'{name} {shown}')")
         if name not in known:

@@ -47,7 +47,12 @@ from distill.data.mixing import apply_mixing, mixing_params
 from distill.data.sources import DIGITS, open_source
 from distill.data.views import DigitsDataset, EpochSampler, SeededViews
 
-__all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews"]
+__all__ = ["ImageDataModule", "DigitsDataset", "DIGITS", "EpochSampler", "SeededViews", "TRAINING_VIEWS"]
+
+# The options that shape the training views and targets alone, not the data nor the validation views: what a
+# comparison's arm without a teacher may set (the augmentation the student learns best from alone)
+TRAINING_VIEWS = ("auto_augment", "re_prob", "re_mode", "scale", "hflip", "color_jitter", "mixup", "cutmix",
+                  "mixup_prob", "mixup_switch_prob", "label_smoothing", "repeated_aug", "augreg")
 
 
 # "How to train your ViT?" (Steiner et al. 2021): RandAugment (ops, magnitude) and mixup alpha.
