@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
@@ -260,6 +261,25 @@ def test_an_arm_file_that_changes_more_than_the_method_or_is_wrong_is_refused(tm
     with pytest.raises((UserError, UsageError), match=re.escape(message)):
         plan_runs(str(ROOT / "configs" / "distill.yaml"), ["soft", str(arm)], [0], tmp_path / "c", [])
     assert not (tmp_path / "c").exists()
+
+
+def test_a_run_without_a_teacher_is_resumed_after_the_teacher_is_trained_a_run_with_one_is_not(tmp_path):
+    from distill.commands.compare import check_same_options
+
+    recipe, teacher = str(ROOT / "configs" / "distill.yaml"), tmp_path / "teacher.safetensors"
+    args = [f"--model.teacher.init_args.weights={teacher}"]
+    none, soft = plan_runs(recipe, ["none", "soft"], [0], tmp_path / "c", args)  # no teacher yet: a path
+    for run in (none, soft):  # both interrupted; what each fit recorded in its checkpoint, as compare expects it
+        (run["folder"] / "checkpoints").mkdir(parents=True)
+        options = {**run["options"], "model.distillation": run["type"], "seed_everything": 0}
+        torch.save({"run_options": options}, run["folder"] / "checkpoints" / "last.ckpt")
+        (run["folder"] / "run.json").write_text(json.dumps({"options": run["options"]}))
+    random_teacher_file(tmp_path, name=teacher.name)  # the teacher, trained since: its weights by content now
+    none, soft = plan_runs(recipe, ["none", "soft"], [0], tmp_path / "c", args)
+    check_same_options([none])  # resumed, and its record brought up to date
+    assert json.loads((none["folder"] / "run.json").read_text())["options"] == none["options"]
+    with pytest.raises(UserError, match=re.escape("its options changed (model.teacher.init_args.weights: ")):
+        check_same_options([soft])  # a run distilled from another teacher is not this comparison's
 
 
 def test_an_arm_file_edited_after_its_runs_is_refused_naming_the_option(tmp_path):

@@ -108,7 +108,8 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
         made = as_recorded_now(recorded_run_options(run["folder"]))  # what its fit recorded (read only when needed)
         expected = {**{k: v for k, v in run["options"].items() if not is_method_option(k)},
                     **(run["arm"] or {"model.distillation": run["type"]}), "seed_everything": run["seed"]}
-        if made == expected:  # a record of an earlier version (without the defaults): brought up to date
+        if _made_from(made, run) == _made_from(expected, run):  # a record of an earlier version (without the
+            # defaults), or a run without a teacher whose teacher was trained since: brought up to date
             with write_atomically(record) as partial:
                 partial.write_text(json.dumps(_record(run, recorded), indent=2))
         else:
@@ -117,6 +118,14 @@ def check_same_options(runs: list[dict[str, Any]]) -> None:
                                           {**run["options"], **(run["arm"] or {})}, "run.json"))
             raise UserError(f"compare --out: '{run['folder']}' was made earlier, but {change}; its result would not be "
                             "this comparison's: choose another --out, or repeat the same options to resume it")
+
+
+def _made_from(options: Any, run: dict[str, Any]) -> Any:
+    """What a run is made from, of the `options` it records: a run without a teacher is not made from the teacher's
+    options (a comparison started before its teacher was trained resumes its `none` runs after)."""
+    if run.get("needs_teacher", True) or not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k != "model.teacher" and not k.startswith("model.teacher.")}
 
 
 def _record(run: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
