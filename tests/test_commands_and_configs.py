@@ -87,7 +87,8 @@ def test_the_losss_options_are_declared_once_and_stay_the_models_flat_keys(tmp_p
     assert cli.model.hparams.kl_normalization == inspect.signature(DistillationLoss).parameters["kl_normalization"].default
 
 
-@pytest.mark.parametrize("overlay, folder", [("ensemble.yaml", "teacher_seed"), ("ensemble_200.yaml", "teacher200_seed")])
+@pytest.mark.parametrize("overlay, folder", [("ensemble.yaml", "teacher_seed"), ("ensemble_200.yaml", "teacher200_seed"),
+                                             ("ensemble_500.yaml", "teacher500_seed")])
 def test_each_ensemble_overlay_reads_the_three_teacher_runs_its_comment_trains(overlay, folder, tmp_path, monkeypatch):
     overlay = ROOT / "configs" / "teachers" / overlay
     members = yaml.safe_load(overlay.read_text())["model"]["teacher"]
