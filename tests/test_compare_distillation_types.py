@@ -128,7 +128,7 @@ def test_compare_mistakes_are_one_line(tmp_path, capsys, args, message):
 
 def test_a_teachers_missing_weights_are_named_before_any_run_and_only_arms_with_a_teacher_need_them(tmp_path,
                                                                                                       monkeypatch):
-    from distill.commands.compare import check_teacher_weights
+    from distill.common.checkpoints import check_teacher_weights
 
     monkeypatch.chdir(tmp_path)  # the overlay's members are runs/teacher_seed0..2 here: none exists
     recipe, ensemble = (str(ROOT / "configs" / name) for name in ("distill.yaml", "teachers/ensemble.yaml"))
@@ -138,15 +138,15 @@ def test_a_teachers_missing_weights_are_named_before_any_run_and_only_arms_with_
     assert (none["needs_teacher"], soft["needs_teacher"], dkd["needs_teacher"]) == (False, True, True)
     with pytest.raises(UserError, match=re.escape("model.teacher (member 1 of 3): weights "
                                                   "'runs/teacher_seed0/checkpoints/best.ckpt' does not exist")):
-        check_teacher_weights(soft["options"])
+        check_teacher_weights(soft["options"], "compare")
     for seed in (0, 1):  # the first two members trained (only their existence is checked here): the third is named
         (tmp_path / "runs" / f"teacher_seed{seed}" / "checkpoints").mkdir(parents=True)
         random_teacher_file(tmp_path / "runs" / f"teacher_seed{seed}" / "checkpoints", name="best.ckpt")
     (soft,) = plan_runs([recipe, ensemble], ["soft"], [0], tmp_path / "c", [])
     with pytest.raises(UserError, match=re.escape("member 3 of 3): weights 'runs/teacher_seed2/")):
-        check_teacher_weights(soft["options"])
+        check_teacher_weights(soft["options"], "compare")
     with pytest.raises(UserError, match="member 3 of 3"):  # a run from a cache builds its teacher too (to verify it)
-        check_teacher_weights({**soft["options"], "data.teacher_cache": "cache"})
+        check_teacher_weights({**soft["options"], "data.teacher_cache": "cache"}, "compare")
 
 
 def test_sigterm_to_compare_stops_its_runs_and_they_save_their_checkpoints(tmp_path):

@@ -1,7 +1,8 @@
 """The arms of `distill compare --types`: a method by name, or a YAML file that sets `model.distillation` to a
 method's class with its options (the arm is named by the file's stem). An arm differs from the others in its method
-alone; an arm that runs no teacher (`none`) may also set the data module's options, so that the student alone trains
-at the augmentation it learns best from (configs/baselines/no_teacher.yaml), and the gains are measured from it."""
+alone; an arm that runs no teacher (`none`) may also set the training views' options (`TRAINING_VIEWS`), so that the
+student alone trains at the augmentation it learns best from (configs/baselines/no_teacher.yaml), and the gains are
+measured from it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +25,7 @@ def is_method_option(key: str) -> bool:
 
 def arm_of(kind: str, configs: list[str], extra: list[str], options: dict[str, Any]) -> tuple[str, list[str], Any]:
     """(its name, the fit options that choose it, what it sets: None for a method by name, else its method's resolved
-    options and, for an arm without a teacher, the data options it changes) of one of compare's --types."""
+    options and, for an arm without a teacher, the training views' options it changes) of one of compare's --types."""
     if kind in method_names():
         return kind, [f"--model.distillation={kind}"], None
     if kind.endswith((".yaml", ".yml")) and not Path(kind).is_file():

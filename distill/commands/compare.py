@@ -311,9 +311,9 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         first_seed: the first seed
         types: distillation methods to compare, comma-separated: by name ({methods}: distill/training/methods/),
             or as a YAML file that sets model.distillation to a method's class with its options (the arm is named
-            by the file's stem: dkd_beta2.yaml -> dkd_beta2); a file whose method is none may also set data options,
-            and the gains are measured from it (configs/baselines/no_teacher.yaml: the student alone at the
-            augmentation it learns from)
+            by the file's stem: dkd_beta2.yaml -> dkd_beta2); a file whose method is none may also set the training
+            views' options, and the gains are measured from it (configs/baselines/no_teacher.yaml: the student
+            alone at the augmentation it learns from)
         jobs: runs at once: auto (one per GPU, else one per CPU core) or N
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
@@ -343,7 +343,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     jobs, threads, gpus = _parallelism(jobs, len(runs))
     # a teacher's missing weights fail each run that builds it: named now, before any run folder is made
     if any(run["needs_teacher"] and finished(run["folder"] / "result.json") is None for run in runs):
-        check_teacher_weights(runs[0]["options"])
+        check_teacher_weights(runs[0]["options"], "compare")
     print(f"[compare] {len(runs)} runs ({', '.join(types)} x seeds {seeds[0]}..{seeds[-1]}), {jobs} at a time, "
           f"{threads} thread(s) each{f', over {gpus} GPU(s)' if gpus else ''}; outputs under {out}", flush=True)
     with OutputLock(out / ".lock", f"compare --out '{out}'"):

@@ -128,7 +128,7 @@ def recorded_run_options(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def check_teacher_weights(options: dict[str, Any], driver: str = "compare") -> None:
+def check_teacher_weights(options: dict[str, Any], driver: str) -> None:
     """Refuse a teacher (or an ensemble's member) whose weights are a path that does not exist, in the run options
     a driver resolved (`fit_options`): an existing file or folder is recorded there by its content (`sha256:...`);
     `pretrained` and `none` name no file. (A run from a teacher cache builds its teacher too, to verify the cache.)"""
