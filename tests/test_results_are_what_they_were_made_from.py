@@ -95,6 +95,30 @@ def test_a_teacher_file_is_the_same_teacher_under_another_path(tmp_path, finishe
     assert {p.name: p.read_bytes() for p in (mine.parent / "ckpt").glob("*.ckpt")} == before
 
 
+def test_a_local_dir_teacher_is_its_folders_content_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    """`model_name: local-dir:FOLDER` (timm loads the folder): the run is made from what the folder holds, so a
+    folder written again is another teacher; a folder that is not there is one line before any run."""
+    from distill.common.checkpoints import check_teacher_weights
+    from distill.common.errors import UserError
+    from distill.common.identity import describe_differences, options_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text('{"architecture": "resnet10t"}')
+    options = {"model.teacher.init_args.model_name": "local-dir:export", "model.teacher.init_args.weights": "none"}
+    before = options_identity(options)
+    assert before["model.teacher.init_args.model_name"].startswith("local-dir:sha256:")
+    assert options_identity({**options, "model.teacher.init_args.model_name": f"local-dir:{tmp_path / 'export'}"}) \
+        == before  # the same folder named by another path
+    (tmp_path / "export" / "config.json").write_text('{"architecture": "resnet18"}')
+    now = options_identity(options)
+    assert "model.teacher.init_args.model_name: its content changed" in describe_differences(before, now)
+    check_teacher_weights(now, "compare")  # there: nothing to say
+    with pytest.raises(UserError, match=r"compare: model.teacher: model_name 'local-dir:missing' names no folder"):
+        check_teacher_weights(options_identity({**options, "model.teacher.init_args.model_name": "local-dir:missing"}),
+                              "compare")
+
+
 # ---------------------------------------------------------------------------------------------
 # fit's own outputs
 

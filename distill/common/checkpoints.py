@@ -133,14 +133,20 @@ def check_teacher_weights(options: dict[str, Any], driver: str) -> None:
     a driver resolved (`fit_options`): an existing file or folder is recorded there by its content (`sha256:...`);
     `pretrained` and `none` name no file. (A run from a teacher cache builds its teacher too, to verify the cache.)"""
     teacher = options.get("model.teacher")
-    members = teacher if isinstance(teacher, list) else [{"init_args": {"weights": options.get(
-        "model.teacher.init_args.weights")}}]
+    members = teacher if isinstance(teacher, list) else [{"init_args": {
+        "weights": options.get("model.teacher.init_args.weights"),
+        "model_name": options.get("model.teacher.init_args.model_name")}}]
     for index, member in enumerate(members):
-        weights = (member.get("init_args") or {}).get("weights") if isinstance(member, dict) else None
+        init_args = (member.get("init_args") or {}) if isinstance(member, dict) else {}
+        weights, model_name = init_args.get("weights"), init_args.get("model_name")
+        which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
+        if isinstance(model_name, str) and model_name.startswith("local-dir:") and not model_name.startswith(
+                "local-dir:sha256:") and not Path(model_name[len("local-dir:"):]).is_dir():
+            raise UserError(f"{driver}: {which}: model_name '{model_name}' names no folder (from {Path.cwd()}); "
+                            "give a folder `distill export` or timm's `save_pretrained` wrote")
         if not isinstance(weights, str) or weights in ("pretrained", "none") or weights.startswith("sha256:"):
             continue
         if not Path(weights).exists():
-            which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
             raise UserError(f"{driver}: {which}: weights '{weights}' does not exist (from {Path.cwd()}); train the "
                             f"teacher first or give its path; expected {ACCEPTED}, a folder `distill export` wrote, "
                             "'pretrained' or 'none'")

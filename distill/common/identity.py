@@ -58,6 +58,7 @@ LEFT_OUT = ("config", "ckpt_path", "metrics_json", "print_config", "checkpoint",
             "model.finite_check_every", "model.compile", "model.fused_optimizer")
 # A folder option that stands for one file of it: a teacher cache is its teacher, data fingerprint and shards.
 CONTENT_OF = {"data.teacher_cache": "meta.json"}
+LOCAL_DIR = "local-dir:"  # timm's model name for a folder it loads (`model_name: local-dir:exports/x`)
 
 
 _CHUNK = 1 << 20
@@ -129,6 +130,8 @@ def _plain(value: Any) -> Any:
                     return file_digest(text)
                 if Path(text).is_dir():  # a teacher's export folder, a dataset: what it holds, wherever it is
                     return folder_digest(text)
+                if text.startswith(LOCAL_DIR) and Path(text[len(LOCAL_DIR):]).is_dir():  # timm's folder, by content
+                    return LOCAL_DIR + folder_digest(text[len(LOCAL_DIR):])
             except OSError:
                 pass
         return _digits_as_number(text)
@@ -150,6 +153,11 @@ def _digits_as_number(value: Any) -> Any:
     return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19 else value
 
 
+def _content(value: Any) -> Any:
+    """A `local-dir:sha256:...` model name as its folder's digest (to say that the folder's content changed)."""
+    return value[len(LOCAL_DIR):] if isinstance(value, str) and value.startswith(LOCAL_DIR + "sha256:") else value
+
+
 def options_identity(options: Mapping[str, Any]) -> dict[str, Any]:
     """Flat, JSON-comparable identity of nested (or dotted) options, `LEFT_OUT` removed."""
     flat: dict[str, Any] = {}
@@ -167,9 +175,10 @@ def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
         return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
     def change(key: str) -> str:
-        was, is_ = before.get(key, _UNSET), now.get(key, _UNSET)
+        was, is_ = (_content(v) for v in (before.get(key, _UNSET), now.get(key, _UNSET)))
         if all(isinstance(v, str) and v.startswith("sha256:") for v in (was, is_)):  # a file or folder by content
             return f"{key}: its content changed (sha256 {was[7:19]}... -> {is_[7:19]}...)"
+        was, is_ = before.get(key, _UNSET), now.get(key, _UNSET)
         return f"{key}: {show(was)} -> {show(is_)}"
 
     keys = sorted(set(before) | set(now))
