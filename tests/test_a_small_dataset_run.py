@@ -152,3 +152,30 @@ def test_a_run_still_at_chance_after_its_warmup_is_named_while_it_runs(caplog, a
             validate(StallAlarm(patience=10), taught, epoch)
         advice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stalled")]
         assert len(advice) == 1 and "no_teacher.yaml" not in advice[0] and "model.lr" in advice[0]
+
+
+def test_the_default_alarm_waits_for_a_student_that_leaves_chance_late_and_names_one_that_never_does(caplog):
+    """The letters' baseline seed 0 (docs/recipes.md): 26 classes, warm-up 3, val/loss flat at ln 26 and top-1 at
+    chance until epoch 19, then learning; the alarm says nothing of it, and names the same run had it stayed."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from distill.training.callbacks import StallAlarm
+
+    def said(leaves_at: int | None) -> list[str]:
+        caplog.clear()
+        alarm, module = StallAlarm(), SimpleNamespace(hparams=SimpleNamespace(warmup_epochs=3.0, num_classes=26))
+        for epoch in range(60):
+            learning = leaves_at is not None and epoch >= leaves_at
+            acc, loss = (0.2 + 0.01 * epoch, 2.5 - 0.02 * epoch) if learning else (0.04, math.log(26))
+            trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=epoch,
+                                      callback_metrics={"val/acc": torch.tensor(acc), "val/loss": torch.tensor(loss)})
+            with caplog.at_level(logging.INFO, logger="distill"):
+                alarm.on_validation_end(trainer, module)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stalled")]
+
+    assert said(leaves_at=19) == []
+    (line,) = said(leaves_at=None)
+    assert line.startswith("stalled: val/acc 4.0% after 28 epochs is at chance (3.8% for 26 classes)")

@@ -116,6 +116,8 @@ class StallAlarm(pl.Callback):
     epochs (a distilled run can sit near chance in top-1 for a dozen epochs while its loss falls, and then learn; a
     stalled one stays at the loss of a guess that ignores the image: ln C, or the entropy of the class shares on
     unbalanced data); said once, naming the epoch, the accuracy against chance and what to try; training goes on.
+    The recipe's students that learn leave chance up to 17 epochs after the warm-up, some with a loss as flat as a
+    stalled run's until then (docs/recipes.md, "A baseline that learns"): the default patience waits past that.
 
     Args:
         patience: epochs after the learning-rate warm-up before a run still at chance is named.
@@ -123,7 +125,7 @@ class StallAlarm(pl.Callback):
 
     LOSS_SHARE = 0.03  # a stalled run's loss is flat; a distilled one still near chance is falling (docs/recipes.md)
 
-    def __init__(self, patience: int = 10) -> None:
+    def __init__(self, patience: int = 25) -> None:
         self.patience, self.said = patience, False
         self.losses: dict[int, float] = {}  # validation loss by epoch (a resumed run starts counting again)
 
