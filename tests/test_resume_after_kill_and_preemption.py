@@ -128,6 +128,47 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_never_leaves_a_half_written_checkpoi
     assert not list((tmp_path / "ckpt").glob("*.partial"))
 
 
+def test_ctrl_c_after_the_last_batch_before_its_validation_resumes_to_that_validation_and_the_same_weights(
+        tmp_path, uninterrupted):
+    """Ctrl+C between the final epoch's last step and its validation (the hostile user's `timeout -s INT`): the
+    resume validates that epoch (its final figures are written, as compare reads them) and ends on the weights of a
+    run never stopped."""
+    import json
+
+    teacher, expected = uninterrupted
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=12",
+              "--trainer.callbacks.signal_name=SIGINT"]
+    stopped = run(fit_command(tmp_path, teacher, *killer))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    run_here(fit_command(tmp_path, teacher, "--ckpt_path=last", f"--metrics_json={tmp_path / 'metrics.json'}"))
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert result["steps"] == 12 and "val/acc" in result["final_metrics"], result
+    weights = final_student(tmp_path)
+    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not different, different[:5]
+
+
+def test_a_save_after_the_last_step_from_an_earlier_version_still_gives_the_run_its_final_figures(
+        tmp_path, uninterrupted, monkeypatch):
+    """A last.ckpt saved after the final step and before its validation (as versions before the rule above
+    saved on Ctrl+C): the resumed fit trains nothing more, so it validates the final weights for its result."""
+    import json
+
+    from distill.training.callbacks import BestAndLastCheckpoint
+
+    teacher, _ = uninterrupted
+    monkeypatch.setattr(BestAndLastCheckpoint, "_epoch_trained_not_closed", staticmethod(lambda trainer: False))
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=12",
+              "--trainer.callbacks.signal_name=SIGINT"]
+    with pytest.raises(SystemExit):
+        run_here(fit_command(tmp_path, teacher, *killer))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 12
+    run_here(fit_command(tmp_path, teacher, "--ckpt_path=last", f"--metrics_json={tmp_path / 'metrics.json'}"))
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val/acc", "val/acc_cls", "val/acc_dist"} <= result["final_metrics"].keys(), result
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line `error: ...` naming the option or file, exit 2, nothing written.
 

@@ -55,6 +55,14 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             say(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
                 f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
             return
+        if self._epoch_trained_not_closed(trainer):
+            # Lightning resumes a save made after an epoch's last step into the next epoch, without that epoch's
+            # validation (nor, after the final epoch, any validation: the run's final figures would be missing)
+            kept = (f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it"
+                    if self._last_global_step_saved else "no checkpoint was saved yet: run it again")
+            say(f"{type(exception).__name__}: stopped after epoch {trainer.current_epoch + 1}'s last step, before its "
+                f"validation; {kept} (the epoch's last steps are trained again)")
+            return
         if self._last_global_step_saved != trainer.global_step:
             if trainer.world_size > 1:
                 self._save_on_rank_zero(trainer)  # the other ranks may be a batch behind: no collective
@@ -62,6 +70,15 @@ class BestAndLastCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         say(f"{type(exception).__name__}: stopped at step {trainer.global_step}; "
             f"'{self.last_model_path}' holds it, resume with --ckpt_path last")
+
+    @staticmethod
+    def _epoch_trained_not_closed(trainer: pl.Trainer) -> bool:
+        """The current epoch took its last optimiser step, and its end (validation, the save after it) has not run."""
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            return False
+        steps_per_epoch = -(-int(batches) // trainer.accumulate_grad_batches)
+        return trainer.global_step == (trainer.current_epoch + 1) * steps_per_epoch
 
     def _save_on_rank_zero(self, trainer: pl.Trainer) -> None:
         """last.ckpt written by rank 0 alone: under DDP a stop signal reaches the ranks at different
