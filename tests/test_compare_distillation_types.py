@@ -302,3 +302,21 @@ def test_an_arm_file_edited_after_its_runs_is_refused_naming_the_option(tmp_path
     arm.write_text(arm.read_text().replace("2.0", "3.0"))
     with pytest.raises(UserError, match=r"model.distillation.init_args.beta: 2.0 -> 3.0"):
         check_same_options(plan_runs(recipe, [str(arm)], [0], tmp_path / "c", []))
+
+
+def test_each_run_gets_the_cores_divided_and_never_more_threads_than_omp_num_threads_asks(monkeypatch):
+    import os
+
+    import torch
+
+    from distill.commands.compare import _parallelism
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _parallelism("2", 10) == (2, 4, 0)  # (runs at once, threads each, GPUs)
+    assert _parallelism("auto", 3) == (3, 2, 0)  # no more runs at once than runs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a shared machine's cap
+    assert _parallelism("2", 10) == (2, 1, 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert _parallelism("2", 10) == (2, 4, 0)  # never more than the cores divided

@@ -296,7 +296,11 @@ def _parallelism(jobs: str, count: int) -> tuple[int, int, int]:
         if parallel < 1:
             raise UserError(f"compare --jobs: expected auto or a number of 1 or more, got {parallel}")
     parallel = max(1, min(parallel, count))
-    return parallel, max(1, cores // parallel), gpus
+    threads = max(1, cores // parallel)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    if asked.isdigit() and int(asked) > 0:  # the user's own cap (a shared machine): never more than it
+        threads = min(threads, int(asked))
+    return parallel, threads, gpus
 
 
 def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeInt = 0, types: str = "none,soft,hard",
@@ -314,7 +318,8 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             by the file's stem: dkd_beta2.yaml -> dkd_beta2); a file whose method is none may also set the training
             views' options, and the gains are measured from it (configs/baselines/no_teacher.yaml: the student
             alone at the augmentation it learns from)
-        jobs: runs at once: auto (one per GPU, else one per CPU core) or N
+        jobs: runs at once: auto (one per GPU, else one per CPU core) or N; each run gets the cores divided
+            among them, at most OMP_NUM_THREADS threads where that is set
         out: output folder (re-running resumes it)
         overwrite: replace OUT/compare.md and compare.json written by another comparison (other types, seeds or
             options); finished runs are never replaced
