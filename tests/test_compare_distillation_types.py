@@ -119,6 +119,8 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     (["--model.distillation=soft"], "--model.distillation is set by compare for each run; leave it out"),
     (["--types", "none,soft", "--model.teacher.init_args.weights=nope.ckpt"],
      "compare: model.teacher: weights 'nope.ckpt' does not exist"),
+    (["--types", "soft,dkd", "--model.distillation.standardize", "true"],
+     "compare: --model.distillation.standardize: a method's own options go in an arm file, given to --types"),
 ])
 def test_compare_mistakes_are_one_line(tmp_path, capsys, args, message):
     line = run_cli_error(["compare", "--config", str(ROOT / "configs" / "distill.yaml"), "--out", str(tmp_path / "c"),
