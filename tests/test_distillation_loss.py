@@ -101,3 +101,24 @@ def test_bad_loss_options_are_refused_by_their_types_in_one_line(tmp_path, capsy
 def test_distillation_without_teacher_logits_is_an_error():
     with pytest.raises(ValueError, match="teacher logits"):
         DistillationLoss("hard")(STUDENT, DIST, LABELS, None)
+
+
+@pytest.mark.parametrize("options, line", [
+    ({"distillation": "hard", "tau": 3.0}, "model.tau 3.0 is not used: the method 'hard' does not take it"),
+    ({"distillation": "none", "kl_normalization": "reference"}, "model.kl_normalization reference is not used"),
+    ({"distillation": "DKD", "kl_normalization": "reference"},
+     "model.kl_normalization reference is not used: the method 'DKD' does not take it (its options: alpha, beta"),
+    ({"distillation": "soft", "tau": 3.0}, None),  # used
+    ({"distillation": "hard", "tau": 1.0}, None),  # the default: nothing was asked
+])
+def test_a_model_option_the_method_does_not_take_is_said_not_silently_dropped(caplog, options, line):
+    import logging
+
+    from distill.training.methods import METHODS
+
+    if options["distillation"] == "DKD":
+        options = {**options, "distillation": METHODS["dkd"]()}
+    with caplog.at_level(logging.INFO, logger="distill"):
+        DistillationLoss(**options)
+    said = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+    assert (said[0].startswith(line) if line else not said), said

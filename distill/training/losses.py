@@ -25,6 +25,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from distill.common.console import say
 from distill.common.errors import UserError
 from distill.common.ranges import ClosedUnitInterval, HalfOpenUnitInterval, KLNormalization, NonNegativeFloat, PositiveFloat
 from distill.training.methods import METHODS, LogitMethod, MethodName, method_names
@@ -122,14 +123,29 @@ def _by_name(name: str, tau: float, kl_normalization: str) -> LogitMethod:
     method = METHODS[name]
     given = {"tau": float(tau), "kl_normalization": kl_normalization}
     accepted = inspect.signature(method).parameters
+    _say_unused(name, accepted, given)
     return method(**{k: v for k, v in given.items() if k in accepted})
+
+
+def _say_unused(name: str, accepted: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """One line for a model option set away from its default that the method does not take (`hard` and model.tau):
+    said, not refused, as `distill compare` gives the same options to every arm (soft at tau 3 beside hard)."""
+    defaults = inspect.signature(DistillationLoss).parameters
+    for option, value in given.items():
+        if option not in accepted and value != defaults[option].default:
+            say(f"model.{option} {value} is not used: the method '{name}' does not take it (its options: "
+                f"{', '.join(accepted) or 'none'})")
 
 
 def _check_loss_options_reach(method: LogitMethod, **given: Any) -> None:
     """model.tau / model.kl_normalization set a method given by name; a method given as a class has its own: a value
     set on the model that differs from the class's would otherwise be recorded and not used."""
     defaults = inspect.signature(DistillationLoss).parameters
+    accepted = inspect.signature(type(method)).parameters
+    _say_unused(type(method).__name__, accepted, {k: v for k, v in given.items() if k not in accepted})
     for option, value in given.items():
+        if option not in accepted:
+            continue
         own = getattr(method, option, value)
         if value != defaults[option].default and own != value:
             raise UserError(f"model.{option}: {value} applies to a method given by name; {type(method).__name__} "
