@@ -161,8 +161,9 @@ def test_standardized_soft_is_refused_with_a_top_k_cache_and_a_method_subclass_n
     from distill.training.methods.base import LogitMethod
 
     monkeypatch.setattr(TeacherCache, "read_meta", classmethod(lambda cls, path: {"top_k": 3}))
-    with pytest.raises(UserError, match="'soft' with standardize"):
+    with pytest.raises(UserError, match="'soft' with standardize .*, or leave standardize off$"):
         check_cache_holds(Soft(standardize=True), "c", 7)
+    check_cache_holds(Hard(standardize=True), "c", 7)  # the argmax, which the cache's first class is, z-scored or not
 
     class MyDKD(DKD):
         pass

@@ -42,11 +42,13 @@ def check_cache_holds(method: Any, teacher_cache: Optional[str], num_classes: in
         return
     top_k = TeacherCache.read_meta(Path(teacher_cache))["top_k"]
     if top_k < num_classes:
-        what = "with standardize (z-scored logits) " if not method.needs_full_distribution else ""
+        standardized = not method.needs_full_distribution  # reads every class only through its z-score
+        what = "with standardize (z-scored logits) " if standardized else ""
+        instead = ("leave standardize off" if standardized else "use soft or hard, which a top-k cache serves")
         raise UserError(f"model.distillation '{method.name}' {what}reads every class's teacher probability, but "
                         f"data.teacher_cache '{teacher_cache}' holds the top {top_k} of {num_classes} (the rest spread "
-                        f"evenly); build the cache with --top_k {num_classes}, train with the live teacher, or use "
-                        "soft or hard, which a top-k cache serves")
+                        f"evenly); build the cache with --top_k {num_classes}, train with the live teacher, or "
+                        f"{instead}")
 
 
 

@@ -25,5 +25,10 @@ class Hard(LogitMethod):
     def __init__(self, standardize: bool = False) -> None:
         super().__init__(standardize)
 
+    @property
+    def reads_every_class(self) -> bool:
+        """The teacher's argmax alone, which a z-score does not move: a top-k cache serves it with `standardize` too."""
+        return False
+
     def terms(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"distill": F.cross_entropy(student, teacher.argmax(dim=-1))}
