@@ -100,8 +100,10 @@ def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: 
     whole = CacheSampler(sampler, epochs, 1, 0)  # the shards of a multi-process build add up to it
     size = TeacherCache.nbytes(epochs, whole.rows, top_k, classes, sampler.num_repeats * train_images)
     views = whole.views
-    say(f"Teacher cache: {views} views ({epochs} epochs x {train_images} images"
-        f"{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}), top-{top_k} of "
+    per_epoch = views // epochs  # mixing pairs the images: with an odd count, one sits out each epoch
+    images = f"{train_images} images{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}"
+    say(f"Teacher cache: {views} views ({epochs} epoch{'s' * (epochs != 1)} x {per_epoch}"
+        f"{f' of the {images}, in mixing pairs' if per_epoch != train_images else ' images'}), top-{top_k} of "
         f"{classes} classes; {human_size(size)} on disk at '{out}'")
     free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
     if size > free:
