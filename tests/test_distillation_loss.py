@@ -80,7 +80,14 @@ def test_without_a_teacher_the_distillation_head_learns_the_labels():
     ("--model.distillation=fit.soft", "model.distillation: 'fit.soft' names no class (No module named 'fit'); give "
                                       "one of 'none', 'soft', 'hard', 'dkd', 'dist' or a LogitMethod class: NoTeacher"),
     ("--model.distillation=dkd --model.distillation.beta=2", "model.distillation: a method given by name takes no "
-                                                             "options of its own ('beta'); give its class with them"),
+                                                             "options of its own ('beta'); give its class with them, "
+                                                             "e.g. --model.distillation DKD --model.distillation.beta "
+                                                             "VALUE (classes that take beta: DKD, DIST)"),
+    ("--model.distillation=none --model.distillation.standardize=true",
+     "model.distillation: a method given by name takes no options of its own ('standardize'); give its class with "
+     "them, e.g. --model.distillation Soft --model.distillation.standardize VALUE (classes that take standardize: Soft"),
+    ("--model.distillation=soft --model.distillation.temperature=2",
+     "model.distillation: no method takes an option 'temperature' (classes: NoTeacher, Soft, Hard, DKD, DIST)"),
     ("--model.distillation=DKD --model.distillation.betta=2", "model.distillation: DKD: Option 'betta' is not accepted "
                                                               "(its options: alpha, beta, tau, warmup_epochs, standardize)"),
     ("--model.distillation=DKD --model.tau=3", "model.tau: 3.0 applies to a method given by name; DKD takes its own "
@@ -91,7 +98,8 @@ def test_without_a_teacher_the_distillation_head_learns_the_labels():
     ("--model.feature_weight=-1", "model.feature_weight: -1 is out of range"),
     ("--model.distillation=DKD --model.distillation.beta=-1", "model.distillation.init_args.beta: -1 is out of range"),
     ("--model.distillation=DIST --model.distillation.tau=0", "model.distillation.init_args.tau: 0 is out of range"),
-], ids=["unknown_method", "dotted_path_of_no_class", "name_with_options", "class_with_unknown_option", "model_tau_beside_a_class", "alpha", "tau", "kl_normalization", "feature_weight", "dkd_beta", "dist_tau"])
+], ids=["unknown_method", "dotted_path_of_no_class", "name_with_options", "name_with_an_option_of_others",
+         "an_option_no_method_takes", "class_with_unknown_option", "model_tau_beside_a_class", "alpha", "tau", "kl_normalization", "feature_weight", "dkd_beta", "dist_tau"])
 def test_bad_loss_options_are_refused_by_their_types_in_one_line(tmp_path, capsys, option, expected):
     line = run_cli_error([*distill_args(tmp_path), *option.split()], capsys)
     assert line.startswith(f"error: {expected}"), line
