@@ -34,7 +34,7 @@ import torch
 
 from distill.commands.arms import arm_of, is_method_option, method_of
 from distill.commands.speed_figure import draw, measure_comparison, speed_table
-from distill.common.argv import given, is_option, name_of
+from distill.common.argv import given, pairs
 from distill.common.commandline import command
 from distill.common.errors import UserError
 from distill.common.files import OutputLock, write_atomically
@@ -341,11 +341,10 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     reserved = [name for name in RESERVED if given(extra, name)]
     if reserved:
         raise UserError(f"compare: {reserved[0]} is set by compare for each run; leave it out")
-    method_options = [name_of(arg) for arg in extra if is_option(arg) and name_of(arg).startswith(
-        "--model.distillation.")]
+    method_options = pairs(extra, "--model.distillation.")
     if method_options:  # each arm's method is compare's to set: a method's own options live in an arm file
-        option = method_options[0][len("--model.distillation."):].removeprefix("init_args.")
-        raise UserError(f"compare: {method_options[0]}: a method's own options go in an arm file, given to --types "
+        option = method_options[0][0][len("--model.distillation."):].removeprefix("init_args.")
+        raise UserError(f"compare: {method_options[0][0]}: a method's own options go in an arm file, given to --types "
                         f"(e.g. dkd_{option}.yaml holding `model: {{distillation: {{class_path: DKD, init_args: "
                         f"{{{option}: VALUE}}}}}}`; the arm is named by the file)")
     out = Path(out)

@@ -13,7 +13,9 @@ __all__ = ["DIST"]
 
 
 class DIST(LogitMethod):
-    """Relations instead of values: with Y = softmax(Z / tau) of the batch (B x C),
+    """DIST (Huang et al. 2022): Pearson correlations across classes and across the batch, not values.
+
+    Relations instead of values: with Y = softmax(Z / tau) of the batch (B x C),
 
         inter = mean over samples i of 1 - Pearson(Y_S[i, :], Y_T[i, :])
         intra = mean over classes j of 1 - Pearson(Y_S[:, j], Y_T[:, j])

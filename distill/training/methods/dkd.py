@@ -13,7 +13,9 @@ __all__ = ["DKD"]
 
 
 class DKD(LogitMethod):
-    """KD split at the target class t: with p = softmax(z / tau),
+    """Decoupled KD (Zhao et al. 2022): a target-class and a non-target-class term, weighted apart.
+
+    KD split at the target class t: with p = softmax(z / tau),
 
         tckd = KL(b_T || b_S), b = (p_t, 1 - p_t)                 (target vs the rest)
         nckd = KL(p_hat_T || p_hat_S), p_hat = softmax over the classes other than t

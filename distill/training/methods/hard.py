@@ -13,8 +13,9 @@ __all__ = ["Hard"]
 
 
 class Hard(LogitMethod):
-    """Cross-entropy of the distillation head against the teacher's argmax, without label smoothing; one term
-    `distill`. With mixup/cutmix the teacher's argmax on the mixed view is the label. From a teacher cache it is
+    """Hard distillation (DeiT): cross-entropy against the teacher's argmax, one term `distill`.
+
+    The distillation head's cross-entropy, without label smoothing. With mixup/cutmix the teacher's argmax on the mixed view is the label. From a teacher cache it is
     exact (the argmax is the cache's first class). Standardisation changes no argmax: `standardize` z-scores the
     teacher alone and so changes nothing (the student's logits are left as they are)."""
 

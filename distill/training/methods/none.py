@@ -10,8 +10,9 @@ __all__ = ["NoTeacher"]
 
 
 class NoTeacher(LogitMethod):
-    """`none`: no teacher runs and no teacher term exists; `DistillationLoss` trains the distillation head on the
-    labels with the class head's loss."""
+    """No teacher (`none`): no teacher runs and no teacher term exists.
+
+    `DistillationLoss` trains the distillation head on the labels with the class head's loss."""
 
     name: ClassVar[str] = "none"
     order: ClassVar[int] = 0

@@ -13,7 +13,9 @@ __all__ = ["Soft"]
 
 
 class Soft(LogitMethod):
-    """KL(softmax(teacher / tau) || softmax(student / tau)) * tau^2, one term `distill`.
+    """Soft distillation (Hinton et al. 2015): KL to the teacher's softened distribution, one term `distill`.
+
+    KL(softmax(teacher / tau) || softmax(student / tau)) * tau^2.
 
     Normalised by the batch size (`batchmean`, as timm and the KL definition do); `reference` divides the summed
     KL by batch * classes, as the DeiT reference code does (its loss is 1/num_classes of the batch mean: alpha
