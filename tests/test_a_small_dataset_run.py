@@ -13,6 +13,8 @@ from distill.training.step_logging import step_log_interval
 from distill.training.summary import ValidationRecord, next_command, run_summary
 from tests.helpers import TINY_TEACHER, make_image_folder, random_teacher_file, scalars, shrink
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CLASSES = ("apple", "banana", "cherry", "diamond", "emerald")
 # docs/telemetry.md's scalars of a run with a teacher, no EMA, no lr_scale_batch, no feature imitation
 CURVES = ["train/loss", "train/loss_base", "train/loss_distill", "train/lr", "train/img_per_s", "train/epoch_time_s",
@@ -89,6 +91,15 @@ def test_a_teacher_run_ends_with_the_command_that_distils_a_student_from_it(runs
     assert options["--model.teacher.init_args.model_name"] == TINY_TEACHER
     assert Path(options["--model.teacher.init_args.weights"]).resolve() == (folder / "ckpt" / "best.ckpt").resolve()
     assert options["--data.dataset"] == str(folder.parent / "images")
+
+
+def test_a_teacher_runs_next_command_names_the_recipe_that_exists_from_where_it_is_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # another folder: no configs/ here, the project's own recipe is named
+    command = shlex.split(next_command("ckpt/best.ckpt", True, "resnet10t", None))
+    assert Path(command[3]).is_file() and Path(command[3]).resolve() == ROOT / "configs" / "distill.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "distill.yaml").write_text("model: {}\n")  # the user's own copy, as the docs write it
+    assert shlex.split(next_command("ckpt/best.ckpt", True, "resnet10t", None))[3] == "configs/distill.yaml"
 
 
 def test_the_summary_shows_the_best_and_final_validation_per_head_in_percent():

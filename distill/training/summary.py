@@ -98,7 +98,9 @@ def next_command(checkpoint: str, teacher_run: bool, model_name: Optional[str], 
     """The command to run with a fit's checkpoint: distil a student from it (a teacher's run: no teacher, one head),
     or export it."""
     if teacher_run:
-        command = ["distill", "fit", "--config", "configs/distill.yaml"]
+        recipe = Path("configs/distill.yaml")  # as the docs write it; from another folder, the project's own
+        shipped = Path(__file__).resolve().parents[2] / recipe
+        command = ["distill", "fit", "--config", str(recipe if recipe.is_file() or not shipped.is_file() else shipped)]
         command += ["--model.teacher.init_args.model_name", model_name] if model_name else []
         command += ["--model.teacher.init_args.weights", checkpoint]
         command += ["--data.dataset", dataset] if dataset else []
