@@ -89,9 +89,12 @@ def test_a_file_that_is_not_weights_names_the_file_and_what_is_accepted(tmp_path
         Teacher(TINY_TEACHER, weights=str(broken))
 
 
-def test_a_missing_weights_file_is_named(tmp_path):
-    with pytest.raises(UserError, match="missing.pth' does not exist"):
+def test_a_missing_weights_file_is_named_with_the_folder_a_relative_path_was_read_from(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="missing.pth' does not exist; expected"):
         Teacher(TINY_TEACHER, weights=str(tmp_path / "missing.pth"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"'runs/missing.pth' does not exist \\(from {tmp_path}\\); expected"):
+        Teacher(TINY_TEACHER, weights="runs/missing.pth")
 
 
 def test_weights_of_another_architecture_name_the_first_mismatched_keys(tmp_path):

@@ -35,7 +35,8 @@ def read_weights_file(path: str | Path, option: str = "teacher.weights") -> dict
     """Read a weights file without running code from it; errors name the file and what is accepted."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{option}: file '{path}' does not exist; expected {ACCEPTED}")
+        where = "" if path.is_absolute() else f" (from {Path.cwd()})"
+        raise UserError(f"{option}: file '{path}' does not exist{where}; expected {ACCEPTED}")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
