@@ -100,7 +100,7 @@ def test_a_local_dir_teacher_is_its_folders_content_and_a_missing_one_is_named(t
     folder written again is another teacher; a folder that is not there is one line before any run."""
     from distill.common.checkpoints import check_teacher_weights
     from distill.common.errors import UserError
-    from distill.common.identity import describe_differences, options_identity
+    from distill.common.identity import as_recorded_now, describe_differences, options_identity
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "export").mkdir()
@@ -110,6 +110,7 @@ def test_a_local_dir_teacher_is_its_folders_content_and_a_missing_one_is_named(t
     assert before["model.teacher.init_args.model_name"].startswith("local-dir:sha256:")
     assert options_identity({**options, "model.teacher.init_args.model_name": f"local-dir:{tmp_path / 'export'}"}) \
         == before  # the same folder named by another path
+    assert as_recorded_now(options) == before  # a run recorded by the folder's name, before this rule, is the same
     (tmp_path / "export" / "config.json").write_text('{"architecture": "resnet18"}')
     now = options_identity(options)
     assert "model.teacher.init_args.model_name: its content changed" in describe_differences(before, now)

@@ -128,22 +128,27 @@ def test_a_run_stopped_by_ctrl_c_or_sigterm_never_leaves_a_half_written_checkpoi
     assert not list((tmp_path / "ckpt").glob("*.partial"))
 
 
-def test_ctrl_c_after_the_last_batch_before_its_validation_resumes_to_that_validation_and_the_same_weights(
-        tmp_path, uninterrupted):
-    """Ctrl+C between the final epoch's last step and its validation (the hostile user's `timeout -s INT`): the
-    resume validates that epoch (its final figures are written, as compare reads them) and ends on the weights of a
-    run never stopped."""
+@pytest.mark.parametrize("step, kept", [(8, 4), (12, 8)], ids=["second_epoch", "final_epoch"])
+def test_ctrl_c_after_an_epochs_last_step_keeps_the_save_before_it_and_the_resume_validates_every_epoch(
+        tmp_path, uninterrupted, step, kept):
+    """Ctrl+C between an epoch's last step and its validation (the hostile user's `timeout -s INT`): the save before
+    that epoch is kept, so the resume trains the epoch again and validates it (after the final epoch: its final
+    figures, which compare reads), ending on the weights of a run never stopped."""
     import json
 
     teacher, expected = uninterrupted
-    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=12",
+    killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", f"--trainer.callbacks.step={step}",
               "--trainer.callbacks.signal_name=SIGINT"]
     stopped = run(fit_command(tmp_path, teacher, *killer))
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "before the epoch's end (its validation, its save)" in stopped.stderr
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == kept
     run_here(fit_command(tmp_path, teacher, "--ckpt_path=last", f"--metrics_json={tmp_path / 'metrics.json'}"))
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert result["steps"] == 12 and "val/acc" in result["final_metrics"], result
+    history = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["validation_history"]
+    assert [record["epoch"] for record in history] == [0, 1, 2]  # no epoch's validation skipped
     weights = final_student(tmp_path)
     different = [k for k in expected if not torch.equal(weights[k], expected[k])]
     assert not different, different[:5]

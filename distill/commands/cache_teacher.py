@@ -100,11 +100,10 @@ def _build(out: Path, epochs: int, top_k: int, batch_size: Optional[int], rest: 
     whole = CacheSampler(sampler, epochs, 1, 0)  # the shards of a multi-process build add up to it
     size = TeacherCache.nbytes(epochs, whole.rows, top_k, classes, sampler.num_repeats * train_images)
     views = whole.views
-    per_epoch = views // epochs  # mixing pairs the images: with an odd count, one sits out each epoch
-    images = f"{train_images} images{f' x {sampler.num_repeats} repeats' if sampler.num_repeats > 1 else ''}"
+    per_epoch = views // epochs  # a dataset's worth (repeated augmentation too); mixing pairs leave an odd one out
     say(f"Teacher cache: {views} views ({epochs} epoch{'s' * (epochs != 1)} x {per_epoch}"
-        f"{f' of the {images}, in mixing pairs' if per_epoch != train_images else ' images'}), top-{top_k} of "
-        f"{classes} classes; {human_size(size)} on disk at '{out}'")
+        f"{f' of the {train_images} images, in mixing pairs' if per_epoch != train_images else ' images'}), "
+        f"top-{top_k} of {classes} classes; {human_size(size)} on disk at '{out}'")
     free = free_bytes(out)  # the filesystem that will hold OUT.partial and OUT
     if size > free:
         raise UserError(f"cache-teacher --out: the cache needs {human_size(size)} but the filesystem of '{out}' has "

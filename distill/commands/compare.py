@@ -344,9 +344,10 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     method_options = pairs(extra, "--model.distillation.")
     if method_options:  # each arm's method is compare's to set: a method's own options live in an arm file
         option = method_options[0][0][len("--model.distillation."):].removeprefix("init_args.")
+        example = "OPTION" if option == "class_path" else option  # the class is the arm's, the file names it
         raise UserError(f"compare: {method_options[0][0]}: a method's own options go in an arm file, given to --types "
-                        f"(e.g. dkd_{option}.yaml holding `model: {{distillation: {{class_path: DKD, init_args: "
-                        f"{{{option}: VALUE}}}}}}`; the arm is named by the file)")
+                        f"(e.g. FILE.yaml holding `model: {{distillation: {{class_path: CLASS, init_args: "
+                        f"{{{example}: VALUE}}}}}}`; the arm is named by the file)")
     out = Path(out)
     seeds = list(range(first_seed, first_seed + seeds))
     runs = plan_runs(config, names, seeds, out, extra)

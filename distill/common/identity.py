@@ -204,10 +204,21 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def as_recorded_now(options: Any) -> Any:
     """A record's options as `options_identity` writes them today (a digit string as its number: records written
-    before that rule hold trainer.devices '2'); anything that is not a mapping is returned as it is."""
+    before that rule hold trainer.devices '2'; a `local-dir:FOLDER` teacher as its folder's content, as records
+    written before that rule named it by its path alone); anything that is not a mapping is returned as it is."""
     if not isinstance(options, Mapping):
         return options
-    return {key: _digits_as_number(value) for key, value in options.items()}
+    return {key: _local_dir_by_content(_digits_as_number(value)) for key, value in options.items()}
+
+
+def _local_dir_by_content(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(LOCAL_DIR) and not value.startswith(LOCAL_DIR + "sha256:"):
+        return _plain(value)
+    if isinstance(value, list):  # an ensemble's members, each with its model_name
+        return [_local_dir_by_content(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _local_dir_by_content(v) for k, v in value.items()}
+    return value
 
 
 def options_change(before: Any, now: Mapping[str, Any], record: str) -> str:

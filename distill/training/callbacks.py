@@ -55,13 +55,14 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             say(f"{type(exception).__name__}: stopped inside a gradient-accumulation window; "
                 f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it")
             return
-        if self._epoch_trained_not_closed(trainer):
+        if self._last_global_step_saved != trainer.global_step and self._epoch_trained_not_closed(trainer):
             # Lightning resumes a save made after an epoch's last step into the next epoch, without that epoch's
             # validation (nor, after the final epoch, any validation: the run's final figures would be missing)
-            kept = (f"'{self.last_model_path}' (step {self._last_global_step_saved}) is kept, resume from it"
-                    if self._last_global_step_saved else "no checkpoint was saved yet: run it again")
-            say(f"{type(exception).__name__}: stopped after epoch {trainer.current_epoch + 1}'s last step, before its "
-                f"validation; {kept} (the epoch's last steps are trained again)")
+            kept = (f"'{self.last_model_path}' is kept, resume from it (the steps since it are trained again)"
+                    if self.last_model_path and Path(self.last_model_path).is_file()
+                    else "no checkpoint was saved yet: run it again")
+            say(f"{type(exception).__name__}: stopped after epoch {trainer.current_epoch + 1}'s last step, before the "
+                f"epoch's end (its validation, its save); {kept}")
             return
         if self._last_global_step_saved != trainer.global_step:
             if trainer.world_size > 1:

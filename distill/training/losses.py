@@ -25,7 +25,6 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from distill.common.console import say
 from distill.common.errors import UserError
 from distill.common.ranges import ClosedUnitInterval, HalfOpenUnitInterval, KLNormalization, NonNegativeFloat, PositiveFloat
 from distill.training.methods import METHODS, LogitMethod, MethodName, method_names
@@ -60,11 +59,15 @@ class DistillationLoss(nn.Module):
         feature_weight: NonNegativeFloat = 0.0,
     ) -> None:
         super().__init__()
+        given = {"tau": float(tau), "kl_normalization": kl_normalization}
         if isinstance(distillation, LogitMethod):
-            _check_loss_options_reach(distillation, tau=tau, kl_normalization=kl_normalization)
+            _check_loss_options_reach(distillation, **given)
             self.method = distillation
         else:
             self.method = _by_name(distillation, tau, kl_normalization)
+        # said when a fit starts (not by every command that rebuilds the loss from a checkpoint)
+        shown = type(distillation).__name__ if isinstance(distillation, LogitMethod) else distillation
+        self.unused_options = _unused(self.method, shown, given)
         self.distillation = self.method.name  # the method's name: none | soft | hard | dkd | dist | ...
         self.alpha, self.feature_weight = float(alpha), float(feature_weight)
         self.hard_target_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()
@@ -123,18 +126,17 @@ def _by_name(name: str, tau: float, kl_normalization: str) -> LogitMethod:
     method = METHODS[name]
     given = {"tau": float(tau), "kl_normalization": kl_normalization}
     accepted = inspect.signature(method).parameters
-    _say_unused(name, accepted, given)
     return method(**{k: v for k, v in given.items() if k in accepted})
 
 
-def _say_unused(name: str, accepted: Mapping[str, Any], given: Mapping[str, Any]) -> None:
-    """One line for a model option set away from its default that the method does not take (`hard` and model.tau):
+def _unused(method: LogitMethod, name: str, given: Mapping[str, Any]) -> list[str]:
+    """A line for each model option set away from its default that the method does not take (`hard` and model.tau):
     said, not refused, as `distill compare` gives the same options to every arm (soft at tau 3 beside hard)."""
     defaults = inspect.signature(DistillationLoss).parameters
-    for option, value in given.items():
-        if option not in accepted and value != defaults[option].default:
-            say(f"model.{option} {value} is not used: the method '{name}' does not take it (its options: "
-                f"{', '.join(accepted) or 'none'})")
+    accepted = inspect.signature(type(method)).parameters
+    return [f"model.{option} {value} is not used: the method '{name}' does not take it (its options: "
+            f"{', '.join(accepted) or 'none'})"
+            for option, value in given.items() if option not in accepted and value != defaults[option].default]
 
 
 def _check_loss_options_reach(method: LogitMethod, **given: Any) -> None:
@@ -142,7 +144,6 @@ def _check_loss_options_reach(method: LogitMethod, **given: Any) -> None:
     set on the model that differs from the class's would otherwise be recorded and not used."""
     defaults = inspect.signature(DistillationLoss).parameters
     accepted = inspect.signature(type(method)).parameters
-    _say_unused(type(method).__name__, accepted, {k: v for k, v in given.items() if k not in accepted})
     for option, value in given.items():
         if option not in accepted:
             continue

@@ -338,6 +338,8 @@ class DistillationModule(TeacherTargets, pl.LightningModule):
     def on_fit_start(self) -> None:
         # training from a teacher cache: only fit reads it (validate and test of such a run need no cache)
         check_cache_holds(self.loss.method, self.hparams.teacher_cache, self.hparams.num_classes)
+        for line in self.loss.unused_options:
+            say(line)
         config = getattr(self.student, "config", {})
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad) / 1e6  # student (+ imitation heads)
         say(f"Student: {config.get('model_name', type(self.student).__name__)} ({trainable:.2f}M trainable params, "

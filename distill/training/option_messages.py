@@ -79,8 +79,8 @@ def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> st
         taking = [c.__name__ for c in _subclasses(base) if option in inspect.signature(c).parameters]
         if not taking:
             return f"{key}: no method takes an option '{option}' (classes: {classes})"
-        return (f"{key}: a method given by name takes no options of its own ('{option}'); give its class with "
-                f"them, e.g. --{key} {taking[0]} --{key}.{option} VALUE (classes that take {option}: "
+        return (f"{key}: a method given by name takes no options of its own ('{option}'); give a class that "
+                f"takes it, with them: --{key} CLASS --{key}.{option} VALUE (classes that take {option}: "
                 f"{', '.join(taking)})")
     return f"{key}: {given} is not one of {names} (or a {base_name} class with its options: {classes})"
 
