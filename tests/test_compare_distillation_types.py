@@ -105,6 +105,7 @@ def test_compare_trains_each_type_and_seed_prints_the_table_and_resumes_finished
     assert set(speed) == {"student", "teacher"} and all(v > 0 for by_batch in speed.values() for v in by_batch.values())
     assert set(speed["student"]) == {"1", "64"} and "student (hard_class)" in printed.split("images/s, batch 64")[1]
     assert "images/s, batch 1" in (out / "compare.md").read_text()
+    assert "--plot" in (out / "compare.md").read_text().splitlines()[0]  # the command that draws it again
 
     line = run_cli_error([*command[3:], "--model.lr=0.1"], capsys)
     assert "was made earlier, but its options changed (model.lr: 0.001 -> 0.1, as then -> now)" in line

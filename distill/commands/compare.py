@@ -331,7 +331,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     extra = list(extra or [])
     command_line = " ".join(["distill compare", *(f"--config {c}" for c in config), f"--seeds {seeds}",
                              *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
-                             f"--jobs {jobs}", f"--out {out}", *extra])
+                             f"--jobs {jobs}", f"--out {out}", *(["--plot"] if plot else []), *extra])
     names = [t.strip() for t in types.split(",") if t.strip()]
     if not names:
         raise UserError(f"compare --types: none given; give methods ({', '.join(method_names())}) or YAML files")
