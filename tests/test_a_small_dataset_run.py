@@ -190,3 +190,20 @@ def test_the_default_alarm_waits_for_a_student_that_leaves_chance_late_and_names
     assert said(leaves_at=19) == []
     (line,) = said(leaves_at=None)
     assert line.startswith("stalled: val/acc 4.0% after 28 epochs is at chance (3.8% for 26 classes)")
+
+
+def test_a_resumed_fit_counts_its_wall_time_from_the_seconds_its_checkpoint_recorded():
+    from types import SimpleNamespace
+
+    from distill.training.summary import WALL_KEY, FitClock
+
+    clock = FitClock()
+    checkpoint: dict = {}
+    clock.on_save_checkpoint(None, None, checkpoint)
+    assert 0 <= checkpoint[WALL_KEY] < 60
+    resumed = FitClock()
+    resumed.on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn="fit")), None, {WALL_KEY: 100.0})
+    assert 100.0 <= resumed.seconds() < 160
+    resumed.on_load_checkpoint(SimpleNamespace(state=SimpleNamespace(fn="validate")), None, {WALL_KEY: 5.0})
+    assert resumed.seconds() >= 100.0  # the best checkpoint validated after the fit does not reset it
+    assert FitClock().seconds() < 60  # a checkpoint of an earlier version, without the key: from this process

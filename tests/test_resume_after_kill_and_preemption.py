@@ -143,10 +143,12 @@ def test_ctrl_c_after_an_epochs_last_step_keeps_the_save_before_it_and_the_resum
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     assert "before the epoch's end (its validation, its save)" in stopped.stderr
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == kept
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == kept and saved["fit_wall_time_s"] > 0
     run_here(fit_command(tmp_path, teacher, "--ckpt_path=last", f"--metrics_json={tmp_path / 'metrics.json'}"))
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert result["steps"] == 12 and "val/acc" in result["final_metrics"], result
+    assert result["wall_time_s"] > saved["fit_wall_time_s"]  # the whole run's time, not the resumed process's
     history = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["validation_history"]
     assert [record["epoch"] for record in history] == [0, 1, 2]  # no epoch's validation skipped
     weights = final_student(tmp_path)

@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -57,7 +56,7 @@ from distill.training.run_records import (
     refuse_changed_options,
     refuse_overridden,
 )
-from distill.training.summary import ValidationHistory, fit_summary
+from distill.training.summary import FitClock, ValidationHistory, fit_summary
 from distill.training.telemetry import DistillationTelemetry
 
 __all__ = ["DistillCLI", "fit_options", "make_cli"]
@@ -158,7 +157,8 @@ class DistillCLI(LightningCLI):
                            "--ckpt_path runs/.../best.ckpt to measure a trained one")
 
     def before_fit(self) -> None:
-        self._fit_started = time.monotonic()
+        self._clock = FitClock()
+        self.trainer.callbacks.append(self._clock)  # the run's wall time, across resumes
         self.trainer.callbacks.append(RecordRunOptions(getattr(self, "run_options", {})))
         self.trainer.callbacks.append(ValidationHistory())  # for the summary printed after the fit
         self.trainer.callbacks.append(StallAlarm())  # a run still at chance is named while it runs
@@ -242,7 +242,7 @@ class DistillCLI(LightningCLI):
 
     def _write_metrics(self, path: str) -> None:
         """The final epoch's and the best checkpoint's validation metrics (a pipeline stage's "finished" mark)."""
-        wall_time = time.monotonic() - self._fit_started
+        wall_time = self._clock.seconds()
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         best = self.trainer.checkpoint_callback.best_model_path
         loggers, self.trainer.loggers = self.trainer.loggers, []  # not a point on the curves: `distill report`'s

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +25,14 @@ import pytorch_lightning as pl
 
 from distill.common.tables import format_rows
 
-__all__ = ["ValidationHistory", "ValidationRecord", "fit_summary", "next_command", "run_summary"]
+__all__ = ["FitClock", "ValidationHistory", "ValidationRecord", "fit_summary", "next_command", "run_summary"]
 
 # the summary's rows, in this order, each where the run logged it; acc_cls / acc_dist for a student with two heads
 ROWS = (("val/acc", "the trained model"), ("val/acc_cls", "its class head"), ("val/acc_dist", "its distillation head"),
         ("val_ema/acc", "the EMA of the student's weights"), ("val/teacher_acc", "the teacher, on the same images"),
         ("val/teacher_agreement", "images where student and teacher agree (top-1)"))
 CHECKPOINT_KEY = "validation_history"  # beside the state dict in every checkpoint
+WALL_KEY = "fit_wall_time_s"  # the fit's seconds so far, beside it
 
 
 @dataclass
@@ -40,6 +42,26 @@ class ValidationRecord:
     epoch: int
     step: int
     metrics: dict[str, float]
+
+
+class FitClock(pl.Callback):
+    """The fit's wall time over every process that trained it: a resumed run starts from the seconds its checkpoint
+    recorded, so a result's `wall_time_s` is the whole run's, not its last process's (compare's `wall s/run`)."""
+
+    def __init__(self) -> None:
+        self.before, self.started = 0.0, time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[WALL_KEY] = self.seconds()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit":  # not the best checkpoint validated after the fit
+            self.before = float(checkpoint.get(WALL_KEY, 0.0))
 
 
 class ValidationHistory(pl.Callback):
