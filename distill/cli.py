@@ -162,6 +162,12 @@ def cli_main(args: list[str] | None = None) -> None:
             raise SystemExit(130) from None
         raise
     except Exception as err:  # one line for bad input, tracebacks for bugs
+        if isinstance(err.__context__, KeyboardInterrupt) and not os.environ.get("DISTILL_DEBUG"):
+            # a second Ctrl+C (a terminal's, `timeout`'s to the process group) cut Lightning's clean-up short, which
+            # then failed on its half-stopped loaders: an interruption, not a bug; the first one's save is complete
+            print(f"interrupted (Ctrl+C, twice: the clean-up stopped at '{_one_line(err)}'); what was being written "
+                  "was left as it was before", file=sys.stderr)
+            raise SystemExit(130) from None
         if _library_error(err, "lightning_fabric.utilities.exceptions", "MisconfigurationException"):
             # Lightning's own message for a bad trainer option: translated on purpose
             if os.environ.get("DISTILL_DEBUG"):

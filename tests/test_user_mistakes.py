@@ -378,3 +378,26 @@ def test_report_plots_do_not_replace_other_runs_plots_unless_asked(tmp_path, cap
     assert "exists; pass --overwrite" in run_cli_error(["report", str(tmp_path / "runs"), "--plot", str(plots)], capsys)
     assert snapshot(plots) == before
     cli_main(["report", str(tmp_path / "runs"), "--plot", str(plots), "--overwrite"])
+
+
+def test_an_error_of_a_clean_up_cut_short_by_a_second_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch,
+                                                                                                   capsys):
+    import distill.cli
+
+    def stopped_twice(argv):  # Lightning's teardown after a second KeyboardInterrupt, as fit.log showed it
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Please call `iter(combined_loader)` first.")
+
+    def broken(argv):  # a bug is not hidden
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(distill.cli, "command_of", lambda argv: ("report", stopped_twice))
+    with pytest.raises(SystemExit) as stop:
+        distill.cli.cli_main(["report", "x"])
+    assert stop.value.code == 130
+    assert "interrupted (Ctrl+C, twice: the clean-up stopped at 'Please call" in capsys.readouterr().err
+    monkeypatch.setattr(distill.cli, "command_of", lambda argv: ("report", broken))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        distill.cli.cli_main(["report", "x"])
