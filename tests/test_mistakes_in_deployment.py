@@ -415,3 +415,28 @@ def test_export_and_predict_onto_a_full_disk_or_into_a_read_only_folder_are_one_
     assert line.startswith(f"error: {command}") and cause in line and str(folder) in line, line
     assert ("write elsewhere" if where == "read_only_folder" else "free disk space") in line
     assert files_under(folder) == before and not (folder / "new").exists()  # no lock, no partial file, no folder
+
+
+def test_a_stop_signal_while_a_process_gets_its_start_up_data_is_sent_again_after_it(monkeypatch):
+    """A SIGTERM raised inside multiprocessing's hand-over of a spawned process's start-up data would cut it, and the
+    process would print `EOFError: Ran out of input` with a traceback: the handler defers it by re-sending it."""
+    import inspect
+    from types import SimpleNamespace
+
+    from distill.deploy import serving_host
+
+    handing_over = {}
+    exec(compile("import inspect\nframe = inspect.currentframe()", "/usr/lib/python3/multiprocessing/popen_spawn_posix.py",
+                 "exec"), handing_over)
+    assert serving_host._starting_a_process(handing_over["frame"])
+    assert not serving_host._starting_a_process(inspect.currentframe())
+    sent = []
+    monkeypatch.setattr(serving_host.threading, "Timer", lambda delay, send, args: SimpleNamespace(
+        start=lambda: sent.append((delay, send, args))))
+    stop = serving_host.StopOnSignal()
+    stop.main = os.getpid()
+    stop._handle(signal.SIGTERM, handing_over["frame"])  # no KeyboardInterrupt here
+    assert stop.signum is None and sent == [(0.05, os.kill, (os.getpid(), signal.SIGTERM))]
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGTERM, inspect.currentframe())  # re-sent, outside the hand-over: the stop goes on
+    assert stop.stopped_by == "SIGTERM"

@@ -211,6 +211,11 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self.main:
             return  # a process LitServe forked from this one (its manager, an API server): stopped in order, from here
+        if self.signum is None and _starting_a_process(frame):
+            # raised now, it would cut the start-up data multiprocessing is writing to a new process, which would
+            # then fail reading it with a traceback: the signal is sent again a moment later, once that is written
+            threading.Timer(0.05, os.kill, (self.main, signum)).start()
+            return
         if self.signum is not None:
             self.hurry.set()  # a second signal: stop now
             return
@@ -234,6 +239,19 @@ class StopOnSignal:
                 os.kill(pid, signal.SIGKILL)
         print(f"server stopped ({self.stopped_by}; the processes still running were killed)", flush=True)
         os._exit(0)
+
+
+_LAUNCHERS = ("popen_spawn_posix.py", "popen_forkserver.py")  # multiprocessing's writers of a child's start-up data
+
+
+def _starting_a_process(frame: Any) -> bool:
+    """Whether the interrupted code is multiprocessing handing a new spawned process its start-up data."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.parent.name == "multiprocessing" and path.name in _LAUNCHERS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def check_port(host: str, port: int) -> None:
