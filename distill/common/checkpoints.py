@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
 from distill.common.errors import UserError, first_line
+from distill.common.identity import LOCAL_DIR
 
 __all__ = ["EMA", "STUDENT", "STUDENT_MODEL", "check_teacher_weights", "extract_state_dict", "load_student_state",
            "read_student_checkpoint", "read_weights_file", "recorded_run_options", "shapes_of", "state_mismatch",
@@ -141,8 +142,8 @@ def check_teacher_weights(options: dict[str, Any], driver: str) -> None:
         init_args = (member.get("init_args") or {}) if isinstance(member, dict) else {}
         weights, model_name = init_args.get("weights"), init_args.get("model_name")
         which = f"model.teacher (member {index + 1} of {len(members)})" if len(members) > 1 else "model.teacher"
-        if isinstance(model_name, str) and model_name.startswith("local-dir:") and not model_name.startswith(
-                "local-dir:sha256:") and not Path(model_name[len("local-dir:"):]).is_dir():
+        if isinstance(model_name, str) and model_name.startswith(LOCAL_DIR) and not model_name.startswith(
+                LOCAL_DIR + "sha256:") and not Path(model_name[len(LOCAL_DIR):]).is_dir():
             raise UserError(f"{driver}: {which}: model_name '{model_name}' names no folder (from {Path.cwd()}); "
                             "give a folder `distill export` or timm's `save_pretrained` wrote")
         if not isinstance(weights, str) or weights in ("pretrained", "none") or weights.startswith("sha256:"):

@@ -175,10 +175,10 @@ def differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
         return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
     def change(key: str) -> str:
-        was, is_ = (_content(v) for v in (before.get(key, _UNSET), now.get(key, _UNSET)))
-        if all(isinstance(v, str) and v.startswith("sha256:") for v in (was, is_)):  # a file or folder by content
-            return f"{key}: its content changed (sha256 {was[7:19]}... -> {is_[7:19]}...)"
         was, is_ = before.get(key, _UNSET), now.get(key, _UNSET)
+        old, new = _content(was), _content(is_)
+        if all(isinstance(v, str) and v.startswith("sha256:") for v in (old, new)):  # a file or folder by content
+            return f"{key}: its content changed (sha256 {old[7:19]}... -> {new[7:19]}...)"
         return f"{key}: {show(was)} -> {show(is_)}"
 
     keys = sorted(set(before) | set(now))

@@ -247,10 +247,10 @@ class DistillCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path
         loggers, self.trainer.loggers = self.trainer.loggers, []  # not a point on the curves: `distill report`'s
         try:                                                          # final figure is the last epoch's
-            if not final and self.trainer.limit_val_batches:  # resumed from a save after the last step (an older
-                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # version's): no
-                final = {k: float(v) for k, v in self.trainer.callback_metrics.items()  # validation ran here
-                         if k.startswith("val/")}
+            # no validation ran in this process: resumed from a save after the last step (an earlier version's)
+            if not final and self.trainer.limit_val_batches:
+                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+                final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
             self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
         finally:
             self.trainer.loggers = loggers

@@ -15,9 +15,10 @@ __all__ = ["Hard"]
 class Hard(LogitMethod):
     """Hard distillation (DeiT): cross-entropy against the teacher's argmax, one term `distill`.
 
-    The distillation head's cross-entropy, without label smoothing. With mixup/cutmix the teacher's argmax on the mixed view is the label. From a teacher cache it is
-    exact (the argmax is the cache's first class). Standardisation changes no argmax: `standardize` z-scores the
-    teacher alone and so changes nothing (the student's logits are left as they are)."""
+    The distillation head's cross-entropy, without label smoothing. With mixup/cutmix the teacher's argmax on the
+    mixed view is the label. From a teacher cache it is exact (the argmax is the cache's first class).
+    Standardisation changes no argmax: `standardize` z-scores the teacher alone and so changes nothing (the
+    student's logits are left as they are)."""
 
     name: ClassVar[str] = "hard"
     order: ClassVar[int] = 2
