@@ -43,6 +43,13 @@ def test_a_student_level_with_its_teacher_up_to_rounding_shows_a_gap_of_plus_zer
     assert "-0.00" not in table and "+0.00" in table.splitlines()[2]
 
 
+def test_one_seed_shows_its_value_without_a_spread_and_identical_seeds_show_a_spread_of_zero():
+    one = format_table(summarize_runs([{"type": "soft", "seed": 0, "result": result(0.95, 0.96)}], ["soft"]))
+    assert " 95.00 " in one.splitlines()[2] and "+-" not in one
+    same = [{"type": "soft", "seed": s, "result": result(0.95, 0.96)} for s in (0, 1)]
+    assert "95.00 +- 0.00" in format_table(summarize_runs(same, ["soft"]))
+
+
 def test_the_speed_table_has_each_students_type_the_ensemble_and_each_member_at_both_batch_sizes():
     runs = [{"type": "soft", "seed": s, "result": result(0.90 + s / 100, 0.95)} for s in (0, 1)]
     for run in runs:

@@ -256,10 +256,13 @@ def _stats(values: list[float]) -> dict[str, Optional[float]]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The comparison as a text table (top-1 in %, mean +- std over seeds; the averaged head's, then each head's
-    alone at the final epoch: equal for a student with one head)."""
+    """The comparison as a text table (top-1 in %, mean +- std over seeds, the value alone for one seed; the averaged
+    head's, then each head's alone at the final epoch: equal for a student with one head)."""
     def pm(stats: dict[str, Any]) -> str:
-        return "-" if stats["mean"] is None else f"{100 * stats['mean']:.2f} +- {100 * stats['std']:.2f}"
+        if stats["mean"] is None:
+            return "-"
+        spread = f" +- {100 * stats['std']:.2f}" if len(stats["values"]) > 1 else ""  # one seed has no spread
+        return f"{100 * stats['mean']:.2f}{spread}"
 
     def signed(value: Optional[float]) -> str:
         return "-" if value is None else f"{round(100 * value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
