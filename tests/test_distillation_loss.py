@@ -108,6 +108,16 @@ def test_bad_loss_options_are_refused_by_their_types_in_one_line(tmp_path, capsy
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("method", ["DKD", "dkd"])
+def test_a_methods_option_as_a_dotted_key_in_a_file_names_the_class_form_to_write(tmp_path, capsys, method):
+    # `distillation: DKD` with `distillation.beta: 3` beside it: jsonargparse keeps the option and drops the name
+    overlay = tmp_path / "dkd.yaml"
+    overlay.write_text(f"model:\n  distillation: {method}\n  distillation.beta: 3\n")
+    line = run_cli_error([*distill_args(tmp_path), "--config", str(overlay)], capsys)
+    assert line.startswith("error: model.distillation: an option ('beta') without a method to take it"), line
+    assert "`distillation: {class_path: CLASS, init_args: {beta: VALUE}}` (classes that take beta: DKD, DIST)" in line
+
+
 def test_distillation_without_teacher_logits_is_an_error():
     with pytest.raises(ValueError, match="teacher logits"):
         DistillationLoss("hard")(STUDENT, DIST, LABELS, None)

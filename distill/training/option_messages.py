@@ -6,8 +6,9 @@ refused value as text alone: a `TypeError('Parser key "KEY": ...')`, nested once
 lost at a union (`raise_union_unexpected_value` raises without `from`), and no exception at all for an unknown
 option (`ex=None`). The commands outside LightningCLI check their options before jsonargparse does
 (`distill.common.commandline.value_problem`) and read none of this text. This module is the one place that reads
-jsonargparse's wording; `tests/test_private_library_members.py` makes each wording read here with the installed
-jsonargparse, so a release that rewords one fails there, by name.
+jsonargparse's wording; `tests/test_private_library_members.py` (its plain types) and the one-line tests of the
+method options in `tests/test_distillation_loss.py` (its unions and class paths) make each wording read here with
+the installed jsonargparse, so a release that rewords one fails there, by name.
 """
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> st
     if problem and _import(problem.group(1)) is None:  # a dotted path that names no class: shown whole
         return (f"{key}: '{problem.group(1)}' names no class ({problem.group(2)}); give one of {names} or a "
                 f"{base_name} class: {classes}")
+    unnamed = re.search(r"Option '(\w+)' is not accepted", problem.group(2)) if problem else None
+    if unnamed and problem.group(1).rpartition(".")[2] == base_name:  # options and no class: jsonargparse tried the base
+        option = unnamed.group(1)
+        taking = ", ".join(_taking(base, option)) or "none"
+        return (f"{key}: an option ('{option}') without a method to take it (a dotted key `{key.rpartition('.')[2]}."
+                f"{option}` in a file replaces the name beside it); give the class with its options: `"
+                f"{key.rpartition('.')[2]}: {{class_path: CLASS, init_args: {{{option}: VALUE}}}}` (classes that take "
+                f"{option}: {taking})")
     if problem:  # the class was found: its own complaint, and the options it takes
         found = _import(problem.group(1))
         accepted = ", ".join(inspect.signature(found).parameters) if found else ""
@@ -76,13 +85,18 @@ def _name_or_class(text: str, key: str, names: str, base: str, given: str) -> st
     nested = re.match(r"NestedArg\(key='([\w.]+)'", given)
     if nested:  # `--key name --key.option v`: a name takes no options of its own, its class does
         option = nested.group(1)
-        taking = [c.__name__ for c in _subclasses(base) if option in inspect.signature(c).parameters]
+        taking = _taking(base, option)
         if not taking:
             return f"{key}: no method takes an option '{option}' (classes: {classes})"
         return (f"{key}: a method given by name takes no options of its own ('{option}'); give a class that "
                 f"takes it, with them: --{key} CLASS --{key}.{option} VALUE (classes that take {option}: "
                 f"{', '.join(taking)})")
     return f"{key}: {given} is not one of {names} (or a {base_name} class with its options: {classes})"
+
+
+def _taking(base: str, option: str) -> list[str]:
+    """The names of the classes under `base` that take `option`."""
+    return [c.__name__ for c in _subclasses(base) if option in inspect.signature(c).parameters]
 
 
 def _import(path: str) -> Any:
