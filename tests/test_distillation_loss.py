@@ -114,7 +114,7 @@ def test_a_methods_option_as_a_dotted_key_in_a_file_names_the_class_form_to_writ
     overlay = tmp_path / "dkd.yaml"
     overlay.write_text(f"model:\n  distillation: {method}\n  distillation.beta: 3\n")
     line = run_cli_error([*distill_args(tmp_path), "--config", str(overlay)], capsys)
-    assert line.startswith("error: model.distillation: an option ('beta') without a method to take it"), line
+    assert line.startswith("error: model.distillation: an option ('beta') without a class to take it"), line
     assert "`distillation: {class_path: CLASS, init_args: {beta: VALUE}}` (classes that take beta: DKD, DIST)" in line
 
 

@@ -169,6 +169,23 @@ def test_an_out_of_range_number_is_refused_with_its_range(tmp_path, capsys, opti
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("option, expected", [
+    ("--trainer.max_epochs=two", "trainer.max_epochs: expected an integer, got 'two' (or null)"),
+    ("--seed_everything=abc", "seed_everything: expected true or false or an integer, got 'abc'"),
+    ("--data.mean=abc", "data.mean: expected a list of 3 numbers, got 'abc'"),
+    ("--trainer.precision=wrong", "trainer.precision: expected one of 64, 32, 16, "),
+    ("--model.student=foo.Bar", "model.student: 'foo.Bar' names no class (No module named 'foo')"),
+    ("--model.student.init_args.dpth=3", "model.student: Student: Option 'dpth' is not accepted (its options: "),
+    ("--trainer.logger.init_args.nme=x", "trainer.logger: TensorBoardLogger: Option 'nme' is not accepted (its "
+                                         "options: save_dir, name"),
+], ids=["optional_int", "bool_or_int", "tuple", "choices_of_a_union", "class_path", "class_option", "library_class"])
+def test_a_value_no_type_of_the_option_takes_is_one_line_naming_what_it_accepts(tmp_path, capsys, option, expected):
+    # worded from the option, type and value jsonargparse's refusal carries (no message text of it is read)
+    line = run_cli_error([*distill_args(tmp_path), option], capsys)
+    assert line.startswith(f"error: {expected}"), line
+    assert "Parser key" not in line and "Subtypes" not in line
+
+
 def test_help_shows_each_numbers_range(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])

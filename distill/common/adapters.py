@@ -14,8 +14,10 @@ it: the model side (`teachers`) uses this module without importing Lightning.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
     from timm.data import Mixup
 
 __all__ = ["mixup_draw", "dump_checkpoint", "batches_done_this_epoch", "option_names", "subcommand_parsers", "is_local_path",
-           "cpu_computes_bf16", "attention_weights", "OVERRIDDEN", "SUBCLASS_ATTRIBUTES"]
+           "cpu_computes_bf16", "attention_weights", "Refusal", "record_refusals", "refusals", "nested_option",
+           "OVERRIDDEN", "SUBCLASS_ATTRIBUTES"]
 
 _CHECKPOINT = "pytorch_lightning.callbacks.ModelCheckpoint"
 # (class, member) the project overrides or calls as a subclass; each must exist on the installed version
@@ -40,6 +43,8 @@ OVERRIDDEN = [
     # public, but undocumented: inference processes started with Ctrl+C blocked (distill/commands/serve.py)
     ("litserve.LitServer", "launch_inference_worker"),
     ("litserve.LitServer", "launch_single_inference_worker"),
+    # wrapped by record_refusals: the check of a typed option's value, where its name, type and value are at hand
+    ("jsonargparse._typehints.ActionTypeHint", "_check_type_"),
 ]
 # (class, instance attribute) the subclasses read and set: the parent's own bookkeeping of what it saved
 SUBCLASS_ATTRIBUTES = [(_CHECKPOINT, "_last_global_step_saved"), (_CHECKPOINT, "_last_checkpoint_saved")]
@@ -104,3 +109,55 @@ def attention_weights(attention: torch.nn.Module) -> Iterator[list[torch.Tensor]
     finally:
         attention.fused_attn = fused
         handle.remove()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A value jsonargparse refused: its option (relative to the parser that checked it: `model.tau`, or `beta` of a
+    class's options), the option's type, the value as given, and the option's value before it (a class a
+    `--key.option` belongs to)."""
+    key: str
+    hint: Any
+    value: Any
+    previous: Any = None
+
+
+def record_refusals() -> None:
+    """Makes the exception jsonargparse raises for a refused value carry it as `.refusal` (a `Refusal`): jsonargparse 4
+    names the option, its type and the value in its message text alone. Wraps the check of a typed option once."""
+    from jsonargparse._typehints import ActionTypeHint
+
+    check = ActionTypeHint._check_type_
+    if getattr(check, "records_refusals", False):
+        return
+
+    @functools.wraps(check)
+    def checked(action: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(action, value, *args, **kwargs)
+        except (TypeError, ValueError) as error:
+            if not hasattr(error, "refusal"):
+                before = kwargs.get("cfg")
+                before = before.get(action.dest) if hasattr(before, "get") else None
+                error.refusal = Refusal(action.dest, action._typehint, value, before)
+            raise
+
+    checked.records_refusals = True  # type: ignore[attr-defined]
+    ActionTypeHint._check_type_ = checked
+
+
+def refusals(error: BaseException | None) -> list[Refusal]:
+    """The refusals an exception and the exceptions it was raised from carry, outermost first (a class's option
+    after the option that names the class)."""
+    found, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(getattr(error, "refusal", None), Refusal):
+            found.append(error.refusal)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def nested_option(value: Any) -> tuple[str, Any] | None:
+    """(option, value) of jsonargparse's `--key.option value` given to a class option (its `NestedArg`), else None."""
+    return (value.key, value.val) if isinstance(value, tuple) and getattr(value, "_fields", ()) == ("key", "val") else None

@@ -13,7 +13,7 @@ config files checked before the imports (`distill/common/configs.py`), options a
 """
 from __future__ import annotations
 
-__all__ = ["given", "is_option", "last_value", "name_of", "pairs", "under", "values"]
+__all__ = ["as_typed", "given", "is_option", "last_value", "name_of", "pairs", "under", "values"]
 
 
 def is_option(arg: str) -> bool:
@@ -39,6 +39,16 @@ def pairs(argv: list[str], prefix: str) -> list[tuple[str, str | None]]:
         else:
             following = argv[index + 1] if index + 1 < len(argv) else None
             found.append((name, following if following is not None and _value(following) else None))
+    return found
+
+
+def as_typed(argv: list[str]) -> list[tuple[str, str]]:
+    """(key, the option as typed) of each `--key` option of `argv`: `model.lr` with `--model.lr=1`, `--model.lr 1`
+    or `--model.lr` (a flag, or no value given)."""
+    found = []
+    for option, value in pairs(argv, "--"):
+        typed = option if value is None else f"{option}={value}" if f"{option}={value}" in argv else f"{option} {value}"
+        found.append((option.removeprefix("--"), typed))
     return found
 
 

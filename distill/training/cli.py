@@ -33,7 +33,7 @@ from torch import nn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
-from distill.common.adapters import option_names, subcommand_parsers
+from distill.common.adapters import option_names, record_refusals, refusals, subcommand_parsers
 from distill.common.argv import given, pairs
 from distill.common.checkpoints import read_student_checkpoint
 from distill.common.configs import check_config_files, config_with_key
@@ -45,7 +45,7 @@ from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.methods import needs_teacher
-from distill.training.option_messages import for_subcommand, one_line, unknown_option
+from distill.training.option_messages import describe, one_line, unknown_key, unknown_token
 from distill.training.run_records import (
     nothing_to_resume,
     refuse_earlier_run,
@@ -80,16 +80,26 @@ class OneLineErrorParser(LightningArgumentParser):
 
     argv: ClassVar[list[str]] = []  # the command line, set by make_cli: to name the config file a bad key is in
 
+    def validate(self, cfg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        try:
+            super().validate(cfg, *args, **kwargs)
+        except KeyError as error:  # a key no option takes: jsonargparse names it in its text alone
+            error.unknown_option = unknown_key(cfg.keys(), self)  # type: ignore[attr-defined]
+            raise
+
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
         if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        text = one_line(message)
         chosen = next((name for name in self.argv if name in subcommand_parsers(self)), None)  # `fit`, as typed
         if parser is self and chosen:  # the root parser refusing the subcommand's options: said in its words
             parser = subcommand_parsers(self)[chosen]
-            text = for_subcommand(text, chosen, option_names(parser))
-        typo = unknown_option(text)
+        typo = getattr(ex, "unknown_option", None)
+        token = unknown_token(self.argv, self) if ex is None else None  # jsonargparse's unrecognized arguments
+        if token:
+            typo, text = token[0], f"unknown option {token[1]}"
+        else:
+            text = f"unknown option '{typo}'" if typo else describe(refusals(ex)) or one_line(message)
         close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
         source = config_with_key(self.argv, typo) if typo else None
@@ -332,6 +342,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "disti
     `prog` names the command in error hints (`python -m distill` would otherwise say `__main__.py`)."""
     OneLineErrorParser.argv = list(sys.argv[1:] if args is None else args)
     check_config_files(OneLineErrorParser.argv)  # distill.cli checked them already; make_cli may be called alone
+    record_refusals()  # a refused value's option, type and value, for its one-line error
     return cli_class(
         DistillationModule,
         ImageDataModule,
