@@ -178,12 +178,51 @@ def test_an_out_of_range_number_is_refused_with_its_range(tmp_path, capsys, opti
     ("--model.student.init_args.dpth=3", "model.student: Student: Option 'dpth' is not accepted (its options: "),
     ("--trainer.logger.init_args.nme=x", "trainer.logger: TensorBoardLogger: Option 'nme' is not accepted (its "
                                          "options: save_dir, name"),
-], ids=["optional_int", "bool_or_int", "tuple", "choices_of_a_union", "class_path", "class_option", "library_class"])
+    ("--model.distillation=..X", "model.distillation: '..X' names no class ("),
+    ("--model.distillation={class_path: DKD, init_args: {beta: -1}}",
+     "model.distillation.init_args.beta: -1 is out of range (accepted: >= 0)"),
+    ("--model.teacher=[{class_path: teachers.Teacher, init_args: {modelname: x}}]",
+     "model.teacher: Teacher: Option 'modelname' is not accepted (its options: model_name, "),
+    ("--model.distillation=DKD --model.distillation.standardize=maybe",
+     "model.distillation.init_args.standardize: expected true or false, got 'maybe'"),
+    ("--trainer.callbacks+=LearningRateMonitor --trainer.callbacks.logging_intervall=step",
+     "trainer.callbacks: LearningRateMonitor: Option 'logging_intervall' is not accepted"),
+    ("--model.lrr=1 --data.bs=2", "unknown options --model.lrr=1, --data.bs=2; did you mean 'model.lr'?"),
+    ("--model.lrr+=1", "unknown option --model.lrr+=1; did you mean 'model.lr'?"),
+], ids=["optional_int", "bool_or_int", "tuple", "choices_of_a_union", "class_path", "class_option", "library_class",
+        "relative_class_path", "yaml_on_the_command_line", "yaml_list_of_classes", "a_class_options_bool",
+        "an_option_of_a_lists_last_class", "two_unknown_options", "unknown_option_added_to"])
 def test_a_value_no_type_of_the_option_takes_is_one_line_naming_what_it_accepts(tmp_path, capsys, option, expected):
     # worded from the option, type and value jsonargparse's refusal carries (no message text of it is read)
-    line = run_cli_error([*distill_args(tmp_path), option], capsys)
+    arguments = [option] if option.count("--") == 1 else option.split()
+    line = run_cli_error([*distill_args(tmp_path), *arguments], capsys)
     assert line.startswith(f"error: {expected}"), line
     assert "Parser key" not in line and "Subtypes" not in line
+
+
+@pytest.mark.parametrize("overlay, expected", [
+    ("model: {student: {init_args: {depthh: 4}}}", "model.student: Student: Option 'depthh' is not accepted"),
+    ("model: {student: {init_args: {depth: [1, 2]}}}",
+     "model.student.init_args.depth: expected an integer > 0 or null, got [1, 2]"),
+    ("model: {tau: {a: 1}}", 'model.tau: expected a number > 0, got {"a": 1}'),
+    ("model:\n  teacher:\n  - class_path: teachers.Teacher\n    init_args: {model_name: resnet10t, weightz: a.ckpt}\n"
+     "  - class_path: teachers.Teacher\n    init_args: {model_name: resnet10t}",
+     "model.teacher: Teacher: Option 'weightz' is not accepted"),
+    ("trainer: [1, 2]", "trainer: expected the Trainer's options as a mapping (trainer: {max_epochs: 10}), got [1, 2]"),
+], ids=["a_class_option_of_a_later_file", "a_list_for_a_number", "a_mapping_for_a_number", "an_ensemble_members_option",
+        "a_list_for_the_trainer"])
+def test_a_mistake_in_a_later_config_file_is_named_against_the_class_the_earlier_one_chose(tmp_path, capsys, overlay,
+                                                                                            expected):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(overlay + "\n")
+    line = run_cli_error([*distill_args(tmp_path), "--config", str(extra)], capsys)
+    assert line.startswith(f"error: {expected}"), line
+
+
+def test_an_abbreviated_option_is_no_unknown_option(tmp_path, capsys):
+    # argparse takes a unique start of an option's name: the stray value after it is what is refused
+    line = run_cli_error([*distill_args(tmp_path), "--seed_every", "3", "stray"], capsys)
+    assert "stray" in line and "seed_every" not in line, line
 
 
 def test_help_shows_each_numbers_range(capsys):

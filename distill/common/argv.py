@@ -47,7 +47,8 @@ def as_typed(argv: list[str]) -> list[tuple[str, str]]:
     or `--model.lr` (a flag, or no value given)."""
     found = []
     for option, value in pairs(argv, "--"):
-        typed = option if value is None else f"{option}={value}" if f"{option}={value}" in argv else f"{option} {value}"
+        joined = [f"{option}{sign}={value}" for sign in ("", "+") if f"{option}{sign}={value}" in argv]
+        typed = option if value is None else joined[0] if joined else f"{option} {value}"
         found.append((option.removeprefix("--"), typed))
     return found
 

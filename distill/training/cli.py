@@ -97,7 +97,7 @@ class OneLineErrorParser(LightningArgumentParser):
         typo = getattr(ex, "unknown_option", None)
         token = unknown_token(self.argv, self) if ex is None else None  # jsonargparse's unrecognized arguments
         if token:
-            typo, text = token[0], f"unknown option {token[1]}"
+            typo, text = token[0], f"unknown option{'s' if len(token[1]) > 1 else ''} {', '.join(token[1])}"
         else:
             text = f"unknown option '{typo}'" if typo else describe(refusals(ex)) or one_line(message)
         close = difflib.get_close_matches(typo, sorted(option_names(self) | option_names(parser)), n=1) if typo else []
@@ -294,6 +294,9 @@ def _check_trainer_options(config: Any) -> None:
     if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
         raise UserError(f"seed_everything: {seed} is out of range (accepted: 0 .. 4294967295, or true for a random one)")
     trainer = config.get("trainer") or {}
+    if not hasattr(trainer, "get"):  # `trainer: [1, 2]` in a file: jsonargparse keeps it
+        raise UserError(f"trainer: expected the Trainer's options as a mapping (trainer: {{max_epochs: 10}}), got "
+                        f"{trainer!r}")
     for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
         value = trainer.get(key)
         if isinstance(value, int) and value < 1:

@@ -15,10 +15,13 @@ import argparse
 import collections.abc
 import importlib
 import inspect
+import json
 import types
 import typing
 from collections.abc import Iterable
 from typing import Any, Literal
+
+from jsonargparse import get_loader
 
 from distill.common.adapters import Refusal, nested_option, option_names, subcommand_parsers
 from distill.common.argv import as_typed
@@ -51,12 +54,23 @@ def describe(chain: list[Refusal]) -> str | None:
 def _value_problem(hint: Any, value: Any) -> str | None:
     """value_problem for a value as jsonargparse hands it over (a command line's text or a config's number), and a
     value none of a union of choices and plain types takes (`trainer.precision`, `seed_everything`)."""
+    members = [m for m in typing.get_args(hint) if m is not type(None)] if _is_union(hint) else []
+    if not isinstance(value, (str, int, float)) and all(_is_scalar(m) for m in members or [hint]):
+        return f"expected {_expected(hint)}, got {_shown(value)}"  # a list or a mapping where one value is taken
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None
-    members = [m for m in typing.get_args(hint) if m is not type(None)] if _is_union(hint) else []
+    if hint is bool or members == [bool]:  # true or false (or null), as YAML says them
+        nullable = type(None) in typing.get_args(hint)
+        return f"expected {_expected(hint)}, got {_shown(value)}" if str(value).lower() not in (
+            "true", "false", *(["null"] if nullable else [])) else None
     if len(members) > 1 and all(typing.get_origin(m) is Literal or m in (bool, int, float) for m in members):
         return f"expected {_expected(hint)}, got {_shown(value)}"  # jsonargparse refused it: no member takes it
     return value_problem(hint, str(value))
+
+
+def _is_scalar(hint: Any) -> bool:
+    """Whether a type takes one value: a number, a string, true or false, a choice, a range type."""
+    return typing.get_origin(hint) is Literal or (inspect.isclass(hint) and issubclass(hint, (bool, int, float, str)))
 
 
 def _is_union(hint: Any) -> bool:
@@ -83,7 +97,8 @@ def _expected(hint: Any) -> str:
         return "a class path (with its init_args)"
     rules = accepted(hint)
     if rules:
-        return f"a number {' and '.join(f'{comparison} {bound}' for comparison, bound in rules[1])}"
+        return (f"{'an integer' if rules[0] is int else 'a number'} "
+                f"{' and '.join(f'{comparison} {bound}' for comparison, bound in rules[1])}")
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
     if hint in words:
         return words[hint]
@@ -91,33 +106,47 @@ def _expected(hint: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    """A given value as the user wrote it: the text of a command line, a config's value as YAML would say it."""
+    """A given value as the user wrote it: the text of a command line, a config's value as YAML flow says it."""
     nested = nested_option(value)
     if nested:
         return f"{nested[0]}={nested[1]}"
-    return repr(value) if isinstance(value, str) else str(_mapping(value) if _mapping(value) is not None else value)
+    if isinstance(value, str):
+        return repr(value)
+    mapping = _mapping(value)
+    return json.dumps(mapping if mapping is not None else value, default=str)
 
 
 def _class_option(refusal: Refusal) -> str | None:
     """An option that takes a class with its options (`model.distillation`: a method's name or `class_path`;
-    `trainer.logger`, `model.student`: a class path), else None."""
+    `trainer.logger`, `model.student`: a class path; `model.teacher`, `trainer.callbacks`: a list of them), else
+    None."""
     key = refusal.key
     members = typing.get_args(refusal.hint) if _is_union(refusal.hint) else (refusal.hint,)
     names = [name for member in members if typing.get_origin(member) is Literal for name in typing.get_args(member)]
-    bases = [m for m in members if inspect.isclass(m) and m not in (bool, int, float, str, type(None))]
+    bases = [m for m in members if _is_class(m)]
     bases += [typing.get_args(m)[-1] for m in members if typing.get_origin(m) is collections.abc.Callable]
-    if not bases or not inspect.isclass(bases[0]):
+    bases += [typing.get_args(m)[0] for m in members if typing.get_origin(m) in _LISTS and typing.get_args(m)]
+    bases = [b for b in bases if _is_class(b)]
+    if not bases:
         return None
     base = bases[0]
     listed = ", ".join(c.__name__ for c in _subclasses(base))
     classes = f": {listed}" if listed else ""
     named = f"one of {', '.join(map(repr, names))} or a {base.__name__} class" if names else f"a {base.__name__} class"
-    nested = nested_option(refusal.value)
+    value, previous = refusal.value, refusal.previous
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):  # YAML typed on the command line
+        try:
+            value = get_loader("yaml")(value)
+        except Exception:  # noqa: BLE001 - not YAML after all: said as typed
+            pass
+    if isinstance(previous, list):  # `--key.option value` after a list sets the list's last class
+        previous = previous[-1] if previous else None
+    nested = nested_option(value)
     if nested:  # `--key CLASS --key.option value`, or `--key name --key.option value`
-        option, value = nested
-        found = _class(base, refusal.previous)
+        option, given = nested
+        found = _class(base, previous)
         if found:
-            return _init_arg_problem(key, found, option, value)
+            return _init_arg_problem(key, found, option, given, refused=True)
         taking = _taking(base, option)
         if not names:
             return None
@@ -126,31 +155,40 @@ def _class_option(refusal: Refusal) -> str | None:
         return (f"{key}: a method given by name takes no options of its own ('{option}'); give a class that "
                 f"takes it, with them: --{key} CLASS --{key}.{option} VALUE (classes that take {option}: "
                 f"{', '.join(taking)})")
-    if isinstance(refusal.value, str):
-        if refusal.value in names or _class(base, refusal.value):
+    if isinstance(value, str):
+        if value in names or _class(base, value):
             return None
-        if "." in refusal.value:  # a dotted path that names no class: shown whole, with why
-            return (f"{key}: '{refusal.value}' names no class ({_import_problem(refusal.value)}); give "
-                    f"{named}{classes}")
+        if "." in value:  # a dotted path that names no class: shown whole, with why
+            return f"{key}: '{value}' names no class ({_import_problem(value)}); give {named}{classes}"
         if not names:
             return None
-        return (f"{key}: {refusal.value} is not one of {', '.join(map(repr, names))} (or a {base.__name__} class "
+        return (f"{key}: {value} is not one of {', '.join(map(repr, names))} (or a {base.__name__} class "
                 f"with its options{classes})")
-    given = _mapping(refusal.value)
+    for item in value if isinstance(value, list) else [value]:
+        problem = _given_class(key, base, item, None if isinstance(value, list) else previous, f"{named}{classes}")
+        if problem:
+            return problem
+    return None
+
+
+def _given_class(key: str, base: type, item: Any, previous: Any, named: str) -> str | None:
+    """What is wrong with one class given as a mapping (`class_path` and `init_args`; or options alone, for the
+    class the option had before), or None."""
+    given = _mapping(item)
     if given is None:
         return None
     path = given.get("class_path")
     options = {**(_mapping(given.get("init_args")) or {}),
                **{k: v for k, v in given.items() if k not in ("class_path", "init_args", "dict_kwargs", "__path__")}}
-    if path is None and options:  # options and no class: `distillation.beta: 3` beside `distillation: DKD` in a file
+    found = _class(base, path if path is not None else previous)
+    if path is None and found is None and options:  # `distillation.beta: 3` beside `distillation: DKD` in a file
         option = next(iter(options))
         field = key.rpartition(".")[2]
         return (f"{key}: an option ('{option}') without a class to take it (a dotted key `{field}.{option}` in a "
                 f"file replaces the name beside it); give the class with its options: `{field}: {{class_path: CLASS, "
                 f"init_args: {{{option}: VALUE}}}}` (classes that take {option}: {', '.join(_taking(base, option)) or 'none'})")
-    found = _class(base, path)
     if found is None:
-        return f"{key}: '{path}' names no class ({_import_problem(str(path))}); give {named}{classes}"
+        return f"{key}: '{path}' names no class ({_import_problem(str(path))}); give {named}" if path else None
     for option, value in options.items():
         problem = _init_arg_problem(key, found, option, value)
         if problem:
@@ -158,8 +196,9 @@ def _class_option(refusal: Refusal) -> str | None:
     return None
 
 
-def _init_arg_problem(key: str, found: type, option: str, value: Any) -> str | None:
-    """What is wrong with `option` of the class `found` given `value`: not one of its options, or out of its type."""
+def _init_arg_problem(key: str, found: type, option: str, value: Any, refused: bool = False) -> str | None:
+    """What is wrong with `option` of the class `found` given `value`: not one of its options, or out of its type
+    (`refused`: jsonargparse refused this one value, so its type is said even where no check here finds why)."""
     parameters = inspect.signature(found).parameters
     if option not in parameters:
         return f"{key}: {found.__name__}: Option '{option}' is not accepted (its options: {', '.join(parameters)})"
@@ -168,7 +207,18 @@ def _init_arg_problem(key: str, found: type, option: str, value: Any) -> str | N
     except (NameError, TypeError):  # an annotation that does not resolve here: the option's type is said instead
         return None
     problem = _value_problem(hint, value)
+    if problem is None and refused and hint is not None:
+        problem = f"expected {_expected(hint)}, got {_shown(value)}"
     return f"{key}.init_args.{option}: {problem}" if problem else None
+
+
+_LISTS = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
+
+
+def _is_class(hint: Any) -> bool:
+    """Whether a type is a class a `class_path` names (not a number, a string or a range type of them)."""
+    return inspect.isclass(hint) and not issubclass(hint, (bool, int, float, str, type(None))) and \
+        typing.get_origin(hint) is None
 
 
 def _mapping(value: Any) -> dict[str, Any] | None:
@@ -191,7 +241,7 @@ def _class(base: type, given: Any) -> type | None:
         module, _, name = path.rpartition(".")
         try:
             found = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError):
+        except (ImportError, AttributeError, ValueError, TypeError):  # TypeError: a relative path (`..X`)
             return None
     return found if inspect.isclass(found) and issubclass(found, base) else None
 
@@ -201,7 +251,7 @@ def _import_problem(path: str) -> str:
     module, _, name = path.rpartition(".")
     try:
         getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
+    except (ImportError, AttributeError, ValueError, TypeError) as error:
         return str(error)
     return "not a class of this option"
 
@@ -241,8 +291,10 @@ def unknown_key(keys: Iterable[str], parser: argparse.ArgumentParser) -> str | N
     return None
 
 
-def unknown_token(argv: list[str], parser: argparse.ArgumentParser) -> tuple[str, str] | None:
-    """The first option of a command line that is no option of `parser` or its subcommands: its name and the option
-    as typed, with its value (`model.lrr`, `--model.lrr=1` or `--model.lrr 1`), else None."""
+def unknown_token(argv: list[str], parser: argparse.ArgumentParser) -> tuple[str, list[str]] | None:
+    """The options of a command line that are no options of `parser` or its subcommands: the first one's name and
+    all of them as typed, with their values (`model.lrr`, [`--model.lrr=1`, `--data.bs 2`]), else None."""
     names = option_names(parser) | {"config", "help"}
-    return next(((key, typed) for key, typed in as_typed(argv) if not _known(key, names)), None)
+    unknown = [(key, typed) for key, typed in as_typed(argv)  # argparse takes a unique start of an option's name too
+               if not _known(key, names) and not any(name.startswith(key) for name in names)]
+    return (unknown[0][0], [typed for _, typed in unknown]) if unknown else None
