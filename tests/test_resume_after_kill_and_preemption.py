@@ -267,13 +267,17 @@ def test_unknown_timm_model_suggests_close_names(tmp_path, capsys):
     assert "unknown timm model 'deit_tinny'" in line and "deit_tiny" in line
 
 
-@pytest.mark.parametrize("where", ["yaml", "yaml, print_config", "command line", "command line, its value apart"])
+@pytest.mark.parametrize("where", ["yaml", "yaml, print_config", "yaml, a dotted key", "command line",
+                                   "command line, its value apart"])
 def test_an_option_that_does_not_exist_is_named_with_a_close_match(tmp_path, capsys, where):
     # jsonargparse refuses these in two places (the root parser's check of the config, the subcommand's of argv);
     # a class's own options (--trainer.logger.init_args.name) are no unknown options
     extra = tmp_path / "extra.yaml"
     extra.write_text("model:\n  lrr: 0.1\n")
+    if "dotted" in where:
+        extra.write_text("model.lrr: 0.1\n")
     args = {"yaml": ["--config", str(extra)], "yaml, print_config": ["--config", str(extra), "--print_config"],
+            "yaml, a dotted key": ["--config", str(extra)],
             "command line": ["--model.lrr=0.1"], "command line, its value apart": ["--model.lrr", "0.1"]}[where]
     line = run_cli_error([*distill_args(tmp_path), "--trainer.logger.init_args.name=x", *args], capsys)
     shown = "'model.lrr'" if where.startswith("yaml") else "--model.lrr=0.1" if "apart" not in where else "--model.lrr 0.1"

@@ -9,6 +9,7 @@ the files themselves.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -58,10 +59,15 @@ def config_with_key(argv: list[str], dotted: str, last: bool = False) -> str | N
             node = yaml.safe_load(Path(name).read_text())
         except (OSError, yaml.YAMLError):
             continue
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        else:
+        if _sets(node, dotted.split(".")):
             return name
     return None
+
+
+def _sets(node: Any, parts: list[str]) -> bool:
+    """Whether a config's mapping sets the key of `parts`, nested (`model: {lr: ...}`) or dotted (`model.lr: ...`)."""
+    if not parts:
+        return node is not None
+    return isinstance(node, dict) and any(".".join(parts[:end]) in node and _sets(node[".".join(parts[:end])],
+                                                                                  parts[end:])
+                                          for end in range(1, len(parts) + 1))
