@@ -189,9 +189,25 @@ def test_an_out_of_range_number_is_refused_with_its_range(tmp_path, capsys, opti
      "trainer.callbacks: LearningRateMonitor: Option 'logging_intervall' is not accepted"),
     ("--model.lrr=1 --data.bs=2", "unknown options --model.lrr=1, --data.bs=2; did you mean 'model.lr'?"),
     ("--model.lrr+=1", "unknown option --model.lrr+=1; did you mean 'model.lr'?"),
+    ("--data.scale=[0, 1]", "data.scale: 0 is out of range (accepted: > 0 and <= 1)"),
+    ("--model.feature_pairs=[[1, -2]]", "model.feature_pairs: -2 is out of range (accepted: >= 0)"),
+    ("--model.teacher={class_path: teachers.Teacher, init_args: {weights: 3}}",
+     "model.teacher.init_args.weights: expected a string, got 3"),
+    ("--trainer.logger.init_args.foo=1", "trainer.logger: TensorBoardLogger: Option 'foo' is not accepted (its "
+                                         "options: save_dir, "),
+    ("--model.distillation={class_path: Sofft}", "model.distillation: 'Sofft' names no class; give one of 'none'"),
+    ("--model.distillation=", "model.distillation: '' is not one of 'none'"),
+    ("--model.distillation=torch.nn.Linear", "model.distillation: 'torch.nn.Linear' is not a LogitMethod class"),
+    ("--model__tau=3", "unknown option --model__tau=3; did you mean 'model.tau'?"),
+    ("--model.tau.x=3", "unknown option 'model.tau.x' (model.tau takes a value, not options of its own)"),
+    ("--trainer.logger+=pytorch_lightning.loggers.CSVLogger",
+     "trainer.logger.init_args.save_dir: expected a string or a path, got null"),
 ], ids=["optional_int", "bool_or_int", "tuple", "choices_of_a_union", "class_path", "class_option", "library_class",
         "relative_class_path", "yaml_on_the_command_line", "yaml_list_of_classes", "a_class_options_bool",
-        "an_option_of_a_lists_last_class", "two_unknown_options", "unknown_option_added_to"])
+        "an_option_of_a_lists_last_class", "two_unknown_options", "unknown_option_added_to", "an_item_of_a_tuple",
+        "an_item_of_a_list_of_pairs", "a_string_option_of_a_class", "a_class_with_kwargs", "a_name_of_no_class",
+        "an_empty_name", "a_class_of_another_kind", "underscores_for_dots", "an_option_below_a_number",
+        "a_class_added_without_an_option_it_needs"])
 def test_a_value_no_type_of_the_option_takes_is_one_line_naming_what_it_accepts(tmp_path, capsys, option, expected):
     # worded from the option, type and value jsonargparse's refusal carries (no message text of it is read)
     arguments = [option] if option.count("--") == 1 else option.split()
@@ -209,8 +225,10 @@ def test_a_value_no_type_of_the_option_takes_is_one_line_naming_what_it_accepts(
      "  - class_path: teachers.Teacher\n    init_args: {model_name: resnet10t}",
      "model.teacher: Teacher: Option 'weightz' is not accepted"),
     ("trainer: [1, 2]", "trainer: expected the Trainer's options as a mapping (trainer: {max_epochs: 10}), got [1, 2]"),
+    ("model: {student: {class_path: students.Student, init_args: {depth: null, num_head: 4}}}",
+     "model.student: Student: Option 'num_head' is not accepted"),
 ], ids=["a_class_option_of_a_later_file", "a_list_for_a_number", "a_mapping_for_a_number", "an_ensemble_members_option",
-        "a_list_for_the_trainer"])
+        "a_list_for_the_trainer", "a_null_beside_an_unknown_option"])
 def test_a_mistake_in_a_later_config_file_is_named_against_the_class_the_earlier_one_chose(tmp_path, capsys, overlay,
                                                                                             expected):
     extra = tmp_path / "extra.yaml"

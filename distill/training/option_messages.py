@@ -16,6 +16,7 @@ import collections.abc
 import importlib
 import inspect
 import json
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -43,29 +44,56 @@ def describe(chain: list[Refusal]) -> str | None:
         return None
     outer, inner = chain[0], chain[-1]
     if len(chain) > 1:  # a class's own option, refused by the class's parser: model.student.init_args.depth
-        problem = _value_problem(inner.hint, inner.value)
-        if problem:
-            return f"{'.init_args.'.join(refusal.key for refusal in chain)}: {problem}"
+        problem = _value_problem(inner.hint, inner.value) or f"expected {_expected(inner.hint)}, got {_shown(inner.value)}"
+        return f"{'.init_args.'.join(refusal.key for refusal in chain)}: {problem}"
+    nested = nested_option(outer.value)
+    if nested and not _class_bases(outer.hint):  # `--model.tau.x 3`: no class, no options
+        return f"unknown option '{outer.key}.{nested[0]}' ({outer.key} takes a value, not options of its own)"
     problem = _value_problem(outer.hint, outer.value)
     problem = f"{outer.key}: {problem}" if problem else _class_option(outer)
     return problem or f"{outer.key}: expected {_expected(outer.hint)}, got {_shown(outer.value)}"
 
 
 def _value_problem(hint: Any, value: Any) -> str | None:
-    """value_problem for a value as jsonargparse hands it over (a command line's text or a config's number), and a
-    value none of a union of choices and plain types takes (`trainer.precision`, `seed_everything`)."""
+    """value_problem for a value as jsonargparse hands it over (a command line's text or a config's value), the
+    items of a list, and a value none of a union of choices and plain types takes (`trainer.precision`)."""
     members = [m for m in typing.get_args(hint) if m is not type(None)] if _is_union(hint) else []
+    nullable = type(None) in typing.get_args(hint) or hint is type(None)
+    if value is None:
+        return None if nullable or hint is None else f"expected {_expected(hint)}, got null"
+    sequences = [m for m in members or [hint] if typing.get_origin(m) in _LISTS]
+    if sequences:
+        return _items_problem(sequences[0], value)
     if not isinstance(value, (str, int, float)) and all(_is_scalar(m) for m in members or [hint]):
         return f"expected {_expected(hint)}, got {_shown(value)}"  # a list or a mapping where one value is taken
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return None
     if hint is bool or members == [bool]:  # true or false (or null), as YAML says them
-        nullable = type(None) in typing.get_args(hint)
         return f"expected {_expected(hint)}, got {_shown(value)}" if str(value).lower() not in (
             "true", "false", *(["null"] if nullable else [])) else None
     if len(members) > 1 and all(typing.get_origin(m) is Literal or m in (bool, int, float) for m in members):
         return f"expected {_expected(hint)}, got {_shown(value)}"  # jsonargparse refused it: no member takes it
     return value_problem(hint, str(value))
+
+
+def _items_problem(hint: Any, value: Any) -> str | None:
+    """What is wrong with a list given for a list or tuple type: its length, or the first item that is wrong."""
+    if isinstance(value, str):  # a list typed on the command line: read as jsonargparse reads it
+        try:
+            value = get_loader("yaml")(value)
+        except Exception:  # noqa: BLE001 - not YAML: the type is said
+            return f"expected {_expected(hint)}, got {_shown(value)}"
+    if not isinstance(value, (list, tuple)):
+        return f"expected {_expected(hint)}, got {_shown(value)}"
+    arguments = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and arguments and arguments[-1] is not Ellipsis:
+        if len(value) != len(arguments):
+            return f"expected {_expected(hint)}, got {_shown(value)}"
+        typed = list(zip(arguments, value))
+    else:
+        typed = [(arguments[0] if arguments else Any, item) for item in value]
+    return next((problem for item_hint, item in typed if item_hint is not Any
+                 for problem in [_value_problem(item_hint, item)] if problem), None)
 
 
 def _is_scalar(hint: Any) -> bool:
@@ -99,21 +127,29 @@ def _expected(hint: Any) -> str:
     if rules:
         return (f"{'an integer' if rules[0] is int else 'a number'} "
                 f"{' and '.join(f'{comparison} {bound}' for comparison, bound in rules[1])}")
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             Any: "any value"}
     if hint in words:
         return words[hint]
+    if inspect.isclass(hint) and issubclass(hint, os.PathLike):
+        return "a path"
     return f"a {hint.__name__} class path (with its init_args)" if inspect.isclass(hint) else str(hint)
 
 
 def _shown(value: Any) -> str:
-    """A given value as the user wrote it: the text of a command line, a config's value as YAML flow says it."""
+    """A given value as the user wrote it: the text of a command line; a config's value in JSON (YAML's flow form)."""
     nested = nested_option(value)
     if nested:
         return f"{nested[0]}={nested[1]}"
-    if isinstance(value, str):
-        return repr(value)
+    return repr(value) if isinstance(value, str) else json.dumps(_plain(value), default=str)
+
+
+def _plain(value: Any) -> Any:
+    """A config's value with jsonargparse's Namespaces as mappings, at any depth."""
     mapping = _mapping(value)
-    return json.dumps(mapping if mapping is not None else value, default=str)
+    if mapping is not None:
+        return {k: _plain(v) for k, v in mapping.items() if not str(k).startswith("__")}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _class_option(refusal: Refusal) -> str | None:
@@ -123,10 +159,7 @@ def _class_option(refusal: Refusal) -> str | None:
     key = refusal.key
     members = typing.get_args(refusal.hint) if _is_union(refusal.hint) else (refusal.hint,)
     names = [name for member in members if typing.get_origin(member) is Literal for name in typing.get_args(member)]
-    bases = [m for m in members if _is_class(m)]
-    bases += [typing.get_args(m)[-1] for m in members if typing.get_origin(m) is collections.abc.Callable]
-    bases += [typing.get_args(m)[0] for m in members if typing.get_origin(m) in _LISTS and typing.get_args(m)]
-    bases = [b for b in bases if _is_class(b)]
+    bases = _class_bases(refusal.hint)
     if not bases:
         return None
     base = bases[0]
@@ -158,17 +191,25 @@ def _class_option(refusal: Refusal) -> str | None:
     if isinstance(value, str):
         if value in names or _class(base, value):
             return None
-        if "." in value:  # a dotted path that names no class: shown whole, with why
-            return f"{key}: '{value}' names no class ({_import_problem(value)}); give {named}{classes}"
-        if not names:
-            return None
-        return (f"{key}: {value} is not one of {', '.join(map(repr, names))} (or a {base.__name__} class "
-                f"with its options{classes})")
+        if "." in value or not names:  # a dotted path that names no class of this option: shown whole, with why
+            return _no_class(key, base, value, f"{named}{classes}")
+        return (f"{key}: {value or repr(value)} is not one of {', '.join(map(repr, names))} (or a {base.__name__} "
+                f"class with its options{classes})")
     for item in value if isinstance(value, list) else [value]:
         problem = _given_class(key, base, item, None if isinstance(value, list) else previous, f"{named}{classes}")
         if problem:
             return problem
     return None
+
+
+def _class_bases(hint: Any) -> list[type]:
+    """The classes a `class_path` of an option of this type may name a subclass of (a list's items', a callable's
+    return type's)."""
+    members = typing.get_args(hint) if _is_union(hint) else (hint,)
+    bases = [m for m in members if _is_class(m)]
+    bases += [typing.get_args(m)[-1] for m in members if typing.get_origin(m) is collections.abc.Callable]
+    bases += [typing.get_args(m)[0] for m in members if typing.get_origin(m) in _LISTS and typing.get_args(m)]
+    return [b for b in bases if _is_class(b)]
 
 
 def _given_class(key: str, base: type, item: Any, previous: Any, named: str) -> str | None:
@@ -188,20 +229,30 @@ def _given_class(key: str, base: type, item: Any, previous: Any, named: str) -> 
                 f"file replaces the name beside it); give the class with its options: `{field}: {{class_path: CLASS, "
                 f"init_args: {{{option}: VALUE}}}}` (classes that take {option}: {', '.join(_taking(base, option)) or 'none'})")
     if found is None:
-        return f"{key}: '{path}' names no class ({_import_problem(str(path))}); give {named}" if path else None
+        return _no_class(key, base, path, named) if path is not None else None
     for option, value in options.items():
         problem = _init_arg_problem(key, found, option, value)
         if problem:
             return problem
+    signature = inspect.signature(found).parameters.values()
+    missing = [p.name for p in signature if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name not in options]
+    if path is not None and missing:  # a class given whole (`--trainer.logger+=CSVLogger`) lacks an option it needs
+        return f"{key}: {found.__name__}: {', '.join(missing)} must be given ({key}.init_args.{missing[0]})"
     return None
 
 
 def _init_arg_problem(key: str, found: type, option: str, value: Any, refused: bool = False) -> str | None:
     """What is wrong with `option` of the class `found` given `value`: not one of its options, or out of its type
     (`refused`: jsonargparse refused this one value, so its type is said even where no check here finds why)."""
-    parameters = inspect.signature(found).parameters
+    signature = inspect.signature(found).parameters
+    parameters = [p.name for p in signature.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    others = any(p.kind == p.VAR_KEYWORD for p in signature.values())
+    if option not in parameters and others and not refused:  # jsonargparse may have taken it for the **kwargs
+        return None
     if option not in parameters:
-        return f"{key}: {found.__name__}: Option '{option}' is not accepted (its options: {', '.join(parameters)})"
+        return (f"{key}: {found.__name__}: Option '{option}' is not accepted (its options: {', '.join(parameters)}"
+                f"{f'; others through --{key}.dict_kwargs.{option}' if others else ''})")
     try:
         hint = typing.get_type_hints(found.__init__).get(option)
     except (NameError, TypeError):  # an annotation that does not resolve here: the option's type is said instead
@@ -217,8 +268,7 @@ _LISTS = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
 
 def _is_class(hint: Any) -> bool:
     """Whether a type is a class a `class_path` names (not a number, a string or a range type of them)."""
-    return inspect.isclass(hint) and not issubclass(hint, (bool, int, float, str, type(None))) and \
-        typing.get_origin(hint) is None
+    return inspect.isclass(hint) and not issubclass(hint, (bool, int, float, str, type(None)))
 
 
 def _mapping(value: Any) -> dict[str, Any] | None:
@@ -246,14 +296,16 @@ def _class(base: type, given: Any) -> type | None:
     return found if inspect.isclass(found) and issubclass(found, base) else None
 
 
-def _import_problem(path: str) -> str:
-    """Why a dotted path names no class: the import's own complaint."""
-    module, _, name = path.rpartition(".")
+def _no_class(key: str, base: type, path: Any, named: str) -> str:
+    """`key: 'X' names no class (why); give ...` for a class path that names none of this option's classes."""
+    module, _, name = str(path).rpartition(".")
     try:
-        getattr(importlib.import_module(module), name)
+        found = getattr(importlib.import_module(module), name) if module else None
     except (ImportError, AttributeError, ValueError, TypeError) as error:
-        return str(error)
-    return "not a class of this option"
+        return f"{key}: '{path}' names no class ({error}); give {named}"
+    if found is not None:
+        return f"{key}: '{path}' is not a {base.__name__} class; give {named}"
+    return f"{key}: '{path}' names no class; give {named}"
 
 
 def _subclasses(base: type) -> list[type]:
@@ -270,7 +322,7 @@ def _taking(base: type, option: str) -> list[str]:
 def _known(key: str, names: set[str]) -> bool:
     """Whether a dotted key is an option, or below an option that is no group of others (the options of a class:
     `model.distillation.init_args.beta`; not `model.lrr` below `model`, which loads the model's options from a file)."""
-    if key in names or "__" in key:
+    if key in names or key.rpartition(".")[2].startswith("__"):  # jsonargparse's own keys: __path__
         return True
     parts = key.split(".")
     prefixes = (".".join(parts[:end]) for end in range(1, len(parts)))
