@@ -227,8 +227,10 @@ def test_a_value_no_type_of_the_option_takes_is_one_line_naming_what_it_accepts(
     ("trainer: [1, 2]", "trainer: expected the Trainer's options as a mapping (trainer: {max_epochs: 10}), got [1, 2]"),
     ("model: {student: {class_path: students.Student, init_args: {depth: null, num_head: 4}}}",
      "model.student: Student: Option 'num_head' is not accepted"),
+    ("model: {teacher: {class_path: teachers.Teacher, init_args: {model_name: resnet10t, weightz: 1}}}",
+     "model.teacher: Teacher: Option 'weightz' is not accepted"),
 ], ids=["a_class_option_of_a_later_file", "a_list_for_a_number", "a_mapping_for_a_number", "an_ensemble_members_option",
-        "a_list_for_the_trainer", "a_null_beside_an_unknown_option"])
+        "a_list_for_the_trainer", "a_null_beside_an_unknown_option", "one_teacher_where_a_list_may_be"])
 def test_a_mistake_in_a_later_config_file_is_named_against_the_class_the_earlier_one_chose(tmp_path, capsys, overlay,
                                                                                             expected):
     extra = tmp_path / "extra.yaml"

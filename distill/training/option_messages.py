@@ -61,8 +61,8 @@ def _value_problem(hint: Any, value: Any) -> str | None:
     nullable = type(None) in typing.get_args(hint) or hint is type(None)
     if value is None:
         return None if nullable or hint is None else f"expected {_expected(hint)}, got null"
-    sequences = [m for m in members or [hint] if typing.get_origin(m) in _LISTS]
-    if sequences:
+    sequences = [m for m in members or [hint] if typing.get_origin(m) in _LISTS and not _class_bases(m)]
+    if sequences:  # a list of numbers or of pairs (a list of classes is _class_option's)
         return _items_problem(sequences[0], value)
     if not isinstance(value, (str, int, float)) and all(_is_scalar(m) for m in members or [hint]):
         return f"expected {_expected(hint)}, got {_shown(value)}"  # a list or a mapping where one value is taken
