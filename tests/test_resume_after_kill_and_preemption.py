@@ -280,7 +280,8 @@ def test_an_option_that_does_not_exist_is_named_with_a_close_match(tmp_path, cap
             "yaml, a dotted key": ["--config", str(extra)],
             "command line": ["--model.lrr=0.1"], "command line, its value apart": ["--model.lrr", "0.1"]}[where]
     line = run_cli_error([*distill_args(tmp_path), "--trainer.logger.init_args.name=x", *args], capsys)
-    shown = "'model.lrr'" if where.startswith("yaml") else "--model.lrr=0.1" if "apart" not in where else "--model.lrr 0.1"
+    shown = ("'model.lrr'" if where.startswith("yaml") else "--model.lrr 0.1" if "apart" in where
+             else "--model.lrr=0.1")
     assert f"unknown option {shown}; did you mean 'model.lr'?" in line, line
     assert (str(extra) in line) == where.startswith("yaml")
     assert nothing_written(tmp_path)

@@ -160,4 +160,5 @@ def refusals(error: BaseException | None) -> list[Refusal]:
 
 def nested_option(value: Any) -> tuple[str, Any] | None:
     """(option, value) of jsonargparse's `--key.option value` given to a class option (its `NestedArg`), else None."""
-    return (value.key, value.val) if isinstance(value, tuple) and getattr(value, "_fields", ()) == ("key", "val") else None
+    nested = isinstance(value, tuple) and getattr(value, "_fields", ()) == ("key", "val")
+    return (value.key, value.val) if nested else None

@@ -44,7 +44,8 @@ def describe(chain: list[Refusal]) -> str | None:
         return None
     outer, inner = chain[0], chain[-1]
     if len(chain) > 1:  # a class's own option, refused by the class's parser: model.student.init_args.depth
-        problem = _value_problem(inner.hint, inner.value) or f"expected {_expected(inner.hint)}, got {_shown(inner.value)}"
+        problem = _value_problem(inner.hint, inner.value)
+        problem = problem or f"expected {_expected(inner.hint)}, got {_shown(inner.value)}"
         return f"{'.init_args.'.join(refusal.key for refusal in chain)}: {problem}"
     nested = nested_option(outer.value)
     if nested and not _class_bases(outer.hint):  # `--model.tau.x 3`: no class, no options
@@ -224,10 +225,10 @@ def _given_class(key: str, base: type, item: Any, previous: Any, named: str) -> 
     found = _class(base, path if path is not None else previous)
     if path is None and found is None and options:  # `distillation.beta: 3` beside `distillation: DKD` in a file
         option = next(iter(options))
-        field = key.rpartition(".")[2]
+        field, taking = key.rpartition(".")[2], ", ".join(_taking(base, option)) or "none"
         return (f"{key}: an option ('{option}') without a class to take it (a dotted key `{field}.{option}` in a "
                 f"file replaces the name beside it); give the class with its options: `{field}: {{class_path: CLASS, "
-                f"init_args: {{{option}: VALUE}}}}` (classes that take {option}: {', '.join(_taking(base, option)) or 'none'})")
+                f"init_args: {{{option}: VALUE}}}}` (classes that take {option}: {taking})")
     if found is None:
         return _no_class(key, base, path, named) if path is not None else None
     for option, value in options.items():
