@@ -168,8 +168,14 @@ def test_a_save_after_the_last_step_from_an_earlier_version_still_gives_the_run_
     monkeypatch.setattr(BestAndLastCheckpoint, "_epoch_trained_not_closed", staticmethod(lambda trainer: False))
     killer = ["--trainer.callbacks+=tests.signals.SignalAtStep", "--trainer.callbacks.step=12",
               "--trainer.callbacks.signal_name=SIGINT"]
-    with pytest.raises(SystemExit):
-        run_here(fit_command(tmp_path, teacher, *killer))
+    # in this process: Ctrl+C raises KeyboardInterrupt here too when pytest runs as a shell's background job
+    # (which starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit):
+            run_here(fit_command(tmp_path, teacher, *killer))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 12
     run_here(fit_command(tmp_path, teacher, "--ckpt_path=last", f"--metrics_json={tmp_path / 'metrics.json'}"))
     result = json.loads((tmp_path / "metrics.json").read_text())
