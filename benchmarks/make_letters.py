@@ -50,6 +50,8 @@ def make_letters(out: Path, train: int = 40, val: int = 15, size: int = 40, seed
     rng = np.random.default_rng(seed)
     fonts = [FONT_DIR / f"{name}.ttf" for name in FONTS if (FONT_DIR / f"{name}.ttf").is_file()]
     for split, count in (("train", train), ("val", val)):
+        if count == 0:  # --train 0: a held-out folder, val/ alone
+            continue
         for letter in string.ascii_uppercase:
             folder = out / split / letter
             folder.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def make_letters(out: Path, train: int = 40, val: int = 15, size: int = 40, seed
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (train/ and val/ inside)")
-    parser.add_argument("--train", type=int, default=40, help="training images per letter")
+    parser.add_argument("--train", type=int, default=40, help="training images per letter; 0 writes val/ alone (a held-out test set: --train 0 --val 100 --seed 1, a seed the training folder did not use)")
     parser.add_argument("--val", type=int, default=15, help="validation images per letter")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,6 +74,8 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: --out '{out}' exists; choose another folder")
+    if args.train < 0 or min(args.val, args.size) < 1:
+        raise SystemExit("error: --val and --size must be 1 or more, --train 0 or more")
     make_letters(out, args.train, args.val, args.size, args.seed, args.plain)
     print(f"wrote {26 * (args.train + args.val)} images to {out}")
 

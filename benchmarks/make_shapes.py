@@ -108,6 +108,8 @@ def render(shape: str, fill: str, size: int, rng: np.random.Generator) -> Image.
 def make_shapes(out: Path, train: int = 40, val: int = 15, size: int = 40, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("val", val)):
+        if count == 0:  # --train 0: a held-out folder, val/ alone
+            continue
         for name in CLASSES:
             shape, fill = name.split("_")
             folder = out / split / name
@@ -120,7 +122,7 @@ def make_shapes(out: Path, train: int = 40, val: int = 15, size: int = 40, seed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (train/ and val/ inside)")
-    parser.add_argument("--train", type=int, default=40, help="training images per class")
+    parser.add_argument("--train", type=int, default=40, help="training images per class; 0 writes val/ alone (a held-out test set: --train 0 --val 100 --seed 1, a seed the training folder did not use)")
     parser.add_argument("--val", type=int, default=15, help="validation images per class")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -128,8 +130,8 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: --out '{out}' exists; choose another folder")
-    if min(args.train, args.val, args.size) < 1:
-        raise SystemExit("error: --train, --val and --size must be 1 or more")
+    if args.train < 0 or min(args.val, args.size) < 1:
+        raise SystemExit("error: --val and --size must be 1 or more, --train 0 or more")
     make_shapes(out, args.train, args.val, args.size, args.seed)
     print(f"wrote {len(CLASSES) * (args.train + args.val)} images of {len(CLASSES)} classes to {out}")
 

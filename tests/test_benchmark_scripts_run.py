@@ -85,6 +85,13 @@ def test_each_dataset_generator_writes_an_image_folder_the_data_module_reads_and
     assert data.num_classes == classes and len(data.train_set) == 2 * classes and len(data.val_set) == classes
     again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode != 0 and "exists" in again.stderr
+    held_out = tmp_path / "held_out"  # --train 0: val/ alone, which validate and test read and fit refuses
+    command = [sys.executable, f"benchmarks/{script}", f"--out={held_out}", "--train=0", "--val=1", "--seed=1"]
+    run = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0 and sorted(p.name for p in held_out.iterdir()) == ["val"], run.stderr[-3000:]
+    data = ImageDataModule(str(held_out), img_size=32, num_workers=0, auto_augment=None, mixup=0.0, cutmix=0.0)
+    data.setup("validate")
+    assert data.num_classes == classes and len(data.val_set) == classes
 
 
 def test_teacher_share_prints_the_teachers_share_of_a_step_and_what_a_cache_of_it_would_hold(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from distill.cli import cli_main
 from distill.commands.compare import format_table, plan_runs, summarize_runs
@@ -330,3 +331,18 @@ def test_each_run_gets_the_cores_divided_and_never_more_threads_than_omp_num_thr
     assert _parallelism("2", 10) == (2, 1, 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "16")
     assert _parallelism("2", 10) == (2, 4, 0)  # never more than the cores divided
+
+
+@pytest.mark.parametrize("arm", sorted((ROOT / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_method_file_is_an_arm_of_compare_and_a_fit_overlay_of_the_recipe(arm, tmp_path):
+    from distill.training.methods.base import LogitMethod
+
+    recipe = str(ROOT / "configs" / "distill.yaml")
+    soft, own = plan_runs(recipe, ["soft", str(arm)], [0], tmp_path / "c", [])
+    assert own["type"] == arm.stem and own["needs_teacher"]  # the arm is named by its file, beside the recipe's soft
+    base = config_overrides(ROOT / "configs" / "distill.yaml", tmp_path)
+    cli = make_cli([*base[:2], "--config", str(arm), *base[2:]], run=False)  # as its comment says a user types it
+    chosen = yaml.safe_load(arm.read_text())["model"]["distillation"]
+    method = cli.model.loss.method
+    assert isinstance(method, LogitMethod) and type(method).__name__ == chosen["class_path"].rsplit(".", 1)[-1]
+    assert all(getattr(method, key) == value for key, value in chosen["init_args"].items())

@@ -127,7 +127,7 @@ def test_the_training_sampler_splits_each_epoch_across_ranks_without_overlap():
 
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: ImageDataModule(str(tmp / "missing")), "missing' does not exist"),
-    (lambda tmp: ImageDataModule(str(tmp)), "has no train/ folder"),
+    (lambda tmp: ImageDataModule(str(tmp)), "has no val/ folder"),
     (lambda tmp: ImageDataModule("digits", batch_size=7), "batch_size must be even"),
 ])
 def test_bad_data_options_are_clear_errors(tmp_path, make, message):

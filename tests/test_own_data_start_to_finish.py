@@ -91,3 +91,28 @@ def test_the_verdict_says_whether_a_stage_learned_and_what_to_change(acc, teache
     stage = {"name": "s"} if teacher is None else {"name": "s", "teacher_from": "t"}
     (line,) = verdict([{"stage": "s", "metrics": metrics, "epochs": 3}], [stage], classes=5)
     assert expected in line
+
+
+def test_a_held_out_folder_with_val_alone_is_measured_by_validate_and_refused_by_fit_and_for_other_classes(
+        tmp_path, capsys):
+    from tests.helpers import distill_args, run_cli_error
+
+    classes = ("daisy", "rose", "tulip", "iris", "lily")
+    data = own_images(tmp_path / "flowers", classes, seed=1)
+    held_out = own_images(tmp_path / "held_out", classes, seed=3)
+    for image in (held_out / "train").rglob("*.jpg"):  # a test set: the images a run never trained or chose on
+        image.unlink()
+    for folder in sorted((held_out / "train").iterdir()):
+        folder.rmdir()
+    (held_out / "train").rmdir()
+    args = [a for a in distill_args(tmp_path, teacher_classes=5) if a != "--trainer.limit_val_batches=1"]
+    cli_main([*args, f"--data.dataset={data}"])
+    checkpoint = f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"
+    capsys.readouterr()
+    cli_main(["validate", *args[1:], f"--data.dataset={held_out}", checkpoint, "--trainer.logger=false"])
+    assert "val/acc " in capsys.readouterr().out  # measured on val/ of a folder that has no train/
+    line = run_cli_error([*args, f"--data.dataset={held_out}", "--checkpoint.dirpath", str(tmp_path / "other")], capsys)
+    assert f"'{held_out}' has no train/ folder; training needs train/ and val/" in line
+    (held_out / "val" / "rose").rename(held_out / "val" / "poppy")  # as many classes, one of them another
+    line = run_cli_error(["validate", *args[1:], f"--data.dataset={held_out}", checkpoint], capsys)
+    assert "the checkpoint was trained on other classes than data.dataset's (class 3: 'rose' in the checkpoint" in line

@@ -72,11 +72,11 @@ class FolderSource:
             raise UserError(f"data.dataset: '{root}' is a file, not a folder; {ACCEPTED}")
         if not root.is_dir():
             raise UserError(f"data.dataset: folder '{root}' does not exist; {ACCEPTED}")
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UserError(f"data.dataset: '{root}' has no {split}/ folder; {ACCEPTED}")
-        train_classes, _ = classes_of(root / "train")
+        if not (root / "val").is_dir():
+            raise UserError(f"data.dataset: '{root}' has no val/ folder; {ACCEPTED}")
         val_classes, _ = classes_of(root / "val")
+        # val/ alone is a held-out set: validate and test read it; fit asks for train/ (`split`)
+        train_classes = classes_of(root / "train")[0] if (root / "train").is_dir() else val_classes
         if train_classes != val_classes:
             only = sorted(set(train_classes) ^ set(val_classes))[:5]
             raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
@@ -85,6 +85,9 @@ class FolderSource:
 
     def split(self, name: Split, transform: Any) -> Dataset:
         folder = self.root / name
+        if not folder.is_dir():  # a held-out folder (val/ alone) given to fit
+            raise UserError(f"data.dataset: '{self.root}' has no {name}/ folder; training needs train/ and val/ "
+                            "class folders (validate and test read val/ alone)")
         try:
             return CheckedImageFolder(str(folder), transform=transform, bad_images=self.bad_images)
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."

@@ -71,9 +71,10 @@ class ImageDataModule(pl.LightningDataModule):
     """Images and labels for the student and teacher, with the DeiT augmentation recipe.
 
     Args:
-        dataset: `digits` (bundled), a folder with `train/` and `val/` class folders, or a Hugging
-            Face `datasets` dataset on disk (a `save_to_disk` folder, or parquet files named after
-            their splits: train and validation or val; needs the extra `.[hf]`).
+        dataset: `digits` (bundled), a folder with `train/` and `val/` class folders (`val/` alone
+            for validate and test: a held-out set), or a Hugging Face `datasets` dataset on disk (a
+            `save_to_disk` folder, or parquet files named after their splits: train and validation or
+            val; needs the extra `.[hf]`).
         img_size: training and evaluation resolution (linked to the student by the CLI).
         batch_size: images per process and step.
         num_workers: data-loading processes per training process.
