@@ -109,8 +109,10 @@ def test_a_held_out_folder_with_val_alone_is_measured_by_validate_and_refused_by
     cli_main([*args, f"--data.dataset={data}"])
     checkpoint = f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"
     capsys.readouterr()
+    before = files_under(tmp_path / "ckpt")
     cli_main(["validate", *args[1:], f"--data.dataset={held_out}", checkpoint, "--trainer.logger=false"])
     assert "val/acc " in capsys.readouterr().out  # measured on val/ of a folder that has no train/
+    assert files_under(tmp_path / "ckpt") == before  # nothing written into the run's folder (no config.yaml)
     line = run_cli_error([*args, f"--data.dataset={held_out}", "--checkpoint.dirpath", str(tmp_path / "other")], capsys)
     assert f"'{held_out}' has no train/ folder; training needs train/ and val/" in line
     (held_out / "val" / "rose").rename(held_out / "val" / "poppy")  # as many classes, one of them another

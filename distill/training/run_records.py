@@ -37,6 +37,9 @@ class SaveConfigBesideRun(SaveConfigCallback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         checkpoint = trainer.checkpoint_callback
+        if not trainer.loggers and stage != "fit":  # validate / test / predict of a run: its folder is not theirs
+            self.already_saved = True
+            return
         if trainer.loggers or self.already_saved or checkpoint is None:
             super().setup(trainer, pl_module, stage)
             return
