@@ -346,3 +346,42 @@ def test_every_shipped_method_file_is_an_arm_of_compare_and_a_fit_overlay_of_the
     method = cli.model.loss.method
     assert isinstance(method, LogitMethod) and type(method).__name__ == chosen["class_path"].rsplit(".", 1)[-1]
     assert all(getattr(method, key) == value for key, value in chosen["init_args"].items())
+
+
+def test_compare_test_measures_each_final_checkpoint_and_its_teacher_on_a_held_out_folder_once(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    held_out = tmp_path / "held_out"  # digits the runs never saw as files: val/<class>/ alone
+    for label in range(10):
+        (held_out / "val" / str(label)).mkdir(parents=True)
+        for i in [int(i) for i in (digits.target == label).nonzero()[0][-2:]]:
+            Image.fromarray((digits.images[i] * 15).astype("uint8")).save(held_out / "val" / str(label) / f"{i}.png")
+    out = tmp_path / "compare"
+    command = tiny_compare(tmp_path, out, "--types", "none,soft", "--seeds", "1", "--jobs", "1",
+                           "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--test", str(held_out))[3:]
+    cli_main(command)
+    printed = capsys.readouterr().out
+    assert "[compare] none seed 0: held-out top-1" in printed and "[compare] soft seed 0: held-out top-1" in printed
+    header, _, soft, teacher = [line.split("  ") for line in (out / "compare.md").read_text().split("```")[1].strip()
+                                .splitlines()[:4]]
+    record = json.loads((out / "soft" / "seed_0" / "held_out.json").read_text())
+    held = record["metrics"]
+    assert "held-out top-1" in [cell.strip() for cell in header if cell.strip()]
+    assert f"{100 * held['val/acc']:.2f}" in [cell.strip() for cell in soft]  # the run's final checkpoint
+    assert f"{100 * held['val/teacher_acc']:.2f}" in [cell.strip() for cell in teacher]  # its teacher, same images
+    assert "held-out: each run's final checkpoint and its teacher(s) on" in (out / "compare.md").read_text()
+
+    cli_main(command)  # again: nothing trained, nothing measured again
+    assert "held-out top-1 " not in capsys.readouterr().out.split("distillation ")[0]
+    image = next((held_out / "val" / "3").iterdir())
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # the images changed
+    cli_main(command)
+    assert "[compare] soft seed 0: held-out top-1" in capsys.readouterr().out  # measured again
+    assert json.loads((out / "soft" / "seed_0" / "held_out.json").read_text())["made_from"] != record["made_from"]
+
+    (held_out / "val" / "3").rename(held_out / "val" / "x")  # as many classes, one of them another
+    line = run_cli_error(command, capsys)
+    assert "compare --test: measuring none seed 0 on" in line and "trained on other classes than data.dataset's" in line

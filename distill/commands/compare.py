@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from typing import Any, Optional
 import torch
 
 from distill.commands.arms import arm_of, is_method_option, method_of
+from distill.commands.compare_table import format_table, summarize_runs
+from distill.commands.held_out import check_held_out, measure_held_out
 from distill.commands.speed_figure import draw, measure_comparison, speed_table
 from distill.common.argv import given, pairs
 from distill.common.commandline import command
@@ -43,7 +44,6 @@ from distill.common.checkpoints import check_teacher_weights, recorded_run_optio
 from distill.common.names import same_folder
 from distill.common.identity import as_recorded_now, finished, options_change, read_record, trained_something
 from distill.common.ranges import NonNegativeInt, PositiveInt
-from distill.common.tables import format_rows
 from distill.training.cli import fit_options
 from distill.training.methods import method_names, needs_teacher
 
@@ -209,78 +209,6 @@ def run_all(runs: list[dict[str, Any]], jobs: int, threads: int, gpus: int, chil
     return [{**run, "result": finished(run["folder"] / "result.json")} for run in runs]
 
 
-def summarize_runs(runs: list[dict[str, Any]], types: list[str]) -> dict[str, Any]:
-    """Per type: final and best top-1 over the seeds (mean, std), wall time; the teacher; gaps and gains."""
-    rows: dict[str, dict[str, Any]] = {}
-    teacher: list[float] = []
-    members: dict[int, list[float]] = {}
-    for kind in types:
-        results = [run["result"] for run in runs if run["type"] == kind and run.get("result")]
-        def final(name: str) -> list[float]:
-            return [r["final_metrics"][name] for r in results if name in r.get("final_metrics", {})]
-
-        best = [r["metrics"]["val/acc"] for r in results if "val/acc" in r.get("metrics", {})]
-        teacher += [r["metrics"]["val/teacher_acc"] for r in results if "val/teacher_acc" in r.get("metrics", {})]
-        for r in results:  # an ensemble's members (val/teacher_acc_<i>)
-            for name, value in r.get("metrics", {}).items():
-                if name.startswith("val/teacher_acc_"):
-                    members.setdefault(int(name.rsplit("_", 1)[1]), []).append(value)
-        # DeiT's Table 3: the class head alone, the distillation head alone, and their average (val/acc)
-        rows[kind] = {"runs": len(results), "final": _stats(final("val/acc")), "best": _stats(best),
-                      "final_cls": _stats(final("val/acc_cls")), "final_dist": _stats(final("val/acc_dist")),
-                      "wall_s": statistics.fmean([r["wall_time_s"] for r in results]) if results else None,
-                      "seeds": [run["seed"] for run in runs if run["type"] == kind and run.get("result")]}
-    teacher_acc = statistics.fmean(teacher) if teacher else None
-    baseline = _baseline(runs, types)
-    none = rows.get(baseline, {}).get("final", {}).get("mean")
-    for row in rows.values():
-        mean = row["final"]["mean"]
-        row["gap_to_teacher"] = teacher_acc - mean if teacher_acc is not None and mean is not None else None
-        row["gain_over_none"] = mean - none if none is not None and mean is not None else None
-    return {"teacher_acc": teacher_acc, "types": rows, "baseline": baseline,
-            "teacher_members": [statistics.fmean(members[i]) for i in sorted(members)]}
-
-
-def _baseline(runs: list[dict[str, Any]], types: list[str]) -> str:
-    """The arm the gains are measured from: `none`, else the first arm that runs no teacher (a file's: the student
-    alone at its own augmentation), else `none` (absent: no gain column)."""
-    alone = [kind for kind in types if any(run["type"] == kind and not run.get("needs_teacher", True) for run in runs)]
-    return "none" if "none" in types or not alone else alone[0]
-
-
-def _stats(values: list[float]) -> dict[str, Optional[float]]:
-    if not values:
-        return {"mean": None, "std": None, "values": []}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The comparison as a text table (top-1 in %, mean +- std over seeds, the value alone for one seed; the averaged
-    head's, then each head's alone at the final epoch: equal for a student with one head)."""
-    def pm(stats: dict[str, Any]) -> str:
-        if stats["mean"] is None:
-            return "-"
-        spread = f" +- {100 * stats['std']:.2f}" if len(stats["values"]) > 1 else ""  # one seed has no spread
-        return f"{100 * stats['mean']:.2f}{spread}"
-
-    def signed(value: Optional[float]) -> str:
-        return "-" if value is None else f"{round(100 * value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
-
-    header = ("distillation", "seeds", "final top-1", "best-epoch top-1", "class head", "dist. head", "gap to teacher",
-              f"gain over {summary.get('baseline', 'none')}", "wall s/run")
-    rows = [(kind, str(row["runs"]), pm(row["final"]), pm(row["best"]), pm(row["final_cls"]), pm(row["final_dist"]),
-             signed(row["gap_to_teacher"]), signed(row["gain_over_none"]),
-             "-" if row["wall_s"] is None else f"{row['wall_s']:.0f}")
-            for kind, row in summary["types"].items()]
-    teacher = summary["teacher_acc"]
-    members = summary.get("teacher_members") or []
-    rows.append(("teacher" + (f" (ensemble of {len(members)})" if members else ""), "-",
-                 "-" if teacher is None else f"{100 * teacher:.2f}", *["-"] * 6))
-    rows += [(f"  teacher {i}", "-", f"{100 * acc:.2f}", *["-"] * 6) for i, acc in enumerate(members)]
-    return format_rows(header, rows)
-
-
 def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -308,7 +236,7 @@ def _parallelism(jobs: str, count: int) -> tuple[int, int, int]:
 
 def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeInt = 0, types: str = "none,soft,hard",
             jobs: str = "auto", out: str = "runs/compare", overwrite: bool = False, plot: bool = False,
-            extra: Optional[list[str]] = None) -> None:
+            test: Optional[str] = None, extra: Optional[list[str]] = None) -> None:
     """Train the config's student under each distillation type for several seeds, and print the table.
 
     Args:
@@ -329,12 +257,16 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         plot: also measure the inference throughput of the student and the teacher(s) (ONNX Runtime on this
             machine's CPU, batch 1 and 64, side by side, one thread) and draw OUT/accuracy_vs_speed.png: top-1
             against images/s, DeiT's Figure 1 (docs/recipes.md)
+        test: a held-out folder (val/<class>/*: images no run trained on nor chose its best epoch on): each run's
+            final checkpoint and its teacher(s) are measured on it, a column of the table (kept in each run's
+            held_out.json, measured again when the checkpoint or the images change)
         extra: options for each run's distill fit (--data.dataset, --trainer.max_epochs)
     """
     extra = list(extra or [])
     command_line = " ".join(["distill compare", *(f"--config {c}" for c in config), f"--seeds {seeds}",
                              *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
-                             f"--jobs {jobs}", f"--out {out}", *(["--plot"] if plot else []), *extra])
+                             f"--jobs {jobs}", f"--out {out}", *(["--plot"] if plot else []),
+                             *([f"--test {test}"] if test else []), *extra])
     names = [t.strip() for t in types.split(",") if t.strip()]
     if not names:
         raise UserError(f"compare --types: none given; give methods ({', '.join(method_names())}) or YAML files")
@@ -351,6 +283,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         raise UserError(f"compare: {method_options[0][0]}: a method's own options go in an arm file, given to --types "
                         f"(e.g. FILE.yaml holding `model: {{distillation: {{class_path: CLASS, init_args: "
                         f"{{{example}: VALUE}}}}}}`; the arm is named by the file)")
+    held_out = check_held_out(test) if test else None
     out = Path(out)
     seeds = list(range(first_seed, first_seed + seeds))
     runs = plan_runs(config, names, seeds, out, extra)
@@ -368,7 +301,11 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             check_table_replaceable(out, made_from, overwrite)
             started = time.monotonic()
             runs = run_all(runs, jobs, threads, gpus, children)
+            if held_out is not None:
+                measure_held_out(runs, held_out, threads * jobs)
             summary = summarize_runs(runs, types)
+            held = summary.get("held_out")
+            held_note = f"; held-out: each run's final checkpoint and its teacher(s) on {held_out}" if held else ""
             table = format_table(summary)
             wall = time.monotonic() - started
             speed = measure_comparison(runs, threads=1) if plot else None
@@ -379,16 +316,17 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
                 draw(summary, speed, out / "accuracy_vs_speed.png", title)
             record = {"config": config if len(config) > 1 else config[0], "extra": extra, "made_from": made_from,
                       "seeds": seeds, "jobs": jobs, "threads": threads, "wall_time_s": round(wall, 1), "summary": summary,
-                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"]} for r in runs],
+                      "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"],
+                                **({"held_out": r["held_out"]} if r.get("held_out") else {})} for r in runs],
                       "speed": speed}
             with write_atomically(out / "compare.json") as partial:
                 partial.write_text(json.dumps(record, indent=2))
             with write_atomically(out / "compare.md") as partial:
                 partial.write_text(f"`{command_line}`\n\n```\n{table}\n```\n\n(validation top-1 in %, mean +- standard "
-                                   f"deviation over {len(seeds)} seed(s); this call's wall time {wall:.0f} s)\n")
+                                   f"deviation over {len(seeds)} seed(s){held_note}; this call's wall time {wall:.0f} s)\n")
     print(table)
-    print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}; written to {out / 'compare.md'}"
-          f"{'' if not speed else ', the figure to ' + str(out / 'accuracy_vs_speed.png')})")
+    print(f"(validation top-1 in %, mean +- std over seeds {seeds[0]}..{seeds[-1]}{held_note}; written to "
+          f"{out / 'compare.md'}{'' if not speed else ', the figure to ' + str(out / 'accuracy_vs_speed.png')})")
 
 
 compare.__doc__ = compare.__doc__.replace("{methods}", ", ".join(method_names()))  # --help lists the table

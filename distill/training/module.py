@@ -336,10 +336,12 @@ class DistillationModule(TeacherTargets, pl.LightningModule):
                              "resume with the config it was trained with, or use model.init_from to start from its weights")
         theirs, ours = checkpoint.get("hyper_parameters", {}).get("class_names"), self.hparams.get("class_names")
         if theirs and ours and list(theirs) != list(ours):  # same count, other names or order: wrong answers, silently
-            differ = [f"{i}: {a!r} in the checkpoint, {b!r} here" for i, (a, b) in enumerate(zip(theirs, ours)) if a != b]
-            raise UserError(f"ckpt_path: the checkpoint was trained on other classes than data.dataset's (class {differ[0]}"
-                            f"{f', and {len(differ) - 1} more' if len(differ) > 1 else ''}); give data.dataset a folder "
-                            "with the checkpoint's class folders")
+            differ = [f"{i}: {a!r} in the checkpoint, {b!r} here"
+                      for i, (a, b) in enumerate(zip(theirs, ours)) if a != b] or [
+                          f"count: {len(theirs)} in the checkpoint, {len(ours)} here"]
+            more = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
+            raise UserError(f"ckpt_path: the checkpoint was trained on other classes than data.dataset's (class "
+                            f"{differ[0]}{more}); give data.dataset a folder with the checkpoint's class folders")
 
     def on_fit_start(self) -> None:
         # training from a teacher cache: only fit reads it (validate and test of such a run need no cache)
