@@ -84,6 +84,7 @@ def plan_runs(config: str | list[str], types: list[str], seeds: list[int], out: 
             if (folder / "checkpoints" / "last.ckpt").is_file():
                 command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
             runs.append({"type": name, "seed": seed, "folder": folder, "command": command, "options": options,
+                         "fit_args": [*given_configs, *extra, f"--seed_everything={seed}", *method_args],  # no outputs
                          "arm": arm, "needs_teacher": needs_teacher(method_of(kind, arm))})
     return runs
 

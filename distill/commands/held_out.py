@@ -57,10 +57,8 @@ def measure_held_out(runs: list[dict[str, Any]], folder: Path, threads: int) -> 
 def _validate(run: dict[str, Any], checkpoint: Path, folder: Path, threads: int) -> dict[str, float]:
     """`distill validate` with the run's own fit options (its configs, data options, method, teacher), in this
     process, on `folder`; its output goes to the run's held_out.log. Later options override earlier ones."""
-    command = run["command"]
-    options = [a for a in command[command.index("fit") + 1:] if not a.startswith("--metrics_json=")]
-    args = ["validate", *options, f"--data.dataset={folder}", f"--ckpt_path={checkpoint}", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    args = ["validate", *run["fit_args"], f"--data.dataset={folder}", f"--ckpt_path={checkpoint}",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     log = run["folder"] / "held_out.log"
     torch.set_num_threads(threads)
     with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
