@@ -354,7 +354,7 @@ def test_compare_test_measures_each_final_checkpoint_and_its_teacher_on_a_held_o
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    held_out = tmp_path / "held_out"  # digits the runs never saw as files: val/<class>/ alone
+    held_out = tmp_path / "held_out"  # val/<class>/ alone (scans of the bundled set: the mechanics, not the figures)
     for label in range(10):
         (held_out / "val" / str(label)).mkdir(parents=True)
         for i in [int(i) for i in (digits.target == label).nonzero()[0][-2:]]:
@@ -382,6 +382,40 @@ def test_compare_test_measures_each_final_checkpoint_and_its_teacher_on_a_held_o
     assert "[compare] soft seed 0: held-out top-1" in capsys.readouterr().out  # measured again
     assert json.loads((out / "soft" / "seed_0" / "held_out.json").read_text())["made_from"] != record["made_from"]
 
-    (held_out / "val" / "3").rename(held_out / "val" / "x")  # as many classes, one of them another
-    line = run_cli_error(command, capsys)
-    assert "compare --test: measuring none seed 0 on" in line and "trained on other classes than data.dataset's" in line
+    (out / "soft" / "seed_0" / "held_out.json").write_text('{"made_from": ' + json.dumps(record["made_from"]) + '}')
+    cli_main(command)  # a record without its figures (damaged) is measured again, not read
+    assert "[compare] soft seed 0: held-out top-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp, data: "", "compare --test: '' is empty; give a folder of held-out images as val/<class>/*"),
+    (lambda tmp, data: str(tmp / "nowhere"), "nowhere' does not exist; give a folder of held-out images"),
+    (lambda tmp, data: str(data / "val" / "rose" / "img_0.jpg"), "img_0.jpg' is a file, not a folder"),
+    (lambda tmp, data: str(data), "is the runs' own data.dataset; give images they were not trained or validated on"),
+    (lambda tmp, data: str(_held_out_copy(data, tmp, rename=("rose", "poppy"))),
+     "holds other class folders than the runs' data (5 against 5; e.g. ['poppy', 'rose'])"),
+    (lambda tmp, data: str(_held_out_copy(data, tmp, empty="iris")), "compare --test: class folder"),
+])
+def test_a_held_out_folder_compare_cannot_measure_is_refused_before_any_run(tmp_path, make, message):
+    from distill.commands.held_out import check_held_out
+    from tests.test_own_data_start_to_finish import own_images
+
+    data = own_images(tmp_path / "flowers", ("daisy", "rose", "tulip", "iris", "lily"), seed=1)
+    (run,) = plan_runs(str(ROOT / "configs" / "distill.yaml"), ["soft"], [0], tmp_path / "c", ["--data.dataset", str(data)])
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_held_out(make(tmp_path, data), run)
+    assert check_held_out(str(_held_out_copy(data, tmp_path / "ok")), run) == tmp_path / "ok" / "held_out"
+    assert not (tmp_path / "c").exists()  # nothing planned was made
+
+
+def _held_out_copy(data: Path, tmp: Path, rename: tuple[str, str] | None = None, empty: str | None = None) -> Path:
+    import shutil
+
+    copy = tmp / "held_out"
+    shutil.copytree(data / "val", copy / "val")
+    if rename:
+        (copy / "val" / rename[0]).rename(copy / "val" / rename[1])
+    if empty:
+        for image in (copy / "val" / empty).iterdir():
+            image.unlink()
+    return copy

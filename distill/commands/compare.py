@@ -267,7 +267,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
     command_line = " ".join(["distill compare", *(f"--config {c}" for c in config), f"--seeds {seeds}",
                              *([f"--first_seed {first_seed}"] if first_seed else []), f"--types {types}",
                              f"--jobs {jobs}", f"--out {out}", *(["--plot"] if plot else []),
-                             *([f"--test {test}"] if test else []), *extra])
+                             *([f"--test {test}"] if test is not None else []), *extra])
     names = [t.strip() for t in types.split(",") if t.strip()]
     if not names:
         raise UserError(f"compare --types: none given; give methods ({', '.join(method_names())}) or YAML files")
@@ -284,10 +284,10 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
         raise UserError(f"compare: {method_options[0][0]}: a method's own options go in an arm file, given to --types "
                         f"(e.g. FILE.yaml holding `model: {{distillation: {{class_path: CLASS, init_args: "
                         f"{{{example}: VALUE}}}}}}`; the arm is named by the file)")
-    held_out = check_held_out(test) if test else None
     out = Path(out)
     seeds = list(range(first_seed, first_seed + seeds))
     runs = plan_runs(config, names, seeds, out, extra)
+    held_out = check_held_out(test, runs[0]) if test is not None else None
     types = list(dict.fromkeys(run["type"] for run in runs))  # the arms' names: a method's, a file's stem
     jobs, threads, gpus = _parallelism(jobs, len(runs))
     # a teacher's missing weights fail each run that builds it: named now, before any run folder is made
@@ -302,11 +302,12 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             check_table_replaceable(out, made_from, overwrite)
             started = time.monotonic()
             runs = run_all(runs, jobs, threads, gpus, children)
-            if held_out is not None:
-                measure_held_out(runs, held_out, threads * jobs)
+            test_set = measure_held_out(runs, held_out, children, threads) if held_out is not None else None
             summary = summarize_runs(runs, types)
-            held = summary.get("held_out")
-            held_note = f"; held-out: each run's final checkpoint and its teacher(s) on {held_out}" if held else ""
+            held = summary.get("held_out") or {}
+            held_note = "" if not held else (f"; held-out: each run's final checkpoint"
+                                             f"{' and its teacher(s)' if held['teacher_acc'] is not None else ''} on "
+                                             f"{held_out}")
             table = format_table(summary)
             wall = time.monotonic() - started
             speed = measure_comparison(runs, threads=1) if plot else None
@@ -319,7 +320,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
                       "seeds": seeds, "jobs": jobs, "threads": threads, "wall_time_s": round(wall, 1), "summary": summary,
                       "runs": [{"type": r["type"], "seed": r["seed"], "result": r["result"],
                                 **({"held_out": r["held_out"]} if r.get("held_out") else {})} for r in runs],
-                      "speed": speed}
+                      "speed": speed, "test": test_set}
             with write_atomically(out / "compare.json") as partial:
                 partial.write_text(json.dumps(record, indent=2))
             with write_atomically(out / "compare.md") as partial:

@@ -19,17 +19,14 @@ when its holder exits, however it exits).
 from __future__ import annotations
 
 import difflib
-import errno
 import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from torch import nn
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
@@ -39,13 +36,14 @@ from distill.common.checkpoints import read_student_checkpoint
 from distill.common.configs import check_config_files, config_with_key
 from distill.common.console import say
 from distill.common.errors import UsageError, UserError
-from distill.common.files import ENVIRONMENT_ERRORS, OutputLock, write_atomically
+from distill.common.files import OutputLock, write_atomically
 from distill.common.identity import options_identity
 from distill.training.datamodule import ImageDataModule
 from distill.training.callbacks import BestAndLastCheckpoint, StallAlarm
 from distill.training.module import DistillationModule
 from distill.training.methods import needs_teacher
 from distill.training.option_messages import describe, one_line, unknown_key, unknown_token
+from distill.training.run_checks import check_batch_norm_batch, check_monitor, check_trainer_options, check_writable
 from distill.training.run_records import (
     nothing_to_resume,
     refuse_earlier_run,
@@ -145,14 +143,15 @@ class DistillCLI(LightningCLI):
         parser.add_argument(
             "--metrics_json", type=Optional[str], default=None,  # noqa: UP045 - a runtime type for jsonargparse
             help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
-                 "time to this JSON file (`distill pipeline` uses it to mark a stage finished)",
+                 "time to this JSON file (`distill pipeline` uses it to mark a stage finished); after validate or "
+                 "test: the metrics measured (`distill compare --test` reads them)",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """LightningCLI's parsing, then the checks Lightning leaves to a ZeroDivisionError or a traceback later."""
         super().parse_arguments(parser, args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
-        _check_trainer_options(config)
+        check_trainer_options(config)
         _check_ensemble_options(config, OneLineErrorParser.argv)
 
     def before_instantiate_classes(self) -> None:
@@ -165,6 +164,21 @@ class DistillCLI(LightningCLI):
         if not self.config[self.subcommand].get("ckpt_path"):
             rank_zero_warn("validate without --ckpt_path measures the model as initialised (random weights); give "
                            "--ckpt_path runs/.../best.ckpt to measure a trained one")
+
+    def after_validate(self) -> None:
+        self._write_measured("val/")
+
+    def after_test(self) -> None:
+        self._write_measured("test/")
+
+    def _write_measured(self, prefix: str) -> None:
+        """validate / test with metrics_json: what they measured, written whole by rank 0."""
+        path = self.config[self.subcommand].get("metrics_json")
+        if path and self.trainer.is_global_zero:
+            measured = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with write_atomically(path) as partial:
+                partial.write_text(json.dumps(measured, indent=2))
 
     def before_fit(self) -> None:
         self._clock = FitClock()
@@ -188,10 +202,10 @@ class DistillCLI(LightningCLI):
         if self.trainer.loggers:  # without a logger the checkpoint folder holds the config (SaveConfigBesideRun)
             del outputs["trainer.default_root_dir"]  # nothing is written there: no `runs/` made in the current folder
         for option, folder in outputs.items():  # on every rank: a rank-0-only failure would leave others waiting
-            _check_writable(option, folder)
+            check_writable(option, folder)
         if checkpoint is not None:
-            _check_monitor(checkpoint.monitor, self.model)
-        _check_batch_norm_batch(self.datamodule.batch_size, self.model)
+            check_monitor(checkpoint.monitor, self.model)
+        check_batch_norm_batch(self.datamodule.batch_size, self.model)
         leaves = [folder for option, folder in outputs.items() if option != "trainer.logger save_dir"]
         leaves += [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
         self._unused = RemoveUnusedOutputs(leaves)  # taken before anything is written
@@ -277,68 +291,6 @@ class DistillCLI(LightningCLI):
                 partial.write_text(json.dumps(result, indent=2))
 
 
-def _check_batch_norm_batch(batch_size: int, model: Any) -> None:
-    """A student with BatchNorm layers cannot train on batches of one image (BatchNorm's ValueError at the first step)."""
-    if batch_size > 1:
-        return
-    norms = [name for name, m in model.student.named_modules()
-             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))]
-    if norms:
-        raise UserError(f"data.batch_size 1: the student has {len(norms)} BatchNorm layer(s) (e.g. '{norms[0]}'), which "
-                        "need at least 2 images per batch to train; use data.batch_size 2 or more")
-
-
-def _check_trainer_options(config: Any) -> None:
-    """The seed and the trainer's counts that Lightning would only reject with a ZeroDivisionError or ValueError."""
-    seed = config.get("seed_everything")
-    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed < 2**32:
-        raise UserError(f"seed_everything: {seed} is out of range (accepted: 0 .. 4294967295, or true for a random one)")
-    trainer = config.get("trainer") or {}
-    if not hasattr(trainer, "get"):  # `trainer: [1, 2]` in a file: jsonargparse keeps it
-        raise UserError(f"trainer: expected the Trainer's options as a mapping (trainer: {{max_epochs: 10}}), got "
-                        f"{trainer!r}")
-    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
-        value = trainer.get(key)
-        if isinstance(value, int) and value < 1:
-            raise UserError(f"trainer.{key}: {value} is out of range (accepted: 1 or more)")
-    interval = trainer.get("val_check_interval")
-    if isinstance(interval, (int, float)) and interval <= 0:
-        raise UserError(f"trainer.val_check_interval: {interval} is out of range (accepted: a fraction of an epoch "
-                        "in (0, 1], or a number of batches of 1 or more)")
-
-
-def _check_monitor(monitor: str | None, model: Any) -> None:
-    """checkpoint.monitor must name a metric validation logs (Lightning finds out only after the first epoch)."""
-    if not monitor:
-        return
-    names = {f"val/{name}" for name in model.val_metrics.keys(keep_base=True)} | {"val/loss"}
-    names |= {name.replace("val/", "val_ema/", 1) for name in names} if getattr(model, "ema", None) is not None else set()
-    if monitor not in names and not monitor.startswith("train/"):
-        close = difflib.get_close_matches(monitor, sorted(names), n=1)
-        raise UserError(f"checkpoint.monitor: '{monitor}' is not a metric this run logs"
-                        f"{f'; did you mean {close[0]!r}' if close else ''} (validation logs {', '.join(sorted(names)[:6])}, ...)")
-
-
-def _check_writable(option: str, folder: str | os.PathLike) -> None:
-    """`folder` can be created and written: a probe file of 256 KiB in its nearest existing ancestor, which is left
-    as it was (a run that fails before writing leaves no empty folder); a one-line error names the option otherwise."""
-    if "://" in str(folder):  # remote storage (s3://, gs://): checked by its own client
-        return
-    existing = Path(folder).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_check") as probe:
-            probe.write(b"\0" * (256 << 10))  # flushed: a full disk fails here, not in a logger's thread later
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as err:
-        advice = ENVIRONMENT_ERRORS.get(err.errno, "choose a folder you can write to")
-        raise UserError(f"{option}: cannot write to '{folder}' ({err.strerror or err}); {advice}") from err
-
-
 def make_cli(args: list[str] | None = None, run: bool = True, prog: str = "distill",
              cli_class: type[DistillCLI] = DistillCLI) -> DistillCLI:
     """The CLI with this project's defaults; `run=False` only parses and instantiates (tests, cache-teacher).
@@ -367,15 +319,15 @@ class _Parsed(Exception):
 
 class _ParseOnly(DistillCLI):
     def before_instantiate_classes(self) -> None:
-        raise _Parsed(self.run_options)
+        raise _Parsed(self.run_options, self.config[self.subcommand].as_dict())
 
 
-def fit_options(args: list[str], driver: str) -> dict[str, Any]:
+def fit_options(args: list[str], driver: str, as_given: bool = False) -> dict[str, Any]:
     """The options `distill fit ARGS` would record in its checkpoints (`options_identity` of what jsonargparse
     resolves: config files merged in order, overrides applied, defaults filled in), from the fit command's own parser
     and its checks, with nothing built: what pipeline and compare compare a run folder's record with. A mistake in
     ARGS is the one-line error `distill fit` would give, after `driver` (the command that asks: `compare`).
-    ARGS must not resume (`--ckpt_path`)."""
+    ARGS must not resume (`--ckpt_path`). `as_given`: the resolved config itself, nested, its files by path."""
     seed_log = logging.getLogger("lightning_fabric.utilities.seed")  # "Seed set to 0": no seed is used here
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
@@ -387,7 +339,7 @@ def fit_options(args: list[str], driver: str) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             make_cli(["fit", *args], cli_class=_ParseOnly)
     except _Parsed as parsed:
-        return parsed.args[0]
+        return parsed.args[1] if as_given else parsed.args[0]
     except UserError as err:  # UsageError too
         raise type(err)(f"{driver}: its distill fit options: {err}") from err
     finally:
