@@ -63,6 +63,13 @@ def test_the_speed_table_has_each_students_type_the_ensemble_and_each_member_at_
     assert lines[3].split() == ["teacher", "(ensemble", "of", "2)", "99.00", "300", "600"]
     assert [line.split()[:3] for line in lines[4:]] == [["teacher", "0", "80.00"], ["teacher", "1", "85.00"]]
 
+    for seed, run in enumerate(runs):  # measured on a held-out folder too (--test): the figure's points are those
+        run["held_out"] = {"val/acc": 0.80 + seed / 100, "val/teacher_acc": 0.88, "val/teacher_acc_0": 0.70,
+                           "val/teacher_acc_1": 0.75}
+    lines = speed_table(summarize_runs(runs, ["soft"]), {"images_per_s": per_s, "threads": 1}).splitlines()
+    assert "top-1 (held-out)" in lines[0] and lines[2].split()[:5] == ["student", "(soft)", "80.50", "+-", "0.71"]
+    assert lines[3].split()[4] == "88.00" and [line.split()[2] for line in lines[4:]] == ["70.00", "75.00"]
+
 
 def test_the_figure_finds_the_teachers_a_checkpoint_records_one_or_an_ensembles_members():
     one = {"model_name": "resnet10t", "img_size": None}

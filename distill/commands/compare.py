@@ -257,7 +257,7 @@ def compare(config: list[str], seeds: PositiveInt = 5, first_seed: NonNegativeIn
             options); finished runs are never replaced
         plot: also measure the inference throughput of the student and the teacher(s) (ONNX Runtime on this
             machine's CPU, batch 1 and 64, side by side, one thread) and draw OUT/accuracy_vs_speed.png: top-1
-            against images/s, DeiT's Figure 1 (docs/recipes.md)
+            (held-out with --test) against images/s, DeiT's Figure 1 (docs/recipes.md)
         test: a held-out folder (val/<class>/*: images no run trained on nor chose its best epoch on): each run's
             final checkpoint and its teacher(s) are measured on it, a column of the table (kept in each run's
             held_out.json, measured again when the checkpoint or the images change)

@@ -74,21 +74,28 @@ def measure_comparison(runs: list[dict[str, Any]], threads: int) -> Optional[dic
 
 
 def _points(summary: dict[str, Any], speed: dict[str, Any], batch: int) -> list[tuple[str, float, float, float]]:
-    """(label, images/s, top-1 %, its standard deviation) of every student type and teacher that has both."""
+    """(label, images/s, top-1 %, its standard deviation) of every student type and teacher that has both: the final
+    epoch's on the validation split, or on the held-out folder where the comparison measured one (`--test`)."""
     per_s = speed["images_per_s"]
+    held = summary.get("held_out")
     points = []
     for kind, row in summary["types"].items():
-        if row["final"]["mean"] is not None and "student" in per_s:
-            points.append((f"student ({kind})", per_s["student"][str(batch)], 100 * row["final"]["mean"],
-                           100 * row["final"]["std"]))
-    members = summary.get("teacher_members") or []
-    if summary.get("teacher_acc") is not None and "teacher" in per_s:
+        top1 = row["held_out"] if held else row["final"]
+        if top1["mean"] is not None and "student" in per_s:
+            points.append((f"student ({kind})", per_s["student"][str(batch)], 100 * top1["mean"], 100 * top1["std"]))
+    teacher, members = (held["teacher_acc"], held["teacher_members"]) if held else (
+        summary.get("teacher_acc"), summary.get("teacher_members") or [])
+    if teacher is not None and "teacher" in per_s:
         label = f"teacher (ensemble of {len(members)})" if members else "teacher"
-        points.append((label, per_s["teacher"][str(batch)], 100 * summary["teacher_acc"], 0.0))
+        points.append((label, per_s["teacher"][str(batch)], 100 * teacher, 0.0))
     for index, accuracy in enumerate(members):
         if f"teacher {index}" in per_s:
             points.append((f"teacher {index}", per_s[f"teacher {index}"][str(batch)], 100 * accuracy, 0.0))
     return points
+
+
+def _measured_on(summary: dict[str, Any]) -> str:
+    return "held-out" if summary.get("held_out") else "validation"
 
 
 def speed_table(summary: dict[str, Any], speed: dict[str, Any]) -> str:
@@ -97,7 +104,8 @@ def speed_table(summary: dict[str, Any], speed: dict[str, Any]) -> str:
     for batch in BATCHES:
         for label, per_s, top1, std in _points(summary, speed, batch):
             rows.setdefault(label, [label, f"{top1:.2f}" + (f" +- {std:.2f}" if std else "")]).append(f"{per_s:.0f}")
-    header = ("model", "top-1 (final)", *(f"images/s, batch {b}" for b in BATCHES))
+    header = ("model", "top-1 (final)" if not summary.get("held_out") else "top-1 (held-out)",
+              *(f"images/s, batch {b}" for b in BATCHES))
     return format_rows(header, list(rows.values()))
 
 
@@ -130,7 +138,7 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.margins(x=0.3, y=0.15)  # room for the labels
         axis.set_xlabel(f"images/s, batch {batch} (ONNX Runtime, {speed['threads']} thread(s), this CPU)")
-        axis.set_ylabel("validation top-1 (%)")
+        axis.set_ylabel(f"{_measured_on(summary)} top-1 (%), final epoch")
         axis.grid(alpha=0.3)
     figure.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     figure.tight_layout()
