@@ -454,3 +454,21 @@ def test_a_pipeline_stage_recorded_by_an_earlier_version_is_reused_when_its_chec
     assert json.loads((root / "teacher" / "stage.json").read_text()) == identity
     with pytest.raises(UserError, match=r"model.lr: .* -> 0.1"):
         _check_unchanged(stage, root, stage_identity(stage, root, ["--model.lr", "0.1"]))
+
+
+def test_validate_of_a_runs_saved_config_leaves_its_result_file_and_writes_metrics_json_only_when_asked(tmp_path,
+                                                                                                        capsys):
+    result = tmp_path / "result.json"
+    args = distill_args(tmp_path)
+    cli_main([*args, f"--metrics_json={result}"])
+    before = result.read_bytes()
+    saved = next((tmp_path / "runs").rglob("config.yaml"))  # the run's config: it names its fit's result file
+    assert str(result) in saved.read_text()
+    checkpoint = f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"
+    cli_main(["validate", "--config", str(saved), checkpoint, "--trainer.logger=false"])
+    assert result.read_bytes() == before  # what fit wrote stays as it was
+    measured = tmp_path / "measured.json"
+    cli_main(["validate", "--config", str(saved), checkpoint, "--trainer.logger=false", f"--metrics_json={measured}"])
+    figures = json.loads(measured.read_text())
+    assert 0.0 <= figures["val/acc"] <= 1.0 and all(name.startswith("val/") for name in figures)
+    assert result.read_bytes() == before

@@ -144,7 +144,8 @@ class DistillCLI(LightningCLI):
             "--metrics_json", type=Optional[str], default=None,  # noqa: UP045 - a runtime type for jsonargparse
             help="after fit: validate the best checkpoint and write its metrics, epochs, image size and wall "
                  "time to this JSON file (`distill pipeline` uses it to mark a stage finished); after validate or "
-                 "test: the metrics measured (`distill compare --test` reads them)",
+                 "test, given on the command line: the metrics measured (a run's saved config names its fit's "
+                 "result file, which they leave alone)",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -172,9 +173,10 @@ class DistillCLI(LightningCLI):
         self._write_measured("test/")
 
     def _write_measured(self, prefix: str) -> None:
-        """validate / test with metrics_json: what they measured, written whole by rank 0."""
+        """validate / test with --metrics_json on the command line: what they measured, written whole by rank 0. A
+        run's saved config names its fit's result file there, which a validate of that config leaves alone."""
         path = self.config[self.subcommand].get("metrics_json")
-        if path and self.trainer.is_global_zero:
+        if path and given(OneLineErrorParser.argv, "--metrics_json") and self.trainer.is_global_zero:
             measured = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefix)}
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             with write_atomically(path) as partial:
