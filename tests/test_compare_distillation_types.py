@@ -367,11 +367,10 @@ def test_compare_test_measures_each_final_checkpoint_and_its_teacher_on_a_held_o
         for i in [int(i) for i in (digits.target == label).nonzero()[0][-2:]]:
             Image.fromarray((digits.images[i] * 15).astype("uint8")).save(held_out / "val" / str(label) / f"{i}.png")
     out = tmp_path / "compare"
-    command = tiny_compare(tmp_path, out, "--types", "none,soft", "--seeds", "1", "--jobs", "1",
+    command = tiny_compare(tmp_path, out, "--types", "soft", "--seeds", "1", "--jobs", "1",
                            "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--test", str(held_out))[3:]
     cli_main(command)
-    printed = capsys.readouterr().out
-    assert "[compare] none seed 0: held-out top-1" in printed and "[compare] soft seed 0: held-out top-1" in printed
+    assert "[compare] soft seed 0: held-out top-1" in capsys.readouterr().out
     header, _, soft, teacher = [line.split("  ") for line in (out / "compare.md").read_text().split("```")[1].strip()
                                 .splitlines()[:4]]
     record = json.loads((out / "soft" / "seed_0" / "held_out.json").read_text())

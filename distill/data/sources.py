@@ -74,9 +74,10 @@ class FolderSource:
             raise UserError(f"data.dataset: folder '{root}' does not exist; {ACCEPTED}")
         if not (root / "val").is_dir():
             raise UserError(f"data.dataset: '{root}' has no val/ folder; {ACCEPTED}")
-        val_classes, _ = classes_of(root / "val")
         # val/ alone is a held-out set: validate and test read it; fit asks for train/ (`split`)
-        train_classes = classes_of(root / "train")[0] if (root / "train").is_dir() else val_classes
+        train_classes = classes_of(root / "train")[0] if (root / "train").is_dir() else None
+        val_classes, _ = classes_of(root / "val")
+        train_classes = val_classes if train_classes is None else train_classes
         if train_classes != val_classes:
             only = sorted(set(train_classes) ^ set(val_classes))[:5]
             raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
