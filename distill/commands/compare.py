@@ -10,7 +10,9 @@ on the validation split at the final epoch (and at the best epoch: choosing the 
 split it is measured on flatters it), the gap to the teacher (its accuracy on the same split)
 and the gain over `none` (the same student, recipe and budget without the teacher, so without feature
 imitation either; or over an arm file without a teacher at its own augmentation: `--types
-configs/baselines/no_teacher.yaml,soft`). The table
+configs/baselines/no_teacher.yaml,soft`). With `--test DIR` (a held-out folder, `DIR/val/<class>/`) each run's
+final checkpoint and its teacher(s) are measured on images no run trained on nor chose its best epoch on, a column
+of the table (distill/commands/held_out.py). The table
 and every run's figures are also written to `OUT/compare.md` and `OUT/compare.json`.
 
 Running the command again skips finished runs and resumes interrupted ones (as the pipeline
