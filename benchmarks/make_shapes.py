@@ -122,7 +122,8 @@ def make_shapes(out: Path, train: int = 40, val: int = 15, size: int = 40, seed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (train/ and val/ inside)")
-    parser.add_argument("--train", type=int, default=40, help="training images per class; 0 writes val/ alone (a held-out test set: --train 0 --val 100 --seed 1, a seed the training folder did not use)")
+    parser.add_argument("--train", type=int, default=40, help="training images per class; 0 writes val/ alone "
+                        "(a held-out test set: --train 0 --val 100 --seed 1, a seed the training folder did not use)")
     parser.add_argument("--val", type=int, default=15, help="validation images per class")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)

@@ -402,16 +402,17 @@ def test_compare_test_measures_each_final_checkpoint_and_its_teacher_on_a_held_o
      "holds other class folders than the runs' data (5 against 5; e.g. ['poppy', 'rose'])"),
     (lambda tmp, data: str(_held_out_copy(data, tmp, empty="iris")), "compare --test: class folder"),
 ])
-def test_a_held_out_folder_compare_cannot_measure_is_refused_before_any_run(tmp_path, make, message):
+def test_a_held_out_folder_compare_cannot_measure_is_refused_before_any_run(tmp_path, capsys, make, message):
     from distill.commands.held_out import check_held_out
     from tests.test_own_data_start_to_finish import own_images
 
     data = own_images(tmp_path / "flowers", ("daisy", "rose", "tulip", "iris", "lily"), seed=1)
+    line = run_cli_error(["compare", "--config", str(ROOT / "configs" / "distill.yaml"), "--types", "soft", "--seeds",
+                          "1", "--out", str(tmp_path / "c"), "--data.dataset", str(data), "--test",
+                          make(tmp_path, data)], capsys)
+    assert message in line and not (tmp_path / "c").exists()  # refused before any run folder is made
     (run,) = plan_runs(str(ROOT / "configs" / "distill.yaml"), ["soft"], [0], tmp_path / "c", ["--data.dataset", str(data)])
-    with pytest.raises(UserError, match=re.escape(message)):
-        check_held_out(make(tmp_path, data), run)
     assert check_held_out(str(_held_out_copy(data, tmp_path / "ok")), run) == tmp_path / "ok" / "held_out"
-    assert not (tmp_path / "c").exists()  # nothing planned was made
 
 
 def _held_out_copy(data: Path, tmp: Path, rename: tuple[str, str] | None = None, empty: str | None = None) -> Path:

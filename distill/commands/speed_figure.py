@@ -94,10 +94,6 @@ def _points(summary: dict[str, Any], speed: dict[str, Any], batch: int) -> list[
     return points
 
 
-def _measured_on(summary: dict[str, Any]) -> str:
-    return "held-out" if summary.get("held_out") else "validation"
-
-
 def speed_table(summary: dict[str, Any], speed: dict[str, Any]) -> str:
     """The figure's points as a table: top-1 and images/s at each batch size."""
     rows: dict[str, list[str]] = {}
@@ -138,7 +134,7 @@ def draw(summary: dict[str, Any], speed: dict[str, Any], path: Path, title: str)
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.margins(x=0.3, y=0.15)  # room for the labels
         axis.set_xlabel(f"images/s, batch {batch} (ONNX Runtime, {speed['threads']} thread(s), this CPU)")
-        axis.set_ylabel(f"{_measured_on(summary)} top-1 (%), final epoch")
+        axis.set_ylabel(f"{'held-out' if summary.get('held_out') else 'validation'} top-1 (%), final epoch")
         axis.grid(alpha=0.3)
     figure.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     figure.tight_layout()

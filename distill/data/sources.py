@@ -77,12 +77,11 @@ class FolderSource:
         # val/ alone is a held-out set: validate and test read it; fit asks for train/ (`split`)
         train_classes = classes_of(root / "train")[0] if (root / "train").is_dir() else None
         val_classes, _ = classes_of(root / "val")
-        train_classes = val_classes if train_classes is None else train_classes
-        if train_classes != val_classes:
+        if train_classes is not None and train_classes != val_classes:
             only = sorted(set(train_classes) ^ set(val_classes))[:5]
             raise UserError(f"data.dataset: train/ and val/ of '{root}' hold different class folders "
                             f"(e.g. {[display_name(name) for name in only]})")
-        self.root, self.bad_images, self.classes = root, bad_images, train_classes
+        self.root, self.bad_images, self.classes = root, bad_images, val_classes
 
     def split(self, name: Split, transform: Any) -> Dataset:
         folder = self.root / name
